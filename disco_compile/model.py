@@ -1,0 +1,143 @@
+"""`transform`: capture -> channel-flow analysis -> partition -> insert exchanges,
+returning a `DiscoModel`, an nn.Module that computes in one process exactly
+what the N nodes compute together (see modules.py for the block equation).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from . import cost, mixing
+from .capture import LeafSpec, trace
+from .errors import PartitionError
+from .ir import MixingLayer, ReplicatedOp, StatExchange
+from .modules import SparseExchange
+from .passes.channel_flow import analyse
+from .passes.insert_exchanges import insert_exchanges
+from .passes.partition import assign_owners, check_weights
+
+
+class DiscoModel(nn.Module):
+    """A model split across `nodes` nodes, run in one process.
+
+    `graph_module` is the traced model with partitioned Conv/Linear layers and
+    one `SparseExchange` per exchanged tensor (`exchanges`, keyed by the fx
+    name of the tensor). Parameter names match the original model's.
+    """
+
+    def __init__(self, graph_module: fx.GraphModule, *, nodes: int, node_weights: list[float],
+                 owner_of: torch.Tensor, layers: list[MixingLayer], stats: list[StatExchange],
+                 replicated: list[ReplicatedOp], outputs, batch: int, input_on_all_nodes: bool,
+                 original_macs: int, original_params: int, replicated_macs: int):
+        super().__init__()
+        self.graph_module = graph_module
+        self.nodes = nodes
+        self.node_weights = node_weights
+        self.owner_of = owner_of
+        self.layers = layers
+        self.stats = stats
+        self.replicated = replicated
+        self.outputs = outputs
+        self.batch = batch
+        self.input_on_all_nodes = input_on_all_nodes
+        self.original_macs = original_macs
+        self.original_params = original_params
+        self.replicated_macs = replicated_macs
+
+    @property
+    def exchanges(self) -> dict[str, SparseExchange]:
+        return dict(self.graph_module.exchanges.items())
+
+    def forward(self, *args, **kwargs):
+        return self.graph_module(*args, **kwargs)
+
+    def gates(self) -> list[nn.Parameter]:
+        return [ex.gate for ex in self.exchanges.values()]
+
+    def cost(self) -> cost.CostReport:
+        """Communication, compute and memory per sample, for the current gate selection."""
+        gm, ex = self.graph_module, self.exchanges
+        fixed = cost.fixed_exchange_bytes(gm, self.nodes, self.replicated, self.stats)
+        exchange = cost.exchange_bytes(ex, dense=False) + fixed
+        dense = cost.exchange_bytes(ex, dense=True) + fixed
+        io = cost.io_bytes(gm, self.nodes, self.outputs, self.batch, self.input_on_all_nodes)
+        return cost.CostReport(
+            nodes=self.nodes, exchange_bytes=exchange, dense_exchange_bytes=dense, fixed_exchange_bytes=fixed,
+            io_bytes=io, comm_bytes=exchange + io, dense_comm_bytes=dense + io,
+            macs_per_node=cost.macs_per_node(self.layers, ex, self.owner_of, self.nodes, self.replicated_macs),
+            params_per_node=cost.params_per_node(gm, self.nodes, self.layers, ex, self.owner_of),
+            original_macs=self.original_macs, original_params=self.original_params,
+            replicated_ops=list(self.replicated))
+
+    @torch.no_grad()
+    def set_budget(self, rho: float) -> None:
+        """One-shot selection: for every exchange and (source, destination) pair keep the
+        round(rho * n) of the n candidate channels whose weight columns, over the
+        destination's output rows of every consumer, have the largest norm."""
+        if not 0.0 <= float(rho) <= 1.0:
+            raise ValueError(f"budget rho must be in [0, 1], got {rho}")
+        scores = {name: torch.zeros_like(ex.gate) for name, ex in self.exchanges.items()}
+        for layer in self.layers:
+            if layer.exchange is None:
+                continue
+            module = self.graph_module.get_submodule(layer.module)
+            out_owner = self.owner_of[layer.out_labels.reshape(-1)]
+            for j in range(self.nodes):
+                scores[layer.exchange][j] += mixing.column_scores(layer, module, out_owner, j)
+        for name, ex in self.exchanges.items():
+            keep = torch.zeros_like(ex.keep)
+            for j in range(self.nodes):
+                for i in range(self.nodes):
+                    candidates = (ex.remote[j] & (ex.owner == i)).nonzero().flatten()
+                    k = round(float(rho) * candidates.numel())
+                    if k:
+                        order = torch.argsort(scores[name][j, candidates], descending=True, stable=True)
+                        keep[j, candidates[order[:k]]] = True
+            ex.keep.copy_(keep)
+
+
+def _full_macs(gm: fx.GraphModule, node: fx.Node, batch: int) -> int:
+    m = gm.get_submodule(node.target)
+    out = node.meta["tensor_meta"].shape
+    if isinstance(m, nn.Linear):
+        return out.numel() // batch * m.in_features
+    if isinstance(m, nn.modules.conv._ConvNd):
+        return out.numel() // batch * (m.in_channels // m.groups) * m.weight[0, 0].numel()
+    return 0
+
+
+def transform(model: nn.Module, nodes: int, example_inputs, *, node_weights: Sequence[float] | None = None,
+              leaf_modules: LeafSpec = (), input_on_all_nodes: bool = False) -> DiscoModel:
+    """Rewrite `model` into a DISCO model over `nodes` nodes with every gate on.
+
+    example_inputs: a tensor or tuple of tensors (batch first) used for tracing shapes.
+    node_weights: relative speed of each node; a node gets that share of every layer's channels.
+    leaf_modules: module classes or qualified names that are not traced into.
+    input_on_all_nodes: the input is present on every node (no input io bytes).
+    """
+    weights = check_weights(nodes, node_weights)
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    example_inputs = tuple(example_inputs)
+    gm = trace(model, leaf_modules)
+    flow = analyse(gm, example_inputs, nodes)
+    if not flow.mixing:
+        raise PartitionError("the model has no Conv or Linear layer whose channels could be split across nodes")
+    widest = max(layer.out_channels for layer in flow.mixing)
+    if nodes > widest:
+        raise PartitionError(f"nodes={nodes} is more than the widest layer's {widest} channels: some node would "
+                             f"own nothing; use at most {widest} nodes")
+    owner_of = assign_owners(flow.universe, weights)
+    original_macs = sum(_full_macs(gm, n, flow.batch) for n in gm.graph.nodes if n.op == "call_module")
+    replicated_names = {r.node for r in flow.replicated}
+    replicated_macs = sum(_full_macs(gm, n, flow.batch) for n in gm.graph.nodes
+                          if n.op == "call_module" and n.name in replicated_names)
+    original_params = sum(p.numel() for p in model.parameters())
+    insert_exchanges(gm, flow.mixing, owner_of, nodes, example_inputs)
+    return DiscoModel(gm, nodes=nodes, node_weights=weights, owner_of=owner_of, layers=flow.mixing,
+                      stats=flow.stats, replicated=flow.replicated, outputs=flow.outputs, batch=flow.batch,
+                      input_on_all_nodes=input_on_all_nodes, original_macs=original_macs,
+                      original_params=original_params, replicated_macs=replicated_macs)

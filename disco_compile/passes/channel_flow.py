@@ -1,0 +1,110 @@
+"""Channel-flow analysis: run the traced graph on the example inputs and label
+every tensor's channels (see ir.py), applying the op-rule registry (rules.py).
+
+This is ShapeProp plus channel labels: each node gets `meta['tensor_meta']`
+and `meta['disco'] = Placement(labels)`. Ties between channels are collected
+in a ChannelUniverse; channel-mixing ops, statistics exchanges and replicated
+ops are listed in the returned `ChannelFlow`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils import _pytree as pytree
+
+from .. import rules
+from ..errors import ExampleInputError
+from ..ir import ChannelUniverse, MixingLayer, Placement, ReplicatedOp, StatExchange
+
+
+@dataclass
+class ChannelFlow:
+    universe: ChannelUniverse
+    mixing: list[MixingLayer]
+    stats: list[StatExchange]
+    replicated: list[ReplicatedOp]
+    outputs: object  # labels of the graph outputs, same structure as the output
+    batch: int
+
+
+def _has_tensor(value) -> bool:
+    return any(isinstance(v, torch.Tensor) for v in pytree.tree_leaves(value))
+
+
+def _shape_desc(value) -> str:
+    return str([tuple(v.shape) for v in pytree.tree_leaves(value) if isinstance(v, torch.Tensor)])
+
+
+class _ChannelFlowInterpreter(ShapeProp):
+    def __init__(self, gm: fx.GraphModule, nodes: int):
+        super().__init__(gm)
+        self.nodes = nodes
+        self.labels: dict[fx.Node, object] = {}
+        self.universe = ChannelUniverse()
+        self.mixing: list[MixingLayer] = []
+        self.stats: list[StatExchange] = []
+        self.replicated: list[ReplicatedOp] = []
+        self.outputs = None
+
+    def run_node(self, n: fx.Node):
+        try:
+            result = super().run_node(n)
+        except Exception as exc:
+            inputs = [self.env[a] for a in n.all_input_nodes if a in self.env]
+            raise ExampleInputError(
+                f"the example inputs do not fit the model: node '{n.name}' ({n.op} {n.target}) failed on "
+                f"inputs of shapes {_shape_desc(inputs)}: {type(exc).__name__}: {exc}\n"
+                f"  what to do: pass example inputs of the shape the model expects "
+                f"(for ImageNet classifiers 1x3x224x224)") from exc
+        labels = self._label(n, result)
+        self.labels[n] = labels
+        n.meta["disco"] = Placement(labels if isinstance(labels, torch.Tensor) or labels is None else None,
+                                    source=str(n.target) if n.op == "call_module" else n.name)
+        return result
+
+    def _label(self, n: fx.Node, result):
+        if n.op in ("placeholder", "get_attr"):
+            return None
+        if n.op == "output":
+            self.outputs = pytree.tree_map(lambda a: self.labels.get(a) if isinstance(a, fx.Node) else None,
+                                           n.args[0], is_leaf=lambda x: isinstance(x, fx.Node))
+            return None
+        module = self.module.get_submodule(n.target) if n.op == "call_module" else None
+        if not _has_tensor(result):
+            return None
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        label_args, label_kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: self.labels.get(a))
+        any_labelled = any(l is not None for l in pytree.tree_leaves(
+            (label_args, label_kwargs), is_leaf=lambda x: x is None))
+        if not any_labelled and not rules.is_mixing(module):
+            return None  # computed whole on every node from replicated data
+        ctx = rules.RuleContext(n, module, args, kwargs, label_args, label_kwargs, result, self.universe,
+                                self.nodes, self.mixing, self.stats)
+        rule = rules.lookup(n, module)
+        if rule is None:
+            self.replicated.append(rules.replicated(ctx, "no channel rule for this op"))
+            return None
+        try:
+            return rule(ctx)
+        except rules.Fallback as why:
+            self.replicated.append(rules.replicated(ctx, str(why)))
+            return None
+
+
+def analyse(gm: fx.GraphModule, example_inputs: tuple, nodes: int) -> ChannelFlow:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(example_inputs) != len(placeholders):
+        raise ExampleInputError(
+            f"the model takes {len(placeholders)} input(s) ({', '.join(p.name for p in placeholders)}) "
+            f"but {len(example_inputs)} example input(s) were given")
+    first = next((x for x in example_inputs if isinstance(x, torch.Tensor)), None)
+    if first is None or first.dim() == 0:
+        raise ExampleInputError("example_inputs must contain a batched tensor (e.g. torch.randn(1, 3, 224, 224))")
+    interp = _ChannelFlowInterpreter(gm, nodes)
+    with torch.no_grad():
+        interp.run(*example_inputs)
+    return ChannelFlow(interp.universe, interp.mixing, interp.stats, interp.replicated, interp.outputs,
+                       batch=first.shape[0])

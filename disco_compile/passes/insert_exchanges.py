@@ -1,0 +1,78 @@
+"""Insert sparse exchanges: wherever a channel-mixing layer on node j reads
+channels owned by another node (the consumer's placement differs from the
+producer's), feed it through a SparseExchange of its input tensor and replace
+the layer with its partitioned form. One exchange per tensor, shared by every
+mixing consumer of that tensor. Layers whose input is replicated, or whose
+groups keep every needed column local, stay as they are.
+
+Every node gets `meta['disco'].owner`; the new exchange nodes get a Placement
+and, after re-running ShapeProp, `meta['tensor_meta']`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .. import mixing
+from ..ir import MixingLayer, Placement, owners
+from ..modules import SparseExchange, partitioned
+
+
+def _set_submodule(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
+    parent, _, name = target.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, name, module)
+
+
+def insert_exchanges(gm: fx.GraphModule, layers: list[MixingLayer], owner_of: torch.Tensor, nodes: int,
+                     example_inputs: tuple) -> dict[str, SparseExchange]:
+    by_name = {n.name: n for n in gm.graph.nodes}
+    for n in gm.graph.nodes:
+        placement = n.meta.get("disco")
+        if placement is not None:
+            placement.owner = owners(placement.labels, owner_of)
+
+    consumers: dict[str, list[tuple[MixingLayer, torch.Tensor]]] = {}
+    for layer in layers:
+        if layer.in_labels is None:
+            continue
+        in_owner = owners(layer.in_labels, owner_of).reshape(-1)
+        out_owner = owner_of[layer.out_labels.reshape(-1)]
+        need = torch.stack([mixing.needed(layer, out_owner, j) for j in range(nodes)])
+        remote = need & torch.stack([~mixing.local_columns(in_owner, layer, j) for j in range(nodes)])
+        if remote.any():
+            consumers.setdefault(layer.in_node, []).append((layer, need))
+
+    calls: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            calls[n.target] = calls.get(n.target, 0) + 1
+    exchanges: dict[str, SparseExchange] = {}
+    gm.add_submodule("exchanges", nn.ModuleDict())
+    for in_name, uses in consumers.items():
+        first = uses[0][0]
+        need = torch.stack([u[1] for u in uses]).any(0)
+        owner = owners(first.in_labels, owner_of)
+        ex = SparseExchange(owner, need, unit_bytes=first.in_unit_elems * first.itemsize)
+        gm.exchanges[in_name] = ex
+        exchanges[in_name] = ex
+        src = by_name[in_name]
+        with gm.graph.inserting_after(src):
+            ex_node = gm.graph.call_module(f"exchanges.{in_name}", (src,))
+        ex_node.meta["disco"] = Placement(first.in_labels, owner, source=f"exchange of {in_name}")
+        for layer, _ in uses:
+            layer.exchange = in_name
+            consumer = by_name[layer.node]
+            consumer.replace_input_with(src, ex_node)
+            module = partitioned(gm.get_submodule(layer.module), owner_of[layer.out_labels.reshape(-1)], nodes)
+            if calls[layer.module] == 1:
+                _set_submodule(gm, layer.module, module)
+            else:  # a module called from several places: this call gets its own partitioned view of the weights
+                consumer.target = layer.module = f"shared_partitioned.{layer.node}"
+                gm.add_submodule(consumer.target, module)
+    gm.graph.lint()
+    gm.recompile()
+    with torch.no_grad():
+        ShapeProp(gm).propagate(*example_inputs)
+    return exchanges
