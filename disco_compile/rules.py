@@ -34,6 +34,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision.ops
 from torch.utils import _pytree as pytree
 
 from .ir import REPLICATED, ChannelUniverse, MixingLayer, ReplicatedOp, StatExchange, channel_dims, compress, fits, units_per_sample
@@ -137,6 +138,7 @@ _CHANNELWISE_FUNCTIONS = (
     torch.relu, torch.relu_, torch.sigmoid, torch.tanh, torch.exp, torch.log, torch.sqrt, torch.rsqrt,
     torch.abs, torch.neg, torch.clamp, torch.clip, torch.erf, operator.neg,
     torch.nn.functional.dropout1d, torch.nn.functional.alpha_dropout,
+    torchvision.ops.stochastic_depth,  # drops whole samples (or the batch), never single channels
 )
 _CHANNELWISE_METHODS = (
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "exp", "log", "sqrt", "rsqrt", "abs", "neg", "clamp",

@@ -1,0 +1,55 @@
+"""torchvision models with random weights, made numerically sane for tests,
+benchmarks and the built-in example (nothing is downloaded).
+
+A randomly initialised network's BatchNorm running statistics (mean 0, var 1)
+do not match its activations, so outputs drift to 1e-9 or 1e11 with depth.
+`calibrate_batchnorm` runs a few random batches in training mode with
+cumulative averaging (momentum=None), so the running statistics become the
+true ones and activations stay near unit scale, as in a trained model.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torchvision
+
+# input side length: small for speed; inception_v3 needs 128 for BatchNorm statistics that are not degenerate
+_MIN_SIZE = {"inception_v3": 128}
+_EXTRA_KWARGS = {"inception_v3": {"aux_logits": False, "init_weights": True},
+                 "googlenet": {"aux_logits": False, "init_weights": True}}
+
+
+def classification_models() -> list[str]:
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def segmentation_models() -> list[str]:
+    return sorted(torchvision.models.list_models(module=torchvision.models.segmentation))
+
+
+@torch.no_grad()
+def calibrate_batchnorm(model: nn.Module, example: torch.Tensor, batches: int = 2, seed: int = 0) -> nn.Module:
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return model.eval()
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(batches):
+        model(torch.randn((8,) + tuple(example.shape[1:]), generator=g))
+    for m, mom in zip(norms, saved):
+        m.momentum = mom
+    return model.eval()
+
+
+def build(name: str, size: int | None = None, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+    """A torchvision model by name with calibrated random weights, and an example input (batch 1)."""
+    builder = torchvision.models.get_model_builder(name)
+    torch.manual_seed(seed)
+    model = builder(weights=None, **_EXTRA_KWARGS.get(name, {}))
+    side = size or _MIN_SIZE.get(name, 64)
+    example = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(seed + 1))
+    return calibrate_batchnorm(model, example, seed=seed), example
