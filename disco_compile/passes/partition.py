@@ -1,16 +1,19 @@
 """Partition: give every channel an owner node.
 
-Channels tied together (ir.py) form classes; each class gets one owner. Spaces
-(the channels one op creates) are visited in graph order; a space's channels
-whose class is still free are handed out in index order, filling node 0's
-quota, then node 1's, ... so an untied space gets contiguous, even blocks.
-Quotas follow `node_weights`: node k's share of a space of C channels is
-round(C * W_k) - round(C * W_{k-1}) with W the cumulative normalised weights.
+Channels tied together (ir.py) form classes; each class gets one owner. Every
+space (the channels one op creates) has a quota per node, following
+`node_weights`: node k's share of a space of C channels is
+round(C * W_k) - round(C * W_{k-1}), W the cumulative normalised weights.
+Classes are taken in order of their first channel and each goes to the node
+whose quotas it overflows least, summed over all spaces the class spans (ties
+go to the lowest node), so an untied space gets contiguous, even blocks and a
+class that spans several spaces lands where all of them still have room.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from ..errors import PartitionError
@@ -42,24 +45,25 @@ def check_weights(nodes: int, node_weights: Sequence[float] | None) -> list[floa
 def assign_owners(universe: ChannelUniverse, weights: Sequence[float]) -> torch.Tensor:
     """owner_of[channel id] -> node index."""
     nodes = len(weights)
-    owner_of = torch.full((universe.size,), -1, dtype=torch.long)
+    quota = np.array([quotas(sp.size, weights) for sp in universe.spaces], dtype=np.int64)
+    filled = np.zeros_like(quota)
+    # classes in order of first appearance, each with its member count in every space it touches
+    members: dict[int, dict[int, int]] = {}
+    roots = []
+    for k, sp in enumerate(universe.spaces):
+        for i in range(sp.offset, sp.offset + sp.size):
+            r = universe.root(i)
+            roots.append(r)
+            counts = members.setdefault(r, {})
+            counts[k] = counts.get(k, 0) + 1
     class_owner: dict[int, int] = {}
-    for space in universe.spaces:
-        ids = range(space.offset, space.offset + space.size)
-        roots = [universe.root(i) for i in ids]
-        quota = quotas(space.size, weights)
-        filled = [0] * nodes
-        for r in roots:
-            if r in class_owner:
-                filled[class_owner[r]] += 1
-        members: dict[int, int] = {}
-        for r in roots:
-            if r not in class_owner:
-                members[r] = members.get(r, 0) + 1
-        for r, count in members.items():
-            open_nodes = [k for k in range(nodes) if filled[k] < quota[k]]
-            k = open_nodes[0] if open_nodes else max(range(nodes), key=lambda j: quota[j] - filled[j])
-            class_owner[r] = k
-            filled[k] += count
-        owner_of[space.offset:space.offset + space.size] = torch.tensor([class_owner[r] for r in roots])
-    return owner_of
+    for r, counts in members.items():
+        sp = np.fromiter(counts.keys(), dtype=np.int64)
+        c = np.fromiter(counts.values(), dtype=np.int64)[:, None]
+        f, q = filled[sp], quota[sp]
+        # the node whose quotas this class overflows least, summed over the spaces it spans
+        overflow = (np.maximum(f + c - q, 0) - np.maximum(f - q, 0)).sum(0)
+        k = int(np.argmin(overflow))  # first minimum: fresh spaces fill node 0, then node 1, ...
+        class_owner[r] = k
+        filled[sp, k] += c[:, 0]
+    return torch.tensor([class_owner[r] for r in roots], dtype=torch.long)

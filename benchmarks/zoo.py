@@ -1,0 +1,614 @@
+"""Coverage of the torchvision model zoo: does `disco_compile.transform` give
+the same answer as the original model?
+
+For every torchvision classification model (`zoo.classification_models()`)
+and segmentation model (`zoo.segmentation_models()`), and for N = 2 and N = 4
+nodes, this benchmark
+
+1. builds the model with calibrated random weights (`disco_compile.zoo.build`,
+   nothing is downloaded) and its example input (batch 1, smallest side the
+   model accepts, see SIZES);
+2. runs `dm = disco_compile.transform(model, N, example)` and compares every
+   output leaf (a tensor, or each tensor of a dict output) of `dm(example)`
+   with `model(example)` under `torch.no_grad()`, with
+   `torch.allclose(rtol=1e-4, atol=1e-5)`;
+3. records a status per N:
+   - "exact": every leaf close and no replicated ops;
+   - "exact, with replicated ops": every leaf close, but some ops had no
+     channel rule for their input layout and run whole on every node
+     (`dm.cost().replicated_ops`, listed by target and reason with counts);
+   - "MISMATCH": some leaf not close (the max abs difference is recorded);
+   - "FAILED": `transform`, the forward pass or the cost model raised
+     (exception type and first line of the message);
+   - "TIMEOUT" / "CRASHED" / "TOO LARGE": the model's subprocess ran past
+     `--timeout`, died (e.g. killed for memory), or the model would not fit
+     in memory; such models still get a row with the reason.
+4. measures the original model's own fp32 error against a float64
+   evaluation of the same model (`model.double()(x.double())`): random-weight
+   models can be ill-conditioned, so a MISMATCH whose DISCO error is below the
+   model's own fp32 error is flagged as within rounding noise.
+
+Each model runs in its own subprocess (one torch thread) so memory is freed
+between models and a crash or timeout does not stop the run. Per-model
+results are cached as JSON under benchmarks/results/zoo/ (NAME.json, with the
+subprocess's stderr in NAME.log); reruns skip cached models unless --force.
+At the end docs/coverage.md is written from every cached result (models not
+run yet get a row saying so).
+
+    python benchmarks/zoo.py                          # everything, small models first
+    python benchmarks/zoo.py --models resnet18,vit_b_32 --force
+    python benchmarks/zoo.py --report-only            # only rewrite docs/coverage.md
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import resource
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "zoo"
+REPORT = ROOT / "docs" / "coverage.md"
+RTOL, ATOL = 1e-4, 1e-5
+DEFAULT_NODES = (2, 4)
+DEFAULT_TIMEOUT = 600
+
+# Input side length per model; a model not listed gets zoo.build's default side (the CNNs and the
+# segmentation models). ViTs have a fixed image_size of 224; maxvit_t needs every stage's feature
+# map (side/4 ... side/32) to be a multiple of its 7x7 partition, so 224. Swin runs at any multiple
+# of 32, but at 32 every stage's feature map (8, 4, 2, 1) fits in one 7x7 window, which disables
+# the shifted windows (no roll, no attention mask); 64 is the smallest side that exercises them.
+_SWIN = ("swin_t", "swin_s", "swin_b", "swin_v2_t", "swin_v2_s", "swin_v2_b")
+SIZES: dict[str, int | None] = {**{name: 224 for name in (
+    "vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14", "maxvit_t")}, **{name: 64 for name in _SWIN}}
+# Sides tried, in order, if the chosen one fails (recorded in the notes).
+FALLBACK_SIZES = (64, 96, 128, 160, 192, 224, 256, 299)
+
+# Builder keyword arguments that zoo.build does not pass yet. The segmentation builders default to an
+# ImageNet backbone checkpoint (weights_backbone=...IMAGENET1K_V1), which would be downloaded: pass None.
+# aux_loss stays at its default (None -> no auxiliary head), so the output is {"out": ...}.
+SEGMENTATION_KWARGS = {"weights_backbone": None}
+
+STATUS_ORDER = ["exact", "exact, with replicated ops", "MISMATCH", "FAILED", "TIMEOUT", "CRASHED", "TOO LARGE",
+                "NOT RUN"]
+
+
+# ============================================================================ worker (one model, in a subprocess)
+
+def _now() -> str:
+    return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def _mem_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def _known_params(name: str) -> int | None:
+    """Parameter count from torchvision's weights metadata (no model is built)."""
+    import torchvision
+    try:
+        return int(next(iter(torchvision.models.get_model_weights(name))).meta["num_params"])
+    except Exception:
+        return None
+
+
+def _error(exc: BaseException) -> dict:
+    msg = str(exc).strip()
+    return {"type": type(exc).__name__, "message": msg.splitlines()[0] if msg else "",
+            "traceback": "".join(traceback.format_exception(exc))[-6000:]}
+
+
+def _build(name: str, size: int | None):
+    from disco_compile import zoo
+    if name in zoo.segmentation_models():
+        # zoo.build takes no builder kwargs: add ours to its per-model table, in this subprocess only
+        zoo._EXTRA_KWARGS[name] = {**zoo._EXTRA_KWARGS.get(name, {}), **SEGMENTATION_KWARGS}
+    return zoo.build(name, size)
+
+
+def _compare(ref, out) -> dict:
+    """allclose of every leaf; max abs difference and max relative difference over all leaves."""
+    import torch
+    from torch.utils import _pytree as pytree
+    result = {}
+    if _container_types(ref) != _container_types(out):
+        # e.g. torch.fx rebuilds an OrderedDict output as a plain dict: same keys and leaves, compared below
+        result["container"] = f"output containers {_container_types(out)} instead of {_container_types(ref)}"
+    ref_leaves, ref_spec = pytree.tree_flatten(_plain(ref))
+    out_leaves, out_spec = pytree.tree_flatten(_plain(out))
+    if ref_spec != out_spec:
+        return {"close": False, "max_abs": None, "structure": f"output structure {out_spec} != {ref_spec}"}
+    close, max_abs, max_ref = True, 0.0, 0.0
+    for a, b in zip(ref_leaves, out_leaves):
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            if a.shape != b.shape:
+                return {"close": False, "max_abs": None, "structure": f"shape {tuple(b.shape)} != {tuple(a.shape)}"}
+            a64, b64 = a.double(), b.double()
+            close &= bool(torch.allclose(b, a.to(b.dtype), rtol=RTOL, atol=ATOL))
+            if a.numel():
+                max_abs = max(max_abs, float((a64 - b64).abs().max()))
+                max_ref = max(max_ref, float(a64.abs().max()))
+        else:
+            close &= a == b
+    return {**result, "close": close, "max_abs": max_abs, "max_ref": max_ref}
+
+
+def _plain(x):
+    """Mappings as plain dicts, sequences as lists: the output's structure without its container types."""
+    from collections.abc import Mapping
+    if isinstance(x, Mapping):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _container_types(x) -> list[str]:
+    from collections.abc import Mapping
+    if isinstance(x, Mapping):
+        return [type(x).__name__] + [t for v in x.values() for t in _container_types(v)]
+    if isinstance(x, (list, tuple)):
+        return [type(x).__name__] + [t for v in x for t in _container_types(v)]
+    return []
+
+
+def _replicated_summary(ops) -> list[dict]:
+    counts = Counter((op.target, op.reason) for op in ops)
+    first = {}
+    for op in ops:
+        first.setdefault((op.target, op.reason), op.node)
+    return [{"target": t, "reason": r, "count": c, "example_node": first[(t, r)]} for (t, r), c in counts.items()]
+
+
+def run_worker(name: str, nodes: list[int], out_path: Path) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+    import torchvision
+    import disco_compile
+    from disco_compile import zoo
+
+    torch.set_num_threads(1)
+    family = "segmentation" if name in zoo.segmentation_models() else "classification"
+    result: dict = {"model": name, "family": family, "nodes": nodes, "started": _now(),
+                    "torch": torch.__version__, "torchvision": torchvision.__version__,
+                    "params": _known_params(name), "size": None, "runs": {}, "fp64": None, "notes": [],
+                    "state": "running"}
+
+    def save():
+        result["peak_rss_bytes"] = _peak_rss()
+        tmp = out_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        os.replace(tmp, out_path)
+
+    # memory guard: the model, its traced copy and its float64 copy (twice the size)
+    avail = _mem_available()
+    params = result["params"]
+    if params and avail:
+        need = params * 4 * 2
+        if need > 0.9 * avail:
+            result["state"] = "too_large"
+            result["notes"].append(f"too large to build in memory: {params / 1e6:.0f} M parameters need ~"
+                                   f"{need / 2**30:.1f} GiB for the model and its traced copy, "
+                                   f"{avail / 2**30:.1f} GiB available")
+            return save()
+    save()
+
+    # build at the chosen side; if the forward pass fails, try larger sides
+    t0 = time.perf_counter()
+    first_size = SIZES.get(name)
+    tried = [first_size] + [s for s in FALLBACK_SIZES if first_size is None or s > first_size]
+    model = example = ref = None
+    failures = []
+    with torch.no_grad():
+        for size in tried:
+            try:
+                model, example = _build(name, size)
+                ref = model(example)
+                break
+            except Exception as exc:  # a side the model does not accept
+                failures.append(f"side {size or 'default'}: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:120]}"
+                                if str(exc).strip() else f"side {size or 'default'}: {type(exc).__name__}")
+                model = example = ref = None
+                if "out of memory" in str(exc).lower() or isinstance(exc, MemoryError):
+                    break
+    if failures:
+        result["notes"].append("size probe: " + "; ".join(failures))
+    if model is None:
+        result["state"] = "build_failed"
+        result["build_error"] = failures[-1] if failures else "unknown"
+        return save()
+    result["size"] = int(example.shape[-1])
+    result["params"] = sum(p.numel() for p in model.parameters())
+    result["build_seconds"] = round(time.perf_counter() - t0, 2)
+    save()
+
+    outputs = {}
+    for n in nodes:
+        run: dict = {"status": None}
+        result["runs"][str(n)] = run
+        t = time.perf_counter()
+        try:
+            dm = disco_compile.transform(model, n, example)
+            run["transform_seconds"] = round(time.perf_counter() - t, 2)
+            with torch.no_grad():
+                t1 = time.perf_counter()
+                out = dm(example)
+                run["forward_seconds"] = round(time.perf_counter() - t1, 2)
+            cmp = _compare(ref, out)
+            run.update(max_abs_diff=cmp["max_abs"], max_abs_output=cmp.get("max_ref"), close=cmp["close"])
+            for key in ("structure", "container"):
+                if key in cmp:
+                    run[key] = cmp[key]
+            report = dm.cost()
+            run["replicated_ops"] = _replicated_summary(report.replicated_ops)
+            run["dense_comm_bytes"] = report.dense_comm_bytes
+            run["macs_ratio"] = report.macs_ratio
+            if cmp["close"]:
+                run["status"] = "exact, with replicated ops" if report.replicated_ops else "exact"
+            else:
+                run["status"] = "MISMATCH"
+            outputs[n] = out
+            del dm
+        except Exception as exc:
+            run["status"] = "FAILED"
+            run["error"] = _error(exc)
+        run["seconds"] = round(time.perf_counter() - t, 2)
+        save()
+
+    # the model's own fp32 error against float64 (in place: the fp32 model is no longer needed)
+    t = time.perf_counter()
+    avail = _mem_available()
+    fp64_bytes = result["params"] * 8
+    if avail and fp64_bytes > 0.8 * avail:
+        result["fp64"] = {"skipped": f"float64 copy needs {fp64_bytes / 2**30:.1f} GiB, "
+                                     f"{avail / 2**30:.1f} GiB available"}
+    else:
+        try:
+            with torch.no_grad():
+                model.double()
+                ref64 = model(example.double())
+            own = _compare(ref64, ref)
+            result["fp64"] = {"own_max_abs": own["max_abs"], "own_close": own["close"],
+                              "max_abs_output": own["max_ref"], "seconds": round(time.perf_counter() - t, 2)}
+            for n, out in outputs.items():
+                result["runs"][str(n)]["max_abs_vs_fp64"] = _compare(ref64, out)["max_abs"]
+        except Exception as exc:
+            result["fp64"] = {"skipped": f"float64 evaluation failed: {type(exc).__name__}: "
+                                         f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"}
+    result["state"] = "complete"
+    result["finished"] = _now()
+    save()
+
+
+# ============================================================================ driver
+
+def all_models() -> list[tuple[str, str]]:
+    from disco_compile import zoo
+    return ([(m, "classification") for m in zoo.classification_models()]
+            + [(m, "segmentation") for m in zoo.segmentation_models()])
+
+
+def _work_estimate(name: str) -> float:
+    """Rough relative cost, to run small models first: parameters x input area."""
+    from disco_compile import zoo
+    params = _known_params(name) or 1e8
+    side = SIZES.get(name) or getattr(zoo, "DEFAULT_SIZE", 128)
+    return params * (side / 64) ** 2
+
+
+def _cached(path: Path, nodes: list[int]) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if data.get("state") == "running" or sorted(data.get("nodes", [])) != sorted(nodes):
+        return None
+    return data
+
+
+def run_one(name: str, nodes: list[int], timeout: float, results: Path) -> dict:
+    final = results / f"{name}.json"
+    partial = results / f"{name}.partial.json"
+    log = results / f"{name}.log"
+    partial.unlink(missing_ok=True)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--worker-out", str(partial),
+           "--nodes", ",".join(map(str, nodes))]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    t = time.perf_counter()
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=err, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                                start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the worker's own process group
+            rc = proc.wait()
+            timed_out = True
+    elapsed = time.perf_counter() - t
+    try:
+        data = json.loads(partial.read_text())
+    except (OSError, ValueError):
+        from disco_compile import zoo
+        data = {"model": name, "family": "segmentation" if name in zoo.segmentation_models() else "classification",
+                "nodes": nodes, "started": _now(), "params": _known_params(name), "size": None, "runs": {},
+                "fp64": None, "notes": [], "state": "running"}
+    data["wall_seconds"] = round(elapsed, 1)
+    data["returncode"] = rc
+    if data.get("state") in ("running", None) or timed_out or rc != 0:
+        if timed_out:
+            data["state"] = "timeout"
+            data["notes"].append(f"subprocess killed after the {timeout:.0f} s timeout"
+                                 + _where(data))
+        elif data.get("state") != "too_large":
+            data["state"] = "crashed"
+            why = (f"killed by signal {signal.Signals(-rc).name}" if rc < 0 else f"exit code {rc}")
+            if rc == -signal.SIGKILL:
+                why += " (likely the out-of-memory killer)"
+            tail = [l for l in log.read_text(errors="replace").splitlines() if l.strip()][-1:] if log.exists() else []
+            data["notes"].append(f"subprocess {why}" + _where(data) + (f"; last log line: {tail[0][:200]}" if tail else ""))
+    data["finished"] = data.get("finished") or _now()
+    final.write_text(json.dumps(data, indent=1))
+    partial.unlink(missing_ok=True)
+    return data
+
+
+def _where(data: dict) -> str:
+    if data.get("size") is None:
+        return " while building the model"
+    pending = [n for n in data["nodes"] if (data["runs"].get(str(n)) or {}).get("status") is None]
+    return f" during N={pending[0]}" if pending else " during the float64 check"
+
+
+# ============================================================================ report
+
+def run_status(data: dict | None, n: int) -> str:
+    if data is None:
+        return "NOT RUN"
+    run = data.get("runs", {}).get(str(n)) or {}
+    if run.get("status"):
+        return run["status"]
+    return {"timeout": "TIMEOUT", "crashed": "CRASHED", "too_large": "TOO LARGE",
+            "build_failed": "FAILED"}.get(data.get("state"), "NOT RUN")
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2g}"
+
+
+def _cell(data: dict | None, n: int) -> str:
+    status = run_status(data, n)
+    run = (data or {}).get("runs", {}).get(str(n)) or {}
+    if status == "MISMATCH":
+        text = f"MISMATCH (max abs {_fmt(run.get('max_abs_diff'))}"
+        if run.get("max_abs_output"):
+            text += f", output max {_fmt(run['max_abs_output'])}"
+        return text + ")"
+    if status == "FAILED":
+        err = run.get("error") or {"type": "BuildError", "message": (data or {}).get("build_error", "")}
+        return f"FAILED ({err['type']}: {err['message'][:160]})"
+    return status
+
+
+def _replicated_cell(data: dict | None, nodes: list[int]) -> str:
+    if data is None:
+        return ""
+    per_n = {}
+    for n in nodes:
+        ops = (data.get("runs", {}).get(str(n)) or {}).get("replicated_ops") or []
+        per_n[n] = "; ".join(f"{o['target']} ×{o['count']}: {o['reason']}" for o in ops)
+    texts = set(per_n.values())
+    if len(texts) == 1:
+        return texts.pop()
+    return "<br>".join(f"N={n}: {t or 'none'}" for n, t in per_n.items())
+
+
+def _notes(data: dict | None, nodes: list[int]) -> str:
+    if data is None:
+        return "not run yet"
+    notes = list(data.get("notes", []))
+    fp64 = data.get("fp64") or {}
+    own = fp64.get("own_max_abs")
+    mismatched = [n for n in nodes if run_status(data, n) == "MISMATCH"]
+    if mismatched:
+        if own is not None:
+            notes.append(f"own fp32 error vs fp64: {_fmt(own)}")
+            for n in mismatched:
+                run = data["runs"][str(n)]
+                d = run.get("max_abs_diff")
+                if d is not None and d <= own:
+                    notes.append(f"N={n}: DISCO error {_fmt(d)} is below the model's own fp32 error "
+                                 f"(ill-conditioned random weights, not a compiler bug)")
+                elif run.get("max_abs_vs_fp64") is not None:
+                    notes.append(f"N={n}: DISCO vs fp64 {_fmt(run['max_abs_vs_fp64'])}")
+        elif "skipped" in fp64:
+            notes.append(f"fp64 check skipped: {fp64['skipped']}")
+    elif own is not None and not fp64.get("own_close", True):
+        notes.append(f"model's own fp32 output is not allclose to fp64 (max abs {_fmt(own)})")
+    if data.get("family") == "segmentation":
+        notes.append("built with weights_backbone=None")
+    for n in nodes:
+        run = (data.get("runs", {}).get(str(n)) or {})
+        if run.get("structure"):
+            notes.append(f"N={n}: {run['structure']}")
+    containers = {(data.get("runs", {}).get(str(n)) or {}).get("container") for n in nodes} - {None}
+    notes += sorted(f"DISCO model returns {c}" for c in containers)
+    secs = data.get("wall_seconds")
+    if secs is not None:
+        notes.append(f"{secs:.0f} s")
+    return "; ".join(notes)
+
+
+def _md(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def overall(data: dict | None, nodes: list[int]) -> str:
+    return max((run_status(data, n) for n in nodes), key=STATUS_ORDER.index)
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = None
+    try:
+        mem = int(Path("/proc/meminfo").read_text().split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (f"{cores}-core CPU ({cpu}), {mem / 2**30:.0f} GiB RAM, no GPU; one process at a time, "
+            f"torch.set_num_threads(1)" if mem else f"{cores}-core CPU ({cpu}), no GPU")
+
+
+def write_report(results: Path, report: Path, nodes: list[int], command: str) -> Counter:
+    import torch
+    import torchvision
+    models = all_models()
+    data = {}
+    for name, _ in models:
+        try:
+            data[name] = json.loads((results / f"{name}.json").read_text())
+        except (OSError, ValueError):
+            data[name] = None
+    per_n = {n: Counter(run_status(data[m], n) for m, _ in models) for n in nodes}
+    overall_counts = Counter(overall(data[m], nodes) for m, _ in models)
+    dates = sorted(d[k] for d in data.values() if d for k in ("started", "finished") if d.get(k))
+    sizes: dict[int | None, list[str]] = {}
+    for name, _ in models:
+        sizes.setdefault((data[name] or {}).get("size"), []).append(name)
+
+    lines = [
+        "# DISCO coverage of the torchvision model zoo",
+        "",
+        "Command: `python benchmarks/zoo.py` (per-model results cached in "
+        f"`{results.relative_to(ROOT) if results.is_relative_to(ROOT) else results}`, "
+        "rerun everything with `python benchmarks/zoo.py --force`)"
+        + ("." if command == "python benchmarks/zoo.py" else f"; this report was last written by `{command}`."),
+        "",
+        f"- Date: report written {_dt.date.today().isoformat()}; results from "
+        f"{dates[0][:16].replace('T', ' ') if dates else 'n/a'} to {dates[-1][:16].replace('T', ' ') if dates else 'n/a'}.",
+        f"- Machine: {_machine()}; torch {torch.__version__}, torchvision {torchvision.__version__}.",
+        "- Models: `disco_compile.zoo.build(name)`, calibrated random weights, batch 1, eval mode; "
+        "segmentation builders also get `weights_backbone=None` (no download) and no auxiliary head.",
+        "- Input sizes (side of the square RGB input): "
+        + "; ".join(f"**{s}**: {', '.join(ns) if len(ns) <= 12 else f'{len(ns)} models (all others)'}"
+                    for s, ns in sorted(sizes.items(), key=lambda kv: -len(kv[1])) if s is not None)
+        + ". CNNs and segmentation models use `zoo.build`'s default side; ViTs have a fixed 224 input; "
+          "maxvit_t needs 224 (each stage's map divisible by its 7x7 partition); swin runs at any multiple "
+          "of 32, but at 32 every feature map fits in one 7x7 window and the shifted windows are disabled, "
+          "so 64, the smallest side that exercises them.",
+        f"- Check: `dm = disco_compile.transform(model, N, x)`; every output leaf of `dm(x)` vs `model(x)` "
+        f"with `torch.allclose(rtol={RTOL:g}, atol={ATOL:g})`. Replicated ops (no channel rule: inputs "
+        "gathered, op run whole on every node) are listed as `target ×count: reason` "
+        "(counts per model at that N). A MISMATCH is flagged as noise when DISCO's max abs error is below "
+        "the model's own fp32 error against a float64 evaluation of the same model.",
+        "",
+        "## Summary",
+        "",
+        f"{len(models)} models ({sum(f == 'classification' for _, f in models)} classification, "
+        f"{sum(f == 'segmentation' for _, f in models)} segmentation).",
+        "",
+        "| status | " + " | ".join(f"N={n}" for n in nodes) + " | worst over N |",
+        "|---|" + "---|" * (len(nodes) + 1),
+    ]
+    for status in STATUS_ORDER:
+        if any(per_n[n][status] for n in nodes) or overall_counts[status]:
+            lines.append(f"| {status} | " + " | ".join(str(per_n[n][status]) for n in nodes)
+                         + f" | {overall_counts[status]} |")
+    lines += ["", "## Models", "",
+              "| model | family | input | " + " | ".join(f"N={n}" for n in nodes) + " | replicated ops | notes |",
+              "|---|---|---|" + "---|" * len(nodes) + "---|---|"]
+    for name, family in models:
+        d = data[name]
+        size = (d or {}).get("size")
+        lines.append("| " + " | ".join(_md(c) for c in [
+            name, family, f"{size}×{size}" if size else "–", *(_cell(d, n) for n in nodes),
+            _replicated_cell(d, nodes), _notes(d, nodes)]) + " |")
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text("\n".join(lines) + "\n")
+    return overall_counts
+
+
+# ============================================================================ main
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="See the module docstring (benchmarks/zoo.py) for what is measured.")
+    p.add_argument("--models", help="comma-separated subset of model names (default: every classification "
+                                    "and segmentation model)")
+    p.add_argument("--nodes", default=",".join(map(str, DEFAULT_NODES)), help="node counts (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="rerun models that already have cached results")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                   help="per-model subprocess timeout in seconds (default: %(default)s)")
+    p.add_argument("--results", type=Path, default=RESULTS, help="per-model JSON cache (default: %(default)s)")
+    p.add_argument("--report", type=Path, default=REPORT, help="coverage table to write (default: %(default)s)")
+    p.add_argument("--report-only", action="store_true", help="only rewrite the report from cached results")
+    p.add_argument("--order", choices=["size", "name"], default="size",
+                   help="run order: smallest estimated work first (default) or alphabetical")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    nodes = [int(n) for n in args.nodes.split(",") if n.strip()]
+
+    if args.worker:
+        run_worker(args.worker, nodes, args.worker_out)
+        return 0
+
+    from tqdm import tqdm
+    known = [m for m, _ in all_models()]
+    if args.models:
+        names = [m.strip() for m in args.models.split(",") if m.strip()]
+        unknown = [m for m in names if m not in known]
+        if unknown:
+            p.error(f"unknown model(s) {unknown}; choose from {known}")
+    else:
+        names = known
+    args.results.mkdir(parents=True, exist_ok=True)
+    command = "python benchmarks/zoo.py" + ("" if argv is None and len(sys.argv) == 1 else
+                                            " " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])))
+    if not args.report_only:
+        todo = [m for m in names if args.force or _cached(args.results / f"{m}.json", nodes) is None]
+        if args.order == "size":
+            todo.sort(key=_work_estimate)
+        bar = tqdm(todo, desc="zoo", unit="model", dynamic_ncols=True)
+        for name in bar:
+            bar.set_postfix_str(name)
+            data = run_one(name, nodes, args.timeout, args.results)
+            bar.write(f"{name:32s} " + "  ".join(f"N={n}: {_cell(data, n)[:70]}" for n in nodes)
+                      + f"  ({data.get('wall_seconds', 0):.0f} s)")
+            write_report(args.results, args.report, nodes, command)  # partial results stay readable
+        bar.close()
+    counts = write_report(args.results, args.report, nodes, command)
+    print(f"wrote {args.report}: " + ", ".join(f"{s}: {counts[s]}" for s in STATUS_ORDER if counts[s]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

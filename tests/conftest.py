@@ -1,0 +1,39 @@
+"""Shared test helpers: tight fp32 comparison that says where tensors differ."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from torch.utils import _pytree as pytree
+
+from disco_compile import zoo
+
+# DESIGN.md verification chain tolerances for fp32
+RTOL, ATOL = 1e-4, 1e-5
+
+
+def assert_close(actual, expected, rtol: float = RTOL, atol: float = ATOL, what: str = "output") -> None:
+    a_leaves, a_spec = pytree.tree_flatten(actual)
+    e_leaves, e_spec = pytree.tree_flatten(expected)
+    assert a_spec == e_spec, f"{what}: structure differs: {a_spec} vs {e_spec}"
+    for k, (a, e) in enumerate(zip(a_leaves, e_leaves)):
+        assert a.shape == e.shape, f"{what}[{k}]: shape {tuple(a.shape)} != {tuple(e.shape)}"
+        bad = ~torch.isclose(a, e, rtol=rtol, atol=atol)
+        if bad.any():
+            idx = tuple(int(i) for i in bad.nonzero()[0])
+            diff = (a - e).abs()
+            worst = tuple(int(i) for i in torch.nonzero(diff == diff.max())[0])
+            pytest.fail(f"{what}[{k}]: {int(bad.sum())}/{a.numel()} elements differ (rtol={rtol}, atol={atol}); "
+                        f"first at {idx}: {a[idx].item():.7g} vs {e[idx].item():.7g}; "
+                        f"largest at {worst}: {a[worst].item():.7g} vs {e[worst].item():.7g}")
+
+
+@functools.lru_cache(maxsize=2)
+def built(name: str):
+    """A zoo model and example input, with its reference output (cached across N)."""
+    torch.set_num_threads(2)
+    model, x = zoo.build(name)
+    with torch.no_grad():
+        ref = model(x)
+    return model, x, ref
