@@ -2,8 +2,8 @@
 with Sparse Communications): every layer split across N nodes by channels,
 with learnable sparse exchanges of activations between them."""
 from .cost import CostReport
-from .errors import DiscoError, ExampleInputError, PartitionError, TraceFailure
+from .errors import BudgetError, DiscoError, ExampleInputError, PartitionError, TraceFailure
 from .model import DiscoModel, transform
 
 __all__ = ["transform", "DiscoModel", "CostReport", "DiscoError", "TraceFailure", "ExampleInputError",
-           "PartitionError"]
+           "PartitionError", "BudgetError"]

@@ -141,7 +141,7 @@ def _per_channel_share(param: nn.Parameter, owner: torch.Tensor | None, nodes: i
 def params_per_node(gm: fx.GraphModule, nodes: int, layers: list[MixingLayer],
                     exchanges: dict[str, SparseExchange], owner_of: torch.Tensor) -> list[int]:
     per_node = [0] * nodes
-    counted: set[int] = set()
+    counted = {id(ex.gate) for ex in exchanges.values()}  # gates exist only while training
     for layer in layers:
         module = gm.get_submodule(layer.module)
         for p in module.parameters(recurse=False):
@@ -168,7 +168,7 @@ def params_per_node(gm: fx.GraphModule, nodes: int, layers: list[MixingLayer],
             for j, share in enumerate(_per_channel_share(p, owner, nodes)):
                 per_node[j] += share
     for p in gm.parameters():  # parameters used outside the graph's ops (none for traced models)
-        if id(p) not in counted and not any(p is ex.gate for ex in exchanges.values()):
+        if id(p) not in counted:
             counted.add(id(p))
             per_node = [x + p.numel() for x in per_node]
     return per_node

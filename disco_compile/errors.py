@@ -9,9 +9,13 @@ class TraceFailure(DiscoError):
     """torch.fx could not trace the model."""
 
 
-class ExampleInputError(DiscoError):
+class ExampleInputError(DiscoError, ValueError):
     """The example inputs do not fit the model."""
 
 
-class PartitionError(DiscoError):
+class PartitionError(DiscoError, ValueError):
     """The requested partition cannot be built (bad node count, weights, ...)."""
+
+
+class BudgetError(DiscoError, ValueError):
+    """A communication budget outside [0, 1]."""

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from . import cost, mixing
 from .capture import LeafSpec, trace
-from .errors import PartitionError
+from .errors import BudgetError, PartitionError
 from .ir import MixingLayer, ReplicatedOp, StatExchange
 from .modules import SparseExchange
 from .passes.channel_flow import analyse
@@ -78,7 +78,7 @@ class DiscoModel(nn.Module):
         round(rho * n) of the n candidate channels whose weight columns, over the
         destination's output rows of every consumer, have the largest norm."""
         if not 0.0 <= float(rho) <= 1.0:
-            raise ValueError(f"budget rho must be in [0, 1], got {rho}")
+            raise BudgetError(f"budget rho must be in [0, 1] (the fraction of dense exchange bytes to keep), got {rho}")
         scores = {name: torch.zeros_like(ex.gate) for name, ex in self.exchanges.items()}
         for layer in self.layers:
             if layer.exchange is None:

@@ -1,0 +1,102 @@
+"""The cost model: hand-computed figures on a tiny model, budget selection, and
+the paper's ResNet-50 headline figures (N=2, rho=0.2)."""
+import pytest
+import torch
+import torch.nn as nn
+
+from disco_compile import transform, zoo
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6, bias=False), nn.ReLU(), nn.Linear(6, 2, bias=False)).eval()
+
+
+def test_hand_computed_costs_all_gates_on():
+    dm = transform(mlp(), 2, torch.randn(1, 4))
+    c = dm.cost()
+    # hidden layer: 3 features per node, each node sends its 3 to the other: 2 * 3 * 4 bytes
+    assert c.exchange_bytes == c.dense_exchange_bytes == 24
+    # input (4 floats) to node 1, and node 1's one logit back to node 0
+    assert c.io_bytes == 4 * 4 + 1 * 4
+    assert c.comm_bytes == 44
+    assert c.original_macs == 4 * 6 + 6 * 2
+    assert c.macs_per_node == [3 * 4 + 1 * 6, 3 * 4 + 1 * 6]
+    assert c.params_per_node == [18, 18] and c.original_params == 36
+
+
+def test_hand_computed_costs_no_communication():
+    dm = transform(mlp(), 2, torch.randn(1, 4))
+    dm.set_budget(0.0)
+    c = dm.cost()
+    assert c.exchange_bytes == 0 and c.dense_exchange_bytes == 24
+    assert c.macs_per_node == [3 * 4 + 1 * 3, 3 * 4 + 1 * 3]
+    assert c.params_per_node == [15, 15]
+
+
+def test_input_on_all_nodes_drops_input_io():
+    dm = transform(mlp(), 2, torch.randn(1, 4), input_on_all_nodes=True)
+    assert dm.cost().io_bytes == 4
+
+
+def test_costs_are_per_sample():
+    one = transform(mlp(), 2, torch.randn(1, 4)).cost()
+    five = transform(mlp(), 2, torch.randn(5, 4)).cost()
+    assert one == five
+
+
+def test_budget_keeps_largest_weight_columns():
+    model = mlp()
+    with torch.no_grad():
+        model[2].weight.copy_(torch.tensor([[1.0, 9.0, 2.0, 5.0, 1.0, 1.0], [3.0, 1.0, 2.0, 1.0, 8.0, 1.0]]))
+    dm = transform(model, 2, torch.randn(1, 4))
+    dm.set_budget(1 / 3)  # one of the three candidate columns per direction
+    ex = dm.exchanges["_1"]
+    # node 1 owns row 1 and reads node 0's columns 0..2: largest |W[1, c]| is column 0 (3.0)
+    # node 0 owns row 0 and reads node 1's columns 3..5: largest is column 3 (5.0)
+    assert (ex.keep & ex.remote).nonzero().tolist() == [[0, 3], [1, 0]]
+
+
+def test_budget_ratio_tracks_rho():
+    model, x = zoo.build("resnet18", size=64)
+    dm = transform(model, 3, x)
+    for rho in (0.0, 0.1, 0.5, 1.0):
+        dm.set_budget(rho)
+        assert dm.cost().exchange_ratio == pytest.approx(rho, abs=0.01)
+
+
+def test_stat_exchange_for_layer_norm_over_split_channels():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.norm, self.fc2 = nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.fc2(self.norm(self.fc1(x)))
+
+    torch.manual_seed(0)
+    model = Block().eval()
+    x = torch.randn(1, 5, 8)  # 5 tokens
+    dm = transform(model, 2, x)
+    with torch.no_grad():
+        torch.testing.assert_close(dm(x), model(x), rtol=1e-4, atol=1e-5)
+    c = dm.cost()
+    assert c.replicated_ops == []
+    # each of 2 nodes sends (sum, sum of squares) for 5 tokens to the other
+    assert c.fixed_exchange_bytes == 2 * 5 * 2 * 4
+    # LayerNorm weight and bias split by channel: 8 + 8 per node
+    assert c.params_per_node[0] == (8 * 8 + 8) + (8 + 8) + (2 * 16 + 2)
+
+
+@pytest.mark.slow
+def test_resnet50_paper_figures():
+    """arXiv 2302.11180: 5x less communication, about half the computation and memory per node."""
+    model, x = zoo.build("resnet50", size=224)
+    dm = transform(model, 2, x)
+    dm.set_budget(0.2)
+    c = dm.cost()
+    assert c.exchange_ratio == pytest.approx(0.2, abs=0.01)
+    assert c.comm_ratio <= 0.22
+    assert c.macs_ratio <= 0.62
+    assert max(c.macs_per_node) <= 0.31 * c.original_macs
+    assert max(c.params_per_node) <= 0.31 * c.original_params
