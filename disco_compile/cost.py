@@ -115,7 +115,7 @@ def fixed_exchange_bytes(gm: fx.GraphModule, nodes: int, replicated: list[Replic
     return total
 
 
-def io_bytes(gm: fx.GraphModule, nodes: int, outputs, batch: int, input_on_all_nodes: bool) -> int:
+def io_bytes(gm: fx.GraphModule, nodes: int, batch: int, input_on_all_nodes: bool) -> int:
     if nodes == 1:
         return 0
     total = 0

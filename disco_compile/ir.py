@@ -166,3 +166,21 @@ class ReplicatedOp:
     target: str
     reason: str
     inputs: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PartitionPlan:
+    """What the passes decided, kept beside the rewritten graph: the owner of
+    every channel id, the mixing layers, statistics exchanges and replicated
+    ops, and the figures of the original model the costs are compared with."""
+    nodes: int
+    node_weights: list[float]
+    owner_of: torch.Tensor
+    layers: list[MixingLayer]
+    stats: list[StatExchange]
+    replicated: list[ReplicatedOp]
+    batch: int
+    input_on_all_nodes: bool
+    original_macs: int
+    original_params: int
+    replicated_macs: int

@@ -13,7 +13,7 @@ import torch.nn as nn
 from . import cost, mixing
 from .capture import LeafSpec, trace
 from .errors import BudgetError, PartitionError
-from .ir import MixingLayer, ReplicatedOp, StatExchange
+from .ir import PartitionPlan
 from .modules import SparseExchange
 from .passes.channel_flow import analyse
 from .passes.insert_exchanges import insert_exchanges
@@ -28,24 +28,14 @@ class DiscoModel(nn.Module):
     name of the tensor). Parameter names match the original model's.
     """
 
-    def __init__(self, graph_module: fx.GraphModule, *, nodes: int, node_weights: list[float],
-                 owner_of: torch.Tensor, layers: list[MixingLayer], stats: list[StatExchange],
-                 replicated: list[ReplicatedOp], outputs, batch: int, input_on_all_nodes: bool,
-                 original_macs: int, original_params: int, replicated_macs: int):
+    def __init__(self, graph_module: fx.GraphModule, plan: PartitionPlan):
         super().__init__()
         self.graph_module = graph_module
-        self.nodes = nodes
-        self.node_weights = node_weights
-        self.owner_of = owner_of
-        self.layers = layers
-        self.stats = stats
-        self.replicated = replicated
-        self.outputs = outputs
-        self.batch = batch
-        self.input_on_all_nodes = input_on_all_nodes
-        self.original_macs = original_macs
-        self.original_params = original_params
-        self.replicated_macs = replicated_macs
+        self.plan = plan
+
+    @property
+    def nodes(self) -> int:
+        return self.plan.nodes
 
     @property
     def exchanges(self) -> dict[str, SparseExchange]:
@@ -59,18 +49,18 @@ class DiscoModel(nn.Module):
 
     def cost(self) -> cost.CostReport:
         """Communication, compute and memory per sample, for the current gate selection."""
-        gm, ex = self.graph_module, self.exchanges
-        fixed = cost.fixed_exchange_bytes(gm, self.nodes, self.replicated, self.stats)
+        gm, ex, plan = self.graph_module, self.exchanges, self.plan
+        fixed = cost.fixed_exchange_bytes(gm, plan.nodes, plan.replicated, plan.stats)
         exchange = cost.exchange_bytes(ex, dense=False) + fixed
         dense = cost.exchange_bytes(ex, dense=True) + fixed
-        io = cost.io_bytes(gm, self.nodes, self.outputs, self.batch, self.input_on_all_nodes)
+        io = cost.io_bytes(gm, plan.nodes, plan.batch, plan.input_on_all_nodes)
         return cost.CostReport(
-            nodes=self.nodes, exchange_bytes=exchange, dense_exchange_bytes=dense, fixed_exchange_bytes=fixed,
+            nodes=plan.nodes, exchange_bytes=exchange, dense_exchange_bytes=dense, fixed_exchange_bytes=fixed,
             io_bytes=io, comm_bytes=exchange + io, dense_comm_bytes=dense + io,
-            macs_per_node=cost.macs_per_node(self.layers, ex, self.owner_of, self.nodes, self.replicated_macs),
-            params_per_node=cost.params_per_node(gm, self.nodes, self.layers, ex, self.owner_of),
-            original_macs=self.original_macs, original_params=self.original_params,
-            replicated_ops=list(self.replicated))
+            macs_per_node=cost.macs_per_node(plan.layers, ex, plan.owner_of, plan.nodes, plan.replicated_macs),
+            params_per_node=cost.params_per_node(gm, plan.nodes, plan.layers, ex, plan.owner_of),
+            original_macs=plan.original_macs, original_params=plan.original_params,
+            replicated_ops=list(plan.replicated))
 
     @torch.no_grad()
     def set_budget(self, rho: float) -> None:
@@ -80,11 +70,11 @@ class DiscoModel(nn.Module):
         if not 0.0 <= float(rho) <= 1.0:
             raise BudgetError(f"budget rho must be in [0, 1] (the fraction of dense exchange bytes to keep), got {rho}")
         scores = {name: torch.zeros_like(ex.gate) for name, ex in self.exchanges.items()}
-        for layer in self.layers:
+        for layer in self.plan.layers:
             if layer.exchange is None:
                 continue
             module = self.graph_module.get_submodule(layer.module)
-            out_owner = self.owner_of[layer.out_labels.reshape(-1)]
+            out_owner = self.plan.owner_of[layer.out_labels.reshape(-1)]
             for j in range(self.nodes):
                 scores[layer.exchange][j] += mixing.column_scores(layer, module, out_owner, j)
         for name, ex in self.exchanges.items():
@@ -137,7 +127,7 @@ def transform(model: nn.Module, nodes: int, example_inputs, *, node_weights: Seq
                           if n.op == "call_module" and n.name in replicated_names)
     original_params = sum(p.numel() for p in model.parameters())
     insert_exchanges(gm, flow.mixing, owner_of, nodes, example_inputs)
-    return DiscoModel(gm, nodes=nodes, node_weights=weights, owner_of=owner_of, layers=flow.mixing,
-                      stats=flow.stats, replicated=flow.replicated, outputs=flow.outputs, batch=flow.batch,
-                      input_on_all_nodes=input_on_all_nodes, original_macs=original_macs,
-                      original_params=original_params, replicated_macs=replicated_macs)
+    return DiscoModel(gm, PartitionPlan(
+        nodes=nodes, node_weights=weights, owner_of=owner_of, layers=flow.mixing, stats=flow.stats,
+        replicated=flow.replicated, batch=flow.batch, input_on_all_nodes=input_on_all_nodes,
+        original_macs=original_macs, original_params=original_params, replicated_macs=replicated_macs))

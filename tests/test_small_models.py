@@ -83,7 +83,7 @@ def test_groups_at_least_nodes_keep_each_group_on_one_node():
 def test_groups_at_least_nodes_are_aligned_and_exchange_free():
     torch.manual_seed(0)
     dm = transform(OddNet().eval(), 2, torch.randn(1, 3, 8, 8))
-    consumers = {layer.module: layer.exchange for layer in dm.layers}
+    consumers = {layer.module: layer.exchange for layer in dm.plan.layers}
     assert consumers["depthwise"] is None  # 22 groups >= 2 nodes: input group and output group share a node
     assert consumers["grouped"] is None    # 2 groups >= 2 nodes
 
@@ -93,7 +93,7 @@ def test_groups_fewer_than_nodes_exchange_within_group():
     model = OddNet().eval()
     x = torch.randn(1, 3, 8, 8)
     dm = transform(model, 4, x)
-    assert {layer.module: layer.exchange for layer in dm.layers}["grouped"] is not None
+    assert {layer.module: layer.exchange for layer in dm.plan.layers}["grouped"] is not None
     with torch.no_grad():
         assert_close(dm(x), model(x))
 
@@ -105,8 +105,8 @@ def test_node_weights_give_faster_nodes_more_channels():
     dm = transform(model, 2, x, node_weights=[3, 1])
     with torch.no_grad():
         assert_close(dm(x), model(x))
-    stem = next(layer for layer in dm.layers if layer.module == "stem")
-    owner = dm.owner_of[stem.out_labels.flatten()]
+    stem = next(layer for layer in dm.plan.layers if layer.module == "stem")
+    owner = dm.plan.owner_of[stem.out_labels.flatten()]
     assert torch.bincount(owner).tolist() == [10, 3]  # round(13 * 3/4) = 10
     macs = dm.cost().macs_per_node
     assert macs[0] > 2 * macs[1]

@@ -26,7 +26,6 @@ class ChannelFlow:
     mixing: list[MixingLayer]
     stats: list[StatExchange]
     replicated: list[ReplicatedOp]
-    outputs: object  # labels of the graph outputs, same structure as the output
     batch: int
 
 
@@ -47,7 +46,6 @@ class _ChannelFlowInterpreter(ShapeProp):
         self.mixing: list[MixingLayer] = []
         self.stats: list[StatExchange] = []
         self.replicated: list[ReplicatedOp] = []
-        self.outputs = None
 
     def run_node(self, n: fx.Node):
         try:
@@ -66,11 +64,7 @@ class _ChannelFlowInterpreter(ShapeProp):
         return result
 
     def _label(self, n: fx.Node, result):
-        if n.op in ("placeholder", "get_attr"):
-            return None
-        if n.op == "output":
-            self.outputs = pytree.tree_map(lambda a: self.labels.get(a) if isinstance(a, fx.Node) else None,
-                                           n.args[0], is_leaf=lambda x: isinstance(x, fx.Node))
+        if n.op in ("placeholder", "get_attr", "output"):
             return None
         module = self.module.get_submodule(n.target) if n.op == "call_module" else None
         if not _has_tensor(result):
@@ -106,5 +100,4 @@ def analyse(gm: fx.GraphModule, example_inputs: tuple, nodes: int) -> ChannelFlo
     interp = _ChannelFlowInterpreter(gm, nodes)
     with torch.no_grad():
         interp.run(*example_inputs)
-    return ChannelFlow(interp.universe, interp.mixing, interp.stats, interp.replicated, interp.outputs,
-                       batch=first.shape[0])
+    return ChannelFlow(interp.universe, interp.mixing, interp.stats, interp.replicated, batch=first.shape[0])

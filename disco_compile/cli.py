@@ -1,0 +1,347 @@
+"""`disco-compile`: the command line.
+
+Loads a model (a torchvision name built with random weights, a state_dict with
+an architecture name, or a trusted pickled module), runs `transform`, applies
+`set_budget` when asked, and prints the cost report. Every user error is one
+message on stderr and exit code 2; nothing is downloaded.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import re
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import click
+import torch
+import torch.nn as nn
+import torchvision
+
+from . import zoo
+from .cost import CostReport
+from .errors import DiscoError, ExampleInputError, TraceFailure
+from .model import transform
+from .passes.partition import check_weights
+
+DEFAULT_SHAPE = (1, 3, 224, 224)
+LIST_MODELS = 'python -c "import torchvision; print(torchvision.models.list_models())"'
+RANDOM_WEIGHTS = "random weights (no pretrained weights are downloaded)"
+_FILE_SUFFIXES = (".pt", ".pth", ".pkl", ".bin", ".ckpt", ".tar")
+_SHOWN_KEYS = 8  # keys listed in a state_dict mismatch before "... and N more"
+
+# what a library error's advice means on the command line
+_CLI_HINTS = {TraceFailure: "on the command line, mark a submodule with --leaf-module NAME",
+              ExampleInputError: "on the command line, give the input shape with --input-shape N,C,H,W"}
+
+
+class CliError(click.ClickException):
+    """A user error: printed as 'Error: <message>' on stderr, exit code 2 (as click's usage errors)."""
+    exit_code = 2
+
+
+@dataclass
+class Loaded:
+    model: nn.Module
+    description: str
+    shape: tuple[int, ...]
+
+
+# ---------------------------------------------------------------- argument parsing
+
+def _parse_shape(ctx, param, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        shape = tuple(int(x) for x in value.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or any(d < 1 for d in shape):
+        raise click.BadParameter(f"expected comma-separated positive whole numbers, batch first, "
+                                 f"e.g. 1,3,224,224; got {value!r}")
+    return shape
+
+
+def _parse_weights(ctx, param, value: str | None) -> list[float] | None:
+    if value is None:
+        return None
+    try:
+        return [float(x) for x in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, one per node, e.g. 2,1; got {value!r}") from None
+
+
+def _check_budget(ctx, param, value: float | None) -> float | None:
+    if value is not None and not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise click.BadParameter(f"must be between 0 and 1 (the fraction of exchanged channels to keep; "
+                                 f"1 keeps them all), got {value}")
+    return value
+
+
+def _check_nodes(ctx, param, value: int) -> int:
+    if value < 1:
+        raise click.BadParameter(f"must be at least 1 (the number of devices the model is split across), got {value}")
+    return value
+
+
+def _check_json_path(ctx, param, value: str | None) -> str | None:
+    if value is None:
+        return None
+    if os.path.isdir(value):
+        raise click.BadParameter(f"{value} is a folder; give a file name, e.g. {os.path.join(value, 'cost.json')}")
+    parent = os.path.dirname(os.path.abspath(value))
+    if not os.path.isdir(parent):
+        raise click.BadParameter(f"the folder {parent} does not exist; create it first")
+    return value
+
+
+# ---------------------------------------------------------------- loading models
+
+@contextmanager
+def _stage(what: str) -> Iterator[None]:
+    """Progress on stderr: 'what ... done (1.2 s)'."""
+    click.echo(f"{what} ...", err=True, nl=False)
+    start = time.perf_counter()
+    try:
+        yield
+    except BaseException:
+        click.echo(" failed", err=True)
+        raise
+    click.echo(f" done ({time.perf_counter() - start:.1f} s)", err=True)
+
+
+def _torchvision_name(name: str, what: str) -> str:
+    """`name` if torchvision knows it; `what` says where the name came from."""
+    if name not in torchvision.models.list_models():
+        raise CliError(f"{what} is not a torchvision model name; to see the names: {LIST_MODELS}")
+    return name
+
+
+def _from_zoo(name: str, shape: tuple[int, ...] | None) -> Loaded:
+    shape = shape or (1, 3, zoo.DEFAULT_SIZE, zoo.DEFAULT_SIZE)
+    if len(shape) < 3:
+        raise CliError(f"--input-shape {','.join(map(str, shape))} has no height: a torchvision model takes "
+                       f"images, e.g. --input-shape 1,3,224,224")
+    with _stage(f"building {name} with {RANDOM_WEIGHTS}"):
+        try:
+            model, _ = zoo.build(name, shape[-2])
+        except Exception as exc:  # any failure of a torchvision builder or its first forward pass
+            raise CliError(f"building {name} with random weights and calibrating it on {shape[-2]}x{shape[-2]} "
+                           f"images failed: {type(exc).__name__}: {exc}; disco-compile builds image models "
+                           f"taking N,3,H,W inputs; for another kind give a model file instead") from None
+    return Loaded(model, f"{name} (torchvision), {RANDOM_WEIGHTS}", shape)
+
+
+def _load_file(path: str, trust_pickle: bool) -> object:
+    """The object in a torch.save file: weights-only loading first; full unpickling only if trusted."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        holds = f"a pickled {found.group(1)}" if found else "pickled Python objects (such as a whole nn.Module)"
+        if not trust_pickle:
+            raise CliError(f"{path} holds {holds}, not just weights: loading it runs code stored in the file. "
+                           f"If you trust the file, pass --trust-pickle; otherwise save the weights with "
+                           f"torch.save(model.state_dict(), 'model.pt') and give that file with "
+                           f"--arch torchvision:NAME") from None
+    except Exception as exc:  # torch.load raises many types for files it cannot read
+        raise CliError(f"cannot read {path} as a PyTorch file saved with torch.save: {type(exc).__name__}: "
+                       f"{str(exc).splitlines()[0] if str(exc) else ''}; disco-compile reads a state_dict "
+                       f"(with --arch) or a pickled nn.Module (with --trust-pickle)") from None
+    try:
+        return torch.load(path, weights_only=False, map_location="cpu")
+    except Exception as exc:  # unpickling can fail in any way, e.g. a class that is not importable here
+        raise CliError(f"unpickling {path} failed: {type(exc).__name__}: {exc}; the classes the model was "
+                       f"pickled with must be importable here") from None
+
+
+def _key_list(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_SHOWN_KEYS])
+    return shown + (f", ... and {len(keys) - _SHOWN_KEYS} more" if len(keys) > _SHOWN_KEYS else "")
+
+
+def _as_state_dict(obj: Mapping, path: str) -> dict[str, torch.Tensor]:
+    if not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        inner = next((k for k, v in obj.items() if isinstance(v, Mapping) and v
+                      and all(isinstance(t, torch.Tensor) for t in v.values())), None)
+        hint = (f"it looks like a training checkpoint; save its weights alone, e.g. "
+                f"torch.save(checkpoint[{inner!r}], 'model.pt')" if inner is not None
+                else "save model.state_dict() itself")
+        raise CliError(f"{path} holds a dict whose entries are not all tensors (keys: {_key_list(list(obj))}); "
+                       f"{hint}")
+    sd = dict(obj)
+    if sd and all(k.startswith("module.") for k in sd):  # saved from nn.DataParallel / DistributedDataParallel
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def _load_into(name: str, sd: dict[str, torch.Tensor], path: str) -> nn.Module:
+    """torchvision model `name` built with weights=None, then given the weights `sd` (all keys must match)."""
+    _torchvision_name(name, f"--arch torchvision:{name}: {name!r}")
+    model = torchvision.models.get_model_builder(name)(weights=None)
+    expected = model.state_dict()
+    wrong = [f"{k} (file {tuple(v.shape)}, {name} {tuple(expected[k].shape)})"
+             for k, v in sd.items() if k in expected and v.shape != expected[k].shape]
+    if wrong:
+        raise CliError(f"the weights in {path} do not fit torchvision {name}: shapes differ for "
+                       f"{_key_list(wrong)}; check --arch (and the number of classes the model was trained for)")
+    result = model.load_state_dict(sd, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        parts = [f"missing from the file: {_key_list(result.missing_keys)}" if result.missing_keys else "",
+                 f"unexpected in the file: {_key_list(result.unexpected_keys)}" if result.unexpected_keys else ""]
+        raise CliError(f"the keys in {path} do not match torchvision {name}: "
+                       f"{'; '.join(p for p in parts if p)}; check --arch")
+    return model
+
+
+def _from_file(path: str, arch: str | None, trust_pickle: bool, shape: tuple[int, ...] | None) -> Loaded:
+    shape = shape or DEFAULT_SHAPE
+    with _stage(f"loading {path}"):
+        obj = _load_file(path, trust_pickle)
+        if isinstance(obj, nn.Module):
+            if arch is not None:
+                raise CliError(f"{path} holds a whole module ({type(obj).__name__}); --arch is only for "
+                               f"state_dict files: leave it out")
+            return Loaded(obj, f"{type(obj).__name__} pickled in {path} (loaded with --trust-pickle)", shape)
+        if not isinstance(obj, Mapping):
+            raise CliError(f"{path} holds a {type(obj).__name__}, neither a state_dict nor an nn.Module")
+        sd = _as_state_dict(obj, path)
+        if arch is None:
+            raise CliError(f"{path} holds a state_dict ({len(sd)} tensors: weights without the architecture); "
+                           f"say which model they belong to with --arch torchvision:NAME, e.g. "
+                           f"--arch torchvision:resnet50")
+        source, _, name = arch.partition(":")
+        if source != "torchvision" or not name:
+            raise CliError(f"--arch must be torchvision:NAME (the only architecture source so far), got {arch!r}")
+        return Loaded(_load_into(name, sd, path), f"{name} (torchvision) with the state_dict in {path}", shape)
+
+
+def _load(model: str, arch: str | None, trust_pickle: bool, shape: tuple[int, ...] | None) -> Loaded:
+    if os.path.isfile(model):
+        return _from_file(model, arch, trust_pickle, shape)
+    if os.path.exists(model):
+        raise CliError(f"{model} is not a file; MODEL is a model file or a torchvision model name")
+    if os.sep in model or "/" in model or model.endswith(_FILE_SUFFIXES):
+        raise CliError(f"file not found: {model}")
+    if arch is not None:
+        raise CliError(f"--arch is only for state_dict files, but MODEL {model!r} is a name; leave --arch out")
+    return _from_zoo(_torchvision_name(model, f"MODEL {model!r} is not an existing file, and it"), shape)
+
+
+# ---------------------------------------------------------------- output
+
+def _summary(loaded: Loaded, nodes: int, node_weights: list[float] | None, budget: float | None,
+             report: CostReport) -> str:
+    shares = "equal shares" if node_weights is None else \
+        "shares " + ", ".join(f"{w / sum(node_weights):.3f}" for w in node_weights)
+    rho = "none: every exchange gate on (rho = 1)" if budget is None else \
+        f"{budget:g}: each node keeps that fraction of the channels it could receive from each other node"
+    lines = [f"model    {loaded.description}",
+             f"input    {'x'.join(map(str, loaded.shape))}, random normal",
+             f"nodes    {nodes} ({shares})",
+             f"budget   {rho}",
+             "",
+             report.table(),
+             "",
+             f"exchange ratio  {report.exchange_ratio:.3f}  (bytes exchanged between nodes / with every gate on)",
+             f"comm ratio      {report.comm_ratio:.3f}  (exchange plus input/output bytes / with every gate on)",
+             "per node, as fractions of the original model:"]
+    lines += [f"  node {k}: MACs {m / report.original_macs:.3f}, parameters {p / report.original_params:.3f}"
+              for k, (m, p) in enumerate(zip(report.macs_per_node, report.params_per_node))]
+    if budget is not None and budget < 1:
+        lines += ["", f"note: budget {budget:g} is a one-shot selection of the exchanged channels by weight "
+                      f"magnitude, without training: the model's accuracy at this budget is not measured and "
+                      f"needs fine-tuning to recover (fine-tuning is not part of disco-compile yet)."]
+    return "\n".join(lines)
+
+
+def _write_json(path: str, report: CostReport) -> None:
+    """Write the report so that `path` is either absent/old or complete: temp file, then rename."""
+    text = json.dumps(report.as_dict(), indent=2, allow_nan=False) + "\n"
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
+                               prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+# ---------------------------------------------------------------- command
+
+@click.command(name="disco-compile", context_settings={"help_option_names": ["-h", "--help"],
+                                                       "max_content_width": 100})
+@click.argument("model", metavar="MODEL")
+@click.option("--nodes", type=int, required=True, callback=_check_nodes,
+              help="Number of nodes (devices) to split every Conv/Linear layer's channels across.")
+@click.option("--budget", type=float, callback=_check_budget, metavar="RHO",
+              help="Fraction in [0, 1] of the exchanged channels to keep, chosen once by weight magnitude. "
+                   "Default: no budget, every exchange on (RHO = 1).")
+@click.option("--input-shape", callback=_parse_shape, metavar="N,C,H,W",
+              help="Shape of the random normal example input used for tracing, batch first. Default: "
+                   "1,3,224,224 for a model file; for a torchvision name, square images of the built-in "
+                   f"size {zoo.DEFAULT_SIZE} (the model is built for the H given here).")
+@click.option("--arch", metavar="torchvision:NAME",
+              help="Architecture of a state_dict MODEL file: a torchvision model built with weights=None, "
+                   "then loaded with the file's weights (a 'module.' prefix from DataParallel is removed).")
+@click.option("--trust-pickle", is_flag=True,
+              help="Allow a MODEL file that holds a pickled whole nn.Module. Unpickling runs code stored in "
+                   "the file: use only for files you trust.")
+@click.option("--node-weights", callback=_parse_weights, metavar="W0,W1,...",
+              help="Relative speed of each node, one per node (e.g. 2,1): a node gets that share of every "
+                   "layer's channels. Default: equal shares.")
+@click.option("--leaf-module", "leaf_modules", multiple=True, metavar="NAME",
+              help="Qualified name of a submodule (as in model.named_modules(), e.g. layer1.0) that is not "
+                   "traced into but run whole as one op; repeat for several.")
+@click.option("--input-on-all-nodes", is_flag=True,
+              help="The input is already present on every node, so sending it costs nothing.")
+@click.option("--json", "json_path", callback=_check_json_path, metavar="FILE",
+              help="Also write the cost report to FILE as JSON (written whole or not at all).")
+@click.version_option(package_name="disco-compile")
+def main(model: str, nodes: int, budget: float | None, input_shape: tuple[int, ...] | None, arch: str | None,
+         trust_pickle: bool, node_weights: list[float] | None, leaf_modules: tuple[str, ...],
+         input_on_all_nodes: bool, json_path: str | None) -> None:
+    """Split MODEL across NODES devices in DISCO form and report what it costs.
+
+    Every Conv and Linear layer's output channels are divided among the nodes, and a
+    sparse exchange is inserted wherever a layer needs channels another node computed.
+    The report gives the bytes sent between nodes per sample, the MACs and the parameters
+    on each node; --budget keeps only a fraction of the exchanged channels.
+
+    MODEL is a torchvision model name (built with random weights: nothing is downloaded),
+    a state_dict file with --arch, or a pickled whole module with --trust-pickle.
+
+    \b
+    Examples:
+      disco-compile resnet50 --nodes 2 --budget 0.2
+      disco-compile weights.pt --arch torchvision:resnet18 --nodes 4 --json cost.json
+    """
+    try:
+        if node_weights is not None:
+            check_weights(nodes, node_weights)  # before the slow steps
+        loaded = _load(model, arch, trust_pickle, input_shape)
+        example = torch.randn(loaded.shape, generator=torch.Generator().manual_seed(0))
+        with _stage(f"tracing and splitting across {nodes} node{'s' if nodes > 1 else ''}"):
+            disco = transform(loaded.model, nodes, example, node_weights=node_weights, leaf_modules=leaf_modules,
+                              input_on_all_nodes=input_on_all_nodes)
+        if budget is not None:
+            with _stage(f"selecting exchanged channels for budget {budget:g}"):
+                disco.set_budget(budget)
+        with _stage("computing the cost"):
+            report = disco.cost()
+    except DiscoError as exc:
+        hint = next((h for cls, h in _CLI_HINTS.items() if isinstance(exc, cls)), None)
+        raise CliError(str(exc) + (f"\n  {hint}" if hint else "")) from None
+    click.echo(_summary(loaded, nodes, node_weights, budget, report))
+    if json_path is not None:
+        _write_json(json_path, report)
+        click.echo(f"cost report written to {json_path}", err=True)
