@@ -14,6 +14,7 @@ import pickle
 import re
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -54,6 +55,13 @@ class Loaded:
 
 # ---------------------------------------------------------------- argument parsing
 
+def _torchvision_name(name: str, what: str) -> str:
+    """`name` if torchvision knows it; `what` says where the name came from."""
+    if name not in torchvision.models.list_models():
+        raise CliError(f"{what} is not a torchvision model name; to see the names: {LIST_MODELS}")
+    return name
+
+
 def _parse_shape(ctx, param, value: str | None) -> tuple[int, ...] | None:
     if value is None:
         return None
@@ -89,6 +97,17 @@ def _check_nodes(ctx, param, value: int) -> int:
     return value
 
 
+def _parse_arch(ctx, param, value: str | None) -> str | None:
+    """The torchvision model name in 'torchvision:NAME'."""
+    if value is None:
+        return None
+    source, _, name = value.partition(":")
+    if source != "torchvision" or not name:
+        raise click.BadParameter(f"expected torchvision:NAME (the only architecture source so far), "
+                                 f"e.g. torchvision:resnet50; got {value!r}")
+    return _torchvision_name(name, f"--arch {value}: {name!r}")
+
+
 def _check_json_path(ctx, param, value: str | None) -> str | None:
     if value is None:
         return None
@@ -104,26 +123,22 @@ def _check_json_path(ctx, param, value: str | None) -> str | None:
 
 @contextmanager
 def _stage(what: str) -> Iterator[None]:
-    """Progress on stderr: 'what ... done (1.2 s)'."""
+    """Progress on stderr: 'what ... done (1.2 s)', then the warnings raised meanwhile (kept off that line)."""
     click.echo(f"{what} ...", err=True, nl=False)
     start = time.perf_counter()
+    outcome = "failed"
     try:
-        yield
-    except BaseException:
-        click.echo(" failed", err=True)
-        raise
-    click.echo(f" done ({time.perf_counter() - start:.1f} s)", err=True)
-
-
-def _torchvision_name(name: str, what: str) -> str:
-    """`name` if torchvision knows it; `what` says where the name came from."""
-    if name not in torchvision.models.list_models():
-        raise CliError(f"{what} is not a torchvision model name; to see the names: {LIST_MODELS}")
-    return name
+        with warnings.catch_warnings(record=True) as caught:
+            yield
+        outcome = f"done ({time.perf_counter() - start:.1f} s)"
+    finally:
+        click.echo(f" {outcome}", err=True)
+        for w in caught:
+            click.echo(f"  warning: {w.category.__name__}: {w.message}", err=True)
 
 
 def _from_zoo(name: str, shape: tuple[int, ...] | None) -> Loaded:
-    shape = shape or (1, 3, zoo.DEFAULT_SIZE, zoo.DEFAULT_SIZE)
+    shape = shape or DEFAULT_SHAPE
     if len(shape) < 3:
         raise CliError(f"--input-shape {','.join(map(str, shape))} has no height: a torchvision model takes "
                        f"images, e.g. --input-shape 1,3,224,224")
@@ -137,27 +152,38 @@ def _from_zoo(name: str, shape: tuple[int, ...] | None) -> Loaded:
     return Loaded(model, f"{name} (torchvision), {RANDOM_WEIGHTS}", shape)
 
 
+def _first_sentence(text: str) -> str:
+    return re.split(r"(?<=[.:])\s", text.strip(), maxsplit=1)[0].rstrip(".:")
+
+
 def _load_file(path: str, trust_pickle: bool) -> object:
     """The object in a torch.save file: weights-only loading first; full unpickling only if trusted."""
+    safer = ("save the weights with torch.save(model.state_dict(), 'model.pt') and give that file with "
+             "--arch torchvision:NAME")
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
-    except pickle.UnpicklingError as exc:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-        holds = f"a pickled {found.group(1)}" if found else "pickled Python objects (such as a whole nn.Module)"
+    except pickle.UnpicklingError as exc:  # the file holds more than tensors, or is no pickle at all
         if not trust_pickle:
-            raise CliError(f"{path} holds {holds}, not just weights: loading it runs code stored in the file. "
-                           f"If you trust the file, pass --trust-pickle; otherwise save the weights with "
-                           f"torch.save(model.state_dict(), 'model.pt') and give that file with "
-                           f"--arch torchvision:NAME") from None
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+            if found:
+                raise CliError(f"{path} holds a pickled {found.group(1)}, not just weights: loading it runs code "
+                               f"stored in the file. If you trust the file, pass --trust-pickle; otherwise "
+                               f"{safer}") from None
+            reason = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
+            raise CliError(f"{path} cannot be read as a state_dict (torch.load with weights_only=True: "
+                           f"{reason.group(1) if reason else _first_sentence(str(exc))}). If it is a pickled "
+                           f"whole module from a source you trust, pass --trust-pickle (loading it runs code "
+                           f"stored in the file); otherwise {safer}") from None
     except Exception as exc:  # torch.load raises many types for files it cannot read
         raise CliError(f"cannot read {path} as a PyTorch file saved with torch.save: {type(exc).__name__}: "
-                       f"{str(exc).splitlines()[0] if str(exc) else ''}; disco-compile reads a state_dict "
+                       f"{_first_sentence(str(exc))}; disco-compile reads a state_dict "
                        f"(with --arch) or a pickled nn.Module (with --trust-pickle)") from None
     try:
         return torch.load(path, weights_only=False, map_location="cpu")
     except Exception as exc:  # unpickling can fail in any way, e.g. a class that is not importable here
-        raise CliError(f"unpickling {path} failed: {type(exc).__name__}: {exc}; the classes the model was "
-                       f"pickled with must be importable here") from None
+        raise CliError(f"cannot read {path}, even unpickling it fully: {type(exc).__name__}: "
+                       f"{_first_sentence(str(exc))}; for a pickled module, the classes it was pickled with "
+                       f"must be importable here") from None
 
 
 def _key_list(keys: list[str]) -> str:
@@ -182,7 +208,6 @@ def _as_state_dict(obj: Mapping, path: str) -> dict[str, torch.Tensor]:
 
 def _load_into(name: str, sd: dict[str, torch.Tensor], path: str) -> nn.Module:
     """torchvision model `name` built with weights=None, then given the weights `sd` (all keys must match)."""
-    _torchvision_name(name, f"--arch torchvision:{name}: {name!r}")
     model = torchvision.models.get_model_builder(name)(weights=None)
     expected = model.state_dict()
     wrong = [f"{k} (file {tuple(v.shape)}, {name} {tuple(expected[k].shape)})"
@@ -215,10 +240,7 @@ def _from_file(path: str, arch: str | None, trust_pickle: bool, shape: tuple[int
             raise CliError(f"{path} holds a state_dict ({len(sd)} tensors: weights without the architecture); "
                            f"say which model they belong to with --arch torchvision:NAME, e.g. "
                            f"--arch torchvision:resnet50")
-        source, _, name = arch.partition(":")
-        if source != "torchvision" or not name:
-            raise CliError(f"--arch must be torchvision:NAME (the only architecture source so far), got {arch!r}")
-        return Loaded(_load_into(name, sd, path), f"{name} (torchvision) with the state_dict in {path}", shape)
+        return Loaded(_load_into(arch, sd, path), f"{arch} (torchvision) with the state_dict in {path}", shape)
 
 
 def _load(model: str, arch: str | None, trust_pickle: bool, shape: tuple[int, ...] | None) -> Loaded:
@@ -260,20 +282,27 @@ def _summary(loaded: Loaded, nodes: int, node_weights: list[float] | None, budge
     return "\n".join(lines)
 
 
-def _write_json(path: str, report: CostReport) -> None:
-    """Write the report so that `path` is either absent/old or complete: temp file, then rename."""
-    text = json.dumps(report.as_dict(), indent=2, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
-                               prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+def _write_json(path: str, report: CostReport, run: dict) -> None:
+    """Write the report (and what produced it) so that `path` is either as before or complete:
+    a temp file beside it, then a rename."""
+    text = json.dumps({"run": run, **report.as_dict()}, indent=2, allow_nan=False) + "\n"
+    umask = os.umask(0)
+    os.umask(umask)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
+                                   prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                os.fchmod(f.fileno(), 0o666 & ~umask)  # mkstemp makes the file private; give the usual mode
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError as exc:
+        raise CliError(f"cannot write the JSON report to {path}: {exc.strerror or exc}") from None
 
 
 # ---------------------------------------------------------------- command
@@ -287,10 +316,10 @@ def _write_json(path: str, report: CostReport) -> None:
               help="Fraction in [0, 1] of the exchanged channels to keep, chosen once by weight magnitude. "
                    "Default: no budget, every exchange on (RHO = 1).")
 @click.option("--input-shape", callback=_parse_shape, metavar="N,C,H,W",
-              help="Shape of the random normal example input used for tracing, batch first. Default: "
-                   "1,3,224,224 for a model file; for a torchvision name, square images of the built-in "
-                   f"size {zoo.DEFAULT_SIZE} (the model is built for the H given here).")
-@click.option("--arch", metavar="torchvision:NAME",
+              help="Shape of the random normal example input used for tracing, batch first "
+                   "(default 1,3,224,224). A torchvision name's BatchNorm statistics are calibrated on "
+                   "images of this size.")
+@click.option("--arch", callback=_parse_arch, metavar="torchvision:NAME",
               help="Architecture of a state_dict MODEL file: a torchvision model built with weights=None, "
                    "then loaded with the file's weights (a 'module.' prefix from DataParallel is removed).")
 @click.option("--trust-pickle", is_flag=True,
@@ -343,5 +372,6 @@ def main(model: str, nodes: int, budget: float | None, input_shape: tuple[int, .
         raise CliError(str(exc) + (f"\n  {hint}" if hint else "")) from None
     click.echo(_summary(loaded, nodes, node_weights, budget, report))
     if json_path is not None:
-        _write_json(json_path, report)
+        _write_json(json_path, report, {"model": loaded.description, "input_shape": list(loaded.shape),
+                                        "nodes": nodes, "node_weights": node_weights, "budget": budget})
         click.echo(f"cost report written to {json_path}", err=True)

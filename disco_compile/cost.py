@@ -61,25 +61,36 @@ class CostReport:
         return d
 
     def table(self) -> str:
-        mb = 1e6
         lines = [
-            f"nodes                 {self.nodes}",
-            f"exchange bytes        {self.exchange_bytes / mb:10.3f} MB  (dense {self.dense_exchange_bytes / mb:.3f} MB, "
-            f"ratio {self.exchange_ratio:.3f}; ungated {self.fixed_exchange_bytes / mb:.3f} MB)",
-            f"io bytes              {self.io_bytes / mb:10.3f} MB",
-            f"comm bytes            {self.comm_bytes / mb:10.3f} MB  (dense {self.dense_comm_bytes / mb:.3f} MB, "
+            f"nodes           {self.nodes}",
+            f"exchange bytes  {_si(self.exchange_bytes, 'B'):>10}  (dense {_si(self.dense_exchange_bytes, 'B')}, "
+            f"ratio {self.exchange_ratio:.3f}; ungated {_si(self.fixed_exchange_bytes, 'B')})",
+            f"io bytes        {_si(self.io_bytes, 'B'):>10}",
+            f"comm bytes      {_si(self.comm_bytes, 'B'):>10}  (dense {_si(self.dense_comm_bytes, 'B')}, "
             f"ratio {self.comm_ratio:.3f})",
-            f"MACs                  original {self.original_macs / 1e6:.1f} M; all nodes {self.macs_ratio:.3f} of it",
+            f"MACs            original {_si(self.original_macs, '')}; all nodes {_ratio(sum(self.macs_per_node), self.original_macs)} of it",
         ]
         for k, (m, p) in enumerate(zip(self.macs_per_node, self.params_per_node)):
-            lines.append(f"  node {k}: MACs {m / 1e6:10.1f} M ({m / self.original_macs:.3f})   "
-                         f"params {p / 1e6:8.3f} M ({p / self.original_params:.3f})")
+            lines.append(f"  node {k}: MACs {_si(m, ''):>9} ({_ratio(m, self.original_macs)})   "
+                         f"params {_si(p, ''):>9} ({_ratio(p, self.original_params)})")
         if self.replicated_ops:
             lines.append(f"replicated ops ({len(self.replicated_ops)}): inputs gathered, run whole on every node")
             lines += [f"  {r.node} [{r.target}]: {r.reason}" for r in self.replicated_ops]
         else:
             lines.append("replicated ops: none")
         return "\n".join(lines)
+
+
+def _ratio(part: float, whole: float) -> str:
+    return f"{part / whole:.3f}" if whole else "-"
+
+
+def _si(value: float, unit: str) -> str:
+    """1234567 -> '1.235 M' + unit: decimal prefixes, so bytes read as kB/MB/GB."""
+    for factor, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.3f} {prefix}{unit}"
+    return f"{value:g} {unit}".rstrip()
 
 
 def _sample_elems(node: fx.Node, labels: torch.Tensor) -> int:

@@ -1,0 +1,181 @@
+"""The disco-compile command: model sources, the printed report, JSON, and clear errors (exit code 2)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+from click.testing import CliRunner
+
+from disco_compile import zoo
+from disco_compile.cli import main
+
+SMALL = ["--input-shape", "1,3,64,64"]  # resnet18 on 64x64 images: a whole torchvision model, fast on 2 cores
+SCRIPT = Path(sys.executable).with_name("disco-compile")
+
+
+def invoke(*args: str):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def tiny() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)).eval()
+
+
+class RunsOnLoad:
+    """Unpickling this calls os.makedirs(path): the code a pickled file can run."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return os.makedirs, (self.path,)
+
+
+@pytest.fixture(scope="module")
+def resnet18_budget(tmp_path_factory):
+    """resnet18 by name with --budget 0.2: the CLI result and its JSON report."""
+    out = tmp_path_factory.mktemp("name") / "cost.json"
+    result = invoke("resnet18", "--nodes", 2, "--budget", 0.2, *SMALL, "--json", out)
+    assert result.exit_code == 0, result.output
+    return result, json.loads(out.read_text()), out
+
+
+def test_name_prints_table_and_ratios(resnet18_budget):
+    result, _, _ = resnet18_budget
+    out = result.stdout
+    assert "resnet18 (torchvision), random weights (no pretrained weights are downloaded)" in out
+    assert "input    1x3x64x64" in out
+    for row in ("exchange bytes", "io bytes", "comm bytes", "MACs", "node 0:", "node 1:", "replicated ops"):
+        assert row in out, f"table row {row!r} missing:\n{out}"
+    assert "exchange ratio  0.19" in out
+    assert "one-shot selection" in out and "fine-tuning" in out
+    assert "tracing and splitting across 2 nodes ... done" in result.stderr
+
+
+def test_budget_json(resnet18_budget):
+    _, report, out = resnet18_budget
+    assert report["nodes"] == 2
+    assert report["run"] == {"model": "resnet18 (torchvision), random weights (no pretrained weights are downloaded)",
+                             "input_shape": [1, 3, 64, 64], "nodes": 2, "node_weights": None, "budget": 0.2}
+    assert abs(report["exchange_ratio"] - 0.2) < 0.02, report["exchange_ratio"]
+    assert report["exchange_bytes"] < report["dense_exchange_bytes"]
+    assert isinstance(report["replicated_ops"], list)
+    assert os.listdir(out.parent) == ["cost.json"], "the temporary file was left behind"
+
+
+@pytest.mark.parametrize("prefix", ["", "module."])
+def test_state_dict_with_arch_costs_as_the_name(tmp_path, resnet18_budget, prefix):
+    _, by_name, _ = resnet18_budget
+    model, _ = zoo.build("resnet18", 64)  # the same weights the name gets
+    path = tmp_path / "resnet18.pth"
+    torch.save({prefix + k: v for k, v in model.state_dict().items()}, path)
+    out = tmp_path / "cost.json"
+    result = invoke(path, "--arch", "torchvision:resnet18", "--nodes", 2, "--budget", 0.2, *SMALL, "--json", out)
+    assert result.exit_code == 0, result.output
+    assert f"resnet18 (torchvision) with the state_dict in {path}" in result.stdout
+    by_file = json.loads(out.read_text())
+    assert by_file.pop("run")["model"] == f"resnet18 (torchvision) with the state_dict in {path}"
+    assert by_file == {k: v for k, v in by_name.items() if k != "run"}
+
+
+def test_pickled_module_needs_trust(tmp_path):
+    model = tiny()
+    marker = tmp_path / "code-ran"
+    model.payload = RunsOnLoad(marker)
+    path = tmp_path / "whole.pt"
+    torch.save(model, path)
+
+    refused = invoke(path, "--nodes", 2, "--input-shape", "1,3,16,16")
+    assert refused.exit_code == 2
+    assert "--trust-pickle" in refused.stderr and "runs code" in refused.stderr
+    assert "--arch torchvision:NAME" in refused.stderr
+    assert "Traceback" not in refused.output
+    assert not marker.exists(), "the file's code ran without --trust-pickle"
+
+    accepted = invoke(path, "--nodes", 2, "--input-shape", "1,3,16,16", "--trust-pickle")
+    assert accepted.exit_code == 0, accepted.output
+    assert "Sequential pickled in" in accepted.stdout and "exchange ratio  1.000" in accepted.stdout
+    assert marker.exists()
+
+
+def _state_dict_file(tmp_path: Path, sd: dict) -> Path:
+    path = tmp_path / "weights.pt"
+    torch.save(sd, path)
+    return path
+
+
+BAD = {
+    "budget above 1": (lambda tmp: ["resnet18", "--nodes", 2, "--budget", 1.5],
+                       ["--budget", "between 0 and 1"]),
+    "budget below 0": (lambda tmp: ["resnet18", "--nodes", 2, "--budget", -0.1],
+                       ["--budget", "between 0 and 1"]),
+    "zero nodes": (lambda tmp: ["resnet18", "--nodes", 0], ["--nodes", "at least 1"]),
+    "missing file": (lambda tmp: [tmp / "nope.pt", "--nodes", 2], ["file not found", "nope.pt"]),
+    "unknown name": (lambda tmp: ["resnet5000", "--nodes", 2],
+                     ["'resnet5000'", "not a torchvision model name", "torchvision.models.list_models()"]),
+    "state_dict without --arch": (lambda tmp: [_state_dict_file(tmp, tiny().state_dict()), "--nodes", 2],
+                                  ["holds a state_dict", "--arch torchvision:NAME"]),
+    "mismatched keys": (lambda tmp: [_state_dict_file(tmp, tiny().state_dict()), "--nodes", 2,
+                                     "--arch", "torchvision:resnet18"],
+                        ["do not match torchvision resnet18", "missing from the file: conv1.weight",
+                         "unexpected in the file: 0.weight, 0.bias, 2.weight, 2.bias"]),
+    "mismatched shapes": (lambda tmp: [_state_dict_file(tmp, torchvision.models.resnet18(num_classes=10).state_dict()),
+                                       "--nodes", 2, "--arch", "torchvision:resnet18"],
+                          ["shapes differ for fc.weight (file (10, 512), resnet18 (1000, 512))"]),
+    "arch without source": (lambda tmp: [_state_dict_file(tmp, tiny().state_dict()), "--nodes", 2,
+                                         "--arch", "resnet18"], ["--arch", "expected torchvision:NAME"]),
+    "unknown leaf module": (lambda tmp: ["resnet18", "--nodes", 2, "--input-shape", "1,3,32,32",
+                                         "--leaf-module", "layer9"], ["['layer9']", "--leaf-module NAME"]),
+    "node weights per node": (lambda tmp: ["resnet18", "--nodes", 2, "--node-weights", "1,2,3"],
+                              ["node_weights has 3 entries but nodes=2"]),
+    "not a torch file": (lambda tmp: [tmp / "notes.pt", "--nodes", 2],
+                         ["notes.pt cannot be read as a state_dict", "--trust-pickle"]),
+    "not a torch file, trusted": (lambda tmp: [tmp / "notes.pt", "--nodes", 2, "--trust-pickle"],
+                                  ["cannot read", "notes.pt", "unpickling it fully"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_a_clear_error(tmp_path, case):
+    (tmp_path / "notes.pt").write_text("not a model")
+    args, expected = BAD[case]
+    result = invoke(*args(tmp_path))
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    for text in expected:
+        assert text in result.stderr, f"{text!r} not in:\n{result.stderr}"
+
+
+def test_help_explains_every_option():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    assert "disco-compile resnet50 --nodes 2 --budget 0.2" in result.stdout
+    for option in ("--nodes", "--budget", "--input-shape", "--arch", "--trust-pickle", "--node-weights",
+                   "--leaf-module", "--input-on-all-nodes", "--json"):
+        assert option in result.stdout
+    assert "--out" not in result.stdout
+
+
+def test_installed_script(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    ok = subprocess.run([SCRIPT, "resnet18", "--nodes", "2", *SMALL], capture_output=True, text=True,
+                        cwd=tmp_path, env=env, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert "comm bytes" in ok.stdout and "exchange ratio  1.000" in ok.stdout
+    assert "building resnet18" in ok.stderr and "Traceback" not in ok.stderr
+
+    bad = subprocess.run([SCRIPT, "resnet18", "--nodes", "2", "--budget", "2"], capture_output=True, text=True,
+                         cwd=tmp_path, env=env, timeout=300)
+    assert bad.returncode == 2
+    assert "between 0 and 1" in bad.stderr and "Traceback" not in bad.stderr
