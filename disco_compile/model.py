@@ -91,11 +91,10 @@ class DiscoModel(nn.Module):
 
 def _full_macs(gm: fx.GraphModule, node: fx.Node, batch: int) -> int:
     m = gm.get_submodule(node.target)
-    out = node.meta["tensor_meta"].shape
     if isinstance(m, nn.Linear):
-        return out.numel() // batch * m.in_features
+        return node.meta["tensor_meta"].shape.numel() // batch * m.in_features
     if isinstance(m, nn.modules.conv._ConvNd):
-        return out.numel() // batch * (m.in_channels // m.groups) * m.weight[0, 0].numel()
+        return node.meta["tensor_meta"].shape.numel() // batch * (m.in_channels // m.groups) * m.weight[0, 0].numel()
     return 0
 
 

@@ -58,11 +58,13 @@ class RuleContext:
     mixing: list[MixingLayer] = field(default_factory=list)
     stats: list[StatExchange] = field(default_factory=list)
 
+    def leaves(self) -> list[tuple[Any, Any]]:
+        """(value, labels) of every argument leaf, in order (labels None for non-tensors)."""
+        return paired_leaves((self.args, self.kwargs), (self.label_args, self.label_kwargs))
+
     def tensor_inputs(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """(value, labels) of every tensor argument, in order."""
-        values = pytree.tree_leaves((self.args, self.kwargs))
-        labels = pytree.tree_leaves((self.label_args, self.label_kwargs), is_leaf=lambda x: x is None)
-        return [(v, l) for v, l in zip(values, labels) if isinstance(v, torch.Tensor)]
+        return [(v, l) for v, l in self.leaves() if isinstance(v, torch.Tensor)]
 
     def input_node_names(self) -> list[str]:
         return [n.name for n in self.node.all_input_nodes]
@@ -71,6 +73,12 @@ class RuleContext:
         if len(self.args) > index:
             return self.args[index]
         return self.kwargs.get(name, default)
+
+
+def paired_leaves(values: Any, labels: Any) -> list[tuple[Any, Any]]:
+    """Flatten an fx argument structure and its labels alike (None is a leaf on both sides)."""
+    is_none = lambda x: x is None  # noqa: E731
+    return list(zip(pytree.tree_leaves(values, is_leaf=is_none), pytree.tree_leaves(labels, is_leaf=is_none)))
 
 
 Rule = Callable[[RuleContext], Any]
@@ -169,6 +177,8 @@ def elementwise(ctx: RuleContext) -> torch.Tensor | None:
         raise Fallback("non-tensor output")
     ndim = ctx.out.dim()
     labelled = [_aligned(l, ndim) for v, l in ctx.tensor_inputs() if l is not None]
+    if not labelled:
+        return None
     if any(l.dim() != ndim for l in labelled):
         raise Fallback("input has more dimensions than the output")
     labelled = torch.broadcast_tensors(*labelled)
@@ -199,10 +209,8 @@ def _expand(value: Any, labels: Any) -> Any:
 
 def relayout(ctx: RuleContext) -> Any:
     """Run the op itself on full-size label tensors: exact for any data movement."""
-    leaves, spec = pytree.tree_flatten((ctx.args, ctx.kwargs))
-    lab_leaves = pytree.tree_leaves((ctx.label_args, ctx.label_kwargs), is_leaf=lambda x: x is None)
-    expanded = [_expand(v, l) for v, l in zip(leaves, lab_leaves)]
-    args, kwargs = pytree.tree_unflatten(expanded, spec)
+    _, spec = pytree.tree_flatten((ctx.args, ctx.kwargs), is_leaf=lambda x: x is None)
+    args, kwargs = pytree.tree_unflatten([_expand(v, l) for v, l in ctx.leaves()], spec)
     node = ctx.node
     if node.op == "call_method":
         result = getattr(args[0], node.target)(*args[1:], **kwargs)

@@ -71,12 +71,10 @@ class _ChannelFlowInterpreter(ShapeProp):
             return None
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         label_args, label_kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: self.labels.get(a))
-        any_labelled = any(l is not None for l in pytree.tree_leaves(
-            (label_args, label_kwargs), is_leaf=lambda x: x is None))
-        if not any_labelled and not rules.is_mixing(module):
-            return None  # computed whole on every node from replicated data
         ctx = rules.RuleContext(n, module, args, kwargs, label_args, label_kwargs, result, self.universe,
                                 self.nodes, self.mixing, self.stats)
+        if all(l is None for _, l in ctx.tensor_inputs()) and not rules.is_mixing(module):
+            return None  # computed whole on every node from replicated data
         rule = rules.lookup(n, module)
         if rule is None:
             self.replicated.append(rules.replicated(ctx, "no channel rule for this op"))
