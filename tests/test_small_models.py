@@ -189,3 +189,30 @@ def test_shared_module_called_twice():
     dm = transform(model, 2, x)
     with torch.no_grad():
         assert_close(dm(x), model(x))
+
+
+class ScaledSoftmax(nn.Module):
+    """A constant times a replicated tensor, and softmax over split channels (its traced call
+    carries a None argument: dtype=None)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 1)
+        self.b = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        y = self.a(16 * torch.sigmoid(x))
+        return self.b(F.softmax(y, dim=1))
+
+
+def test_constants_and_none_arguments_beside_tensors():
+    torch.manual_seed(0)
+    model = ScaledSoftmax().eval()
+    x = torch.randn(1, 3, 4, 4)
+    dm = transform(model, 2, x)
+    with torch.no_grad():
+        assert_close(dm(x), model(x))
+    report = dm.cost()
+    assert report.replicated_ops == []
+    # softmax over split channels: each node sends (max, sum) for its 16 positions to the other
+    assert report.fixed_exchange_bytes == 2 * 16 * 2 * 4
