@@ -85,14 +85,14 @@ class PartitionedConv(_Partitioned):
         self.bias = conv.bias
         self.stride, self.dilation, self.groups = conv.stride, conv.dilation, conv.groups
         self.padding, self.padding_mode = conv.padding, conv.padding_mode
-        self._pad = conv._reversed_padding_repeated_twice
+        self._reversed_padding_repeated_twice = conv._reversed_padding_repeated_twice
         self._conv = self._CONV[conv.weight.dim() - 2]
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self._set_rows(out_owner, nodes)
 
     def _node(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, groups: int) -> torch.Tensor:
         if self.padding_mode != "zeros":
-            return self._conv(F.pad(x, self._pad, mode=self.padding_mode), w, b, self.stride, 0, self.dilation, groups)
+            return self._conv(F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode), w, b, self.stride, 0, self.dilation, groups)
         return self._conv(x, w, b, self.stride, self.padding, self.dilation, groups)
 
     def forward(self, xs: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,705 @@
+"""Lowering: turn a DISCO model with hardened gates into one program per node.
+
+A tensor whose channels vary along dims D (ir.py labels) is held by node j in
+its *local representation*: the full tensor with the dims D collapsed into one
+axis (at D[0]) and restricted to the units node j holds (its own and the
+replicated ones), in an order recorded as `Local.units`. Replicated tensors
+are held whole.
+
+Per DISCO op, on node j:
+- SparseExchange: send each destination the kept units it needs, one message
+  per (src, dst) pair whose `channels` are the hardened index list; receive
+  what the others send.
+- Conv/Linear (a BatchNorm right after it folded into its weights):
+      y[T_j] = W[T_j, local] x_local + b[T_j]          first, while messages fly
+             + sum_i (W[T_j, G_ij] * gate_ij) x_ij      as each message arrives
+  Grouped convs whose groups stay on one node run on the node's groups alone;
+  others rebuild the group inputs with zeros where nothing was sent.
+- channelwise ops run on the local tensor (per-channel parameters sliced);
+  elementwise ops first bring their inputs to one unit order.
+- data movement (view, permute, cat, split, ...): either the op itself on the
+  local tensor or a gather along the local axis, each accepted only if it
+  yields, on element-id tensors, exactly the elements node j must hold.
+- ops without a rule (replicated): inputs gathered whole, op run whole.
+- model outputs: node 0 receives the parts it does not hold.
+
+Points where a node sends, receives or produces a model output are marked in
+the graph with the marker functions below; stages.py cuts the graph there.
+"""
+from __future__ import annotations
+
+import copy
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx.passes.shape_prop import TensorMetadata
+from torch.nn.utils.fusion import fuse_conv_bn_weights
+from torch.utils import _pytree as pytree
+
+from . import rules
+from .errors import DiscoError
+from .ir import REPLICATED, MixingLayer, channel_dims
+from .modules import SparseExchange
+from .schedule import BATCH, Message
+
+
+class LoweringError(DiscoError):
+    """A DISCO op that cannot be lowered to per-node programs."""
+
+
+# ---------------------------------------------------------------- markers
+
+def recv(message_id: str) -> torch.Tensor:
+    """Marker: the payload of a received message (a stage input)."""
+    raise RuntimeError("marker: node programs run through stages.py")
+
+
+def send(message_id: str, payload: torch.Tensor) -> None:
+    """Marker: send `payload` as message `message_id` (a stage output)."""
+    raise RuntimeError("marker: node programs run through stages.py")
+
+
+def model_output(name: str, value: torch.Tensor) -> None:
+    """Marker: model output `name`, produced on node 0 (a stage output)."""
+    raise RuntimeError("marker: node programs run through stages.py")
+
+
+# ---------------------------------------------------------------- data
+
+@dataclass
+class Local:
+    """What one node holds of one DISCO value."""
+    node: fx.Node | None = None  # None: holds nothing of it (or a non-tensor value)
+    units: torch.Tensor | None = None  # held units in local order; None: the whole tensor
+    value: Any = None  # non-tensor values: the concrete value on this node (batch 1)
+    full: Any = None  # non-tensor values: the concrete value in the whole model (batch 1)
+    received: list[tuple[Message, fx.Node]] = field(default_factory=list)  # exchanges: payloads received
+
+
+@dataclass
+class NodeProgram:
+    node: int
+    graph: fx.Graph
+    root: nn.Module
+    shapes: dict[str, tuple[int, ...]]  # per-sample (batch 1) shape of tensor-valued graph nodes
+    dtypes: dict[str, torch.dtype]
+
+
+@dataclass
+class Lowered:
+    programs: list[NodeProgram]
+    messages: list[Message]
+    inputs: list[tuple[str, tuple[int, ...], torch.dtype]]
+    outputs: list[tuple[str, tuple[int, ...], torch.dtype]]
+    output_spec: pytree.TreeSpec
+
+
+def _is_tensor_meta(meta) -> bool:
+    return isinstance(meta, TensorMetadata)
+
+
+class Layout:
+    """The label layout of one DISCO tensor: per-sample shape, channel dims, owner per unit."""
+
+    def __init__(self, node: fx.Node):
+        meta = node.meta["tensor_meta"]
+        self.name = node.name
+        self.shape = (1,) + tuple(meta.shape[1:])
+        self.dtype = meta.dtype
+        labels = node.meta["disco"].labels
+        self.dims = channel_dims(labels)
+        if self.dims and self.dims != tuple(range(self.dims[0], self.dims[-1] + 1)):
+            raise LoweringError(f"'{node.name}': channels vary along non-adjacent dims {self.dims}")
+        owner = node.meta["disco"].owner
+        self.owner = None if owner is None else owner.reshape(-1)
+
+    @property
+    def axis(self) -> int | None:
+        return self.dims[0] if self.dims else None
+
+    @property
+    def units(self) -> int:
+        return 0 if self.owner is None else self.owner.numel()
+
+    def held(self, j: int) -> torch.Tensor | None:
+        if self.owner is None:
+            return None
+        return ((self.owner == j) | (self.owner == REPLICATED)).nonzero().flatten()
+
+    def owned(self, j: int) -> torch.Tensor:
+        return (self.owner == j).nonzero().flatten()
+
+    def rep_shape(self, units: int | None) -> tuple[int, ...]:
+        """Shape of the local representation holding `units` units (None: the whole tensor)."""
+        if units is None or not self.dims:
+            return self.shape
+        return self.shape[:self.dims[0]] + (units,) + self.shape[self.dims[-1] + 1:]
+
+    def as_rep(self, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(self.rep_shape(self.units)) if self.dims else t
+
+
+class Lowerer:
+    """Shared state of one lowering: layouts, messages, folded BatchNorms."""
+
+    def __init__(self, gm: fx.GraphModule, plan, exchange_messages: dict[str, list[Message]],
+                 gates: dict[str, torch.Tensor]):
+        self.gm = gm
+        self.nodes = plan.nodes
+        self.owner_of = plan.owner_of
+        self.layers = {layer.node: layer for layer in plan.layers}
+        self.replicated = {r.node for r in plan.replicated}
+        self.stats = {s.node: s for s in plan.stats}
+        self.exchange_messages = exchange_messages
+        self.gates = gates
+        self.messages: list[Message] = [m for ms in exchange_messages.values() for m in ms]
+        self._keyed: dict[tuple, Message] = {}
+        self._layouts: dict[str, Layout] = {}
+        self.folded = self._foldable_batchnorms()
+        self.bn_after = {conv: bn for bn, conv in self.folded.items()}
+        out_node = next(n for n in gm.graph.nodes if n.op == "output")
+        leaves, self.output_spec = pytree.tree_flatten(out_node.args[0])
+        if not all(isinstance(leaf, fx.Node) for leaf in leaves):
+            raise LoweringError("a model output that is not a tensor computed by the model")
+        self.output_leaves: list[fx.Node] = leaves
+
+    def layout(self, n: fx.Node) -> Layout:
+        if n.name not in self._layouts:
+            self._layouts[n.name] = Layout(n)
+        return self._layouts[n.name]
+
+    def message(self, kind: str, tensor: str, src: int, dst: int, channels: torch.Tensor,
+                shape: tuple[int, ...], dtype: torch.dtype) -> Message:
+        """The message of this kind for (tensor, src, dst); made by whichever side asks first."""
+        key = (kind, tensor, src, dst)
+        if key not in self._keyed:
+            numel = 1
+            for s in shape[1:]:
+                numel *= s
+            msg = Message(id=f"{kind}{len(self.messages)}", src=src, dst=dst, kind=kind, tensor=tensor,
+                          channels=[int(c) for c in channels], shape=[BATCH, *shape[1:]],
+                          dtype=str(dtype).replace("torch.", ""), bytes=numel * dtype.itemsize,
+                          src_stage=-1, dst_stage=-1)
+            self.messages.append(msg)
+            self._keyed[key] = msg
+        return self._keyed[key]
+
+    def _foldable_batchnorms(self) -> dict[str, str]:
+        """BatchNorm node -> the Conv node it directly follows (the conv's only user)."""
+        folded = {}
+        for n in self.gm.graph.nodes:
+            if n.op != "call_module" or not isinstance(self.gm.get_submodule(n.target), nn.modules.batchnorm._BatchNorm):
+                continue
+            src = n.all_input_nodes[0]
+            layer = self.layers.get(src.name)
+            bn = self.gm.get_submodule(n.target)
+            if layer is not None and layer.kind == "conv" and len(src.users) == 1 and bn.track_running_stats \
+                    and bn.running_mean is not None:
+                folded[n.name] = src.name
+        return folded
+
+    def weights(self, layer: MixingLayer) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The layer's weight and bias, with a following BatchNorm folded in."""
+        module = self.gm.get_submodule(layer.module)
+        w, b = module.weight.detach(), None if module.bias is None else module.bias.detach()
+        bn_node = self.bn_after.get(layer.node)
+        if bn_node is None:
+            return w, b
+        bn = self.gm.get_submodule(next(n for n in self.gm.graph.nodes if n.name == bn_node).target)
+        w, b = fuse_conv_bn_weights(w, b, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+        return w.detach(), b.detach()
+
+
+class NodeBuilder:
+    """Builds node j's program, walking the DISCO graph in order."""
+
+    def __init__(self, low: Lowerer, j: int):
+        self.low = low
+        self.j = j
+        self.g = fx.Graph()
+        self.root = nn.Module()
+        self.env: dict[str, Local] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, torch.dtype] = {}
+        self._consts = 0
+
+    def program(self) -> NodeProgram:
+        return NodeProgram(self.j, self.g, self.root, self.shapes, self.dtypes)
+
+    # ------------------------------------------------------------ graph helpers
+    def const(self, hint: str, t: torch.Tensor) -> fx.Node:
+        name = f"c{self._consts}_{hint.replace('.', '_')}"
+        self._consts += 1
+        self.root.register_buffer(name, t.detach().clone().contiguous())
+        return self._typed(self.g.get_attr(name), tuple(t.shape), t.dtype)
+
+    def _typed(self, node: fx.Node, shape: tuple[int, ...] | None, dtype: torch.dtype | None) -> fx.Node:
+        if shape is not None:
+            self.shapes[node.name] = tuple(shape)
+            self.dtypes[node.name] = dtype
+        return node
+
+    def call(self, fn, args: tuple, kwargs: dict | None = None, shape=None, dtype=torch.float32) -> fx.Node:
+        return self._typed(self.g.call_function(fn, args, kwargs or {}), shape, dtype)
+
+    def select(self, x: fx.Node, axis: int, positions: torch.Tensor) -> fx.Node:
+        shape = self.shapes[x.name]
+        if positions.numel() == shape[axis] and torch.equal(positions, torch.arange(positions.numel())):
+            return x
+        out = shape[:axis] + (positions.numel(),) + shape[axis + 1:]
+        return self.call(torch.index_select, (x, axis, self.const("index", positions)), shape=out,
+                         dtype=self.dtypes[x.name])
+
+    def reshape(self, x: fx.Node, shape: tuple[int, ...]) -> fx.Node:
+        if self.shapes[x.name] == shape:
+            return x
+        return self._typed(self.g.call_method("reshape", (x, (-1,) + tuple(shape[1:]))), shape, self.dtypes[x.name])
+
+    def hold(self, n: fx.Node, node: fx.Node | None, units: torch.Tensor | None) -> None:
+        if node is not None:
+            lay = self.low.layout(n)
+            self._typed(node, lay.rep_shape(None if units is None else units.numel()), lay.dtype)
+        self.env[n.name] = Local(node, units)
+
+    def aligned(self, n: fx.Node, units: torch.Tensor) -> fx.Node:
+        """Node j's local tensor of `n` holding exactly `units`, in that order."""
+        loc = self.env[n.name]
+        lay = self.low.layout(n)
+        if loc.units is None:
+            return self.select(self.reshape(loc.node, lay.rep_shape(lay.units)), lay.axis, units)
+        where = {int(u): k for k, u in enumerate(loc.units)}
+        missing = [int(u) for u in units if int(u) not in where]
+        if missing or loc.node is None:
+            raise LoweringError(f"node {self.j} needs units {missing[:5]} of '{n.name}' that it does not hold")
+        return self.select(loc.node, lay.axis, torch.tensor([where[int(u)] for u in units], dtype=torch.long))
+
+    def value(self, a: fx.Node):
+        """An argument as node j computes it: its graph node, or its concrete non-tensor value."""
+        loc = self.env[a.name]
+        return loc.node if loc.node is not None else loc.value
+
+    def example(self, a: fx.Node, whole: bool):
+        """A concrete stand-in for an argument, to evaluate sizes: a meta tensor of the local shape
+        (or of the whole tensor's shape), or the concrete non-tensor value."""
+        loc = self.env[a.name]
+        if _is_tensor_meta(a.meta.get("tensor_meta")):
+            lay = self.low.layout(a)
+            shape = lay.shape if whole or loc.node is None else self.shapes[loc.node.name]
+            return torch.empty(shape, dtype=lay.dtype, device="meta")
+        return loc.full if whole else loc.value
+
+    def emit(self, n: fx.Node, module: nn.Module | None, args, kwargs, shape=None, dtype=None) -> fx.Node:
+        if n.op == "call_module":
+            name = f"m_{n.target.replace('.', '_')}"
+            if not hasattr(self.root, name):
+                self.root.add_module(name, copy.deepcopy(module))
+            node = self.g.call_module(name, args, kwargs)
+        elif n.op == "call_method":
+            node = self.g.call_method(n.target, args, kwargs)
+        else:
+            node = self.g.call_function(n.target, args, kwargs)
+        return self._typed(node, shape, dtype)
+
+    # ------------------------------------------------------------ dispatch
+    def lower(self, n: fx.Node) -> None:
+        if n.op == "placeholder":
+            return self.placeholder(n)
+        if n.op == "get_attr":
+            value = _getattr_path(self.low.gm, n.target)
+            if isinstance(value, torch.Tensor):
+                self.env[n.name] = Local(self.const(n.target, value))
+            else:
+                self.env[n.name] = Local(value=value, full=value)
+            return
+        if n.op == "output":
+            return self.outputs()
+        module = self.low.gm.get_submodule(n.target) if n.op == "call_module" else None
+        if isinstance(module, SparseExchange):
+            return self.exchange(n)
+        if n.name in self.low.layers:
+            return self.mixing(n, self.low.layers[n.name])
+        if n.name in self.low.folded:
+            self.env[n.name] = self.env[n.all_input_nodes[0].name]
+            return
+        if n.name in self.low.replicated:
+            return self.replicated(n, module)
+        if n.name in self.low.stats:
+            raise LoweringError(f"'{n.name}' ({self.low.stats[n.name].target}) reduces over channels split across "
+                                f"nodes; lowering its statistics exchange is not built yet")
+        if n.target is operator.getitem and not _is_tensor_meta(n.args[0].meta.get("tensor_meta")) \
+                and _is_tensor_meta(n.meta.get("tensor_meta")):
+            return self.relayout(n, module)  # an element of a split/chunk
+        if not _is_tensor_meta(n.meta.get("tensor_meta")):
+            return self.structural(n, module)
+        if self.low.layout(n).owner is None:
+            return self.whole(n, module)
+        rule = rules.lookup(n, module)
+        if rule in (rules.relayout, rules.getitem):
+            return self.relayout(n, module)
+        if rule is rules.elementwise:
+            return self.elementwise(n, module)
+        return self.channelwise(n, module)
+
+    # ------------------------------------------------------------ inputs and outputs
+    def placeholder(self, n: fx.Node) -> None:
+        lay = self.low.layout(n)
+        if self.j == 0:
+            node = self._typed(self.g.placeholder(n.name), lay.shape, lay.dtype)
+            for dst in range(1, self.low.nodes):
+                msg = self.low.message("input", n.name, 0, dst, torch.arange(0), lay.shape, lay.dtype)
+                self.call(send, (msg.id, node), shape=None)
+        else:
+            msg = self.low.message("input", n.name, 0, self.j, torch.arange(0), lay.shape, lay.dtype)
+            node = self.call(recv, (msg.id,), shape=lay.shape, dtype=lay.dtype)
+        self.env[n.name] = Local(node)
+
+    def outputs(self) -> None:
+        for k, leaf in enumerate(self.low.output_leaves):
+            if self.j == 0:
+                self.call(model_output, (f"output{k}", self.gathered(leaf, "output")), shape=None)
+            else:
+                self.send_owned(leaf, "output", [0])
+
+    def send_owned(self, n: fx.Node, kind: str, receivers: list[int]) -> None:
+        """Send the units of `n` this node owns to each receiver."""
+        lay = self.low.layout(n)
+        if lay.owner is None:
+            return
+        mine = lay.owned(self.j)
+        if mine.numel() == 0:
+            return
+        payload = self.aligned(n, mine)
+        for dst in receivers:
+            if dst != self.j:
+                msg = self.low.message(kind, n.name, self.j, dst, mine, lay.rep_shape(mine.numel()), lay.dtype)
+                self.call(send, (msg.id, payload), shape=None)
+
+    def gathered(self, n: fx.Node, kind: str) -> fx.Node:
+        """The whole tensor `n` on this node: its own part plus the parts the other owners send."""
+        loc = self.env[n.name]
+        if loc.units is None:
+            return loc.node
+        lay = self.low.layout(n)
+        parts, order = [], []
+        held = lay.held(self.j)
+        if held.numel():
+            parts.append(self.aligned(n, held))
+            order.append(held)
+        for src in range(self.low.nodes):
+            theirs = lay.owned(src)
+            if src == self.j or theirs.numel() == 0:
+                continue
+            msg = self.low.message(kind, n.name, src, self.j, theirs, lay.rep_shape(theirs.numel()), lay.dtype)
+            parts.append(self.call(recv, (msg.id,), shape=lay.rep_shape(theirs.numel()), dtype=lay.dtype))
+            order.append(theirs)
+        units = torch.cat(order)
+        rep = lay.rep_shape(units.numel())
+        cat = parts[0] if len(parts) == 1 else self.call(torch.cat, (parts, lay.axis), shape=rep, dtype=lay.dtype)
+        return self.reshape(self.select(cat, lay.axis, torch.argsort(units)), lay.shape)
+
+    # ------------------------------------------------------------ exchange and mixing
+    def exchange(self, n: fx.Node) -> None:
+        src = n.all_input_nodes[0]
+        lay = self.low.layout(src)
+        messages = self.low.exchange_messages.get(src.name, [])
+        for msg in messages:
+            if msg.src == self.j:
+                payload = self.aligned(src, torch.tensor(msg.channels, dtype=torch.long))
+                self.call(send, (msg.id, payload), shape=None)
+        received = [(msg, self.call(recv, (msg.id,), shape=lay.rep_shape(len(msg.channels)), dtype=lay.dtype))
+                    for msg in messages if msg.dst == self.j]
+        loc = self.env[src.name]
+        self.env[n.name] = Local(loc.node, loc.units, received=received)
+
+    def mixing(self, n: fx.Node, layer: MixingLayer) -> None:
+        out_owner = self.low.owner_of[layer.out_labels.reshape(-1)]
+        rows = (out_owner == self.j).nonzero().flatten()
+        if rows.numel() == 0:
+            self.env[n.name] = Local(None, rows)
+            return
+        module = self.low.gm.get_submodule(layer.module)
+        weight, bias = self.low.weights(layer)
+        x_node = n.all_input_nodes[0]
+        source = x_node.all_input_nodes[0] if layer.exchange is not None else x_node
+        loc = self.env[x_node.name]
+        if layer.groups > 1 and layer.exchange is not None:
+            out = self.grouped_with_exchange(n, module, layer, source, loc, weight, bias, rows)
+        elif layer.groups > 1:
+            out = self.grouped_local(n, module, layer, source, weight[rows], None if bias is None else bias[rows], rows)
+        else:
+            out = self.block_sum(n, module, layer, loc, weight[rows], None if bias is None else bias[rows], rows)
+        self.hold(n, out, rows)
+
+    def block_sum(self, n, module, layer, loc: Local, w_rows, b_rows, rows) -> fx.Node:
+        terms = []
+        if loc.units is None:  # input held whole: every column is local
+            terms.append(self.apply_weights(n, module, loc.node, w_rows, b_rows, rows))
+        elif loc.node is not None and loc.units.numel():
+            terms.append(self.apply_weights(n, module, loc.node, w_rows[:, loc.units], b_rows, rows))
+        for msg, payload in loc.received:
+            cols = torch.tensor(msg.channels, dtype=torch.long)
+            gate = self.low.gates[layer.exchange][self.j, cols]
+            w = w_rows[:, cols] * gate.reshape((1, -1) + (1,) * (w_rows.dim() - 2))
+            terms.append(self.apply_weights(n, module, payload, w, None if terms else b_rows, rows))
+        if not terms:
+            raise LoweringError(f"'{n.name}': node {self.j} owns output rows but holds and receives no input "
+                                f"channel at this budget")
+        out = terms[0]
+        for t in terms[1:]:
+            out = self.call(operator.add, (out, t), shape=self.shapes[out.name])
+        return out
+
+    def apply_weights(self, n, module, x, w, b, rows) -> fx.Node:
+        shape = self.low.layout(n).rep_shape(rows.numel())
+        wn, bn = self.const(f"{n.name}_w", w), None if b is None else self.const(f"{n.name}_b", b)
+        if isinstance(module, nn.Linear) or w.dim() == 2:
+            return self.call(F.linear, (x, wn, bn), shape=shape)
+        return self.conv(module, x, wn, bn, 1, shape)
+
+    def conv(self, module, x, w, b, groups, shape) -> fx.Node:
+        fn = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[len(shape)]
+        padding = module.padding
+        if module.padding_mode != "zeros":  # Conv2d and PartitionedConv both keep torch's padding tuple
+            x = self.call(F.pad, (x, module._reversed_padding_repeated_twice), {"mode": module.padding_mode})
+            padding = 0
+        return self.call(fn, (x, w, b, module.stride, padding, module.dilation, groups), shape=shape)
+
+    def grouped_local(self, n, module, layer, source, w_rows, b_rows, rows) -> fx.Node:
+        per_in, per_out = layer.in_channels // layer.groups, layer.out_channels // layer.groups
+        groups = torch.unique(rows // per_out)
+        if not torch.equal(torch.sort(rows).values, (groups[:, None] * per_out + torch.arange(per_out)).flatten()):
+            raise LoweringError(f"'{n.name}': node {self.j} holds part of a group's output channels")
+        x = self.aligned(source, (groups[:, None] * per_in + torch.arange(per_in)).flatten())
+        shape = self.low.layout(n).rep_shape(rows.numel())
+        wn, bn = self.const(f"{n.name}_w", w_rows), None if b_rows is None else self.const(f"{n.name}_b", b_rows)
+        return self.conv(module, x, wn, bn, groups.numel(), shape)
+
+    def grouped_with_exchange(self, n, module, layer, source, loc, weight, bias, rows) -> fx.Node:
+        """Groups split across nodes: the whole grouped conv on the input channels this node
+        holds or receives (zeros for the rest), keeping this node's rows."""
+        lay = self.low.layout(source)
+        parts, order = [], []
+        if loc.node is not None and loc.units.numel():
+            parts.append(loc.node)
+            order.append(loc.units)
+        for msg, payload in loc.received:
+            cols = torch.tensor(msg.channels, dtype=torch.long)
+            gate = self.low.gates[layer.exchange][self.j, cols].reshape((1, -1) + (1,) * (len(lay.shape) - 2))
+            parts.append(self.call(operator.mul, (payload, self.const("gate", gate)), shape=self.shapes[payload.name]))
+            order.append(cols)
+        have = torch.cat(order)
+        missing = torch.tensor(sorted(set(range(layer.in_channels)) - set(have.tolist())), dtype=torch.long)
+        if missing.numel():
+            one = self.select(parts[0], 1, torch.zeros(1, dtype=torch.long))
+            zero = self.call(torch.zeros_like, (one,), shape=self.shapes[one.name])
+            parts.append(self._typed(self.g.call_method("expand", (zero, -1, missing.numel(), *([-1] * (len(lay.shape) - 2)))),
+                                     lay.rep_shape(missing.numel()), lay.dtype))
+            have = torch.cat([have, missing])
+        x = self.call(torch.cat, (parts, 1), shape=lay.shape)
+        x = self.select(x, 1, torch.argsort(have))
+        full = self.low.layout(n).shape
+        wn, bn = self.const(f"{n.name}_w", weight), None if bias is None else self.const(f"{n.name}_b", bias)
+        return self.select(self.conv(module, x, wn, bn, layer.groups, full), 1, rows)
+
+    # ------------------------------------------------------------ other ops
+    def whole(self, n: fx.Node, module) -> None:
+        """A replicated value computed from replicated inputs: the op as it is."""
+        for a in n.all_input_nodes:
+            if self.env[a.name].units is not None:
+                raise LoweringError(f"'{n.name}' reads '{a.name}', split across nodes, as a whole")
+        args, kwargs = fx.node.map_arg((n.args, n.kwargs), self.value)
+        lay = self.low.layout(n)
+        self.env[n.name] = Local(self.emit(n, module, args, kwargs, lay.shape, lay.dtype))
+
+    def replicated(self, n: fx.Node, module) -> None:
+        """No rule: every node gathers the inputs whole and runs the op whole."""
+        for a in n.all_input_nodes:
+            if self.env[a.name].units is not None:
+                self.send_owned(a, "gather", list(range(self.low.nodes)))
+        args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: self.gathered(a, "gather")
+                                       if self.env[a.name].units is not None else self.value(a))
+        meta = n.meta.get("tensor_meta")
+        lay = self.low.layout(n) if _is_tensor_meta(meta) else None
+        node = self.emit(n, module, args, kwargs, *((lay.shape, lay.dtype) if lay else (None, None)))
+        if lay is None:
+            raise LoweringError(f"'{n.name}' ({rules.describe_target(n, module)}) is replicated and returns "
+                                f"several values; not lowered yet")
+        self.env[n.name] = Local(node)
+
+    def structural(self, n: fx.Node, module) -> None:
+        """Non-tensor values (sizes and arithmetic on them): computed on the local values."""
+        args, kwargs = fx.node.map_arg((n.args, n.kwargs), self.value)
+        values = [_call_like(n, module, *fx.node.map_arg((n.args, n.kwargs), lambda a: self.example(a, whole)))
+                  for whole in (False, True)]
+        if any(isinstance(v, torch.Tensor) for v in pytree.tree_leaves(values[1])):
+            self.env[n.name] = Local()  # split/chunk: each element is lowered at its getitem
+            return
+        self.env[n.name] = Local(self.emit(n, module, args, kwargs), value=values[0], full=values[1])
+
+    def channelwise(self, n: fx.Node, module) -> None:
+        x = n.all_input_nodes[0]
+        loc = self.env[x.name]
+        if loc.node is None:
+            self.env[n.name] = Local(None, loc.units)
+            return
+        lay = self.low.layout(n)
+        shape = lay.rep_shape(None if loc.units is None else loc.units.numel())
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            def part(t):
+                return None if t is None else self.const(f"{n.name}_bn", t.detach()[loc.units])
+            node = self.call(F.batch_norm, (loc.node, part(module.running_mean), part(module.running_var),
+                                            part(module.weight), part(module.bias), False, 0.0, module.eps), shape=shape)
+        elif module is not None and any(True for _ in module.parameters()):
+            raise LoweringError(f"'{n.name}' ({type(module).__name__}) has per-channel parameters; lowering it "
+                                f"is not built yet")
+        else:
+            args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: loc.node if a is x else self.value(a))
+            node = self.emit(n, module, args, kwargs, shape, lay.dtype)
+        self.hold(n, node, loc.units)
+
+    def elementwise(self, n: fx.Node, module) -> None:
+        lay = self.low.layout(n)
+        split = [a for a in n.all_input_nodes if self.env[a.name].units is not None]
+        for a in split:
+            la = self.low.layout(a)
+            if la.rep_shape(la.units)[la.axis:la.axis + 1] != lay.rep_shape(lay.units)[lay.axis:lay.axis + 1] or \
+                    len(la.shape) != len(lay.shape):
+                raise LoweringError(f"'{n.name}': inputs split along different layouts; not lowered yet")
+        ref = self.env[split[0].name]
+        if ref.node is None:
+            self.env[n.name] = Local(None, ref.units)
+            return
+        units = ref.units
+
+        def arg(a: fx.Node):
+            loc = self.env[a.name]
+            if loc.units is not None:
+                return self.aligned(a, units)
+            if loc.node is None:
+                return loc.value
+            shape = self.shapes[loc.node.name]
+            axis = lay.axis - (len(lay.shape) - len(shape))  # broadcasting aligns dims from the right
+            if len(lay.dims) == 1 and 0 <= axis and shape[axis] == lay.shape[lay.axis] and shape[axis] > 1:
+                return self.select(loc.node, axis, units)
+            if axis >= 0 and any(s > 1 for s in shape[axis:axis + len(lay.dims)]):
+                raise LoweringError(f"'{n.name}': a whole tensor broadcast over split channels; not lowered yet")
+            return loc.node
+        args, kwargs = fx.node.map_arg((n.args, n.kwargs), arg)
+        self.hold(n, self.emit(n, module, args, kwargs), units)
+
+    # ------------------------------------------------------------ data movement
+    def relayout(self, n: fx.Node, module) -> None:
+        lay = self.low.layout(n)
+        held = lay.held(self.j)
+        producer = n
+        if n.target is operator.getitem and not _is_tensor_meta(n.args[0].meta.get("tensor_meta")):
+            producer = n.args[0]  # element `index` of a split/chunk
+        inputs = [a for a in producer.all_input_nodes if _is_tensor_meta(a.meta.get("tensor_meta"))]
+        ids, offset = {}, 0
+        for a in inputs:
+            la = self.low.layout(a)
+            numel = int(torch.tensor(la.shape).prod())
+            ids[a.name] = torch.arange(offset, offset + numel).reshape(la.shape)
+            offset += numel
+
+        def run(arg_of):
+            args, kwargs = fx.node.map_arg((producer.args, producer.kwargs), arg_of)
+            module_ = self.low.gm.get_submodule(producer.target) if producer.op == "call_module" else None
+            out = _call_like(producer, module_, args, kwargs)
+            return out[n.args[1]] if producer is not n else out
+
+        expected = lay.as_rep(run(lambda a: ids[a.name] if a.name in ids else self.env[a.name].full))
+        local_ids = {a.name: self.local_ids(a, ids[a.name]) for a in inputs}
+        if producer is n:  # candidate 1: the op itself on the local tensors
+            try:
+                units = _match_units(expected, run(lambda a: local_ids.get(a.name, self.env[a.name].value)), lay.axis)
+            except (RuntimeError, ValueError, IndexError, TypeError):  # the op rejects the local shapes
+                units = None
+            if units is not None and torch.equal(torch.sort(units).values, held):
+                args, kwargs = fx.node.map_arg((n.args, n.kwargs), self.value)
+                self.hold(n, self.emit(n, module, args, kwargs), units)
+                return
+        if len(inputs) == 1 and self.low.layout(inputs[0]).axis is not None:  # candidate 2: a gather
+            src = inputs[0]
+            axis = self.low.layout(src).axis
+            pos = _gather_positions(expected, held, local_ids[src.name], axis, lay.axis)
+            if pos is not None:
+                node = self.select(self.env[src.name].node, axis, pos)
+                self.hold(n, self.reshape(node, lay.rep_shape(held.numel())), held)
+                return
+        raise LoweringError(f"'{n.name}' ({rules.describe_target(producer, module)}): no local form of this data "
+                            f"movement on node {self.j}")
+
+    def local_ids(self, a: fx.Node, full: torch.Tensor) -> torch.Tensor:
+        loc = self.env[a.name]
+        if loc.units is None:
+            return full
+        lay = self.low.layout(a)
+        return lay.as_rep(full).index_select(lay.axis, loc.units)
+
+
+def _call_like(n: fx.Node, module, args, kwargs):
+    if n.op == "call_method":
+        return getattr(args[0], n.target)(*args[1:], **kwargs)
+    if n.op == "call_module":
+        return module(*args, **kwargs)
+    return n.target(*args, **kwargs)
+
+
+def _rows(t: torch.Tensor, axis: int) -> torch.Tensor:
+    return t.movedim(axis, 0).reshape(t.shape[axis], -1)
+
+
+def _match_units(expected: torch.Tensor, got, axis: int | None) -> torch.Tensor | None:
+    """If `got` is exactly some units of `expected` (both in representation form), those units in order."""
+    if not isinstance(got, torch.Tensor) or axis is None or got.dim() != expected.dim():
+        return None
+    if got.shape[:axis] != expected.shape[:axis] or got.shape[axis + 1:] != expected.shape[axis + 1:]:
+        return None
+    first = {int(v): u for u, v in enumerate(_rows(expected, axis)[:, 0])}
+    units = torch.tensor([first.get(int(v), -1) for v in _rows(got, axis)[:, 0]], dtype=torch.long)
+    if bool((units < 0).any()) or not torch.equal(expected.index_select(axis, units), got):
+        return None
+    return units
+
+
+def _gather_positions(expected: torch.Tensor, held: torch.Tensor, src: torch.Tensor, src_axis: int,
+                      out_axis: int) -> torch.Tensor | None:
+    """Positions along the source's local axis whose slices are exactly the held output units."""
+    want = _rows(expected.index_select(out_axis, held), out_axis)
+    rows = _rows(src, src_axis)
+    if rows.shape[1] != want.shape[1]:
+        return None
+    first = {int(v): k for k, v in enumerate(rows[:, 0])}
+    pos = torch.tensor([first.get(int(v), -1) for v in want[:, 0]], dtype=torch.long)
+    if bool((pos < 0).any()) or not torch.equal(rows[pos], want):
+        return None
+    return pos
+
+
+def _getattr_path(root: nn.Module, target: str):
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def lower(dm, exchange_messages: dict[str, list[Message]], gates: dict[str, torch.Tensor]) -> Lowered:
+    """Per-node programs of `dm` (eval mode) for the hardened messages."""
+    low = Lowerer(dm.graph_module, dm.plan, exchange_messages, gates)
+    builders = [NodeBuilder(low, j) for j in range(dm.plan.nodes)]
+    with torch.no_grad():
+        for n in dm.graph_module.graph.nodes:
+            for b in builders:
+                b.lower(n)
+    for b in builders:
+        b.g.output(None)
+    placeholders = [n for n in dm.graph_module.graph.nodes if n.op == "placeholder"]
+    inputs = [(n.name, low.layout(n).shape, low.layout(n).dtype) for n in placeholders]
+    outputs = [(f"output{k}", low.layout(leaf).shape, low.layout(leaf).dtype) for k, leaf in enumerate(low.output_leaves)]
+    return Lowered([b.program() for b in builders], low.messages, inputs, outputs, low.output_spec)
