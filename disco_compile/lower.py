@@ -329,8 +329,7 @@ class NodeBuilder:
         if n.name in self.low.replicated:
             return self.replicated(n, module)
         if n.name in self.low.stats:
-            raise LoweringError(f"'{n.name}' ({self.low.stats[n.name].target}) reduces over channels split across "
-                                f"nodes; lowering its statistics exchange is not built yet")
+            return self.statistics(n, module)
         if n.target is operator.getitem and not _is_tensor_meta(n.args[0].meta.get("tensor_meta")) \
                 and _is_tensor_meta(n.meta.get("tensor_meta")):
             return self.relayout(n, module)  # an element of a split/chunk
@@ -592,10 +591,68 @@ class NodeBuilder:
         args, kwargs = fx.node.map_arg((n.args, n.kwargs), arg)
         self.hold(n, self.emit(n, module, args, kwargs), units)
 
+    # ------------------------------------------------------------ statistics over split channels
+    def statistics(self, n: fx.Node, module) -> None:
+        """LayerNorm, softmax, sum or mean over channels that several nodes hold: each holder
+        computes per-row partial statistics, sends them, and every receiver merges them exactly."""
+        x = n.all_input_nodes[0]
+        lay, loc = self.low.layout(x), self.env[x.name]
+        if bool((lay.owner == REPLICATED).any()):
+            raise LoweringError(f"'{n.name}': statistics over channels that are partly replicated; not lowered yet")
+        kind = _statistic_kind(n, module)
+        holders = [k for k in range(self.low.nodes) if lay.owned(k).numel()]
+        receivers = list(range(self.low.nodes)) if kind in ("sum", "mean") else holders
+        if self.j not in receivers:
+            self.env[n.name] = Local(None, loc.units)
+            return
+        dims = _local_dims(n, module, lay)
+        stats_shape = {k: _stats_shape(lay.rep_shape(lay.owned(k).numel()), dims, kind) for k in holders}
+        count = {k: int(torch.tensor([lay.rep_shape(lay.owned(k).numel())[d] for d in dims]).prod()) for k in holders}
+        parts = {}
+        if self.j in holders:
+            parts[self.j] = self.call(_partial_stats, (loc.node, kind, dims), shape=stats_shape[self.j], dtype=lay.dtype)
+            for dst in receivers:
+                if dst != self.j:
+                    msg = self.low.message("stats", n.name, self.j, dst, torch.arange(0), stats_shape[self.j], lay.dtype)
+                    self.call(send, (msg.id, parts[self.j]))
+        for src in holders:
+            if src != self.j:
+                msg = self.low.message("stats", n.name, src, self.j, torch.arange(0), stats_shape[src], lay.dtype)
+                parts[src] = self.call(recv, (msg.id,), shape=stats_shape[src], dtype=lay.dtype)
+        order = sorted(parts)
+        merged = self.call(_merge_stats, ([parts[k] for k in order], [count[k] for k in order], kind),
+                           shape=stats_shape[order[0]], dtype=lay.dtype)
+        if kind in ("sum", "mean"):
+            out = self.low.layout(n)
+            node = self.call(_finish_reduction, (merged, kind, sum(count.values()), dims,
+                                                 bool(_arg(n, 2, "keepdim", False))), shape=out.shape, dtype=out.dtype)
+            self.env[n.name] = Local(node)
+            return
+        if kind == "layer_norm":
+            eps = module.eps if module is not None else _arg(n, 4, "eps", 1e-5)
+            args = [loc.node, merged, float(eps)]
+            for k, name in ((2, "weight"), (3, "bias")):
+                t = getattr(module, name) if module is not None else self.concrete_tensor(_arg(n, k, name))
+                args.append(None if t is None else self.const(f"{n.name}_{name}", _local_affine(t.detach(), lay, loc.units, len(dims))))
+            node = self.call(_normalise, tuple(args))
+        else:
+            node = self.call(_softmax_finish, (loc.node, merged, kind))
+        self.hold(n, node, loc.units)
+
+    def concrete_tensor(self, a) -> torch.Tensor | None:
+        if a is None or isinstance(a, torch.Tensor):
+            return a
+        if isinstance(a, fx.Node) and a.op == "get_attr":
+            return _getattr_path(self.low.gm, a.target)
+        raise LoweringError(f"a normalisation whose weight is computed ('{a}'); not lowered yet")
+
     # ------------------------------------------------------------ data movement
     def relayout(self, n: fx.Node, module) -> None:
         lay = self.low.layout(n)
         held = lay.held(self.j)
+        if held.numel() == 0:
+            self.env[n.name] = Local(None, held)
+            return
         producer = n
         if n.target is operator.getitem and not _is_tensor_meta(n.args[0].meta.get("tensor_meta")):
             producer = n.args[0]  # element `index` of a split/chunk
@@ -615,13 +672,17 @@ class NodeBuilder:
 
         expected = lay.as_rep(run(lambda a: ids[a.name] if a.name in ids else self.env[a.name].full))
         local_ids = {a.name: self.local_ids(a, ids[a.name]) for a in inputs}
-        if producer is n:  # candidate 1: the op itself on the local tensors
+        if producer is n:  # candidate 1: the op itself on the local tensors (parts this node lacks left out of lists)
+            empty = {a.name for a in inputs if self.env[a.name].node is None}
             try:
-                units = _match_units(expected, run(lambda a: local_ids.get(a.name, self.env[a.name].value)), lay.axis)
+                args, kwargs = _without(fx.node.map_arg((n.args, n.kwargs), lambda a: local_ids.get(a.name, self.env[a.name].value)
+                                                        if a.name not in empty else _EMPTY))
+                units = _match_units(expected, _call_like(n, module, args, kwargs), lay.axis)
             except (RuntimeError, ValueError, IndexError, TypeError):  # the op rejects the local shapes
                 units = None
             if units is not None and torch.equal(torch.sort(units).values, held):
-                args, kwargs = fx.node.map_arg((n.args, n.kwargs), self.value)
+                args, kwargs = _without(fx.node.map_arg((n.args, n.kwargs), lambda a: self.value(a)
+                                                        if a.name not in empty else _EMPTY))
                 self.hold(n, self.emit(n, module, args, kwargs), units)
                 return
         if len(inputs) == 1 and self.low.layout(inputs[0]).axis is not None:  # candidate 2: a gather
@@ -641,6 +702,115 @@ class NodeBuilder:
             return full
         lay = self.low.layout(a)
         return lay.as_rep(full).index_select(lay.axis, loc.units)
+
+
+# ---------------------------------------------------------------- statistics over split channels
+
+_STATISTICS = {F.layer_norm: "layer_norm", nn.LayerNorm: "layer_norm", F.softmax: "softmax", torch.softmax: "softmax",
+               "softmax": "softmax", nn.Softmax: "softmax", F.log_softmax: "log_softmax",
+               torch.log_softmax: "log_softmax", "log_softmax": "log_softmax", nn.LogSoftmax: "log_softmax",
+               torch.sum: "sum", "sum": "sum", torch.mean: "mean", "mean": "mean"}
+
+
+def _statistic_kind(n: fx.Node, module) -> str:
+    kind = _STATISTICS.get(type(module) if module is not None else n.target)
+    if kind is None:
+        raise LoweringError(f"'{n.name}' ({n.target}) reduces over channels split across nodes; lowering it is "
+                            f"not built yet")
+    return kind
+
+
+def _arg(n: fx.Node, index: int, name: str, default=None):
+    return n.args[index] if len(n.args) > index else n.kwargs.get(name, default)
+
+
+def _local_dims(n: fx.Node, module, lay: Layout) -> tuple[int, ...]:
+    """The reduced dims, in the local representation (channel dims collapsed into lay.axis)."""
+    ndim = len(lay.shape)
+    if isinstance(module, nn.LayerNorm) or n.target is F.layer_norm:
+        k = len(module.normalized_shape if module is not None else _arg(n, 1, "normalized_shape"))
+        full = range(ndim - k, ndim)
+    elif isinstance(module, (nn.Softmax, nn.LogSoftmax)):
+        full = [module.dim % ndim]
+    else:
+        dim = _arg(n, 1, "dim")
+        full = range(ndim) if dim is None else [d % ndim for d in ((dim,) if isinstance(dim, int) else dim)]
+    if not set(lay.dims) <= set(full):
+        raise LoweringError(f"'{n.name}' reduces over part of the channel dims {lay.dims}; not lowered yet")
+    shift = len(lay.dims) - 1
+    return tuple(sorted({lay.axis if d in lay.dims else d - (shift if d > lay.axis else 0) for d in full}))
+
+
+def _stats_shape(shape: tuple[int, ...], dims: tuple[int, ...], kind: str) -> tuple[int, ...]:
+    reduced = tuple(1 if d in dims else s for d, s in enumerate(shape))
+    return reduced + ((1,) if kind in ("sum", "mean") else (2,))
+
+
+def _local_affine(t: torch.Tensor, lay: Layout, units: torch.Tensor, k: int) -> torch.Tensor:
+    """A LayerNorm weight (over the last dims) restricted to the held units."""
+    rep = lay.rep_shape(lay.units)
+    return t.reshape(rep[-k:]).index_select(lay.axis - (len(rep) - k), units)
+
+
+def _partial_stats(x: torch.Tensor, kind: str, dims: tuple[int, ...]) -> torch.Tensor:
+    """Per-row statistics of this node's part, stacked on a new last dim."""
+    if kind == "layer_norm":
+        mean = x.mean(dims, keepdim=True)
+        return torch.stack([mean, ((x - mean) ** 2).sum(dims, keepdim=True)], -1)
+    if kind in ("softmax", "log_softmax"):
+        top = x.amax(dims, keepdim=True)
+        return torch.stack([top, torch.exp(x - top).sum(dims, keepdim=True)], -1)
+    return x.sum(dims, keepdim=True).unsqueeze(-1)
+
+
+def _merge_stats(parts: list[torch.Tensor], counts: list[int], kind: str) -> torch.Tensor:
+    """Merge the nodes' partial statistics exactly: means and variances by Chan et al.'s
+    pairwise formula, softmax maxima and sums by rescaling to the common maximum, sums by adding."""
+    if kind == "layer_norm":
+        total = float(sum(counts))
+        mean = sum(p[..., 0] * c for p, c in zip(parts, counts)) / total
+        m2 = sum(p[..., 1] + c * (p[..., 0] - mean) ** 2 for p, c in zip(parts, counts))
+        return torch.stack([mean, m2 / total], -1)
+    if kind in ("softmax", "log_softmax"):
+        top = parts[0][..., 0]
+        for p in parts[1:]:
+            top = torch.maximum(top, p[..., 0])
+        return torch.stack([top, sum(p[..., 1] * torch.exp(p[..., 0] - top) for p in parts)], -1)
+    return sum(parts)
+
+
+def _normalise(x, stats, eps: float, weight, bias):
+    y = (x - stats[..., 0]) / torch.sqrt(stats[..., 1] + eps)
+    if weight is not None:
+        y = y * weight
+    return y + bias if bias is not None else y
+
+
+def _softmax_finish(x, stats, kind: str):
+    if kind == "log_softmax":
+        return x - stats[..., 0] - torch.log(stats[..., 1])
+    return torch.exp(x - stats[..., 0]) / stats[..., 1]
+
+
+def _finish_reduction(merged, kind: str, total: int, dims: tuple[int, ...], keepdim: bool):
+    out = merged[..., 0]
+    if kind == "mean":
+        out = out / total
+    return out if keepdim else out.squeeze(dims)
+
+
+_EMPTY = object()  # stands for an input of which this node holds nothing
+
+
+def _without(tree):
+    """Drop the _EMPTY parts from the lists and tuples of an argument structure."""
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_without(t) for t in tree if t is not _EMPTY)
+    if isinstance(tree, dict):
+        return {k: _without(v) for k, v in tree.items()}
+    if tree is _EMPTY:
+        raise TypeError("an input this node does not hold")
+    return tree
 
 
 def _call_like(n: fx.Node, module, args, kwargs):
