@@ -1,9 +1,36 @@
 """disco-compile: rewrite PyTorch models into DISCO form (Distributed Inference
 with Sparse Communications): every layer split across N nodes by channels,
-with learnable sparse exchanges of activations between them."""
-from .cost import CostReport
-from .errors import BudgetError, DiscoError, ExampleInputError, PartitionError, TraceFailure
-from .model import DiscoModel, transform
+with learnable sparse exchanges of activations between them.
 
-__all__ = ["transform", "DiscoModel", "CostReport", "DiscoError", "TraceFailure", "ExampleInputError",
-           "PartitionError", "BudgetError"]
+The public names below load their module on first use, so running an export
+(`run_local`, `disco-run`) does not import torch."""
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING
+
+from .errors import (BudgetError, BundleError, DiscoError, ExampleInputError, InputMismatch, MessageError,
+                     NodeFailure, PartitionError, PeerFailed, PeerTimeout, StageFailure, TraceFailure)
+
+if TYPE_CHECKING:
+    from .cost import CostReport
+    from .model import DiscoModel, transform
+    from .runtime import run_local
+
+_LAZY = {"transform": "model", "DiscoModel": "model", "CostReport": "cost", "run_local": "runtime"}
+
+__all__ = ["transform", "run_local", "DiscoModel", "CostReport", "DiscoError", "TraceFailure", "ExampleInputError",
+           "PartitionError", "BudgetError", "BundleError", "InputMismatch", "MessageError", "PeerTimeout",
+           "PeerFailed", "StageFailure", "NodeFailure"]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

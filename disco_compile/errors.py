@@ -19,3 +19,37 @@ class PartitionError(DiscoError, ValueError):
 
 class BudgetError(DiscoError, ValueError):
     """A communication budget outside [0, 1]."""
+
+
+class BundleError(DiscoError, ValueError):
+    """An export directory cannot be written, or what was read back is not a valid, unchanged export."""
+
+
+class InputMismatch(DiscoError, ValueError):
+    """The inputs given to the runtime do not match the exported model's inputs."""
+
+
+class MessageError(DiscoError):
+    """A message arrived (or was about to be sent) that disagrees with the schedule."""
+
+
+class PeerTimeout(DiscoError, TimeoutError):
+    """A node waited longer than the timeout for a message from a peer."""
+
+
+class PeerFailed(DiscoError):
+    """A peer reported that it failed, so this node stopped instead of waiting for it."""
+
+
+class StageFailure(DiscoError, RuntimeError):
+    """onnxruntime raised while running one stage graph of one node."""
+
+
+class NodeFailure(DiscoError, RuntimeError):
+    """A node of a local (in-process) run failed; the other nodes were stopped.
+
+    `node` is the failing node; the original error is chained as __cause__."""
+
+    def __init__(self, message: str, node: int):
+        super().__init__(message)
+        self.node = node

@@ -1,0 +1,255 @@
+"""Running an export: one NodeExecutor per node, and `run_local` for all nodes in one process.
+
+A NodeExecutor holds one onnxruntime session per stage of its node and runs the
+stages in order. A stage's inputs come from the model inputs (node 0), from
+values carried from earlier stages of the node, or from messages received
+through the transport; its message outputs are sent as soon as the stage
+returns, carried values are dropped after their last use, and node 0 returns
+the model outputs. Every array produced for a message or model output is
+checked against the schedule before it leaves the stage. When a node fails it
+tells its peers through the transport, so they stop instead of waiting.
+
+`run_local` runs every node in a thread of this process with an InProcTransport:
+the same messages, headers and checks as a run across machines.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from ..bundle import Bundle, load_bundle
+from ..errors import BundleError, InputMismatch, MessageError, NodeFailure, PeerFailed, StageFailure
+from ..schedule import BATCH, Schedule, Stage
+from .transport import InProcHub, Transport
+
+DEFAULT_TIMEOUT = 10.0  # seconds a node waits for one message
+_STOP_GRACE = 5.0  # after a failure, how much longer than the timeout the other nodes get to stop
+
+
+def _fmt(shape) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ")"
+
+
+def _as_array(value, what: str) -> np.ndarray:
+    torch = sys.modules.get("torch")  # torch is not needed to run an export; accept its tensors when loaded
+    if torch is not None and isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    if isinstance(value, np.ndarray):
+        return value
+    raise InputMismatch(f"{what} is a {type(value).__name__}; give a numpy array or a torch.Tensor")
+
+
+def check_inputs(schedule: Schedule, inputs) -> dict[str, np.ndarray]:
+    """The model inputs by name, checked against `schedule.inputs`: count, dtype, and every dimension but the
+    batch (the same in all inputs). `inputs`: one array or tensor, a sequence of them in the model's input order,
+    or a mapping from input name."""
+    specs = schedule.inputs
+    names = ", ".join(repr(t.name) for t in specs)
+    if isinstance(inputs, Mapping):
+        missing = [t.name for t in specs if t.name not in inputs]
+        unknown = [name for name in inputs if name not in {t.name for t in specs}]
+        if missing or unknown:
+            raise InputMismatch(f"the model's inputs are {names}; missing: {missing}, unknown: {unknown}")
+        given = [inputs[t.name] for t in specs]
+    elif isinstance(inputs, Sequence) and not isinstance(inputs, (str, bytes)):
+        given = list(inputs)
+    else:
+        given = [inputs]
+    if len(given) != len(specs):
+        raise InputMismatch(f"the model takes {len(specs)} input(s) ({names}), {len(given)} given")
+    arrays, batch = {}, None
+    for spec, value in zip(specs, given):
+        what = f"input {spec.name!r}"
+        a = _as_array(value, what)
+        if a.dtype.name != spec.dtype:
+            raise InputMismatch(f"{what}: dtype {a.dtype.name}, but the model was exported for {spec.dtype}; "
+                                f"convert it first (x.astype(numpy.{spec.dtype}))")
+        if a.ndim != len(spec.shape) or a.shape[1:] != tuple(spec.shape[1:]) or a.shape[0] < 1:
+            raise InputMismatch(f"{what}: shape {_fmt(a.shape)}, but the model was exported for "
+                                f"{_fmt(spec.shape)} ({BATCH!r}: any batch size of at least 1)")
+        if batch is not None and a.shape[0] != batch:
+            raise InputMismatch(f"{what}: batch {a.shape[0]}, but the first input has batch {batch}; "
+                                f"all inputs need the same batch size")
+        batch = a.shape[0]
+        arrays[spec.name] = np.ascontiguousarray(a)
+    return arrays
+
+
+class NodeExecutor:
+    """Runs node `node`'s stages of `bundle`, exchanging messages through `transport`.
+
+    `threads`: onnxruntime intra-op threads per session; `timeout`: seconds to
+    wait for each message before PeerTimeout.
+    """
+
+    def __init__(self, bundle: Bundle, node: int, transport: Transport, *, threads: int = 1,
+                 timeout: float = DEFAULT_TIMEOUT):
+        if not 0 <= node < bundle.schedule.nodes:
+            raise ValueError(f"node {node}: the export has nodes 0..{bundle.schedule.nodes - 1}")
+        if threads < 1 or not timeout > 0:
+            raise ValueError(f"threads must be at least 1 and timeout above 0, got threads={threads}, "
+                             f"timeout={timeout}")
+        self.bundle, self.node, self.transport, self.timeout = bundle, node, transport, timeout
+        schedule = bundle.schedule
+        self._stages = schedule.programs[node]
+        self._messages = {m.id: m for m in schedule.messages}
+        self._outputs = {t.name: t for t in schedule.outputs}
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.log_severity_level = 4  # fatal only: a failing stage raises StageFailure with the same text
+        self._sessions = [self._session(stage, options) for stage in self._stages]
+        # graph outputs to fetch per stage (one graph output may serve several roles)
+        self._fetch = [list(dict.fromkeys(o.name for o in stage.outputs)) for stage in self._stages]
+        # carried values to drop after each stage: after their last use, or at once if never used
+        last_use = {o.ref: stage.index for stage in self._stages for o in stage.outputs if o.role == "carried"}
+        last_use |= {i.ref: stage.index for stage in self._stages for i in stage.inputs if i.source == "carried"}
+        self._drop_after = [[ref for ref, last in last_use.items() if last == stage.index] for stage in self._stages]
+
+    def _where(self, stage: Stage) -> str:
+        return f"node {self.node} stage {stage.index} ({stage.file})"
+
+    def _session(self, stage: Stage, options: ort.SessionOptions) -> ort.InferenceSession:
+        path = self.bundle.path(stage)
+        try:
+            content = path.read_bytes()
+        except OSError as exc:
+            raise BundleError(f"{self._where(stage)}: cannot read the stage file ({exc}); re-export") from exc
+        if hashlib.sha256(content).hexdigest() != self.bundle.manifest.files[stage.file]:
+            raise BundleError(f"{stage.file}: sha256 mismatch, the file was changed after export; re-export")
+        try:
+            return ort.InferenceSession(content, options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise BundleError(f"{self._where(stage)}: onnxruntime cannot load the stage graph ({exc})") from exc
+
+    def run(self, inputs=None) -> dict[str, np.ndarray] | None:
+        """Run this node's stages once. Node 0 takes the model inputs (see `check_inputs`) and returns the
+        model outputs by name; other nodes take None and return None. On failure, peers are told to stop."""
+        try:
+            if self.node == 0:
+                model_inputs = check_inputs(self.bundle.schedule, inputs)
+            elif inputs is not None:
+                raise InputMismatch(f"node {self.node} takes no model inputs (node 0 sends them); pass None")
+            else:
+                model_inputs = {}
+            return self._run(model_inputs)
+        except PeerFailed:
+            raise  # a peer failed: it has told everyone already
+        except BaseException as exc:
+            self.transport.abort(f"{type(exc).__name__}: {exc}")
+            raise
+
+    def _run(self, model_inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+        batch = next((a.shape[0] for a in model_inputs.values()), None)
+        carried: dict[str, np.ndarray] = {}
+        model_outputs: dict[str, np.ndarray] = {}
+        for stage, session, fetch, drop in zip(self._stages, self._sessions, self._fetch, self._drop_after):
+            feeds = {}
+            for inp in stage.inputs:
+                if inp.source == "model_input":
+                    feeds[inp.name] = model_inputs[inp.ref]
+                elif inp.source == "carried":
+                    feeds[inp.name] = carried[inp.ref]
+                else:
+                    msg = self._messages[inp.ref]
+                    payload = self.transport.recv(msg, self.timeout)
+                    if batch is not None and payload.shape[0] != batch:
+                        raise MessageError(f"message {msg.id!r} from node {msg.src}: batch {payload.shape[0]}, "
+                                           f"but this run's batch is {batch}")
+                    batch = payload.shape[0]
+                    feeds[inp.name] = payload
+            try:
+                values = dict(zip(fetch, session.run(fetch, feeds)))
+            except Exception as exc:  # onnxruntime raises its own exception types
+                raise StageFailure(f"{self._where(stage)}: onnxruntime failed: {exc}") from exc
+            # messages first: the peers are waiting for them
+            for out in sorted(stage.outputs, key=lambda o: o.role != "message"):
+                value = values[out.name]
+                if out.role == "message":
+                    msg = self._messages[out.ref]
+                    self._check_produced(stage, out.name, value, f"message {msg.id!r}", msg.dtype, msg.shape, batch)
+                    self.transport.send(msg, value)
+                elif out.role == "carried":
+                    carried[out.ref] = value
+                else:
+                    spec = self._outputs[out.ref]
+                    self._check_produced(stage, out.name, value, f"model output {spec.name!r}", spec.dtype,
+                                         spec.shape, batch)
+                    model_outputs[out.ref] = value
+            for ref in drop:
+                carried.pop(ref, None)
+        return model_outputs if self.node == 0 else None
+
+    def _check_produced(self, stage: Stage, name: str, value: np.ndarray, what: str, dtype: str, shape: list,
+                        batch: int | None) -> None:
+        """BundleError if a stage produced something other than what the schedule declares."""
+        if (value.dtype.name != dtype or value.ndim != len(shape) or value.shape[1:] != tuple(shape[1:])
+                or (batch is not None and value.shape[0] != batch)):
+            expected = _fmt([batch if batch is not None else BATCH] + list(shape[1:]))
+            raise BundleError(f"{self._where(stage)}: graph output {name!r} for {what} is {value.dtype.name} "
+                              f"{_fmt(value.shape)}, but {dtype} {expected} is expected; the stage graph and "
+                              f"schedule.json disagree: re-export")
+
+
+def run_local(out_dir: str | os.PathLike, inputs, *, timeout: float = DEFAULT_TIMEOUT,
+              threads: int = 1) -> list[np.ndarray]:
+    """Run the export in `out_dir` with every node in a thread of this process; the model outputs, in
+    `schedule.outputs` order.
+
+    `inputs`: one numpy array or torch.Tensor, or a sequence of them in the model's input order (dtype and
+    every dimension but the batch as exported). `timeout`: seconds a node waits for one message. `threads`:
+    onnxruntime threads per node. If a node fails, the others stop and NodeFailure names the node and cause.
+    """
+    return run_bundle(load_bundle(out_dir), inputs, timeout=timeout, threads=threads)
+
+
+def run_bundle(bundle: Bundle, inputs, *, timeout: float = DEFAULT_TIMEOUT, threads: int = 1) -> list[np.ndarray]:
+    """`run_local` on an already loaded bundle."""
+    schedule = bundle.schedule
+    model_inputs = check_inputs(schedule, inputs)
+    hub = InProcHub(schedule.nodes)
+    executors = [NodeExecutor(bundle, k, hub.transport(k, bundle.schedule_hash), threads=threads, timeout=timeout)
+                 for k in range(schedule.nodes)]
+    results: dict[int, dict[str, np.ndarray] | None] = {}
+    failures: list[tuple[int, BaseException]] = []  # in the order they happened
+    lock = threading.Lock()
+
+    def work(k: int) -> None:
+        try:
+            results[k] = executors[k].run(model_inputs if k == 0 else None)
+        except BaseException as exc:  # reported below, in the caller's thread
+            with lock:
+                failures.append((k, exc))
+
+    threads_ = [threading.Thread(target=work, args=(k,), name=f"disco-node{k}", daemon=True)
+                for k in range(schedule.nodes)]
+    for t in threads_:
+        t.start()
+    try:
+        give_up = None
+        while any(t.is_alive() for t in threads_):
+            for t in threads_:
+                t.join(0.02)
+            if failures and give_up is None:
+                give_up = time.monotonic() + timeout + _STOP_GRACE
+            if give_up is not None and time.monotonic() > give_up:
+                break
+    except BaseException:
+        hub.abort(None, "the caller was interrupted")
+        raise
+    if failures:
+        node, cause = next(((k, e) for k, e in failures if not isinstance(e, PeerFailed)), failures[0])
+        stuck = [k for k, t in enumerate(threads_) if t.is_alive()]
+        note = (f"; node(s) {stuck} did not stop within {timeout + _STOP_GRACE:g} s" if stuck
+                else "; the other nodes were stopped")
+        raise NodeFailure(f"node {node} failed: {cause}{note}", node) from cause
+    outputs = results[0]
+    return [outputs[t.name] for t in schedule.outputs]
