@@ -79,7 +79,7 @@ def cut(prog: NodeProgram, lowered: Lowered) -> list[StageModule]:
         outputs = []
 
         def placeholder(node: fx.Node, name: str, source: str, ref: str) -> fx.Node:
-            p = g.placeholder(name)
+            p = g.placeholder(name.replace(".", "_"))  # the ONNX input keeps `name`
             placeholders.append(p)
             stage.inputs.append(StageInput(name, source, ref))
             examples.append(torch.zeros(prog.shapes[node.name], dtype=prog.dtypes[node.name]))
@@ -97,7 +97,7 @@ def cut(prog: NodeProgram, lowered: Lowered) -> list[StageModule]:
             elif stage_of.get(a) == s and a.op == "placeholder":
                 env[a] = placeholder(a, a.target, "model_input", a.target)
             else:
-                env[a] = placeholder(a, a.name, "carried", a.name)
+                env[a] = placeholder(a, f"carry.{a.name}", "carried", a.name)
             return env[a]
 
         for node in prog.graph.nodes:
@@ -119,7 +119,7 @@ def cut(prog: NodeProgram, lowered: Lowered) -> list[StageModule]:
         for node, value in env.items():
             if stage_of.get(node) == s and last_use.get(node, -1) > s and not _structural(prog, node) \
                     and node.op != "get_attr":
-                outputs.append((StageOutput(node.name, "carried", node.name), value))
+                outputs.append((StageOutput(f"carry.{node.name}", "carried", node.name), value))
         first = next((n for n in g.nodes if n.op != "placeholder"), None)
         if first is not None:
             for p in placeholders:
