@@ -460,7 +460,7 @@ def write_bundle(out_dir: str | os.PathLike, schedule: Schedule, stage_files: Ma
     the old one) is replaced only once the new one is complete and valid.
     """
     out = Path(out_dir)
-    _refuse_existing(out, force)
+    refuse_existing(out, force)
     check_schedule(schedule)
     _check_stage_files(schedule, stage_files)
     data = schedule_bytes(schedule)
@@ -493,7 +493,8 @@ def write_bundle(out_dir: str | os.PathLike, schedule: Schedule, stage_files: Ma
     return manifest
 
 
-def _refuse_existing(out: Path, force: bool) -> None:
+def refuse_existing(out: Path, force: bool) -> None:
+    """Refuse to write into an existing non-empty directory unless `force` (checked again when writing)."""
     if out.exists() and not out.is_dir():
         raise BundleError(f"{out} exists and is not a directory; choose another output directory")
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -524,7 +525,7 @@ def _write_file(path: Path, content: bytes) -> None:
 
 def _move_into_place(staging: Path, out: Path, force: bool) -> None:
     """Rename the complete `staging` to `out`; an existing `out` is moved aside first and removed last."""
-    _refuse_existing(out, force)  # again: something may have appeared while writing
+    refuse_existing(out, force)  # again: something may have appeared while writing
     if not out.exists():
         os.rename(staging, out)
         return

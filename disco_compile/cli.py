@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import click
 import torch
@@ -25,8 +26,12 @@ import torch.nn as nn
 import torchvision
 
 from . import zoo
+from tqdm import tqdm
+
 from .cost import CostReport
 from .errors import DiscoError, ExampleInputError, TraceFailure
+from .bundle import refuse_existing
+from .export import export
 from .model import transform
 from .passes.partition import check_weights
 
@@ -257,6 +262,15 @@ def _load(model: str, arch: str | None, trust_pickle: bool, shape: tuple[int, ..
 
 # ---------------------------------------------------------------- output
 
+def _stage_counts(manifest) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for rel in manifest.files:
+        if rel.startswith("node"):
+            k = int(rel.split("/")[0][4:])
+            counts[k] = counts.get(k, 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def _summary(loaded: Loaded, nodes: int, node_weights: list[float] | None, budget: float | None,
              report: CostReport) -> str:
     shares = "equal shares" if node_weights is None else \
@@ -335,10 +349,16 @@ def _write_json(path: str, report: CostReport, run: dict) -> None:
               help="The input is already present on every node, so sending it costs nothing.")
 @click.option("--json", "json_path", callback=_check_json_path, metavar="FILE",
               help="Also write the cost report to FILE as JSON (written whole or not at all).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), metavar="DIR",
+              help="Export the split model to DIR: one ONNX graph per node and stage, schedule.json (every "
+                   "message between nodes) and manifest.json (sha256 of every file). Run it with "
+                   "`disco-run DIR --simulate --input x.npy`.")
+@click.option("--force", is_flag=True, help="Replace DIR if it exists and is not empty (only once the new export "
+                                            "is complete).")
 @click.version_option(package_name="disco-compile")
 def main(model: str, nodes: int, budget: float | None, input_shape: tuple[int, ...] | None, arch: str | None,
          trust_pickle: bool, node_weights: list[float] | None, leaf_modules: tuple[str, ...],
-         input_on_all_nodes: bool, json_path: str | None) -> None:
+         input_on_all_nodes: bool, json_path: str | None, out_dir: str | None, force: bool) -> None:
     """Split MODEL across NODES devices in DISCO form and report what it costs.
 
     Every Conv and Linear layer's output channels are divided among the nodes, and a
@@ -352,11 +372,14 @@ def main(model: str, nodes: int, budget: float | None, input_shape: tuple[int, .
     \b
     Examples:
       disco-compile resnet50 --nodes 2 --budget 0.2
+      disco-compile resnet50 --nodes 2 --budget 0.2 --out shards/
       disco-compile weights.pt --arch torchvision:resnet18 --nodes 4 --json cost.json
     """
     try:
         if node_weights is not None:
             check_weights(nodes, node_weights)  # before the slow steps
+        if out_dir is not None:
+            refuse_existing(Path(out_dir), force)
         loaded = _load(model, arch, trust_pickle, input_shape)
         example = torch.randn(loaded.shape, generator=torch.Generator().manual_seed(0))
         with _stage(f"tracing and splitting across {nodes} node{'s' if nodes > 1 else ''}"):
@@ -367,11 +390,28 @@ def main(model: str, nodes: int, budget: float | None, input_shape: tuple[int, .
                 disco.set_budget(budget)
         with _stage("computing the cost"):
             report = disco.cost()
+        click.echo(_summary(loaded, nodes, node_weights, budget, report))
+        if out_dir is not None:
+            if input_on_all_nodes:
+                raise CliError("--input-on-all-nodes is not supported with --out yet: the export sends the input "
+                               "from node 0 to the other nodes")
+            with tqdm(desc="exporting stages to ONNX", unit="stage", file=click.get_text_stream("stderr")) as bar:
+                def progress(done: int, total: int) -> None:
+                    bar.total = total
+                    bar.update(done - bar.n)
+                manifest = export(disco, out_dir, force=force, progress=progress)
+            stages = len(manifest.files) - 1
+            click.echo(f"\nwrote {out_dir}: manifest.json, schedule.json and {stages} ONNX stage graphs "
+                       f"({', '.join(f'node {k}: {n}' for k, n in _stage_counts(manifest).items())})\n"
+                       f"run it: disco-run {out_dir} --simulate --input x.npy --output y.npy")
     except DiscoError as exc:
         hint = next((h for cls, h in _CLI_HINTS.items() if isinstance(exc, cls)), None)
         raise CliError(str(exc) + (f"\n  {hint}" if hint else "")) from None
-    click.echo(_summary(loaded, nodes, node_weights, budget, report))
     if json_path is not None:
         _write_json(json_path, report, {"model": loaded.description, "input_shape": list(loaded.shape),
                                         "nodes": nodes, "node_weights": node_weights, "budget": budget})
         click.echo(f"cost report written to {json_path}", err=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Verification links 2 and 3 of the design, and the export command.
+
+Link 2: the DISCO model with hardened gates == the per-node lowered programs run
+together (stages.run_python), checked in float64 so that the check tests the
+maths of the lowering, not fp32 rounding (BatchNorm folding and split partial
+sums change the rounding; on random-weight inception_v3 the original model's
+own fp32 error against float64 is 7e-4, above the fp32 tolerance).
+Link 3: the ONNX shards run by onnxruntime (run_local) == the DISCO model, fp32.
+"""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import assert_close
+from disco_compile import run_local, transform, zoo
+from disco_compile.export import export
+from disco_compile.harden import harden_and_lower
+from disco_compile.stages import cut_all, run_python
+from test_equivalence_zoo import MODELS
+from test_small_models import OddNet, ScaledSoftmax
+
+SIZE = 64
+
+
+def lowered_outputs(dm, x):
+    lowered = harden_and_lower(dm)
+    return run_python(cut_all(lowered), lowered, [x])[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("nodes, rho", [(2, 1.0), (4, 0.2)])
+def test_lowered_programs_equal_disco_model_float64(name, nodes, rho):
+    model, x = zoo.build(name, size=SIZE if name != "inception_v3" else 96)
+    model, x = model.double(), x.double()
+    dm = transform(model, nodes, x).eval()
+    dm.set_budget(rho)
+    with torch.no_grad():
+        assert_close(lowered_outputs(dm, x), dm(x), rtol=1e-9, atol=1e-11, what=f"{name} N={nodes} rho={rho}")
+
+
+class LayerNormBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.norm, self.fc2 = nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.norm(self.fc1(x))))
+
+
+SMALL = [(OddNet, (2, 3, 8, 8), 2, 1.0), (OddNet, (2, 3, 8, 8), 3, 0.3), (OddNet, (2, 3, 8, 8), 4, 0.3),
+         (ScaledSoftmax, (2, 3, 4, 4), 2, 1.0), (ScaledSoftmax, (2, 3, 4, 4), 3, 0.3),
+         (LayerNormBlock, (2, 5, 8), 2, 0.3), (LayerNormBlock, (2, 5, 8), 3, 1.0)]
+
+
+@pytest.mark.parametrize("net, shape, nodes, rho", SMALL, ids=[f"{n.__name__}-N{k}-rho{r}" for n, _, k, r in SMALL])
+def test_small_models_through_onnx(tmp_path, net, shape, nodes, rho):
+    torch.manual_seed(0)
+    model = net().eval()
+    x = torch.randn(shape)
+    dm = transform(model, nodes, x).eval()
+    dm.set_budget(rho)
+    export(dm, tmp_path / "out")
+    with torch.no_grad():
+        ref = dm(x)
+        assert_close(lowered_outputs(dm, x), ref, what="lowered programs")
+    assert_close(torch.from_numpy(run_local(tmp_path / "out", x.numpy())[0]), ref, what="onnx shards")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, nodes, rho", [("resnet18", 2, 1.0), ("resnet18", 4, 0.2), ("mobilenet_v3_small", 2, 0.2),
+                                              ("shufflenet_v2_x1_0", 4, 1.0), ("convnext_tiny", 2, 0.2),
+                                              ("googlenet", 2, 0.2)])
+def test_onnx_shards_equal_disco_model(tmp_path, name, nodes, rho):
+    model, x = zoo.build(name, size=SIZE)
+    dm = transform(model, nodes, x).eval()
+    dm.set_budget(rho)
+    export(dm, tmp_path / "out")
+    batch = torch.cat([x, torch.randn_like(x)])  # the exported batch dimension is symbolic
+    with torch.no_grad():
+        ref = dm(batch)
+    assert_close(torch.from_numpy(run_local(tmp_path / "out", batch.numpy())[0]), ref, what=f"{name} N={nodes} rho={rho}")
+    if rho == 1.0:
+        with torch.no_grad():
+            assert_close(torch.from_numpy(run_local(tmp_path / "out", x.numpy())[0]), model(x), what="vs original")
+
+
+def test_export_files_and_schedule(tmp_path):
+    torch.manual_seed(0)
+    model = OddNet().eval()
+    x = torch.randn(1, 3, 8, 8)
+    dm = transform(model, 2, x).eval()
+    dm.set_budget(0.5)
+    export(dm, tmp_path / "out")
+    schedule = json.loads((tmp_path / "out" / "schedule.json").read_text())
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["nodes"] == 2 and len(manifest["model_hash"]) == 64
+    kinds = {m["kind"] for m in schedule["messages"]}
+    assert {"input", "exchange", "output"} <= kinds
+    exchanged = sum(m["bytes"] for m in schedule["messages"] if m["kind"] == "exchange")
+    assert exchanged == dm.cost().exchange_bytes - dm.cost().fixed_exchange_bytes  # the schedule sends what cost() counts
+    for m in schedule["messages"]:
+        assert m["src_stage"] >= 0 and m["dst_stage"] >= 0 and m["src"] != m["dst"]
+    files = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.onnx"))
+    assert files == sorted(k for k in manifest["files"] if k.endswith(".onnx"))
+
+
+def test_export_refuses_non_empty_directory_and_force_replaces(tmp_path):
+    from disco_compile import BundleError
+    torch.manual_seed(0)
+    dm = transform(OddNet().eval(), 2, torch.randn(1, 3, 8, 8)).eval()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    with pytest.raises(BundleError, match="not empty.*--force"):
+        export(dm, out)
+    assert (out / "keep.txt").read_text() == "user data"
+    export(dm, out, force=True)
+    assert not (out / "keep.txt").exists() and (out / "manifest.json").exists()
+
+
+def test_cli_exports_and_disco_run_reproduces(tmp_path):
+    out = tmp_path / "shards"
+    x = np.random.default_rng(0).standard_normal((1, 3, 64, 64)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    done = subprocess.run([sys.executable, "-m", "disco_compile.cli", "resnet18", "--nodes", "2", "--budget", "0.2",
+                           "--input-shape", "1,3,64,64", "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert f"wrote {out}" in done.stdout and "run it: disco-run" in done.stdout
+    ran = subprocess.run([sys.executable, "-m", "disco_compile.runtime.cli", str(out), "--simulate",
+                          "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "y.npy")],
+                         capture_output=True, text=True)
+    assert ran.returncode == 0, ran.stderr
+    model, _ = zoo.build("resnet18", size=64)
+    dm = transform(model, 2, torch.from_numpy(x)).eval()
+    dm.set_budget(0.2)
+    with torch.no_grad():
+        assert_close(torch.from_numpy(np.load(tmp_path / "y.npy")), dm(torch.from_numpy(x)))
+    again = subprocess.run([sys.executable, "-m", "disco_compile.cli", "resnet18", "--nodes", "2",
+                            "--input-shape", "1,3,64,64", "--out", str(out)], capture_output=True, text=True)
+    assert again.returncode == 2 and "--force" in again.stderr and "Traceback" not in again.stderr
