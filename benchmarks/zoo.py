@@ -31,7 +31,8 @@ nodes, this benchmark
 Each model runs in its own subprocess (one torch thread) so memory is freed
 between models and a crash or timeout does not stop the run. Per-model
 results are cached as JSON under benchmarks/results/zoo/ (NAME.json, with the
-subprocess's stderr in NAME.log); reruns skip cached models unless --force.
+subprocess's stderr in NAME.log); reruns skip cached models unless --force
+(models that timed out or crashed are retried, e.g. with a larger --timeout).
 At the end docs/coverage.md is written from every cached result (models not
 run yet get a row saying so).
 
@@ -127,7 +128,8 @@ def _build(name: str, size: int | None):
 
 
 def _compare(ref, out) -> dict:
-    """allclose of every leaf; max abs difference and max relative difference over all leaves."""
+    """allclose of every leaf (structure compared without container types); max abs difference over
+    all leaves, and the largest reference magnitude (max_ref) for scale."""
     import torch
     from torch.utils import _pytree as pytree
     result = {}
@@ -242,7 +244,7 @@ def run_worker(name: str, nodes: list[int], out_path: Path) -> None:
     result["build_seconds"] = round(time.perf_counter() - t0, 2)
     save()
 
-    outputs = {}
+    outputs, mismatched = {}, {}
     for n in nodes:
         run: dict = {"status": None}
         result["runs"][str(n)] = run
@@ -268,6 +270,8 @@ def run_worker(name: str, nodes: list[int], out_path: Path) -> None:
             else:
                 run["status"] = "MISMATCH"
             outputs[n] = out
+            if not cmp["close"]:
+                mismatched[n] = dm  # rerun in float64 below: is the difference fp32 rounding only?
             del dm
         except Exception as exc:
             run["status"] = "FAILED"
@@ -292,6 +296,11 @@ def run_worker(name: str, nodes: list[int], out_path: Path) -> None:
                               "max_abs_output": own["max_ref"], "seconds": round(time.perf_counter() - t, 2)}
             for n, out in outputs.items():
                 result["runs"][str(n)]["max_abs_vs_fp64"] = _compare(ref64, out)["max_abs"]
+            for n, dm in mismatched.items():  # the DISCO model itself in float64 against the float64 model
+                with torch.no_grad():
+                    cmp64 = _compare(ref64, dm.double()(example.double()))
+                result["runs"][str(n)]["fp64_disco_max_abs"] = cmp64["max_abs"]
+                result["runs"][str(n)]["fp64_disco_close"] = cmp64["close"]
         except Exception as exc:
             result["fp64"] = {"skipped": f"float64 evaluation failed: {type(exc).__name__}: "
                                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"}
@@ -321,9 +330,21 @@ def _cached(path: Path, nodes: list[int]) -> dict | None:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if data.get("state") == "running" or sorted(data.get("nodes", [])) != sorted(nodes):
+    if data.get("state") in ("running", "timeout", "crashed") or sorted(data.get("nodes", [])) != sorted(nodes):
         return None
     return data
+
+
+def _compiler_version() -> str:
+    """The git commit of the checkout, and whether disco_compile/ has uncommitted changes."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--", "disco_compile")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (commit or "unknown") + (" + uncommitted changes to disco_compile/" if dirty else "")
 
 
 def run_one(name: str, nodes: list[int], timeout: float, results: Path) -> dict:
@@ -331,6 +352,7 @@ def run_one(name: str, nodes: list[int], timeout: float, results: Path) -> dict:
     partial = results / f"{name}.partial.json"
     log = results / f"{name}.log"
     partial.unlink(missing_ok=True)
+    compiler = _compiler_version()
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--worker-out", str(partial),
            "--nodes", ",".join(map(str, nodes))]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -354,6 +376,7 @@ def run_one(name: str, nodes: list[int], timeout: float, results: Path) -> dict:
                 "nodes": nodes, "started": _now(), "params": _known_params(name), "size": None, "runs": {},
                 "fp64": None, "notes": [], "state": "running"}
     data["wall_seconds"] = round(elapsed, 1)
+    data["compiler"] = compiler
     data["returncode"] = rc
     if data.get("state") in ("running", None) or timed_out or rc != 0:
         if timed_out:
@@ -436,11 +459,17 @@ def _notes(data: dict | None, nodes: list[int]) -> str:
             for n in mismatched:
                 run = data["runs"][str(n)]
                 d = run.get("max_abs_diff")
-                if d is not None and d <= own:
-                    notes.append(f"N={n}: DISCO error {_fmt(d)} is below the model's own fp32 error "
-                                 f"(ill-conditioned random weights, not a compiler bug)")
-                elif run.get("max_abs_vs_fp64") is not None:
-                    notes.append(f"N={n}: DISCO vs fp64 {_fmt(run['max_abs_vs_fp64'])}")
+                if d is None:
+                    continue
+                if d <= own:
+                    note = (f"N={n}: FLAG: DISCO error {_fmt(d)} is below the model's own fp32 error "
+                            f"(ill-conditioned random weights)")
+                else:
+                    note = f"N={n}: DISCO error {_fmt(d)} is {d / own:.1f}x the model's own fp32 error" if own \
+                        else f"N={n}: DISCO error {_fmt(d)}"
+                if run.get("fp64_disco_max_abs") is not None:
+                    note += f"; in float64 DISCO vs model differ by {_fmt(run['fp64_disco_max_abs'])}"
+                notes.append(note)
         elif "skipped" in fp64:
             notes.append(f"fp64 check skipped: {fp64['skipped']}")
     elif own is not None and not fp64.get("own_close", True):
@@ -486,6 +515,22 @@ def _machine() -> str:
             f"torch.set_num_threads(1)" if mem else f"{cores}-core CPU ({cpu}), no GPU")
 
 
+def _versions_line(versions: list[str]) -> str:
+    """The compiler versions the cached results came from, oldest first."""
+    suffix = " + uncommitted changes to disco_compile/"
+    commits = list(dict.fromkeys(v.removesuffix(suffix) for v in versions))
+    dirty = sum(v.endswith(suffix) for v in versions)
+    if not commits:
+        return "no results yet"
+    text = (f"disco_compile at commit {commits[0]}" if len(commits) == 1 else
+            f"results span {len(commits)} commits of disco_compile, {commits[0]} to {commits[-1]}, as it "
+            f"changed during the run (each model's commit is in its JSON)")
+    if dirty:
+        text += (f", with uncommitted changes to disco_compile/ for {dirty} of {len(versions)} models"
+                 if dirty < len(versions) else ", with uncommitted changes to disco_compile/")
+    return text
+
+
 def write_report(results: Path, report: Path, nodes: list[int], command: str) -> Counter:
     import torch
     import torchvision
@@ -498,6 +543,8 @@ def write_report(results: Path, report: Path, nodes: list[int], command: str) ->
             data[name] = None
     per_n = {n: Counter(run_status(data[m], n) for m, _ in models) for n in nodes}
     overall_counts = Counter(overall(data[m], nodes) for m, _ in models)
+    versions = [d.get("compiler", "unknown") for d in sorted((d for d in data.values() if d),
+                                                              key=lambda d: d.get("started", ""))]
     dates = sorted(d[k] for d in data.values() if d for k in ("started", "finished") if d.get(k))
     sizes: dict[int | None, list[str]] = {}
     for name, _ in models:
@@ -513,6 +560,7 @@ def write_report(results: Path, report: Path, nodes: list[int], command: str) ->
         "",
         f"- Date: report written {_dt.date.today().isoformat()}; results from "
         f"{dates[0][:16].replace('T', ' ') if dates else 'n/a'} to {dates[-1][:16].replace('T', ' ') if dates else 'n/a'}.",
+        "- Compiler: " + _versions_line(versions) + ".",
         f"- Machine: {_machine()}; torch {torch.__version__}, torchvision {torchvision.__version__}.",
         "- Models: `disco_compile.zoo.build(name)`, calibrated random weights, batch 1, eval mode; "
         "segmentation builders also get `weights_backbone=None` (no download) and no auxiliary head.",

@@ -52,7 +52,7 @@ def column_scores(layer: MixingLayer, module: nn.Module, out_owner: torch.Tensor
     out_group, _ = _column_group(layer)
     per_group = layer.in_channels // layer.groups
     cols = out_group[mine, None] * per_group + torch.arange(per_group)
-    return torch.zeros(layer.in_channels).index_add_(0, cols.flatten(), sq[mine].flatten())
+    return torch.zeros(layer.in_channels, dtype=sq.dtype).index_add_(0, cols.flatten(), sq[mine].flatten())
 
 
 def weights_used(layer: MixingLayer, out_owner: torch.Tensor, available: torch.Tensor, node: int) -> int:

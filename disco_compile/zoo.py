@@ -19,6 +19,7 @@ import torchvision
 DEFAULT_SIZE = 128
 _EXTRA_KWARGS = {"inception_v3": {"aux_logits": False, "init_weights": True},
                  "googlenet": {"aux_logits": False, "init_weights": True}}
+_SEGMENTATION_KWARGS = {"weights_backbone": None}  # the builders' default downloads ImageNet backbone weights
 
 
 def classification_models() -> list[str]:
@@ -51,7 +52,8 @@ def build(name: str, size: int | None = None, seed: int = 0) -> tuple[nn.Module,
     """A torchvision model by name with calibrated random weights, and an example input (batch 1)."""
     builder = torchvision.models.get_model_builder(name)
     torch.manual_seed(seed)
-    model = builder(weights=None, **_EXTRA_KWARGS.get(name, {}))
+    extra = _SEGMENTATION_KWARGS if name in segmentation_models() else _EXTRA_KWARGS.get(name, {})
+    model = builder(weights=None, **extra)
     side = size or DEFAULT_SIZE
     example = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(seed + 1))
     return calibrate_batchnorm(model, example, seed=seed), example
