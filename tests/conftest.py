@@ -29,6 +29,15 @@ def assert_close(actual, expected, rtol: float = RTOL, atol: float = ATOL, what:
                         f"largest at {worst}: {a[worst].item():.7g} vs {e[worst].item():.7g}")
 
 
+def assert_split_exact(model, nodes, x, **kwargs):
+    """transform(model, nodes, x) and check it computes what the model computes; returns the DISCO model."""
+    from disco_compile import transform
+    dm = transform(model, nodes, x, **kwargs)
+    with torch.no_grad():
+        assert_close(dm(x), model(x), what=f"{type(model).__name__} N={nodes}")
+    return dm
+
+
 @functools.lru_cache(maxsize=2)
 def built(name: str):
     """A zoo model and example input, with its reference output (cached across N)."""

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import assert_close
+from conftest import assert_close, assert_split_exact
 from disco_compile import transform
 from disco_compile.modules import SparseExchange
 
@@ -42,9 +42,7 @@ def test_odd_channel_counts(nodes, bias):
     torch.manual_seed(0)
     model = OddNet(bias).eval()
     x = torch.randn(2, 3, 8, 8)
-    dm = transform(model, nodes, x)
-    with torch.no_grad():
-        assert_close(dm(x), model(x))
+    dm = assert_split_exact(model, nodes, x)
     assert dm.cost().replicated_ops == []
     assert bool(dm.exchanges) == (nodes > 1)
 
@@ -102,9 +100,7 @@ def test_node_weights_give_faster_nodes_more_channels():
     torch.manual_seed(0)
     model = OddNet().eval()
     x = torch.randn(1, 3, 8, 8)
-    dm = transform(model, 2, x, node_weights=[3, 1])
-    with torch.no_grad():
-        assert_close(dm(x), model(x))
+    dm = assert_split_exact(model, 2, x, node_weights=[3, 1])
     stem = next(layer for layer in dm.plan.layers if layer.module == "stem")
     owner = dm.plan.owner_of[stem.out_labels.flatten()]
     assert torch.bincount(owner).tolist() == [10, 3]  # round(13 * 3/4) = 10
@@ -186,9 +182,7 @@ def test_shared_module_called_twice():
     torch.manual_seed(0)
     model = Twice().eval()
     x = torch.randn(1, 3, 6, 6)
-    dm = transform(model, 2, x)
-    with torch.no_grad():
-        assert_close(dm(x), model(x))
+    dm = assert_split_exact(model, 2, x)
 
 
 class ScaledSoftmax(nn.Module):
@@ -209,9 +203,7 @@ def test_constants_and_none_arguments_beside_tensors():
     torch.manual_seed(0)
     model = ScaledSoftmax().eval()
     x = torch.randn(1, 3, 4, 4)
-    dm = transform(model, 2, x)
-    with torch.no_grad():
-        assert_close(dm(x), model(x))
+    dm = assert_split_exact(model, 2, x)
     report = dm.cost()
     assert report.replicated_ops == []
     # softmax over split channels: each node sends (max, sum) for its 16 positions to the other
