@@ -506,7 +506,7 @@ def test_cli_simulate_several_outputs_npz(three, tmp_path):
 
 
 @pytest.mark.parametrize("extra, expected", [
-    ([], "running the nodes on separate machines is not built yet; add --simulate"),
+    ([], "give --simulate to run every node on this machine, or --node K --peers PEERS.yaml"),
     (["--simulate", "--input", "WIDE"], r"input 'x': shape (2, 5), but the model was exported for (batch, 6)"),
     (["--simulate"], "the model takes 1 input(s) ('x'), 0 given (give one --input FILE.npy per model input"),
 ])

@@ -1,10 +1,27 @@
 """The runtime: run an exported DISCO model, one NodeExecutor per node, messages through a Transport.
 
-`run_local` runs every node in one process (threads, InProcTransport); a
-transport between machines is a later addition with the same interface.
+`run_local` runs every node in one process (threads, InProcTransport). Across
+machines, each node runs with a ZmqTransport (ZeroMQ over TCP, CURVE keys):
+`DiscoClient` is node 0 for applications, `serve` runs nodes 1..N-1, and
+`disco-run` wraps both (network.py, zmq_transport.py). The network names load
+on first use, so run_local does not import zmq.
 """
+from importlib import import_module
+
 from .executor import DEFAULT_TIMEOUT, NodeExecutor, check_inputs, run_bundle, run_local
 from .transport import Header, InProcHub, InProcTransport, Transport, check_arrival
 
+_LAZY = {"ZmqTransport": "zmq_transport", "HandshakeError": "zmq_transport", "NetworkConfigError": "zmq_transport",
+         "keygen": "zmq_transport", "load_keys": "zmq_transport", "load_peers": "zmq_transport",
+         "DiscoClient": "network", "serve": "network", "run_processes": "network"}
+
 __all__ = ["run_local", "run_bundle", "NodeExecutor", "check_inputs", "DEFAULT_TIMEOUT", "Transport", "InProcHub",
-           "InProcTransport", "Header", "check_arrival"]
+           "InProcTransport", "Header", "check_arrival", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value

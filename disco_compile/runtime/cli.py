@@ -1,24 +1,41 @@
 """`disco-run`: run an exported DISCO model.
 
-With --simulate every node runs in this process (one thread each, messages
-through the in-process transport, checked as between machines). Every user
-error is one message on stderr and exit code 2.
+    disco-run OUT --simulate ...            every node in this process (threads, in-process transport)
+    disco-run OUT --simulate --procs ...    every node as an OS process on 127.0.0.1, over TCP
+    disco-run OUT --node K --peers P ...    node K of a run across machines (ZeroMQ over TCP)
+    disco-run keygen DIR --nodes N          CURVE keys for the nodes
+
+User errors (bad files, options, peers, keys) are one message on stderr and exit
+code 2; a run that fails (a peer lost, a message or handshake refused, a stage
+failing) is one message naming the node and exit code 1.
 """
 from __future__ import annotations
 
+import logging
+import signal
+import sys
 from pathlib import Path
 
 import click
 import numpy as np
 
 from ..bundle import load_bundle
-from ..errors import DiscoError, InputMismatch
+from ..errors import BundleError, DiscoError, InputMismatch
 from .executor import DEFAULT_TIMEOUT, run_bundle
 
 
 class CliError(click.ClickException):
     """A user error: printed as 'Error: <message>' on stderr, exit code 2 (as click's usage errors)."""
     exit_code = 2
+
+
+class RunError(click.ClickException):
+    """A run that failed (a peer, a message, a stage): 'Error: <message>' on stderr, exit code 1."""
+    exit_code = 1
+
+
+class _Terminated(BaseException):
+    """SIGTERM: stop, telling the peers."""
 
 
 def _load_input(path: Path) -> np.ndarray:
@@ -40,47 +57,140 @@ def _save(path: Path, names: list[str], arrays: list[np.ndarray]) -> None:
         raise CliError(f"--output {path}: cannot be written ({exc})") from exc
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+def _fail(exc: DiscoError) -> click.ClickException:
+    from .zmq_transport import NetworkConfigError
+    if isinstance(exc, (BundleError, NetworkConfigError)):
+        return CliError(str(exc))
+    if isinstance(exc, InputMismatch):
+        return CliError(f"{exc} (give one --input FILE.npy per model input, in order)")
+    return RunError(str(exc))
+
+
+class _DiscoRun(click.Command):
+    """`disco-run OUT ...`, and `disco-run keygen DIR ...` (OUT cannot be named keygen: write ./keygen)."""
+
+    def main(self, args=None, prog_name=None, **extra):
+        args = list(sys.argv[1:] if args is None else args)
+        if args[:1] == ["keygen"]:
+            return keygen_main.main(args[1:], prog_name=f"{prog_name or 'disco-run'} keygen", **extra)
+        return super().main(args, prog_name=prog_name, **extra)
+
+
+@click.command(cls=_DiscoRun, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--simulate", is_flag=True,
-              help="Run every node in this process, one thread each; messages are checked as between machines.")
+              help="Run every node on this machine: in this process, one thread each (messages checked as between "
+                   "machines), or with --procs one OS process each, over TCP on 127.0.0.1.")
+@click.option("--procs", is_flag=True, help="With --simulate: one OS process per node, over TCP on 127.0.0.1 "
+                                            "(free ports; fresh CURVE keys unless --insecure).")
+@click.option("--node", "node", type=click.IntRange(min=0), default=None, metavar="K",
+              help="Run node K of a run across machines (needs --peers, and --keys or --insecure).")
+@click.option("--peers", "peers_file", type=click.Path(dir_okay=False, path_type=Path), metavar="PEERS.yaml",
+              help="Every node's address: one line 'K: HOST:PORT' per node, the same file on every machine.")
+@click.option("--keys", "keys_dir", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+              help="CURVE keys from 'disco-run keygen': DIR/nodeK.key_secret and DIR/public_keys/ (every node's "
+                   "public key; only those may connect).")
+@click.option("--insecure", is_flag=True, help="Run over the network without keys: no authentication, no "
+                                               "encryption. Needed explicitly when there are no --keys.")
+@click.option("--bind", metavar="HOST:PORT", help="Listen here instead of at this node's address in --peers.")
+@click.option("--stay", is_flag=True, help="Nodes 1..N-1: keep serving after a failure (once the peers are back) "
+                                           "and after node 0 leaves; stop with SIGTERM.")
 @click.option("--input", "input_files", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
-              metavar="FILE.npy", help="One per model input, in the model's input order (numpy.save files).")
+              metavar="FILE.npy", help="One per model input, in the model's input order (numpy.save files); on "
+                                       "node 0 only.")
 @click.option("--output", "output_file", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
               help="Where to save the outputs: FILE.npy for a model with one output; FILE.npz (arrays named "
                    "as the model outputs) for any number. Without it, the outputs' shapes are printed.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Node 0: split the inputs into requests of this many samples, all in flight together.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_TIMEOUT, show_default=True,
-              help="Seconds a node waits for one message before every node stops with an error.")
+              help="Seconds a node waits for one message, and seconds of silence after which a peer is lost; then "
+                   "every node stops with an error.")
+@click.option("--connect-timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
+              help="Seconds a node waits at start for every peer to answer the handshake.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="onnxruntime threads per node.")
-def main(out: Path, simulate: bool, input_files: tuple[Path, ...], output_file: Path | None, timeout: float,
-         threads: int) -> None:
+def main(out: Path, simulate: bool, procs: bool, node: int | None, peers_file: Path | None, keys_dir: Path | None,
+         insecure: bool, bind: str | None, stay: bool, input_files: tuple[Path, ...], output_file: Path | None,
+         batch_size: int | None, timeout: float, connect_timeout: float, threads: int) -> None:
     """Run the exported DISCO model in directory OUT.
 
     \b
     Example: all nodes in this process, input from x.npy, output to y.npy:
       disco-run out/ --simulate --input x.npy --output y.npy
+    All nodes as processes on this machine, over TCP with fresh keys:
+      disco-run out/ --simulate --procs --input x.npy --output y.npy
+    Across machines (the same OUT, peers.yaml and keys folder on each):
+      disco-run keygen keys/ --nodes 2
+      disco-run out/ --node 1 --peers peers.yaml --keys keys/
+      disco-run out/ --node 0 --peers peers.yaml --keys keys/ --input x.npy --output y.npy
 
     Each --input file holds one model input, batch first; the other dimensions
-    and the dtype must be those the model was exported with.
+    and the dtype must be those the model was exported with. A peers.yaml has
+    one line per node: '0: 10.0.0.1:5550'.
     """
-    if not simulate:
-        raise CliError("running the nodes on separate machines is not built yet; add --simulate to run every "
-                       "node in this process")
     if output_file is not None and output_file.suffix not in (".npy", ".npz"):
         raise CliError(f"--output {output_file}: give a .npy file (one output) or a .npz file")
+    network = {"--peers": peers_file, "--keys": keys_dir, "--insecure": insecure or None, "--bind": bind,
+               "--stay": stay or None}
+    if simulate and node is not None:
+        raise CliError("give --simulate (every node on this machine) or --node K (one node), not both")
+    if procs and not simulate:
+        raise CliError("--procs goes with --simulate")
+    if not simulate and node is None:
+        raise CliError("give --simulate to run every node on this machine, or --node K --peers PEERS.yaml to run "
+                       "node K of a run across machines")
+    if keys_dir is not None and insecure:
+        raise CliError("give --keys DIR or --insecure, not both")
+    if simulate:
+        given = [name for name, v in network.items() if v is not None and not (procs and name in ("--insecure",))]
+        if given:
+            raise CliError(f"{', '.join(given)}: only for runs over the network (--node K)"
+                           + ("" if procs else "; --simulate --procs takes --insecure"))
+        if batch_size is not None:
+            raise CliError("--batch-size: only with --node 0")
+        _simulate(out, procs, insecure, input_files, output_file, timeout, connect_timeout, threads)
+        return
+    if peers_file is None:
+        raise CliError(f"--node {node}: give --peers PEERS.yaml (one line 'K: HOST:PORT' per node)")
+    if keys_dir is None and not insecure:
+        raise CliError("give --keys DIR (made with 'disco-run keygen DIR --nodes N') or, to run without "
+                       "authentication and encryption, --insecure")
+    if node == 0 and not input_files:
+        raise CliError("--node 0 takes the model inputs: give --input FILE.npy (one per model input)")
+    if node != 0 and (input_files or output_file or batch_size):
+        raise CliError(f"--input, --output and --batch-size are for node 0; node {node} gets its inputs from node 0")
+    if node == 0 and stay:
+        raise CliError("--stay is for nodes 1..N-1 (node 0 runs its inputs and ends)")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        bundle = load_bundle(out)
-        names = [t.name for t in bundle.schedule.outputs]
-        if output_file is not None and output_file.suffix == ".npy" and len(names) != 1:
-            raise CliError(f"--output {output_file}: the model has {len(names)} outputs ({', '.join(names)}); "
-                           f"give a .npz file to save them all")
-        inputs = [_load_input(p) for p in input_files]
-        outputs = run_bundle(bundle, inputs, timeout=timeout, threads=threads)
-    except InputMismatch as exc:
-        raise CliError(f"{exc} (give one --input FILE.npy per model input, in order)") from exc
+        if node == 0:
+            _node0(out, peers_file, keys_dir, insecure, bind, input_files, output_file, batch_size, timeout,
+                   connect_timeout, threads)
+        else:
+            from .network import serve
+            served = serve(out, node, peers_file, keys=keys_dir, insecure=insecure, timeout=timeout,
+                           connect_timeout=connect_timeout, threads=threads, stay=stay, bind=bind)
+            click.echo(f"node {node}: served {served} request(s)")
     except DiscoError as exc:
-        raise CliError(str(exc)) from exc
+        raise _fail(exc) from exc
+    except _Terminated:
+        click.echo(f"node {node}: stopped by SIGTERM", err=True)
+        sys.exit(143)
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
+def _check_output_file(output_file: Path | None, names: list[str]) -> None:
+    if output_file is not None and output_file.suffix == ".npy" and len(names) != 1:
+        raise CliError(f"--output {output_file}: the model has {len(names)} outputs ({', '.join(names)}); "
+                       f"give a .npz file to save them all")
+
+
+def _report(output_file: Path | None, names: list[str], outputs: list[np.ndarray]) -> None:
     if output_file is not None:
         _save(output_file, names, outputs)
         click.echo(f"wrote {len(outputs)} output(s) to {output_file}")
@@ -88,6 +198,73 @@ def main(out: Path, simulate: bool, input_files: tuple[Path, ...], output_file: 
         for name, value in zip(names, outputs):
             click.echo(f"{name}: {value.dtype.name} {'x'.join(str(d) for d in value.shape)}")
         click.echo("(give --output FILE to save them)")
+
+
+def _simulate(out, procs, insecure, input_files, output_file, timeout, connect_timeout, threads) -> None:
+    try:
+        bundle = load_bundle(out)
+        names = [t.name for t in bundle.schedule.outputs]
+        _check_output_file(output_file, names)
+        inputs = [_load_input(p) for p in input_files]
+        if procs:
+            from .executor import check_inputs
+            from .network import run_processes
+            check_inputs(bundle.schedule, inputs)  # refuse bad inputs before starting anything
+            by_name = run_processes(bundle, input_files, insecure=insecure, timeout=timeout,
+                                    connect_timeout=connect_timeout, threads=threads)
+            outputs = [by_name[n] for n in names]
+        else:
+            outputs = run_bundle(bundle, inputs, timeout=timeout, threads=threads)
+    except InputMismatch as exc:
+        raise CliError(f"{exc} (give one --input FILE.npy per model input, in order)") from exc
+    except DiscoError as exc:
+        raise (_fail(exc) if procs else CliError(str(exc))) from exc
+    _report(output_file, names, outputs)
+
+
+def _node0(out, peers_file, keys_dir, insecure, bind, input_files, output_file, batch_size, timeout,
+           connect_timeout, threads) -> None:
+    from .executor import check_inputs
+    from .network import DiscoClient
+    bundle = load_bundle(out)
+    names = [t.name for t in bundle.schedule.outputs]
+    _check_output_file(output_file, names)
+    inputs = [_load_input(p) for p in input_files]
+    check_inputs(bundle.schedule, inputs)
+    with DiscoClient(bundle, peers_file, keys=keys_dir, insecure=insecure, timeout=timeout,
+                     connect_timeout=connect_timeout, threads=threads, bind=bind) as client:
+        total = inputs[0].shape[0]
+        if batch_size is None or batch_size >= total:
+            outputs = client(inputs)
+        else:
+            parts = client.map([[a[i:i + batch_size] for a in inputs] for i in range(0, total, batch_size)])
+            outputs = [np.concatenate([p[j] for p in parts]) for j in range(len(names))]
+    _report(output_file, names, outputs)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--nodes", type=click.IntRange(min=1), required=True, help="How many nodes the export has.")
+@click.option("--force", is_flag=True, help="Replace keys already in DIRECTORY.")
+def keygen_main(directory: Path, nodes: int, force: bool) -> None:
+    """Make CURVE keys for NODES nodes in DIRECTORY.
+
+    \b
+    Writes DIRECTORY/nodeK.key and nodeK.key_secret for every node K, and
+    DIRECTORY/public_keys/ with every node's public key. Give machine K
+    the public_keys folder and its own nodeK.key_secret (keep that one
+    secret: it is the node's identity), then run it with --keys DIRECTORY.
+    A node accepts connections only from the keys in its public_keys folder.
+    """
+    from .zmq_transport import NetworkConfigError, keygen
+    try:
+        keygen(directory, nodes, force=force)
+    except NetworkConfigError as exc:
+        raise CliError(str(exc)) from exc
+    except OSError as exc:
+        raise CliError(f"{directory}: cannot write the keys ({exc})") from exc
+    click.echo(f"wrote key pairs for nodes 0..{nodes - 1} to {directory}, public keys in {directory}/public_keys; "
+               f"give machine K the public_keys folder and nodeK.key_secret")
 
 
 if __name__ == "__main__":
