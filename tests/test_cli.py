@@ -161,10 +161,10 @@ def test_help_explains_every_option():
     result = invoke("--help")
     assert result.exit_code == 0
     assert "disco-compile resnet50 --nodes 2 --budget 0.2" in result.stdout
+    assert "disco-compile resnet50 --nodes 2 --budget 0.2 --out shards/" in result.stdout
     for option in ("--nodes", "--budget", "--input-shape", "--arch", "--trust-pickle", "--node-weights",
-                   "--leaf-module", "--input-on-all-nodes", "--json"):
+                   "--leaf-module", "--input-on-all-nodes", "--json", "--out", "--force"):
         assert option in result.stdout
-    assert "--out" not in result.stdout
 
 
 def test_installed_script(tmp_path):
