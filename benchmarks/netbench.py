@@ -1,0 +1,503 @@
+"""Latency and throughput of ResNet-50 split across 2 nodes over a shaped network (run as root).
+
+Two network namespaces (one per node) joined by a veth pair, 10.77.0.1/24 (node 0) and
+10.77.0.2/24 (node 1), addresses that exist only inside those namespaces. Each direction is
+shaped with `tc qdisc add dev VETH root tbf rate R burst 32kbit latency 400ms` for R in
+1gbit, 100mbit, and also left unshaped. Node 0's process is pinned with `taskset -c 0`, node 1's
+with `taskset -c 1`. onnxruntime one thread per node.
+
+Workloads (ResNet-50, 1x3x224x224, zoo.build("resnet50", 224), N=2):
+  whole   the original model exported with torch.onnx.export(dynamo=False, opset 17), timed with
+          onnxruntime (1 thread) inside namespace 1, no network;
+  dense   transform(model, 2, x) (rho=1), export;
+  disco   the same after set_budget(0.2), export.
+For dense/disco, node 1 runs `disco-run OUT --node 1 --peers peers.yaml --insecure` in its namespace
+and node 0 is a driver (this file, `_client`) using DiscoClient in the other namespace: median and p90
+latency of sequential requests after warm-up, and throughput with several requests in flight.
+
+Model bound per configuration: max(slowest node's compute time measured alone (all of its stages, one
+onnxruntime thread, no network, pre-captured inputs), bytes per inference in the busier direction
+(schedule.json, sum of message bytes by direction) / link rate). Unshaped: compute only.
+
+Run:  sudo .venv/bin/python benchmarks/netbench.py [--work /tmp/netbench] [--reps 30] [--pipe 40]
+Writes docs/latency.md (results table and the commands) and WORK/results.json.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+NS = ("discobench0", "discobench1")
+VETH = ("dbveth0", "dbveth1")
+ADDR = ("10.77.0.1", "10.77.0.2")
+PORTS = (47100, 47101)
+RATES = {"unshaped": None, "1gbit": 1e9, "100mbit": 1e8}
+WORKLOADS = ("whole", "dense", "disco")
+TIMEOUT = 120.0  # disco-run --timeout: several requests queue on the worker at 100 Mbit/s
+
+
+def sh(cmd, check=True, **kw):
+    return subprocess.run(cmd, check=check, text=True, capture_output=True, **kw)
+
+
+def ort_opts(ort):
+    o = ort.SessionOptions()
+    o.intra_op_num_threads = 1
+    o.inter_op_num_threads = 1
+    o.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    o.log_severity_level = 3
+    return o
+
+
+# ================================================================ preparation (torch, outside namespaces)
+
+def prepare(work: Path) -> None:
+    if (work / "done").exists():
+        return
+    import numpy as np
+    import torch
+    from disco_compile import transform
+    from disco_compile.export import export
+    from disco_compile.zoo import build
+    work.mkdir(parents=True, exist_ok=True)
+    model, x = build("resnet50", 224)
+    np.save(work / "x.npy", x.numpy())
+    torch.onnx.export(model, (x,), str(work / "whole.onnx"), dynamo=False, opset_version=17,
+                      input_names=["x"], output_names=["y"])
+    np.save(work / "ref.npy", model(x).detach().numpy())
+    dm = transform(model, 2, x)
+    t = time.time()
+    export(dm, work / "dense", force=True)
+    dm.set_budget(0.2)
+    export(dm, work / "disco", force=True)
+    print(f"exported dense and disco in {time.time() - t:.0f} s", flush=True)
+    (work / "done").write_text("ok")
+
+
+# ================================================================ children (numpy + onnxruntime only)
+
+def child_compute(work: Path, reps: int) -> None:
+    """Per-node compute alone (stages with pre-captured inputs) and the whole model, one thread."""
+    import numpy as np
+    import onnxruntime as ort
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from node_compute import _capture, _fetch
+    x = np.load(work / "x.npy")
+    res = {}
+    whole = ort.InferenceSession(str(work / "whole.onnx"), ort_opts(ort), providers=["CPUExecutionProvider"])
+    targets = {"whole": [(whole, None, {"x": x})]}
+    for wl in ("dense", "disco"):
+        sched = json.loads((work / wl / "schedule.json").read_text())
+        sessions = [[ort.InferenceSession(str(work / wl / st["file"]), ort_opts(ort),
+                                          providers=["CPUExecutionProvider"]) for st in p] for p in sched["programs"]]
+        feeds, _, outputs = _capture(sched, sessions, x)
+        y = outputs[sched["outputs"][0]["name"]]
+        res[f"{wl}_maxdiff_vs_torch"] = float(np.abs(y - np.load(work / "ref.npy")).max())
+        for k, prog in enumerate(sched["programs"]):
+            targets[f"{wl}{k}"] = [(s, _fetch(st), f) for s, st, f in zip(sessions[k], prog, feeds[k])]
+    times = {t: [] for t in targets}
+    names = list(targets)
+    for rep in range(reps + 3):
+        for t in names[rep % len(names):] + names[:rep % len(names)]:
+            t0 = time.perf_counter()
+            for s, fetch, feed in targets[t]:
+                s.run(fetch, feed)
+            if rep >= 3:
+                times[t].append(time.perf_counter() - t0)
+    res.update({t: statistics.median(v) for t, v in times.items()})
+    # critical path with zero communication cost: every stage timed alone (median), each starting when its
+    # node's previous stage has ended and every message it reads has been produced
+    for wl in ("dense", "disco"):
+        sched = json.loads((work / wl / "schedule.json").read_text())
+        st_t = []
+        for k in range(len(sched["programs"])):
+            per = [[] for _ in targets[f"{wl}{k}"]]
+            for _ in range(max(3, reps // 3)):
+                for i, (s, fetch, feed) in enumerate(targets[f"{wl}{k}"]):
+                    t0 = time.perf_counter()
+                    s.run(fetch, feed)
+                    per[i].append(time.perf_counter() - t0)
+            st_t.append([statistics.median(v) for v in per])
+        producer = {m["id"]: (m["src"], m["src_stage"]) for m in sched["messages"]}
+        end, nxt = {}, [0] * len(st_t)
+        while any(nxt[k] < len(p) for k, p in enumerate(st_t)):
+            for k, prog in enumerate(sched["programs"]):
+                if nxt[k] >= len(prog):
+                    continue
+                i = nxt[k]
+                deps = [producer[x["ref"]] for x in prog[i]["inputs"] if x["source"] == "message"]
+                if any(d not in end for d in deps):
+                    continue
+                start = max([end.get((k, i - 1), 0.0)] + [end[d] for d in deps])
+                end[(k, i)] = start + st_t[k][i]
+                nxt[k] += 1
+        res[f"{wl}_critical_path"] = max(end.values())
+        res[f"{wl}_stages"] = [len(p) for p in st_t]
+    print(json.dumps(res))
+
+
+def child_whole(work: Path, reps: int, pipe: int) -> None:
+    import numpy as np
+    import onnxruntime as ort
+    s = ort.InferenceSession(str(work / "whole.onnx"), ort_opts(ort), providers=["CPUExecutionProvider"])
+    x = np.load(work / "x.npy")
+    for _ in range(5):
+        s.run(None, {"x": x})
+    lat = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        s.run(None, {"x": x})
+        lat.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for _ in range(pipe):  # one thread, one core: back-to-back is its throughput
+        s.run(None, {"x": x})
+    print(json.dumps({"lat": lat, "tput": pipe / (time.perf_counter() - t0)}))
+
+
+def child_client(out: Path, peers: Path, work: Path, reps: int, pipe: int, inflight: int) -> None:
+    import numpy as np
+    from disco_compile.runtime.network import DiscoClient
+    x = np.load(work / "x.npy")
+    ref = np.load(work / "ref.npy")
+    with DiscoClient(out, peers, insecure=True, timeout=TIMEOUT, connect_timeout=60, threads=1,
+                     max_in_flight=inflight) as client:
+        y, = client([x])
+        for _ in range(4):
+            client([x])
+        lat = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            client([x])
+            lat.append(time.perf_counter() - t0)
+        client.map([[x]] * inflight)  # warm the pool threads
+        print("PIPE", flush=True)  # the parent reads node 1's CPU time at these two marks
+        t0, c0 = time.perf_counter(), time.process_time()
+        ys = client.map([[x]] * pipe)
+        tput = pipe / (time.perf_counter() - t0)
+        cpu = (time.process_time() - c0) / pipe  # node 0's CPU seconds per inference, pipelined
+        print("DONE", flush=True)
+    print(json.dumps({"lat": lat, "tput": tput, "cpu0": cpu, "maxdiff": float(np.abs(y - ref).max()),
+                      "pipe_maxdiff": float(max(np.abs(o[0] - ys[0][0]).max() for o in ys))}))
+
+
+def child_sink(port: int) -> None:
+    import socket
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((ADDR[1], port))
+    srv.listen(1)
+    c, _ = srv.accept()
+    n = 0
+    while True:
+        b = c.recv(1 << 20)
+        if not b:
+            break
+        n += len(b)
+    c.close()
+
+
+def child_source(port: int, mbytes: int) -> None:
+    import socket
+    for _ in range(100):
+        try:
+            c = socket.create_connection((ADDR[1], port))
+            break
+        except OSError:
+            time.sleep(0.05)
+    buf = b"\0" * (1 << 20)
+    t0 = time.perf_counter()
+    for _ in range(mbytes):
+        c.sendall(buf)
+    c.shutdown(socket.SHUT_WR)
+    c.recv(1)
+    print(json.dumps({"rate_bps": mbytes * (1 << 20) * 8 / (time.perf_counter() - t0)}))
+
+
+# ================================================================ namespaces
+
+def cleanup() -> None:
+    for ns in NS:
+        sh(["ip", "netns", "del", ns], check=False)  # deleting a namespace removes its veth end too
+
+
+def setup_net() -> None:
+    cleanup()
+    for ns in NS:
+        sh(["ip", "netns", "add", ns])
+    sh(["ip", "link", "add", VETH[0], "netns", NS[0], "type", "veth", "peer", "name", VETH[1], "netns", NS[1]])
+    for ns, dev, addr in zip(NS, VETH, ADDR):
+        sh(["ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev])
+        sh(["ip", "-n", ns, "link", "set", dev, "up"])
+        sh(["ip", "-n", ns, "link", "set", "lo", "up"])
+
+
+def shape(rate: str) -> list[str]:
+    cmds = []
+    for ns, dev in zip(NS, VETH):
+        sh(["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", dev, "root"], check=False)
+        if RATES[rate] is not None:
+            cmd = ["tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate, "burst", "32kbit",
+                   "latency", "400ms"]
+            sh(["ip", "netns", "exec", ns] + cmd)
+            cmds.append(f"ip netns exec {ns} " + " ".join(cmd))
+    return cmds
+
+
+CHILDREN: list[subprocess.Popen] = []
+
+
+def in_ns(k: int, argv: list[str]) -> list[str]:
+    return ["ip", "netns", "exec", NS[k], "taskset", "-c", str(k)] + argv
+
+
+def run_child(k: int, argv: list[str], timeout: float) -> dict:
+    p = subprocess.Popen(in_ns(k, argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    CHILDREN.append(p)
+    out, err = p.communicate(timeout=timeout)
+    CHILDREN.remove(p)
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} exited {p.returncode}:\n{err[-3000:]}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def link_rate(rate: str) -> float:
+    sink = subprocess.Popen(in_ns(1, [PY, __file__, "_sink", str(PORTS[1] + 10)]), cwd=ROOT)
+    CHILDREN.append(sink)
+    try:
+        mb = 200 if rate != "100mbit" else 40
+        return run_child(0, [PY, __file__, "_source", str(PORTS[1] + 10), str(mb)], 120)["rate_bps"]
+    finally:
+        sink.wait(10)
+        CHILDREN.remove(sink)
+
+
+def run_disco(work: Path, wl: str, args) -> dict:
+    out = work / wl
+    peers = work / "peers.yaml"
+    worker_cmd = [str(ROOT / ".venv/bin/disco-run"), str(out), "--node", "1", "--peers", str(peers), "--insecure",
+                  "--timeout", str(TIMEOUT), "--connect-timeout", "60", "--threads", "1"]
+    worker = subprocess.Popen(in_ns(1, worker_cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              cwd=ROOT)
+    CHILDREN.append(worker)
+    try:
+        client = subprocess.Popen(in_ns(0, [PY, __file__, "_client", str(out), str(peers), str(work),
+                                            str(args.reps), str(args.pipe), str(args.inflight)]),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        CHILDREN.append(client)
+
+        def cpu1():  # ip netns exec and taskset exec: worker.pid is disco-run itself
+            f = open(f"/proc/{worker.pid}/stat").read().rsplit(")", 1)[1].split()
+            return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+        marks, last = [], ""
+        for line in client.stdout:
+            if line.strip() in ("PIPE", "DONE"):
+                marks.append(cpu1())
+            last = line
+        err = client.stderr.read()
+        client.wait(900)
+        CHILDREN.remove(client)
+        if client.returncode != 0:
+            raise RuntimeError(f"client exited {client.returncode}:\n{err[-3000:]}")
+        res = json.loads(last)
+        res["cpu1"] = (marks[1] - marks[0]) / args.pipe  # node 1's CPU seconds per inference, pipelined
+        _, err = worker.communicate(timeout=30)
+        res["worker_rc"] = worker.returncode
+        if worker.returncode != 0:
+            res["worker_err"] = err[-2000:]
+        return res
+    finally:
+        if worker.poll() is None:
+            worker.terminate()
+            worker.wait(10)
+        CHILDREN.remove(worker)
+
+
+# ================================================================ main
+
+def schedule_bytes(work: Path, wl: str) -> dict:
+    sched = json.loads((work / wl / "schedule.json").read_text())
+    by = {}
+    for m in sched["messages"]:
+        by[f"{m['src']}->{m['dst']}"] = by.get(f"{m['src']}->{m['dst']}", 0) + m["bytes"]
+    return by
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", type=Path, default=Path("/tmp/netbench"))
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--pipe", type=int, default=40)
+    ap.add_argument("--inflight", type=int, default=4)
+    ap.add_argument("--compute-reps", type=int, default=15)
+    ap.add_argument("--rates", default="unshaped,1gbit,100mbit")
+    ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "latency.md")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("run as root (network namespaces, tc)")
+    work = args.work.resolve()
+
+    def on_signal(signum, frame):
+        raise SystemExit(f"signal {signum}")
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+
+    prepare(work)
+    (work / "peers.yaml").write_text("".join(f"{k}: {a}:{p}\n" for k, (a, p) in enumerate(zip(ADDR, PORTS))))
+    print("compute alone ...", flush=True)
+    comp = json.loads(sh(["taskset", "-c", "1", PY, __file__, "_compute", str(work), str(args.compute_reps)],
+                         cwd=ROOT).stdout.strip().splitlines()[-1])
+    print(json.dumps(comp), flush=True)
+    results = {"compute": comp, "bytes": {wl: schedule_bytes(work, wl) for wl in ("dense", "disco")},
+               "runs": {}, "tc": {}, "link": {}}
+    try:
+        setup_net()
+        for rate in args.rates.split(","):
+            results["tc"][rate] = shape(rate)
+            results["link"][rate] = link_rate(rate)
+            print(f"[{rate}] TCP bulk rate {results['link'][rate] / 1e6:.0f} Mbit/s", flush=True)
+            for wl in WORKLOADS:
+                t0 = time.time()
+                if wl == "whole":
+                    r = run_child(1, [PY, __file__, "_whole", str(work), str(args.reps), str(args.pipe)], 600)
+                else:
+                    r = run_disco(work, wl, args)
+                r["wall_s"] = time.time() - t0
+                results["runs"][f"{wl}/{rate}"] = r
+                lat = sorted(r["lat"])
+                print(f"[{rate}] {wl}: median {statistics.median(lat) * 1e3:.1f} ms, "
+                      f"p90 {lat[int(0.9 * (len(lat) - 1))] * 1e3:.1f} ms, {r['tput']:.2f}/s "
+                      f"({r['wall_s']:.0f} s)", flush=True)
+                (work / "results.json").write_text(json.dumps(results, indent=1))
+    finally:
+        for p in list(CHILDREN):
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(5)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+        cleanup()
+    (work / "results.json").write_text(json.dumps(results, indent=1))
+    write_doc(results, args)
+
+
+def bound(results, wl, rate) -> float:
+    comp = results["compute"]
+    if wl == "whole":
+        return comp["whole"]
+    c = max(comp[f"{wl}0"], comp[f"{wl}1"])
+    if RATES[rate] is None:
+        return c
+    return max(c, max(results["bytes"][wl].values()) * 8 / RATES[rate])
+
+
+def write_doc(results, args) -> None:
+    def p90(v):
+        v = sorted(v)
+        return v[int(0.9 * (len(v) - 1))]
+    rates = [r for r in RATES if any(k.endswith("/" + r) for k in results["runs"])]
+    label = {"whole": "whole model (1 node)", "dense": "dense split (rho=1)", "disco": "DISCO rho=0.2"}
+    lines = ["# Latency over a network: ResNet-50 on 2 nodes", "",
+             f"Measured {datetime.date.today().isoformat()} by `benchmarks/netbench.py` on {platform.node()}: "
+             f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
+             "both nodes on this one machine, each in its own network namespace, pinned to its own core. "
+             "onnxruntime 1 thread per node. Input 1x3x224x224, `zoo.build(\"resnet50\", 224)`.", "",
+             "| workload | link | median ms | p90 ms | throughput /s | bound ms | median/bound | throughput x bound |",
+             "|---|---|---|---|---|---|---|---|"]
+    med = {}
+    for wl in WORKLOADS:
+        for rate in rates:
+            r = results["runs"].get(f"{wl}/{rate}")
+            if r is None:
+                continue
+            m = statistics.median(r["lat"])
+            med[(wl, rate)] = (m, r["tput"])
+            b = bound(results, wl, rate)
+            lines.append(f"| {label[wl]} | {rate} | {m * 1e3:.1f} | {p90(r['lat']) * 1e3:.1f} | {r['tput']:.2f} | "
+                         f"{b * 1e3:.1f} | {m / b:.2f} | {r['tput'] * b:.2f} |")
+    comp = results["compute"]
+    lines += ["", "Bound = max(slowest node's compute alone, bytes in the busier direction / link rate); for the "
+              "whole model, its compute alone. `throughput x bound` is the achieved fraction of the bound's "
+              "throughput (1/bound).", "",
+              f"Compute alone (ms, median of {args.compute_reps}, one thread, core 1): whole "
+              f"{comp['whole'] * 1e3:.1f}; dense node0 {comp['dense0'] * 1e3:.1f}, node1 {comp['dense1'] * 1e3:.1f}; "
+              f"DISCO node0 {comp['disco0'] * 1e3:.1f}, node1 {comp['disco1'] * 1e3:.1f}. Stages per node: dense "
+              f"{comp['dense_stages']}, DISCO {comp['disco_stages']}. Critical path of the stage graph with every stage "
+              f"timed alone and zero communication cost: dense {comp['dense_critical_path'] * 1e3:.1f}, DISCO "
+              f"{comp['disco_critical_path'] * 1e3:.1f} (so the stage dependencies themselves cost almost nothing).",
+              "", "CPU seconds per inference during the pipelined phase (node 0: the client process's "
+              "process_time; node 1: utime+stime of the disco-run process from /proc), against the node's "
+              "onnxruntime compute alone:", "", "| workload | link | node 0 CPU ms | node 1 CPU ms | compute alone ms (n0/n1) |",
+              "|---|---|---|---|---|",
+              *[f"| {label[wl]} | {rate} | {r['cpu0'] * 1e3:.1f} | {r['cpu1'] * 1e3:.1f} | "
+                f"{comp[wl + '0'] * 1e3:.1f} / {comp[wl + '1'] * 1e3:.1f} |"
+                for wl in ("dense", "disco") for rate in rates
+                for r in [results["runs"].get(f"{wl}/{rate}")] if r and "cpu1" in r], "",
+              "Bytes per inference (schedule.json): " + "; ".join(
+                  f"{wl} " + ", ".join(f"{d} {b / 1e6:.2f} MB" for d, b in sorted(results["bytes"][wl].items()))
+                  for wl in ("dense", "disco")) + ".", "",
+              "Measured TCP bulk rate node0->node1 (one connection, Python sockets): " + ", ".join(
+                  f"{r} {v / 1e6:.0f} Mbit/s" for r, v in results["link"].items()) + ".", "",
+              "## Goals", ""]
+
+    def ratio(a, b, rate):
+        if (a, rate) in med and (b, rate) in med:
+            return med[(b, rate)][0] / med[(a, rate)][0], med[(a, rate)][1] / med[(b, rate)][1]
+        return None
+    for a, b, rate, goal in (("disco", "dense", "100mbit", ">= 4x"), ("disco", "dense", "1gbit", ">= 4x"),
+                             ("disco", "whole", "1gbit", "> 1x (faster)"),
+                             ("disco", "whole", "unshaped", ">= 1.8x")):
+        r = ratio(a, b, rate)
+        if r:
+            lines.append(f"- DISCO vs {b} at {rate}: latency {r[0]:.2f}x faster, throughput {r[1]:.2f}x "
+                         f"(goal {goal})")
+    for rate in rates:
+        if ("disco", rate) in med:
+            lines.append(f"- DISCO latency / bound at {rate}: {med[('disco', rate)][0] / bound(results, 'disco', rate):.2f}"
+                         " (goal <= 1.3)")
+    lines += ["", "## Commands", "", "```", "sudo .venv/bin/python benchmarks/netbench.py " + " ".join(sys.argv[1:]),
+              "```", "", "What it runs (namespaces discobench0/discobench1, veth dbveth0/dbveth1):", "", "```",
+              "ip netns add discobench0; ip netns add discobench1",
+              "ip link add dbveth0 netns discobench0 type veth peer name dbveth1 netns discobench1",
+              "ip -n discobench0 addr add 10.77.0.1/24 dev dbveth0; ip -n discobench1 addr add 10.77.0.2/24 dev dbveth1",
+              "ip -n discobench{0,1} link set dbveth{0,1} up",
+              *sorted({c for cs in results["tc"].values() for c in cs}),
+              "# peers.yaml: 0: 10.77.0.1:47100 / 1: 10.77.0.2:47101",
+              f"ip netns exec discobench1 taskset -c 1 .venv/bin/disco-run OUT --node 1 --peers peers.yaml --insecure "
+              f"--timeout {TIMEOUT} --connect-timeout 60 --threads 1",
+              f"ip netns exec discobench0 taskset -c 0 python benchmarks/netbench.py _client OUT peers.yaml WORK "
+              f"{args.reps} {args.pipe} {args.inflight}   # DiscoClient(max_in_flight={args.inflight})",
+              f"ip netns exec discobench1 taskset -c 1 python benchmarks/netbench.py _whole WORK {args.reps} {args.pipe}",
+              "```", "", f"Latency: {args.reps} sequential requests after 5 warm-up; throughput: {args.pipe} requests "
+              f"submitted at once, {args.inflight} in flight (whole model: back to back).", ""]
+    args.doc.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1].startswith("_"):
+        cmd, rest = sys.argv[1], sys.argv[2:]
+        if cmd == "_compute":
+            child_compute(Path(rest[0]), int(rest[1]))
+        elif cmd == "_whole":
+            child_whole(Path(rest[0]), int(rest[1]), int(rest[2]))
+        elif cmd == "_client":
+            child_client(Path(rest[0]), Path(rest[1]), Path(rest[2]), int(rest[3]), int(rest[4]), int(rest[5]))
+        elif cmd == "_sink":
+            child_sink(int(rest[0]))
+        elif cmd == "_source":
+            child_source(int(rest[0]), int(rest[1]))
+    else:
+        main()
