@@ -114,3 +114,12 @@ def write_section(name: str, body: str, path: Path = DOC) -> None:
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def publish(section: str, text: str, write: bool) -> None:
+    """Print a section and, unless told not to, write it into its place in docs/performance.md."""
+    print()
+    print(text)
+    if write:
+        write_section(section, text)
+        print(f"wrote the {section} section of {DOC}")

@@ -159,12 +159,7 @@ def main() -> None:
         lines.append(f"| {k} | {part_med[k]:.2f} | {first['counts'][k]} |")
     lines += ["", f"Not counted above: importing torch and disco_compile {med['import']:.1f} s, building the "
                   f"model with calibrated random weights {med['build']:.1f} s (medians).", ""]
-    text = "\n".join(lines)
-    print()
-    print(text)
-    if not args.no_write:
-        _perfdoc.write_section("compile_time", text)
-        print(f"wrote the compile_time section of {_perfdoc.DOC}")
+    _perfdoc.publish("compile_time", "\n".join(lines), write=not args.no_write)
 
 
 if __name__ == "__main__":

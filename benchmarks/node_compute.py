@@ -766,12 +766,7 @@ def run(args, work: Path, cmd: str) -> None:
                   "(Not `getrusage(RUSAGE_SELF).ru_maxrss`: on Linux a child started by fork+exec keeps the "
                   "parent's high-water mark there, here the torch process that made the export.) No goal was set "
                   "for memory.", ""]
-    text = "\n".join(lines)
-    print()
-    print(text)
-    if not args.no_write:
-        _perfdoc.write_section("node_compute", text)
-        print(f"wrote the node_compute section of {_perfdoc.DOC}")
+    _perfdoc.publish("node_compute", "\n".join(lines), write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,9 @@ import traceback
 from collections import Counter
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _perfdoc  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "zoo"
 REPORT = ROOT / "docs" / "coverage.md"
@@ -497,22 +500,13 @@ def overall(data: dict | None, nodes: list[int]) -> str:
 
 
 def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     mem = None
     try:
         mem = int(Path("/proc/meminfo").read_text().split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (f"{cores}-core CPU ({cpu}), {mem / 2**30:.0f} GiB RAM, no GPU; one process at a time, "
-            f"torch.set_num_threads(1)" if mem else f"{cores}-core CPU ({cpu}), no GPU")
+    ram = f", {mem / 2**30:.0f} GiB RAM" if mem else ""
+    return f"{_perfdoc.machine()}{ram}, no GPU; one process at a time, torch.set_num_threads(1)"
 
 
 def _versions_line(versions: list[str]) -> str:

@@ -6,9 +6,9 @@ The public names below load their module on first use, so running an export
 (`run_local`, `disco-run`) does not import torch."""
 from __future__ import annotations
 
-from importlib import import_module
 from typing import TYPE_CHECKING
 
+from ._lazy import lazy_attributes
 from .errors import (BudgetError, BundleError, DiscoError, ExampleInputError, InputMismatch, MessageError,
                      NodeFailure, PartitionError, PeerFailed, PeerTimeout, StageFailure, TraceFailure)
 
@@ -24,12 +24,7 @@ __all__ = ["transform", "run_local", "DiscoModel", "CostReport", "DiscoError", "
            "PeerFailed", "StageFailure", "NodeFailure"]
 
 
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_attributes(__name__, _LAZY, globals())
 
 
 def __dir__() -> list[str]:

@@ -6,8 +6,8 @@ machines, each node runs with a ZmqTransport (ZeroMQ over TCP, CURVE keys):
 `disco-run` wraps both (network.py, zmq_transport.py). The network names load
 on first use, so run_local does not import zmq.
 """
-from importlib import import_module
 
+from .._lazy import lazy_attributes
 from .executor import DEFAULT_TIMEOUT, NodeExecutor, check_inputs, run_bundle, run_local
 from .transport import Header, InProcHub, InProcTransport, Transport, check_arrival
 
@@ -19,9 +19,4 @@ __all__ = ["run_local", "run_bundle", "NodeExecutor", "check_inputs", "DEFAULT_T
            "InProcTransport", "Header", "check_arrival", *_LAZY]
 
 
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_attributes(__name__, _LAZY, globals())
