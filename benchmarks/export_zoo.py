@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from disco_compile import run_local, transform, zoo
+from disco_compile import DiscoError, run_local, transform, zoo
 from disco_compile.export import export
 
 MODELS = ["resnet18", "resnet50", "wide_resnet50_2", "resnext50_32x4d", "vgg11_bn", "mobilenet_v2",
@@ -38,7 +38,12 @@ def row(name: str, size: int) -> list[str]:
         dm.set_budget(rho)
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
-            export(dm, Path(tmp) / "out")
+            try:
+                export(dm, Path(tmp) / "out")
+            except DiscoError as exc:
+                cells.append(f"FAILED: {str(exc).splitlines()[0]}")
+                print(name, nodes, rho, cells[-1], flush=True)
+                continue
             seconds = time.perf_counter() - start
             out = torch.from_numpy(run_local(Path(tmp) / "out", x.numpy())[0])
         with torch.no_grad():

@@ -21,12 +21,17 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .bundle import write_bundle
+from .errors import DiscoError
 from .harden import harden_and_lower
 from .lower import Lowered
 from .schedule import BATCH, FORMAT_VERSION, Manifest, Schedule, TensorSpec
 from .stages import StageModule, cut_all
 
 OPSET = 17
+
+
+class ExportError(DiscoError):
+    """A stage graph that torch.onnx cannot export."""
 
 
 def model_hash(dm) -> str:
@@ -44,11 +49,17 @@ def stage_onnx(sm: StageModule) -> bytes:
     names_in = [i.name for i in sm.stage.inputs]
     names_out = [o.name for o in sm.stage.outputs]
     buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter announces its deprecation on every call
-        torch.onnx.export(sm.module, tuple(sm.example_inputs), buffer, dynamo=False, opset_version=OPSET,
-                          input_names=names_in, output_names=names_out,
-                          dynamic_axes={name: {0: BATCH} for name in names_in + names_out})
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter announces its deprecation on every call
+            torch.onnx.export(sm.module, tuple(sm.example_inputs), buffer, dynamo=False, opset_version=OPSET,
+                              input_names=names_in, output_names=names_out,
+                              dynamic_axes={name: {0: BATCH} for name in names_in + names_out})
+    except Exception as exc:  # torch.onnx raises many types; all mean this stage has no ONNX form
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"{sm.stage.file}: torch.onnx cannot export this stage: {first_line}\n  what to do: "
+                          f"a different input size often helps (e.g. adaptive pooling needs an output size that "
+                          f"divides the input: use 1x3x224x224 for ImageNet models)") from exc
     model = onnx.load_from_string(buffer.getvalue())
     model.graph.name = f"stage{sm.stage.index}"
     return model.SerializeToString()

@@ -148,3 +148,13 @@ def test_cli_exports_and_disco_run_reproduces(tmp_path):
     again = subprocess.run([sys.executable, "-m", "disco_compile.cli", "resnet18", "--nodes", "2",
                             "--input-shape", "1,3,64,64", "--out", str(out)], capture_output=True, text=True)
     assert again.returncode == 2 and "--force" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_stage_torch_onnx_cannot_export_is_a_clear_error(tmp_path):
+    from disco_compile.export import ExportError
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.AdaptiveAvgPool2d(3), nn.Flatten(), nn.Linear(72, 4)).eval()
+    dm = transform(model, 2, torch.randn(1, 3, 4, 4)).eval()
+    with pytest.raises(ExportError, match=r"(?s)node\d/stage\d+\.onnx: torch.onnx cannot export this stage.*what to do"):
+        export(dm, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing half-written
