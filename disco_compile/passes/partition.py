@@ -44,7 +44,6 @@ def check_weights(nodes: int, node_weights: Sequence[float] | None) -> list[floa
 
 def assign_owners(universe: ChannelUniverse, weights: Sequence[float]) -> torch.Tensor:
     """owner_of[channel id] -> node index."""
-    nodes = len(weights)
     quota = np.array([quotas(sp.size, weights) for sp in universe.spaces], dtype=np.int64)
     filled = np.zeros_like(quota)
     # classes in order of first appearance, each with its member count in every space it touches
