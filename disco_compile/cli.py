@@ -25,13 +25,16 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from . import zoo
 from tqdm import tqdm
+
+from . import data, selection, zoo
+from . import finetune as finetune_mod
 
 from .cost import CostReport
 from .errors import DiscoError, ExampleInputError, TraceFailure
 from .bundle import refuse_existing
 from .export import export
+from .finetune import FinetuneResult
 from .model import transform
 from .passes.partition import check_weights
 
@@ -272,7 +275,7 @@ def _stage_counts(manifest) -> dict[int, int]:
 
 
 def _summary(loaded: Loaded, nodes: int, node_weights: list[float] | None, budget: float | None,
-             report: CostReport) -> str:
+             report: CostReport, tuned: FinetuneResult | None = None) -> str:
     shares = "equal shares" if node_weights is None else \
         "shares " + ", ".join(f"{w / sum(node_weights):.3f}" for w in node_weights)
     rho = "none: every exchange gate on (rho = 1)" if budget is None else \
@@ -289,10 +292,16 @@ def _summary(loaded: Loaded, nodes: int, node_weights: list[float] | None, budge
              "per node, as fractions of the original model:"]
     lines += [f"  node {k}: MACs {m / report.original_macs:.3f}, parameters {p / report.original_params:.3f}"
               for k, (m, p) in enumerate(zip(report.macs_per_node, report.params_per_node))]
-    if budget is not None and budget < 1:
+    if tuned is not None:
+        v = tuned.validation
+        quality = "" if v is None else f"; validation {v['metric']}: {v['student']:.2f}" + \
+            (f" (original {v['teacher']:.2f})" if "teacher" in v else "")
+        lines += ["", f"fine-tuned {tuned.steps} steps at budget {tuned.budget:g}{quality}; "
+                      f"checkpoint {tuned.checkpoint}"]
+    elif budget is not None and budget < 1:
         lines += ["", f"note: budget {budget:g} is a one-shot selection of the exchanged channels by weight "
                       f"magnitude, without training: the model's accuracy at this budget is not measured and "
-                      f"needs fine-tuning to recover (fine-tuning is not part of disco-compile yet)."]
+                      f"needs fine-tuning to recover: give --data DIR (images like the model's inputs)."]
     return "\n".join(lines)
 
 
@@ -317,6 +326,33 @@ def _write_json(path: str, report: CostReport, run: dict) -> None:
             raise
     except OSError as exc:
         raise CliError(f"cannot write the JSON report to {path}: {exc.strerror or exc}") from None
+
+
+# ---------------------------------------------------------------- fine-tuning
+
+def _finetune(disco, loaded: Loaded, data_dir: str, val_dir: str | None, budget: float, out_dir: str | None, *,
+              val_fraction: float, steps: int, batch_size: int, lr: float, method: str, allocation: str,
+              use_labels: bool, checkpoint_dir: str | None, resume: bool, device: str, seed: int,
+              workers: int) -> FinetuneResult:
+    size = tuple(loaded.shape[-2:])
+    if len(loaded.shape) != 4 or loaded.shape[1] != 3:
+        raise CliError(f"--data holds RGB images, but the model's input shape is {loaded.shape}: fine-tuning "
+                       f"from an image folder needs N,3,H,W")
+    if val_dir is None:
+        train_set, val_set = data.image_split(data_dir, size, val_fraction, seed)
+    else:
+        train_set, val_set = data.image_folder(data_dir, size, train=True), data.image_folder(val_dir, size, False)
+    if not use_labels:
+        train_set.labels = val_set.labels = None
+    if checkpoint_dir is None:
+        checkpoint_dir = f"{out_dir.rstrip('/')}.ckpt" if out_dir is not None else "disco-checkpoints"
+    train_loader = data.loader(train_set, batch_size, shuffle=True, seed=seed, workers=workers)
+    val_loader = data.loader(val_set, batch_size, shuffle=False, seed=seed, workers=workers)
+    click.echo(f"fine-tuning on {len(train_set)} images of {data_dir} ({len(val_set)} for validation), "
+               f"{steps} steps, budget {budget:g}, {method} selection, checkpoints in {checkpoint_dir}", err=True)
+    return finetune_mod.finetune(disco, train_loader, budget=budget, steps=steps, val_data=val_loader,
+                                 method=method, allocation=allocation, lr=lr, seed=seed, device=device,
+                                 checkpoint_dir=checkpoint_dir, resume=resume)
 
 
 # ---------------------------------------------------------------- command
@@ -355,16 +391,45 @@ def _write_json(path: str, report: CostReport, run: dict) -> None:
                    "`disco-run DIR --simulate --input x.npy`.")
 @click.option("--force", is_flag=True, help="Replace DIR if it exists and is not empty (only once the new export "
                                             "is complete).")
+@click.option("--data", "data_dir", type=click.Path(file_okay=False), metavar="DIR",
+              help="Fine-tune at the budget on the images in DIR (class subfolders as torchvision's ImageFolder, "
+                   "or images directly: labels are not needed), distilling from the original model.")
+@click.option("--val-data", "val_dir", type=click.Path(file_okay=False), metavar="DIR",
+              help="Validation images (default: hold out --val-fraction of --data).")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1,
+              show_default=True, help="Share of --data held out for validation when --val-data is not given.")
+@click.option("--steps", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Fine-tuning optimiser steps.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
+              help="Learning rate of the weights and gates (Adam).")
+@click.option("--method", type=click.Choice(finetune_mod.METHODS), default="learned", show_default=True,
+              help="How exchanged channels are chosen: learned scores, fixed weight magnitude, or random.")
+@click.option("--allocation", type=click.Choice(selection.ALLOCATIONS), default="uniform", show_default=True,
+              help="Budget per exchange (uniform) or ranked over the whole model by score per byte (global).")
+@click.option("--use-labels", is_flag=True,
+              help="Add the cross-entropy against the class subfolders of --data (their sorted order must be "
+                   "the model's class order) to the distillation loss, and report accuracy.")
+@click.option("--checkpoint-dir", type=click.Path(file_okay=False), metavar="DIR",
+              help="Where fine-tuning writes last.pt every 100 steps (default: OUT.ckpt beside --out, else "
+                   "./disco-checkpoints).")
+@click.option("--resume", is_flag=True, help="Continue fine-tuning from the checkpoint in --checkpoint-dir.")
+@click.option("--device", default="cpu", show_default=True, help="Where to fine-tune: cpu, cuda, cuda:1, ...")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of data order and initialisation.")
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Processes decoding images for fine-tuning.")
 @click.version_option(package_name="disco-compile")
 def main(model: str, nodes: int, budget: float | None, input_shape: tuple[int, ...] | None, arch: str | None,
          trust_pickle: bool, node_weights: list[float] | None, leaf_modules: tuple[str, ...],
-         input_on_all_nodes: bool, json_path: str | None, out_dir: str | None, force: bool) -> None:
+         input_on_all_nodes: bool, json_path: str | None, out_dir: str | None, force: bool,
+         data_dir: str | None, val_dir: str | None, **train) -> None:
     """Split MODEL across NODES devices in DISCO form and report what it costs.
 
     Every Conv and Linear layer's output channels are divided among the nodes, and a
     sparse exchange is inserted wherever a layer needs channels another node computed.
     The report gives the bytes sent between nodes per sample, the MACs and the parameters
-    on each node; --budget keeps only a fraction of the exchanged channels.
+    on each node; --budget keeps only a fraction of the exchanged channels. With --data, the
+    split model is fine-tuned at the budget to recover the original's outputs before export.
 
     MODEL is a torchvision model name (built with random weights: nothing is downloaded),
     a state_dict file with --arch, or a pickled whole module with --trust-pickle.
@@ -373,6 +438,7 @@ def main(model: str, nodes: int, budget: float | None, input_shape: tuple[int, .
     Examples:
       disco-compile resnet50 --nodes 2 --budget 0.2
       disco-compile resnet50 --nodes 2 --budget 0.2 --out shards/
+      disco-compile resnet50 --nodes 2 --budget 0.2 --data images/ --steps 2000 --out shards/
       disco-compile weights.pt --arch torchvision:resnet18 --nodes 4 --json cost.json
     """
     try:
@@ -380,21 +446,27 @@ def main(model: str, nodes: int, budget: float | None, input_shape: tuple[int, .
             check_weights(nodes, node_weights)  # before the slow steps
         if out_dir is not None:
             refuse_existing(Path(out_dir), force)
+        if data_dir is None and (val_dir is not None or train["resume"]):
+            raise CliError("--val-data and --resume belong to fine-tuning: give --data DIR as well")
         loaded = _load(model, arch, trust_pickle, input_shape)
         example = torch.randn(loaded.shape, generator=torch.Generator().manual_seed(0))
         with _stage(f"tracing and splitting across {nodes} node{'s' if nodes > 1 else ''}"):
             disco = transform(loaded.model, nodes, example, node_weights=node_weights, leaf_modules=leaf_modules,
                               input_on_all_nodes=input_on_all_nodes)
-        if budget is not None:
+        tuned = None
+        if data_dir is not None:
+            tuned = _finetune(disco, loaded, data_dir, val_dir, 1.0 if budget is None else budget, out_dir, **train)
+        elif budget is not None:
             with _stage(f"selecting exchanged channels for budget {budget:g}"):
                 disco.set_budget(budget)
         with _stage("computing the cost"):
             report = disco.cost()
-        click.echo(_summary(loaded, nodes, node_weights, budget, report))
+        click.echo(_summary(loaded, nodes, node_weights, budget, report, tuned))
         if out_dir is not None:
             if input_on_all_nodes:
                 raise CliError("--input-on-all-nodes is not supported with --out yet: the export sends the input "
                                "from node 0 to the other nodes")
+            disco.cpu()
             with tqdm(desc="exporting stages to ONNX", unit="stage", file=click.get_text_stream("stderr")) as bar:
                 def progress(done: int, total: int) -> None:
                     bar.total = total

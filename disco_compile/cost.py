@@ -152,7 +152,7 @@ def _per_channel_share(param: nn.Parameter, owner: torch.Tensor | None, nodes: i
 def params_per_node(gm: fx.GraphModule, nodes: int, layers: list[MixingLayer],
                     exchanges: dict[str, SparseExchange], owner_of: torch.Tensor) -> list[int]:
     per_node = [0] * nodes
-    counted = {id(ex.gate) for ex in exchanges.values()}  # gates exist only while training
+    counted = {id(p) for ex in exchanges.values() for p in ex.parameters()}  # gates, scores: training only
     for layer in layers:
         module = gm.get_submodule(layer.module)
         for p in module.parameters(recurse=False):

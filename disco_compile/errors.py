@@ -21,6 +21,18 @@ class BudgetError(DiscoError, ValueError):
     """A communication budget outside [0, 1]."""
 
 
+class DataError(DiscoError, ValueError):
+    """Training data that is missing, empty, unreadable or not in a form fine-tuning accepts."""
+
+
+class CheckpointMismatch(DiscoError, ValueError):
+    """A fine-tuning checkpoint written for another model, partition or selection method."""
+
+
+class TrainingDiverged(DiscoError, RuntimeError):
+    """The fine-tuning loss became NaN or infinite; the model is back at the last good state."""
+
+
 class BundleError(DiscoError, ValueError):
     """An export directory cannot be written, or what was read back is not a valid, unchanged export."""
 

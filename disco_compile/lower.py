@@ -338,7 +338,7 @@ class NodeBuilder:
         if self.low.layout(n).owner is None:
             return self.whole(n, module)
         rule = rules.lookup(n, module)
-        if rule in (rules.relayout, rules.getitem):
+        if rule in (rules.relayout, rules.getitem, rules.pixel_shuffle):
             return self.relayout(n, module)
         if rule is rules.elementwise:
             return self.elementwise(n, module)
@@ -585,6 +585,8 @@ class NodeBuilder:
             axis = lay.axis - (len(lay.shape) - len(shape))  # broadcasting aligns dims from the right
             if len(lay.dims) == 1 and 0 <= axis and shape[axis] == lay.shape[lay.axis] and shape[axis] > 1:
                 return self.select(loc.node, axis, units)
+            if len(lay.dims) > 1 and tuple(shape) == lay.shape:  # units span several dims (after a pixel shuffle)
+                return self.select(self.reshape(loc.node, lay.rep_shape(lay.units)), lay.axis, units)
             if axis >= 0 and any(s > 1 for s in shape[axis:axis + len(lay.dims)]):
                 raise LoweringError(f"'{n.name}': a whole tensor broadcast over split channels; not lowered yet")
             return loc.node
@@ -677,13 +679,18 @@ class NodeBuilder:
             try:
                 args, kwargs = _without(fx.node.map_arg((n.args, n.kwargs), lambda a: local_ids.get(a.name, self.env[a.name].value)
                                                         if a.name not in empty else _EMPTY))
-                units = _match_units(expected, _call_like(n, module, args, kwargs), lay.axis)
+                got = _call_like(n, module, args, kwargs)
+                natural = isinstance(got, torch.Tensor) and got.dim() == len(lay.shape) != expected.dim()
+                units = _match_units(expected, got.reshape(expected.shape[:lay.axis] + (-1,)) if natural else got,
+                                     lay.axis)
             except (RuntimeError, ValueError, IndexError, TypeError):  # the op rejects the local shapes
                 units = None
             if units is not None and torch.equal(torch.sort(units).values, held):
                 args, kwargs = _without(fx.node.map_arg((n.args, n.kwargs), lambda a: self.value(a)
                                                         if a.name not in empty else _EMPTY))
-                self.hold(n, self.emit(n, module, args, kwargs), units)
+                node = self.emit(n, module, args, kwargs, shape=tuple(got.shape) if natural else None)
+                # units spanning several dims (a pixel shuffle's channels x positions) are held flattened
+                self.hold(n, self.reshape(node, lay.rep_shape(units.numel())) if natural else node, units)
                 return
         if len(inputs) == 1 and self.low.layout(inputs[0]).axis is not None:  # candidate 2: a gather
             src = inputs[0]
@@ -859,6 +866,29 @@ def _getattr_path(root: nn.Module, target: str):
     return obj
 
 
+def _is_marker(n: fx.Node) -> bool:
+    return n.op == "call_function" and n.target in (recv, send, model_output)
+
+
+def _prune(builders: list[NodeBuilder], messages: list[Message]) -> None:
+    """Drop work that reaches no send and no model output. A message its receiver never uses
+    (a channel kept for a layer whose rows on that node feed nothing) is dropped at both ends,
+    which can leave more of the sender's work dead: repeat until nothing changes."""
+    while True:
+        for b in builders:
+            b.g.eliminate_dead_code(is_impure_node=_is_marker)
+        unused = {n.args[0]: (b, n) for b in builders for n in b.g.nodes if n.target is recv and not n.users}
+        if not unused:
+            return
+        for b in builders:
+            for n in list(b.g.nodes):
+                if n.target is send and n.args[0] in unused:
+                    b.g.erase_node(n)
+        for b, n in unused.values():
+            b.g.erase_node(n)
+        messages[:] = [m for m in messages if m.id not in unused]
+
+
 def lower(dm, exchange_messages: dict[str, list[Message]], gates: dict[str, torch.Tensor]) -> Lowered:
     """Per-node programs of `dm` (eval mode) for the hardened messages."""
     low = Lowerer(dm.graph_module, dm.plan, exchange_messages, gates)
@@ -869,6 +899,7 @@ def lower(dm, exchange_messages: dict[str, list[Message]], gates: dict[str, torc
                 b.lower(n)
     for b in builders:
         b.g.output(None)
+    _prune(builders, low.messages)
     placeholders = [n for n in dm.graph_module.graph.nodes if n.op == "placeholder"]
     inputs = [(n.name, low.layout(n).shape, low.layout(n).dtype) for n in placeholders]
     outputs = [(f"output{k}", low.layout(leaf).shape, low.layout(leaf).dtype) for k, leaf in enumerate(low.output_leaves)]

@@ -10,9 +10,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from . import cost, mixing
+from . import cost, selection
 from .capture import LeafSpec, trace
-from .errors import BudgetError, PartitionError
+from .errors import PartitionError
 from .ir import PartitionPlan
 from .modules import SparseExchange
 from .passes.channel_flow import analyse
@@ -62,31 +62,10 @@ class DiscoModel(nn.Module):
             original_macs=plan.original_macs, original_params=plan.original_params,
             replicated_ops=list(plan.replicated))
 
-    @torch.no_grad()
-    def set_budget(self, rho: float) -> None:
-        """One-shot selection: for every exchange and (source, destination) pair keep the
-        round(rho * n) of the n candidate channels whose weight columns, over the
-        destination's output rows of every consumer, have the largest norm."""
-        if not 0.0 <= float(rho) <= 1.0:
-            raise BudgetError(f"budget rho must be in [0, 1] (the fraction of dense exchange bytes to keep), got {rho}")
-        scores = {name: torch.zeros_like(ex.gate) for name, ex in self.exchanges.items()}
-        for layer in self.plan.layers:
-            if layer.exchange is None:
-                continue
-            module = self.graph_module.get_submodule(layer.module)
-            out_owner = self.plan.owner_of[layer.out_labels.reshape(-1)]
-            for j in range(self.nodes):
-                scores[layer.exchange][j] += mixing.column_scores(layer, module, out_owner, j)
-        for name, ex in self.exchanges.items():
-            keep = torch.zeros_like(ex.keep)
-            for j in range(self.nodes):
-                for i in range(self.nodes):
-                    candidates = (ex.remote[j] & (ex.owner == i)).nonzero().flatten()
-                    k = round(float(rho) * candidates.numel())
-                    if k:
-                        order = torch.argsort(scores[name][j, candidates], descending=True, stable=True)
-                        keep[j, candidates[order[:k]]] = True
-            ex.keep.copy_(keep)
+    def set_budget(self, rho: float, allocation: str = "uniform") -> None:
+        """One-shot selection at budget rho: the remote channels whose weight columns, over the
+        destination's output rows of every consumer, have the largest norm (selection.py)."""
+        selection.select(self, selection.magnitude_scores(self), selection.check_budget(rho), allocation)
 
 
 def _full_macs(gm: fx.GraphModule, node: fx.Node, batch: int) -> int:

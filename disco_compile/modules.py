@@ -8,7 +8,13 @@ the N views of x that the N nodes hold after the exchange, stacked:
                              = 0                              otherwise
 
 (`gate` is learnable and starts at 1; `keep` is the hard selection made by a
-budget). A partitioned Conv/Linear then computes on node j only its own output
+budget). While the selection is learned, each exchange also holds a `score`
+per candidate and the sent part of the mask becomes
+
+    keep[j, u] + s[j, u] - stopgrad(s[j, u])
+
+equal to `keep` in the forward pass, while the backward pass hands every
+candidate (kept or not) dL/dm_j[u]: the straight-through estimator. A partitioned Conv/Linear then computes on node j only its own output
 rows from x_j: y[T_j] = W[T_j] x_j, and reassembles y in channel order, so
 with every gate on the result equals the original layer.
 """
@@ -37,6 +43,7 @@ class SparseExchange(nn.Module):
         self.register_buffer("remote", needed & ~local)
         self.register_buffer("keep", needed & ~local)
         self.gate = nn.Parameter(torch.ones(nodes, flat.numel()))
+        self.score: nn.Parameter | None = None
 
     @property
     def nodes(self) -> int:
@@ -44,11 +51,17 @@ class SparseExchange(nn.Module):
 
     def masks(self) -> torch.Tensor:
         sent = (self.remote & self.keep).to(self.gate.dtype)
+        if self.score is not None:
+            sent = sent + self.remote * (self.score - self.score.detach())
         return self.local.to(self.gate.dtype) + sent * self.gate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.masks().reshape((self.nodes,) + self.label_shape)
         return x.unsqueeze(0) * m.to(x.dtype)
+
+    def learn_selection(self, initial: torch.Tensor | None) -> None:
+        """Start (with initial scores) or stop (None) learning which candidates to send."""
+        self.score = None if initial is None else nn.Parameter(initial.to(self.gate))
 
     def sent_units(self, dense: bool = False) -> torch.Tensor:
         """Units sent to each destination: (nodes,)."""

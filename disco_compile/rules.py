@@ -223,12 +223,24 @@ def relayout(ctx: RuleContext) -> Any:
 
 register(torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.cat, torch.concat, torch.stack,
          torch.split, torch.chunk, torch.squeeze, torch.unsqueeze, torch.narrow, torch.movedim,
-         torch.swapaxes, torch.roll, torch.flip, F.pixel_shuffle, F.pixel_unshuffle, torch.channel_shuffle,
+         torch.swapaxes, torch.roll, torch.flip, F.pixel_unshuffle, torch.channel_shuffle,
          torch.unbind, torch.tensor_split,
          "view", "reshape", "flatten", "permute", "transpose", "squeeze", "unsqueeze", "split", "chunk",
          "narrow", "movedim", "swapaxes", "unbind", "expand", "expand_as", "repeat", "roll", "flip",
          "unflatten", "view_as", "reshape_as", "tensor_split",
-         nn.Flatten, nn.Unflatten, nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle)(relayout)
+         nn.Flatten, nn.Unflatten, nn.PixelUnshuffle, nn.ChannelShuffle)(relayout)
+
+
+@register(F.pixel_shuffle, nn.PixelShuffle)
+def pixel_shuffle(ctx: RuleContext) -> torch.Tensor:
+    """Shuffle-aligned ownership: the r*r input channels that become one output channel are tied,
+    so every output channel lies whole on one node and the node shuffles its own channels."""
+    out = relayout(ctx)
+    if out is not None and out.dim() >= 3:
+        for c in range(out.size(-3)):
+            channel = out.select(-3, c).unique()
+            ctx.universe.tie_all(channel[channel != REPLICATED])
+    return out
 
 
 @register(operator.getitem)

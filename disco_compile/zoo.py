@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torchvision
 
+from . import batchnorm
+
 # Input side length. Below 128 the last feature maps of most networks are 2x2 or smaller, the calibrated
 # BatchNorm statistics come from a handful of values, and the model's own fp32 rounding error (against a
 # float64 evaluation) reaches 2e-5 absolute on regnet_x_400mf: above the 1e-5 the equivalence tests demand.
@@ -30,22 +32,11 @@ def segmentation_models() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models.segmentation))
 
 
-@torch.no_grad()
 def calibrate_batchnorm(model: nn.Module, example: torch.Tensor, batches: int = 2, seed: int = 0) -> nn.Module:
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        return model.eval()
-    saved = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
     g = torch.Generator().manual_seed(seed)
-    for _ in range(batches):
-        model(torch.randn((8,) + tuple(example.shape[1:]), generator=g))
-    for m, mom in zip(norms, saved):
-        m.momentum = mom
-    return model.eval()
+    shape = (8,) + tuple(example.shape[1:])
+    batchnorm.recalibrate(model, (torch.randn(shape, generator=g) for _ in range(batches)))
+    return model
 
 
 def build(name: str, size: int | None = None, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:

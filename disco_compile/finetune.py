@@ -1,0 +1,312 @@
+"""`finetune`: recover the original model's quality at a communication budget.
+
+The student is the DISCO model; the teacher is frozen (by default, a copy of
+the DISCO model as finetune starts with every candidate channel sent: equal to
+the original model when the DISCO model comes straight from `transform`).
+Step t of T trains at budget
+
+    rho_t = rho + (1 - rho) * max(0, 1 - t / (anneal * T))
+
+(from every channel down to the target over the first `anneal` part, then
+held). Whenever rho_t changes, and at every step while it anneals for
+learned scores, the selection is made at rho_t (selection.py); once at rho it
+is held, so the weights adapt to one fixed selection. Scores: "learned"
+(initialised from weight-column magnitudes, normalised to mean 1 per
+exchange, trained through the straight-through mask with their own learning
+rate), "magnitude" (fixed) or "random" (a fixed random order).
+Weights and gate values train with Adam on the distillation loss, plus the
+task loss when batches carry targets (distill.py). After the last step the
+scores are dropped and BatchNorm statistics
+are re-estimated on training batches (batchnorm.py).
+
+Several processes (torchrun, DistributedDataParallel): when the
+torch.distributed environment is set (WORLD_SIZE > 1) every process takes
+every WORLD_SIZE-th batch, gradients are averaged, and process 0 alone writes
+checkpoints and shows progress. Scores are parameters like any other, so
+every process makes the same selection.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from . import batchnorm, selection
+from .data import batches, split_batch
+from .distill import Loss, Metric, is_logits, main_output
+from .errors import CheckpointMismatch, DataError, TrainingDiverged
+
+METHODS = ("learned", "magnitude", "random")
+CHECKPOINT = "last.pt"
+
+
+@dataclass
+class FinetuneResult:
+    steps: int
+    budget: float
+    exchange_ratio: float
+    history: list[dict] = field(default_factory=list)  # per logged step: step, loss, budget, exchange_ratio
+    validation: dict | None = None  # {"metric": name, "student": value, "teacher": value when labelled}
+    checkpoint: Path | None = None
+    batchnorm_batches: int = 0
+
+
+def budget_at(step: int, steps: int, rho: float, anneal: float) -> float:
+    ramp = anneal * steps
+    if ramp <= 0:
+        return rho
+    return rho + (1.0 - rho) * max(0.0, 1.0 - step / ramp)
+
+
+def dense_teacher(dm) -> nn.Module:
+    """The DISCO model with every candidate sent and gates at their current values, frozen."""
+    teacher = copy.deepcopy(dm)
+    for ex in teacher.exchanges.values():
+        ex.learn_selection(None)
+        ex.keep.copy_(ex.remote)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.eval()
+
+
+def _sent_bytes(dm, dense: bool = False) -> int:
+    return sum(int(ex.sent_units(dense).sum()) * ex.unit_bytes for ex in dm.exchanges.values())
+
+
+def exchange_ratio(dm) -> float:
+    dense = _sent_bytes(dm, dense=True)
+    return _sent_bytes(dm) / dense if dense else 1.0
+
+
+def fingerprint(dm, method: str) -> dict:
+    """What a checkpoint must match to be resumed: partition, tensor names and shapes, method."""
+    h = hashlib.sha256(dm.plan.owner_of.cpu().numpy().tobytes())
+    for name, t in sorted(dm.state_dict().items()):
+        h.update(f"{name}:{tuple(t.shape)}".encode())
+    return {"nodes": dm.nodes, "partition": h.hexdigest(), "method": method}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Iterable, device: str | torch.device = "cpu",
+             reference: nn.Module | None = None) -> tuple[str, float]:
+    """(metric name, value) over batches: accuracy % or PSNR dB against their targets (distill.Metric).
+    Unlabelled batches are scored against `reference`'s outputs instead: top-1 agreement % for
+    logits, PSNR dB for dense outputs."""
+    was_training = model.training
+    model.eval()
+    metric, against_reference = Metric(), False
+    for batch in data:
+        x, y = split_batch(batch)
+        x = x.to(device)
+        if y is None:
+            if reference is None:
+                raise DataError("validation data needs targets (pairs (inputs, target)) to measure quality")
+            ref = main_output(reference(x))
+            y, against_reference = (ref.argmax(1) if is_logits(ref) else ref), True
+        metric.add(model(x), y.to(device))
+    model.train(was_training)
+    name = metric.name.replace("accuracy", "agreement with the teacher") if against_reference else metric.name
+    return name, metric.value()
+
+
+def _rank_world() -> tuple[int, int]:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() and os.environ.get("DISCO_BACKEND") != "gloo"
+                                else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _check_device(device: str) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for but torch sees no CUDA GPU here; use device='cpu'")
+    return dev
+
+
+class _Checkpoints:
+    """last.pt in a folder, written atomically; remembers the last good state in memory too."""
+
+    def __init__(self, folder: Path | None, expected: dict):
+        self.folder, self.expected = folder, expected
+        self.good: dict | None = None
+
+    @property
+    def path(self) -> Path | None:
+        return None if self.folder is None else self.folder / CHECKPOINT
+
+    def save(self, state: dict, write: bool) -> None:
+        self.good = copy.deepcopy(state)
+        if write and self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            torch.save({"fingerprint": self.expected, **state}, tmp)
+            os.replace(tmp, self.path)
+
+    def load(self) -> dict | None:
+        if self.path is None or not self.path.exists():
+            return None
+        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        found = state.get("fingerprint") if isinstance(state, dict) else None
+        if found != self.expected:
+            diff = ", ".join(f"{k}: checkpoint {None if found is None else found.get(k)!r} vs now {v!r}"
+                             for k, v in self.expected.items() if found is None or found.get(k) != v)
+            raise CheckpointMismatch(f"checkpoint {self.path} was written for another model or partition "
+                                     f"({diff}); resume with the same model, nodes and method, or start afresh "
+                                     f"in another checkpoint folder")
+        return state
+
+
+def finetune(dm, data: Iterable, *, budget: float, steps: int, teacher: nn.Module | None = None,
+             val_data: Iterable | None = None, method: str = "learned", allocation: str = "uniform",
+             lr: float = 1e-3, score_lr: float = 0.05, anneal: float = 0.5, loss: Loss | None = None,
+             seed: int = 0, device: str = "cpu", checkpoint_dir: str | os.PathLike | None = None,
+             checkpoint_every: int = 100, resume: bool = False, batchnorm_batches: int = 20,
+             log_every: int = 10, progress: bool = True) -> FinetuneResult:
+    """Fine-tune DISCO model `dm` in place to budget `budget` (the fraction of dense exchange bytes
+    kept) over `steps` optimiser steps on `data`, an iterable of batches (see data.py), cycled.
+
+    teacher: the frozen model to distil from (default: dm as it is now, every channel sent).
+    val_data: batches to measure quality on at the end: against their targets (and the teacher's
+      quality beside it), or, unlabelled, as agreement with the teacher.
+    method: "learned" | "magnitude" | "random" channel scores; allocation: "uniform" | "global".
+    checkpoint_dir: where last.pt is written every `checkpoint_every` steps; resume=True continues from it.
+    A NaN or infinite loss stops training, puts dm back at the last good state and raises TrainingDiverged.
+    """
+    rho = selection.check_budget(budget)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if allocation not in selection.ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {', '.join(selection.ALLOCATIONS)}, got {allocation!r}")
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs checkpoint_dir: the folder the interrupted run wrote last.pt to")
+    dev = _check_device(device)
+    rank, world = _rank_world()
+    loss_fn = loss or Loss()
+    torch.manual_seed(seed)
+
+    teacher = dense_teacher(dm) if teacher is None else teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    scores = selection.random_scores(dm, seed) if method == "random" else selection.magnitude_scores(dm)
+    if method == "learned":
+        for name, ex in dm.exchanges.items():
+            s = scores[name]
+            ex.learn_selection(s / s[ex.remote].mean().clamp_min(1e-30) if ex.remote.any() else s)
+    dm.to(dev)
+    teacher.to(dev)
+    score_params = [ex.score for ex in dm.exchanges.values() if ex.score is not None]
+    ids = {id(p) for p in score_params}
+    groups = [{"params": [p for p in dm.parameters() if id(p) not in ids and p.requires_grad], "lr": lr}]
+    if score_params:
+        groups.append({"params": score_params, "lr": score_lr})
+    opt = torch.optim.Adam(groups)
+    student = nn.parallel.DistributedDataParallel(dm) if world > 1 else dm
+
+    ckpt = _Checkpoints(None if checkpoint_dir is None else Path(checkpoint_dir), fingerprint(dm, method))
+    start, history = 0, []
+    saved = ckpt.load() if resume else None
+    if saved is not None:
+        dm.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        start, history = saved["step"], saved["history"]
+    elif resume:
+        raise CheckpointMismatch(f"resume asked for but {ckpt.path} does not exist")
+
+    def state(step: int) -> dict:
+        return {"step": step, "model": dm.state_dict(), "optimizer": opt.state_dict(), "history": list(history),
+                "rng": torch.get_rng_state()}
+
+    def current_scores():
+        if method == "learned":
+            return {name: ex.score for name, ex in dm.exchanges.items()}
+        return scores
+
+    stream = batches(data, start, rank, world)
+    if saved is not None:
+        torch.set_rng_state(saved["rng"])
+    ckpt.save(state(start), write=False)
+    bar = _progress(steps, start, progress and rank == 0)
+    dm.train()
+    current = None if saved is None else budget_at(start - 1, steps, rho, anneal)  # `keep` came with the state
+    for step in range(start, steps):
+        rho_t = budget_at(step, steps, rho, anneal)
+        if rho_t != current or (method == "learned" and rho_t > rho):
+            selection.select(dm, current_scores(), rho_t, allocation)
+            current = rho_t
+        x, y = next(stream)
+        x = x.to(dev)
+        with torch.no_grad():
+            target_out = teacher(x)
+        value = loss_fn(student(x), target_out, None if y is None else y.to(dev))
+        if not torch.isfinite(value):
+            dm.load_state_dict(ckpt.good["model"])
+            bar.close()
+            where = f"; it is saved in {ckpt.path}" if ckpt.path is not None and ckpt.path.exists() else ""
+            raise TrainingDiverged(f"the loss became {value.item()} at step {step + 1}; training stopped and the "
+                                   f"model is back at its last good state (step {ckpt.good['step']}){where}; "
+                                   f"lower the learning rate (now {lr}) or check the data for NaN or inf values")
+        opt.zero_grad()
+        value.backward()
+        opt.step()
+        done = step + 1
+        if done % log_every == 0 or done == steps:
+            history.append({"step": done, "loss": value.item(), "budget": rho_t, "exchange_ratio": exchange_ratio(dm)})
+            bar.set_postfix(loss=f"{value.item():.4g}", rho=f"{rho_t:.3f}", comm=_bytes(dm))
+        bar.update(1)
+        if done % checkpoint_every == 0 or done == steps:
+            ckpt.save(state(done), write=rank == 0)
+    bar.close()
+
+    if current != rho:  # annealing took every step (anneal >= 1): settle at the target
+        selection.select(dm, current_scores(), rho, allocation)
+    for ex in dm.exchanges.values():
+        ex.learn_selection(None)
+    used = batchnorm.recalibrate(dm, _inputs(data, batchnorm_batches, dev))
+    if world > 1:
+        _average_batchnorm(dm, world)
+    result = FinetuneResult(steps=steps, budget=rho, exchange_ratio=exchange_ratio(dm), history=history,
+                            checkpoint=ckpt.path, batchnorm_batches=used)
+    if val_data is not None:
+        name, value = evaluate(dm, val_data, dev, reference=teacher)
+        result.validation = {"metric": name, "student": value}
+        if "teacher" not in name:
+            result.validation["teacher"] = evaluate(teacher, val_data, dev)[1]
+    dm.eval()
+    return result
+
+
+def _inputs(data: Iterable, count: int, dev: torch.device):
+    stream = batches(data)
+    for _ in range(count):
+        yield next(stream)[0].to(dev)
+
+
+def _average_batchnorm(dm, world: int) -> None:
+    for m in batchnorm.norms(dm):
+        for t in (m.running_mean, m.running_var):
+            if t is not None:
+                dist.all_reduce(t)
+                t /= world
+
+
+def _bytes(dm) -> str:
+    from .cost import _si
+    return _si(_sent_bytes(dm), "B")
+
+
+def _progress(steps: int, start: int, enabled: bool):
+    from tqdm import tqdm
+    return tqdm(total=steps, initial=start, desc="fine-tuning", unit="step", disable=not enabled,
+                dynamic_ncols=True, leave=False)

@@ -1,0 +1,133 @@
+"""Which remote channels each exchange sends: scores, and their allocation at a budget.
+
+A *candidate* of exchange e is a (destination j, unit u) with u owned by a node
+i != j and needed on j (`ex.remote[j, u]`); sending it costs `ex.unit_bytes`
+per sample. The budget rho is the fraction of dense exchange bytes kept
+(exchange ratio = kept bytes / bytes of every candidate). Given a score s per
+candidate (higher = more useful), two allocations:
+
+- uniform: every (e, i, j) pair keeps the floor(rho * n) best of its n
+  candidates, so every link and every layer is cut by the same fraction; the
+  pairs with the largest remainders rho * n - floor(rho * n) keep one more
+  while the total stays within rho * dense bytes (so narrow layers at small
+  rho do not all round down to nothing).
+- global (cost-aware): scores are made comparable across pairs by dividing by
+  the mean |s| of the pair's candidates, ranked by s_norm / unit_bytes over the
+  whole model, and kept from the top while the kept bytes stay within
+  rho * dense bytes. Cheap, useful channels anywhere win over expensive ones.
+
+Scores: `magnitude` is the squared norm of the weight columns the unit feeds,
+over the destination's rows of every consumer (`mixing.column_scores`);
+`random` is a seeded permutation. Learned scores start from magnitude and are
+trained with a straight-through estimator (see SparseExchange.masks): the
+forward pass uses the hard selection, the backward pass gives every candidate
+the gradient of the loss with respect to its mask entry.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+from . import mixing
+from .errors import BudgetError
+
+ALLOCATIONS = ("uniform", "global")
+
+
+def check_budget(rho: float) -> float:
+    try:
+        value = float(rho)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise BudgetError(f"budget rho must be in [0, 1] (the fraction of dense exchange bytes to keep), got {rho}")
+    return value
+
+
+@torch.no_grad()
+def magnitude_scores(dm) -> dict[str, torch.Tensor]:
+    """Per exchange, (nodes, units): squared weight-column norm over the destination's consumer rows."""
+    gm, plan = dm.graph_module, dm.plan
+    scores = {name: torch.zeros(ex.gate.shape) for name, ex in dm.exchanges.items()}
+    for layer in plan.layers:
+        if layer.exchange is None:
+            continue
+        module = gm.get_submodule(layer.module)
+        out_owner = plan.owner_of[layer.out_labels.reshape(-1)]
+        for j in range(dm.nodes):
+            scores[layer.exchange][j] += mixing.column_scores(layer, module, out_owner, j).float().cpu()
+    return scores
+
+
+def random_scores(dm, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {name: torch.rand(ex.gate.shape, generator=g) for name, ex in dm.exchanges.items()}
+
+
+def _pairs(ex) -> list[torch.Tensor]:
+    """Flat indices into (nodes * units) of the candidates of each (source, destination) pair."""
+    units = ex.owner.numel()
+    out = []
+    for j in range(ex.nodes):
+        for i in range(ex.nodes):
+            idx = (ex.remote[j] & (ex.owner == i)).nonzero().flatten()
+            if i != j and idx.numel():
+                out.append(j * units + idx.cpu())
+    return out
+
+
+def _top(flat: torch.Tensor, idx: torch.Tensor, k: int) -> torch.Tensor:
+    return idx[torch.argsort(flat[idx], descending=True, stable=True)[:k]]
+
+
+def _uniform(exchanges: Mapping, scores: Mapping[str, torch.Tensor], rho: float) -> dict[str, torch.Tensor]:
+    keep = {name: torch.zeros(ex.gate.numel(), dtype=torch.bool) for name, ex in exchanges.items()}
+    pairs = [(name, idx, ex.unit_bytes) for name, ex in exchanges.items() for idx in _pairs(ex)]
+    share = [rho * idx.numel() for _, idx, _ in pairs]
+    counts = [math.floor(x + 1e-9) for x in share]
+    room = rho * sum(idx.numel() * b for _, idx, b in pairs) - sum(k * b for k, (_, _, b) in zip(counts, pairs))
+    for p in sorted(range(len(pairs)), key=lambda p: counts[p] - share[p]):  # largest remainder first
+        if share[p] - counts[p] > 1e-9 and pairs[p][2] <= room * (1 + 1e-12):
+            counts[p] += 1
+            room -= pairs[p][2]
+    for (name, idx, _), k in zip(pairs, counts):
+        if k:
+            keep[name][_top(scores[name].reshape(-1), idx, k)] = True
+    return {name: keep[name].reshape(ex.gate.shape) for name, ex in exchanges.items()}
+
+
+def _global(exchanges: Mapping, scores: Mapping[str, torch.Tensor], rho: float) -> dict[str, torch.Tensor]:
+    names, flat_idx, values, costs = [], [], [], []
+    for n, (name, ex) in enumerate(exchanges.items()):
+        flat = scores[name].reshape(-1)
+        for idx in _pairs(ex):
+            s = flat[idx].double()
+            values.append(s / s.abs().mean().clamp_min(1e-30) / ex.unit_bytes)
+            costs.append(torch.full((idx.numel(),), ex.unit_bytes, dtype=torch.float64))
+            flat_idx.append(idx)
+            names.append(torch.full((idx.numel(),), n))
+    keep = {name: torch.zeros(ex.gate.numel(), dtype=torch.bool) for name, ex in exchanges.items()}
+    if values:
+        value, cost = torch.cat(values), torch.cat(costs)
+        owner, index = torch.cat(names), torch.cat(flat_idx)
+        order = torch.argsort(value, descending=True, stable=True)
+        chosen = order[torch.cumsum(cost[order], 0) <= rho * float(cost.sum()) * (1 + 1e-12)]
+        by_number = list(keep.values())
+        for n in owner[chosen].unique().tolist():
+            by_number[n][index[chosen][owner[chosen] == n]] = True
+    return {name: keep[name].reshape(ex.gate.shape) for name, ex in exchanges.items()}
+
+
+@torch.no_grad()
+def select(dm, scores: Mapping[str, torch.Tensor], rho: float, allocation: str = "uniform") -> None:
+    """Set every exchange's `keep` to the candidates chosen by `scores` at budget `rho`."""
+    rho = check_budget(rho)
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
+    exchanges = dm.exchanges
+    cpu = {name: s.detach().float().cpu() for name, s in scores.items()}
+    chosen = (_uniform if allocation == "uniform" else _global)(exchanges, cpu, rho)
+    for name, ex in exchanges.items():
+        ex.keep.copy_(chosen[name].to(ex.keep.device) & ex.remote)

@@ -1,0 +1,222 @@
+"""Fine-tuning: budget schedule, selection and its straight-through gradient, the driver's
+quality, checkpoints and resume, NaN handling, data errors, export of a fine-tuned model."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from disco_compile import BudgetError, tasks, transform
+from disco_compile.data import batches, image_folder, image_split, loader
+from disco_compile.distill import Loss
+from disco_compile.errors import CheckpointMismatch, DataError, TrainingDiverged
+from disco_compile.finetune import budget_at, evaluate, exchange_ratio, finetune
+from disco_compile.selection import magnitude_scores, select
+
+from conftest import assert_close
+
+
+@pytest.fixture(scope="module")
+def digits():
+    torch.set_num_threads(1)  # tiny convolutions: a second thread only adds synchronisation
+    torch.manual_seed(0)
+    task = tasks.digits()
+    model = tasks.train_original(tasks.DigitsNet(width=8), task, steps=150)
+    return task, model
+
+
+def _train(task, batch=64, seed=0):
+    return loader(task.train, batch, shuffle=True, seed=seed)
+
+
+def test_budget_schedule_anneals_then_holds():
+    values = [budget_at(t, 100, 0.2, 0.5) for t in range(100)]
+    assert values[0] == 1.0
+    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert values[50:] == [0.2] * 50
+    assert math.isclose(values[25], 0.6)
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+@pytest.mark.parametrize("rho", [0.0, 0.1, 0.2, 0.5, 1.0])
+def test_selection_stays_within_budget(digits, allocation, rho):
+    task, model = digits
+    dm = transform(model, 3, task.example)
+    select(dm, magnitude_scores(dm), rho, allocation)
+    ratio = exchange_ratio(dm)
+    assert ratio <= rho + 1e-9
+    assert ratio >= rho - 0.1, f"{allocation} at rho={rho} keeps only {ratio:.3f} of the dense bytes"
+    for ex in dm.exchanges.values():
+        assert not bool((ex.keep & ~ex.remote).any())
+
+
+def test_straight_through_scores_change_gradients_not_outputs(digits):
+    task, model = digits
+    dm = transform(model, 2, task.example)
+    dm.set_budget(0.2)
+    x = task.train.tensors[0][:16]
+    with torch.no_grad():
+        before = dm(x)
+    scores = magnitude_scores(dm)
+    for name, ex in dm.exchanges.items():
+        ex.learn_selection(scores[name])
+    out = dm(x)
+    assert_close(out, before, what="forward with learnable scores")
+    out.square().sum().backward()
+    for name, ex in dm.exchanges.items():
+        dropped = ex.remote & ~ex.keep
+        assert dropped.any()
+        assert bool((ex.score.grad[dropped] != 0).any()), f"{name}: no gradient reaches unsent candidates"
+        assert bool((ex.score.grad[~ex.remote] == 0).all())
+
+
+def test_finetune_recovers_quality_and_reports(digits):
+    task, model = digits
+    val = loader(task.val, 300, shuffle=False, seed=0)
+    original = evaluate(model, val)[1]
+    dm = transform(model, 2, task.example)
+    dm.set_budget(0.2)
+    one_shot = evaluate(dm, val)[1]
+    dm = transform(model, 2, task.example)
+    res = finetune(dm, _train(task), budget=0.2, steps=120, val_data=val, progress=False)
+    assert res.exchange_ratio <= 0.2 + 1e-9
+    assert res.validation["metric"] == "accuracy %"
+    assert res.validation["teacher"] == pytest.approx(original)
+    assert res.validation["student"] > one_shot, (res.validation, one_shot)
+    assert res.validation["student"] >= original - 8.0
+    assert not dm.training and all(ex.score is None for ex in dm.exchanges.values())
+    assert res.history[-1]["budget"] == pytest.approx(0.2) and res.history[0]["budget"] > 0.2
+    assert res.batchnorm_batches == 20
+
+
+def test_unlabelled_data_and_agreement_metric(digits):
+    task, model = digits
+    unlabelled = [x for x, _ in _train(task)]
+    dm = transform(model, 2, task.example)
+    res = finetune(dm, unlabelled, budget=0.5, steps=20, val_data=[x for x, _ in loader(task.val, 300, False, 0)],
+                   progress=False)
+    assert res.validation["metric"] == "agreement with the teacher %"
+    assert 0 <= res.validation["student"] <= 100
+
+
+def test_nested_outputs_distil_leaf_by_leaf():
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+            self.head = nn.Linear(8, 5)
+
+        def forward(self, x):
+            f = self.body(x)
+            return {"out": f, "aux": (self.head(f.mean((2, 3))),)}
+
+    torch.manual_seed(0)
+    model = TwoHeads().eval()
+    data = [torch.randn(8, 3, 8, 8) for _ in range(4)]
+    dm = transform(model, 2, data[0][:1])
+    teacher = copy.deepcopy(model)
+    loss = Loss()
+    dm.set_budget(0.0)
+    with torch.no_grad():
+        before = loss.distill(dm(data[0]), teacher(data[0])).item()
+    res = finetune(dm, data, budget=0.0, steps=30, teacher=teacher, lr=3e-3, progress=False)
+    with torch.no_grad():
+        after = loss.distill(dm(data[0]), teacher(data[0])).item()
+    assert res.exchange_ratio == 0.0
+    assert after < before
+
+
+def test_resume_continues_exactly(digits, tmp_path):
+    task, model = digits
+    data = list(_train(task))[:6]
+
+    class Interrupted:
+        def __init__(self, after):
+            self.after, self.given = after, 0
+
+        def __iter__(self):
+            for b in data:
+                if self.given == self.after:
+                    raise KeyboardInterrupt
+                self.given += 1
+                yield b
+
+    kwargs = dict(budget=0.2, steps=16, checkpoint_every=5, progress=False, batchnorm_batches=3)
+    whole = transform(model, 2, task.example)
+    finetune(whole, data, **kwargs)
+    resumed = transform(model, 2, task.example)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(resumed, Interrupted(12), checkpoint_dir=tmp_path, **kwargs)
+    assert torch.load(tmp_path / "last.pt", weights_only=False)["step"] == 10
+    resumed = transform(model, 2, task.example)
+    res = finetune(resumed, data, checkpoint_dir=tmp_path, resume=True, **kwargs)
+    assert res.steps == 16 and res.history[-1]["step"] == 16
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), f"{name} differs after resume"
+
+    other = transform(model, 3, task.example)
+    with pytest.raises(CheckpointMismatch, match="nodes: checkpoint 2 vs now 3"):
+        finetune(other, data, checkpoint_dir=tmp_path, resume=True, **kwargs)
+    with pytest.raises(CheckpointMismatch, match="does not exist"):
+        finetune(other, data, checkpoint_dir=tmp_path / "none", resume=True, **kwargs)
+
+
+def test_nan_loss_stops_and_keeps_last_good_state(digits, tmp_path):
+    task, model = digits
+    data = list(_train(task))[:8]
+    poisoned = data[:7] + [(torch.full_like(data[7][0], float("nan")), data[7][1])]
+    dm = transform(model, 2, task.example)
+    with pytest.raises(TrainingDiverged, match=r"became nan at step 8.*last good state \(step 5\).*last.pt"):
+        finetune(dm, poisoned, budget=0.5, steps=20, checkpoint_every=5, checkpoint_dir=tmp_path, progress=False)
+    saved = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert saved["step"] == 5
+    for name, t in dm.state_dict().items():
+        assert torch.equal(t, saved["model"][name]), name
+
+
+@pytest.mark.parametrize("budget", [-0.1, 1.5, float("nan")])
+def test_budget_outside_unit_interval(digits, budget):
+    task, model = digits
+    with pytest.raises(BudgetError, match=r"must be in \[0, 1\]"):
+        finetune(transform(model, 2, task.example), [task.example], budget=budget, steps=1, progress=False)
+
+
+def test_bad_data(digits, tmp_path):
+    task, model = digits
+    dm = transform(model, 2, task.example)
+    with pytest.raises(DataError, match="gave no batches"):
+        finetune(dm, [], budget=0.5, steps=2, progress=False)
+    with pytest.raises(DataError, match="ran out after 1 batches"):
+        finetune(dm, iter([task.example]), budget=0.5, steps=2, progress=False)
+    with pytest.raises(DataError, match="a batch must be"):
+        next(batches([{"x": task.example}]))
+    with pytest.raises(DataError, match="does not exist"):
+        image_folder(tmp_path / "missing", (8, 8), train=True)
+    (tmp_path / "empty" / "cats").mkdir(parents=True)
+    with pytest.raises(DataError, match="holds no images"):
+        image_folder(tmp_path / "empty", (8, 8), train=True)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="cannot read image .*broken.png"):
+        image_folder(bad, (8, 8), train=False)[0]
+    with pytest.raises(DataError, match="too few"):
+        image_split(bad, (8, 8), 0.5, seed=0)
+
+
+def test_finetuned_model_exports_with_the_same_quality(digits, tmp_path):
+    from disco_compile import run_local
+    from disco_compile.distill import Metric
+    from disco_compile.export import export
+    task, model = digits
+    dm = transform(model, 2, task.example)
+    finetune(dm, _train(task), budget=0.2, steps=20, progress=False)
+    x, y = task.test.tensors
+    torch_metric = evaluate(dm, [(x, y)])[1]
+    export(dm, tmp_path / "shards")
+    metric = Metric()
+    metric.add(torch.from_numpy(run_local(tmp_path / "shards", [x.numpy()])[0]), y)
+    assert abs(metric.value() - torch_metric) <= 0.01
