@@ -36,7 +36,7 @@ import torch
 from disco_compile import tasks, transform
 from disco_compile.data import loader
 from disco_compile.distill import Loss
-from disco_compile.finetune import evaluate, finetune
+from disco_compile.finetuning import evaluate, finetune
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("learned", "magnitude", "random")

@@ -9,19 +9,23 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ._lazy import lazy_attributes
-from .errors import (BudgetError, BundleError, DiscoError, ExampleInputError, InputMismatch, MessageError,
-                     NodeFailure, PartitionError, PeerFailed, PeerTimeout, StageFailure, TraceFailure)
+from .errors import (BudgetError, BundleError, CheckpointMismatch, DataError, DiscoError, ExampleInputError,
+                     InputMismatch, MessageError, NodeFailure, PartitionError, PeerFailed, PeerTimeout, StageFailure,
+                     TraceFailure, TrainingDiverged)
 
 if TYPE_CHECKING:
     from .cost import CostReport
+    from .finetuning import FinetuneResult, finetune
     from .model import DiscoModel, transform
     from .runtime import run_local
 
-_LAZY = {"transform": "model", "DiscoModel": "model", "CostReport": "cost", "run_local": "runtime"}
+_LAZY = {"transform": "model", "DiscoModel": "model", "CostReport": "cost", "run_local": "runtime",
+         "finetune": "finetuning", "FinetuneResult": "finetuning"}
 
-__all__ = ["transform", "run_local", "DiscoModel", "CostReport", "DiscoError", "TraceFailure", "ExampleInputError",
-           "PartitionError", "BudgetError", "BundleError", "InputMismatch", "MessageError", "PeerTimeout",
-           "PeerFailed", "StageFailure", "NodeFailure"]
+__all__ = ["transform", "finetune", "run_local", "DiscoModel", "CostReport", "FinetuneResult", "DiscoError",
+           "TraceFailure", "ExampleInputError", "PartitionError", "BudgetError", "BundleError", "InputMismatch",
+           "MessageError", "PeerTimeout", "PeerFailed", "StageFailure", "NodeFailure", "DataError",
+           "CheckpointMismatch", "TrainingDiverged"]
 
 
 __getattr__ = lazy_attributes(__name__, _LAZY, globals())

@@ -28,13 +28,13 @@ import torchvision
 from tqdm import tqdm
 
 from . import data, selection, zoo
-from . import finetune as finetune_mod
+from . import finetuning
 
 from .cost import CostReport
 from .errors import DiscoError, ExampleInputError, TraceFailure
 from .bundle import refuse_existing
 from .export import export
-from .finetune import FinetuneResult
+from .finetuning import FinetuneResult
 from .model import transform
 from .passes.partition import check_weights
 
@@ -350,7 +350,7 @@ def _finetune(disco, loaded: Loaded, data_dir: str, val_dir: str | None, budget:
     val_loader = data.loader(val_set, batch_size, shuffle=False, seed=seed, workers=workers)
     click.echo(f"fine-tuning on {len(train_set)} images of {data_dir} ({len(val_set)} for validation), "
                f"{steps} steps, budget {budget:g}, {method} selection, checkpoints in {checkpoint_dir}", err=True)
-    return finetune_mod.finetune(disco, train_loader, budget=budget, steps=steps, val_data=val_loader,
+    return finetuning.finetune(disco, train_loader, budget=budget, steps=steps, val_data=val_loader,
                                  method=method, allocation=allocation, lr=lr, seed=seed, device=device,
                                  checkpoint_dir=checkpoint_dir, resume=resume)
 
@@ -403,7 +403,7 @@ def _finetune(disco, loaded: Loaded, data_dir: str, val_dir: str | None, budget:
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
               help="Learning rate of the weights and gates (Adam).")
-@click.option("--method", type=click.Choice(finetune_mod.METHODS), default="learned", show_default=True,
+@click.option("--method", type=click.Choice(finetuning.METHODS), default="learned", show_default=True,
               help="How exchanged channels are chosen: learned scores, fixed weight magnitude, or random.")
 @click.option("--allocation", type=click.Choice(selection.ALLOCATIONS), default="uniform", show_default=True,
               help="Budget per exchange (uniform) or ranked over the whole model by score per byte (global).")
@@ -456,6 +456,8 @@ def main(model: str, nodes: int, budget: float | None, input_shape: tuple[int, .
         tuned = None
         if data_dir is not None:
             tuned = _finetune(disco, loaded, data_dir, val_dir, 1.0 if budget is None else budget, out_dir, **train)
+            if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+                return  # under torchrun, process 0 alone reports and exports
         elif budget is not None:
             with _stage(f"selecting exchanged channels for budget {budget:g}"):
                 disco.set_budget(budget)

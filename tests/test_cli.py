@@ -179,3 +179,48 @@ def test_installed_script(tmp_path):
                          cwd=tmp_path, env=env, timeout=300)
     assert bad.returncode == 2
     assert "between 0 and 1" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def _image_folder(root: Path, classes=("a", "b"), per_class: int = 6) -> Path:
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for k in range(per_class):
+            pixels = (torch.rand(20, 20, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / c / f"{k}.png")
+    return root
+
+
+def test_finetune_then_export_and_resume(tmp_path):
+    from disco_compile import run_local
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    path = tmp_path / "whole.pt"
+    torch.save(model, path)
+    data = _image_folder(tmp_path / "images")
+    out = tmp_path / "shards"
+    args = [path, "--trust-pickle", "--nodes", 2, "--input-shape", "1,3,16,16", "--budget", 0.5, "--data", data,
+            "--steps", 4, "--batch-size", 4, "--workers", 0, "--val-fraction", 0.25]
+    result = invoke(*args, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "fine-tuned 4 steps at budget 0.5; validation agreement with the teacher %" in result.stdout
+    assert "fine-tuning on 9 images" in result.stderr
+    ckpt = tmp_path / "shards.ckpt" / "last.pt"
+    assert ckpt.exists() and (out / "manifest.json").exists()
+    x = torch.randn(2, 3, 16, 16)
+    assert run_local(out, [x.numpy()])[0].shape == (2, 4)
+
+    resumed = invoke(*args[:-6], "--steps", 6, "--batch-size", 4, "--workers", 0, "--val-fraction", 0.25,
+                     "--checkpoint-dir", tmp_path / "shards.ckpt", "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert torch.load(ckpt, weights_only=False)["step"] == 6
+    other = invoke(*args[:3], 3, *args[4:], "--checkpoint-dir", tmp_path / "shards.ckpt", "--resume")
+    assert other.exit_code == 2 and "nodes: checkpoint 2 vs now 3" in other.stderr
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    refused = invoke(*args[:9], empty, "--steps", 2)
+    assert refused.exit_code == 2 and "holds no images" in refused.stderr
+    lone = invoke(*args[:8], "--resume")
+    assert lone.exit_code == 2 and "give --data DIR" in lone.stderr

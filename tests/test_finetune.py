@@ -13,7 +13,7 @@ from disco_compile import BudgetError, tasks, transform
 from disco_compile.data import batches, image_folder, image_split, loader
 from disco_compile.distill import Loss
 from disco_compile.errors import CheckpointMismatch, DataError, TrainingDiverged
-from disco_compile.finetune import budget_at, evaluate, exchange_ratio, finetune
+from disco_compile.finetuning import budget_at, evaluate, exchange_ratio, finetune
 from disco_compile.selection import magnitude_scores, select
 
 from conftest import assert_close
@@ -220,3 +220,29 @@ def test_finetuned_model_exports_with_the_same_quality(digits, tmp_path):
     metric = Metric()
     metric.add(torch.from_numpy(run_local(tmp_path / "shards", [x.numpy()])[0]), y)
     assert abs(metric.value() - torch_metric) <= 0.01
+
+
+def test_two_processes_with_torchrun_match_one_with_both_batches(tmp_path):
+    """DDP (gloo, 2 processes): process r takes batches r, r+2, ...; gradients are averaged, which
+    for equal halves equals one process training on the two batches joined."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    helpers = Path(__file__).parent / "helpers"
+    out = tmp_path / "ddp.pt"
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(helpers)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29517", str(helpers / "ddp_finetune.py"), str(out)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sys.path.insert(0, str(helpers))
+    try:
+        import ddp_finetune
+    finally:
+        sys.path.remove(str(helpers))
+    model, batches = ddp_finetune.setup()
+    joined = [torch.cat(batches[k:k + 2]) for k in range(0, len(batches), 2)]
+    single = ddp_finetune.run(model, joined).state_dict()
+    ddp = torch.load(out, weights_only=True)
+    for name, t in single.items():
+        assert_close(ddp[name].float(), t.float(), rtol=1e-4, atol=1e-6, what=name)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -117,13 +116,16 @@ def evaluate(model: nn.Module, data: Iterable, device: str | torch.device = "cpu
     return name, metric.value()
 
 
-def _rank_world() -> tuple[int, int]:
+def _rank_world(dev: torch.device) -> tuple[int, int, torch.device]:
+    """(rank, world size, this process's device); joins the process group torchrun describes."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() and os.environ.get("DISCO_BACKEND") != "gloo"
-                                else "gloo")
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    if not dist.is_initialized():
+        return 0, 1, dev
+    if dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+    return dist.get_rank(), dist.get_world_size(), dev
 
 
 def _check_device(device: str) -> torch.device:
@@ -191,8 +193,7 @@ def finetune(dm, data: Iterable, *, budget: float, steps: int, teacher: nn.Modul
         raise ValueError(f"steps must be at least 1, got {steps}")
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs checkpoint_dir: the folder the interrupted run wrote last.pt to")
-    dev = _check_device(device)
-    rank, world = _rank_world()
+    rank, world, dev = _rank_world(_check_device(device))
     loss_fn = loss or Loss()
     torch.manual_seed(seed)
 
@@ -212,7 +213,8 @@ def finetune(dm, data: Iterable, *, budget: float, steps: int, teacher: nn.Modul
     if score_params:
         groups.append({"params": score_params, "lr": score_lr})
     opt = torch.optim.Adam(groups)
-    student = nn.parallel.DistributedDataParallel(dm) if world > 1 else dm
+    student = dm if world == 1 else \
+        nn.parallel.DistributedDataParallel(dm, device_ids=[dev.index] if dev.type == "cuda" else None)
 
     ckpt = _Checkpoints(None if checkpoint_dir is None else Path(checkpoint_dir), fingerprint(dm, method))
     start, history = 0, []
