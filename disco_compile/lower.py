@@ -607,8 +607,8 @@ class NodeBuilder:
             return
         q, k, v, heads, batch_first = n.args
         width = lay.units // heads
-        first = held[::width] if held.numel() % width == 0 else held[:1]
-        if not torch.equal(held, (first[:, None] + torch.arange(width)).flatten()) or bool((first % width).any()):
+        blocks = held.reshape(-1, width) if held.numel() % width == 0 else None
+        if blocks is None or bool((blocks != blocks[:, :1] + torch.arange(width)).any() | (blocks[:, 0] % width).any()):
             raise LoweringError(f"'{n.name}': node {self.j} holds part of an attention head")
         args = tuple(self.aligned(a, held) for a in (q, k, v))
         self.hold(n, self.call(heads_attention, (*args, held.numel() // width, batch_first),
