@@ -36,7 +36,7 @@ def nodes_by_name(dm) -> dict:
     return {n.name: n for n in dm.graph_module.graph.nodes}
 
 
-@pytest.mark.parametrize("nodes", [1, 2, 3, 4])
+@pytest.mark.parametrize("nodes", [1, 2, 3, 4, 8])  # 8 nodes, 4 heads: four nodes own no head
 def test_small_vit_is_exact_with_no_replicated_op(nodes):
     model, x = small_vit()
     dm = assert_split_exact(model, nodes, x)
@@ -124,7 +124,7 @@ def lowered_outputs(dm, x):
     return run_python(cut_all(lowered), lowered, [x])[0]
 
 
-@pytest.mark.parametrize("nodes, rho", [(2, 1.0), (3, 0.3), (4, 0.2)])
+@pytest.mark.parametrize("nodes, rho", [(2, 1.0), (3, 0.3), (4, 0.2), (8, 0.3)])
 def test_small_vit_lowered_float64(nodes, rho):
     model, x = small_vit()
     model, x = model.double(), x.double()
