@@ -68,7 +68,8 @@ DEFAULT_NODES = (2, 4)
 DEFAULT_TIMEOUT = 600
 
 # Input side length per model; a model not listed gets zoo.build's default side (the CNNs and the
-# segmentation models). ViTs have a fixed image_size of 224; maxvit_t needs every stage's feature
+# segmentation models). ViTs run at their standard image_size, 224 (zoo.build builds them for the
+# side it is given; their position embedding fixes it); maxvit_t needs every stage's feature
 # map (side/4 ... side/32) to be a multiple of its 7x7 partition, so 224. Swin runs at any multiple
 # of 32, but at 32 every stage's feature map (8, 4, 2, 1) fits in one 7x7 window, which disables
 # the shifted windows (no roll, no attention mask); 64 is the smallest side that exercises them.
@@ -561,7 +562,8 @@ def write_report(results: Path, report: Path, nodes: list[int], command: str) ->
         "- Input sizes (side of the square RGB input): "
         + "; ".join(f"**{s}**: {', '.join(ns) if len(ns) <= 12 else f'{len(ns)} models (all others)'}"
                     for s, ns in sorted(sizes.items(), key=lambda kv: -len(kv[1])) if s is not None)
-        + ". CNNs and segmentation models use `zoo.build`'s default side; ViTs have a fixed 224 input; "
+        + ". CNNs and segmentation models use `zoo.build`'s default side; ViTs run at their standard 224 (built for the side given; "
+          "zoo.build redraws their zero-initialised class token and head); "
           "maxvit_t needs 224 (each stage's map divisible by its 7x7 partition); swin runs at any multiple "
           "of 32, but at 32 every feature map fits in one 7x7 window and the shifted windows are disabled, "
           "so 64, the smallest side that exercises them.",

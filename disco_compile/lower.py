@@ -18,8 +18,10 @@ Per DISCO op, on node j:
 - channelwise ops run on the local tensor (per-channel parameters sliced);
   elementwise ops first bring their inputs to one unit order.
 - data movement (view, permute, cat, split, ...): either the op itself on the
-  local tensor or a gather along the local axis, each accepted only if it
-  yields, on element-id tensors, exactly the elements node j must hold.
+  local tensor (whole inputs narrowed to the held units if need be) or a
+  gather along the local axis, each accepted only if it yields, on element-id
+  tensors, exactly the elements node j must hold.
+- attention core (attention.py): run on the whole heads node j owns.
 - ops without a rule (replicated): inputs gathered whole, op run whole.
 - model outputs: node 0 receives the parts it does not hold.
 
@@ -42,6 +44,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torch.utils import _pytree as pytree
 
 from . import rules
+from .attention import heads_attention
 from .errors import DiscoError
 from .ir import REPLICATED, MixingLayer, channel_dims
 from .modules import SparseExchange
@@ -338,7 +341,9 @@ class NodeBuilder:
         if self.low.layout(n).owner is None:
             return self.whole(n, module)
         rule = rules.lookup(n, module)
-        if rule in (rules.relayout, rules.getitem, rules.pixel_shuffle):
+        if rule is rules.attention:
+            return self.attention(n)
+        if rule in (rules.relayout, rules.cat, rules.getitem, rules.pixel_shuffle):
             return self.relayout(n, module)
         if rule is rules.elementwise:
             return self.elementwise(n, module)
@@ -593,6 +598,24 @@ class NodeBuilder:
         args, kwargs = fx.node.map_arg((n.args, n.kwargs), arg)
         self.hold(n, self.emit(n, module, args, kwargs), units)
 
+    # ------------------------------------------------------------ attention
+    def attention(self, n: fx.Node) -> None:
+        """The per-head core on the heads this node owns (whole heads: rules.attention ties them), with
+        query, key and value aligned to one unit order."""
+        lay = self.low.layout(n)
+        held = lay.held(self.j)
+        if held.numel() == 0:
+            self.env[n.name] = Local(None, held)
+            return
+        q, k, v, heads, batch_first = n.args
+        width = lay.units // heads
+        blocks = held.reshape(-1, width) if held.numel() % width == 0 else None
+        if blocks is None or bool((blocks != blocks[:, :1] + torch.arange(width)).any() | (blocks[:, 0] % width).any()):
+            raise LoweringError(f"'{n.name}': node {self.j} holds part of an attention head")
+        args = tuple(self.aligned(a, held) for a in (q, k, v))
+        self.hold(n, self.call(heads_attention, (*args, held.numel() // width, batch_first),
+                               shape=lay.rep_shape(held.numel()), dtype=lay.dtype), held)
+
     # ------------------------------------------------------------ statistics over split channels
     def statistics(self, n: fx.Node, module) -> None:
         """LayerNorm, softmax, sum or mean over channels that several nodes hold: each holder
@@ -676,22 +699,30 @@ class NodeBuilder:
         local_ids = {a.name: self.local_ids(a, ids[a.name]) for a in inputs}
         if producer is n:  # candidate 1: the op itself on the local tensors (parts this node lacks left out of lists)
             empty = {a.name for a in inputs if self.env[a.name].node is None}
-            try:
-                args, kwargs = _without(fx.node.map_arg((n.args, n.kwargs), lambda a: local_ids.get(a.name, self.env[a.name].value)
-                                                        if a.name not in empty else _EMPTY))
-                got = _call_like(n, module, args, kwargs)
-                natural = isinstance(got, torch.Tensor) and got.dim() == len(lay.shape) != expected.dim()
-                units = _match_units(expected, got.reshape(expected.shape[:lay.axis] + (-1,)) if natural else got,
-                                     lay.axis)
-            except (RuntimeError, ValueError, IndexError, TypeError):  # the op rejects the local shapes
-                units = None
-            if units is not None and torch.equal(torch.sort(units).values, held):
-                args, kwargs = _without(fx.node.map_arg((n.args, n.kwargs), lambda a: self.value(a)
-                                                        if a.name not in empty else _EMPTY))
-                node = self.emit(n, module, args, kwargs, shape=tuple(got.shape) if natural else None)
-                # units spanning several dims (a pixel shuffle's channels x positions) are held flattened
-                self.hold(n, self.reshape(node, lay.rep_shape(units.numel())) if natural else node, units)
-                return
+            # candidate 1b: the same with whole inputs first narrowed to the held units along the output's channel
+            # axis (a replicated class token concatenated beside split tokens takes their labels, rules.cat)
+            narrowable = [a for a in inputs if self.env[a.name].units is None and a.name not in empty
+                          and len(lay.dims) == 1 and len(self.low.layout(a).shape) == len(lay.shape)
+                          and self.low.layout(a).shape[lay.axis] == lay.units]
+            for narrow in ([], narrowable) if narrowable else ([],):
+                ids_of = {**local_ids, **{a.name: ids[a.name].index_select(lay.axis, held) for a in narrow}}
+                try:
+                    args, kwargs = _without(fx.node.map_arg((n.args, n.kwargs), lambda a: ids_of.get(a.name, self.env[a.name].value)
+                                                            if a.name not in empty else _EMPTY))
+                    got = _call_like(n, module, args, kwargs)
+                    # units spanning several dims (a pixel shuffle's channels x positions) are held flattened
+                    natural = isinstance(got, torch.Tensor) and got.dim() == len(lay.shape) != expected.dim()
+                    units = _match_units(expected, got.reshape(expected.shape[:lay.axis] + (-1,)) if natural else got,
+                                         lay.axis)
+                except (RuntimeError, ValueError, IndexError, TypeError):  # the op rejects the local shapes
+                    units = None
+                if units is not None and torch.equal(torch.sort(units).values, held):
+                    nodes_of = {a.name: self.select(self.value(a), lay.axis, held) for a in narrow}
+                    args, kwargs = _without(fx.node.map_arg((n.args, n.kwargs), lambda a: nodes_of.get(a.name, self.value(a))
+                                                            if a.name not in empty else _EMPTY))
+                    node = self.emit(n, module, args, kwargs, shape=tuple(got.shape) if natural else None)
+                    self.hold(n, self.reshape(node, lay.rep_shape(units.numel())) if natural else node, units)
+                    return
         if len(inputs) == 1 and self.low.layout(inputs[0]).axis is not None:  # candidate 2: a gather
             src = inputs[0]
             axis = self.low.layout(src).axis

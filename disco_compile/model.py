@@ -1,4 +1,4 @@
-"""`transform`: capture -> channel-flow analysis -> partition -> insert exchanges,
+"""`transform`: capture -> expand attention -> channel-flow analysis -> partition -> insert exchanges,
 returning a `DiscoModel`, an nn.Module that computes in one process exactly
 what the N nodes compute together (see modules.py for the block equation).
 """
@@ -16,6 +16,7 @@ from .errors import PartitionError
 from .ir import PartitionPlan
 from .modules import SparseExchange
 from .passes.channel_flow import analyse
+from .passes.expand_attention import expand_attention
 from .passes.insert_exchanges import insert_exchanges
 from .passes.partition import assign_owners, check_weights
 
@@ -91,6 +92,7 @@ def transform(model: nn.Module, nodes: int, example_inputs, *, node_weights: Seq
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
     gm = trace(model, leaf_modules)
+    expand_attention(gm)
     flow = analyse(gm, example_inputs, nodes)
     if not flow.mixing:
         raise PartitionError("the model has no Conv or Linear layer whose channels could be split across nodes")

@@ -15,13 +15,17 @@ Rule families:
   residual add forces equal ownership.
 - relayout: pure data movement (view, permute, cat, split, getitem,
   pixel_shuffle); the op itself is run on the expanded label tensor, which
-  maps channels through any reshape exactly.
+  maps channels through any reshape exactly. A replicated tensor concatenated
+  beside split ones (a class token before the patch tokens) takes their labels.
 - reduce: a reduction over non-channel dims drops those dims; over channel dims
   it becomes a partial sum all-reduced between nodes.
 - normalise: LayerNorm/softmax over split channels; labels pass through and the
   per-row statistics are all-reduced.
 - mixing: Conv and Linear create a new channel space; grouped convolutions tie
   each input group to its output group so no group straddles nodes.
+- attention: the per-head core of multi-head attention (attention.py) ties the
+  query, key and value channels of each head to one node; its output channels
+  are the value's.
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ import torch.nn.functional as F
 import torchvision.ops
 from torch.utils import _pytree as pytree
 
+from .attention import heads_attention, why_not_split
 from .ir import REPLICATED, ChannelUniverse, MixingLayer, ReplicatedOp, StatExchange, channel_dims, compress, fits, units_per_sample
 
 
@@ -221,7 +226,7 @@ def relayout(ctx: RuleContext) -> Any:
     return pytree.tree_map(lambda t: compress(t) if isinstance(t, torch.Tensor) else None, result)
 
 
-register(torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.cat, torch.concat, torch.stack,
+register(torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.stack,
          torch.split, torch.chunk, torch.squeeze, torch.unsqueeze, torch.narrow, torch.movedim,
          torch.swapaxes, torch.roll, torch.flip, F.pixel_unshuffle, torch.channel_shuffle,
          torch.unbind, torch.tensor_split,
@@ -241,6 +246,25 @@ def pixel_shuffle(ctx: RuleContext) -> torch.Tensor:
             channel = out.select(-3, c).unique()
             ctx.universe.tie_all(channel[channel != REPLICATED])
     return out
+
+
+@register(torch.cat, torch.concat)
+def cat(ctx: RuleContext) -> Any:
+    """A concatenation; replicated inputs beside split ones whose labels agree and do not vary along the
+    concatenated dim take those labels: every node holds a replicated tensor whole, so each keeps the part
+    that lines up with its own channels (a learned class token concatenated before the patch tokens gets
+    the channel ownership of the token embeddings) and the result is split like its split inputs."""
+    tensors = ctx.arg(0, "tensors")
+    labels = ctx.label_args[0] if ctx.args else ctx.label_kwargs["tensors"]
+    split = [l for l in labels if l is not None]
+    if not split or len(split) == len(labels):
+        return relayout(ctx)
+    dim = ctx.arg(1, "dim", 0) % ctx.out.dim()
+    first = split[0]
+    if first.dim() != ctx.out.dim() or first.size(dim) != 1 or any(not torch.equal(l, first) for l in split) \
+            or not all(fits(first, t.shape) for t in tensors):
+        return relayout(ctx)
+    return first
 
 
 @register(operator.getitem)
@@ -368,6 +392,28 @@ def linear(ctx: RuleContext) -> torch.Tensor:
     m = ctx.module
     in_labels = _mixing_input(ctx, -1, m.in_features)
     return _record_mixing(ctx, "linear", -1, m.in_features, m.out_features, 1, 1, in_labels)
+
+
+# ---------------------------------------------------------------- attention
+
+@register(heads_attention)
+def attention(ctx: RuleContext) -> torch.Tensor:
+    """Head h's output channels mix v_h over tokens with weights from q_h and k_h: the 3d channels
+    (q_h, k_h, v_h) of every head are tied to one node, which then needs nothing from the others."""
+    qkv = ctx.tensor_inputs()
+    heads = ctx.arg(3, "num_heads")
+    for t, l in qkv:
+        if l is None or channel_dims(l) != (t.dim() - 1,):
+            raise Fallback("query, key or value not split along its last dim alone")
+    for head in zip(*(l.reshape(-1).chunk(heads) for _, l in qkv)):
+        ctx.universe.tie_all(torch.cat(head))
+    return qkv[2][1]
+
+
+@register(nn.MultiheadAttention)
+def multihead_attention(ctx: RuleContext) -> torch.Tensor:
+    """Reached only for calls passes/expand_attention.py left opaque: say why."""
+    raise Fallback(f"not split by heads: {why_not_split(ctx.node, ctx.module) or 'another call of this module is not'}")
 
 
 def is_mixing(module: nn.Module | None) -> bool:

@@ -6,6 +6,12 @@ do not match its activations, so outputs drift to 1e-9 or 1e11 with depth.
 `calibrate_batchnorm` runs a few random batches in training mode with
 cumulative averaging (momentum=None), so the running statistics become the
 true ones and activations stay near unit scale, as in a trained model.
+
+Parameters of two or more dims that a builder initialises to all zeros (ViT's
+class token and classifier head) are redrawn from N(0, 0.02^2): with a zero
+classifier every output is 0 and any comparison of outputs is vacuous.
+ViTs are built for the requested input side (`image_size`); their default
+is 224.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ DEFAULT_SIZE = 128
 _EXTRA_KWARGS = {"inception_v3": {"aux_logits": False, "init_weights": True},
                  "googlenet": {"aux_logits": False, "init_weights": True}}
 _SEGMENTATION_KWARGS = {"weights_backbone": None}  # the builders' default downloads ImageNet backbone weights
+_IMAGE_SIZE_MODELS = ("vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14")  # VisionTransformer(image_size=...)
 
 
 def classification_models() -> list[str]:
@@ -39,12 +46,23 @@ def calibrate_batchnorm(model: nn.Module, example: torch.Tensor, batches: int = 
     return model
 
 
+@torch.no_grad()
+def redraw_zero_parameters(model: nn.Module, std: float = 0.02) -> nn.Module:
+    for p in model.parameters():
+        if p.dim() >= 2 and not p.any():
+            p.normal_(0.0, std)
+    return model
+
+
 def build(name: str, size: int | None = None, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
     """A torchvision model by name with calibrated random weights, and an example input (batch 1)."""
     builder = torchvision.models.get_model_builder(name)
     torch.manual_seed(seed)
     extra = _SEGMENTATION_KWARGS if name in segmentation_models() else _EXTRA_KWARGS.get(name, {})
-    model = builder(weights=None, **extra)
     side = size or DEFAULT_SIZE
+    if name in _IMAGE_SIZE_MODELS:
+        extra = {**extra, "image_size": side}
+    model = builder(weights=None, **extra)
+    redraw_zero_parameters(model)
     example = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(seed + 1))
     return calibrate_batchnorm(model, example, seed=seed), example
