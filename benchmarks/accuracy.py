@@ -101,7 +101,7 @@ def export_check(name: str, model) -> dict:
     import numpy as np
     from disco_compile import run_local
     from disco_compile.distill import Metric
-    from disco_compile.export import export
+    from disco_compile.exporter import export
     task, _, loss, batch = build_task(name)
     dm = transform(model, 2, task.example)
     finetune(dm, loader(task.train, batch, True, 0), budget=0.2, steps=ARGS.steps, lr=ARGS.lr, loss=loss,

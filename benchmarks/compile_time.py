@@ -41,7 +41,7 @@ def child(args) -> None:
         torch.set_num_threads(args.torch_threads)
 
     import disco_compile.bundle as bundle_mod
-    import disco_compile.export as export_mod
+    import disco_compile.exporter as export_mod
     import disco_compile.model as model_mod
     from disco_compile import zoo
     t_import = time.perf_counter() - t0

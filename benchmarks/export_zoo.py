@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from disco_compile import DiscoError, run_local, transform, zoo
-from disco_compile.export import export
+from disco_compile.exporter import export
 
 MODELS = ["resnet18", "resnet50", "wide_resnet50_2", "resnext50_32x4d", "vgg11_bn", "mobilenet_v2",
           "mobilenet_v3_small", "efficientnet_b0", "regnet_x_400mf", "densenet121", "shufflenet_v2_x1_0",

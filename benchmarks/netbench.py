@@ -68,7 +68,7 @@ def prepare(work: Path) -> None:
     import numpy as np
     import torch
     from disco_compile import transform
-    from disco_compile.export import export
+    from disco_compile.exporter import export
     from disco_compile.zoo import build
     work.mkdir(parents=True, exist_ok=True)
     model, x = build("resnet50", 224)

@@ -406,7 +406,7 @@ def prepare(work: Path, args) -> dict:
     import torch
 
     from disco_compile import transform, zoo
-    from disco_compile.export import export
+    from disco_compile.exporter import export
     model, x = zoo.build(args.model, size=args.size)
     dm = transform(model, args.nodes, x)
     dm.set_budget(args.budget)

@@ -15,14 +15,15 @@ from .errors import (BudgetError, BundleError, CheckpointMismatch, DataError, Di
 
 if TYPE_CHECKING:
     from .cost import CostReport
+    from .exporter import export
     from .finetuning import FinetuneResult, finetune
     from .model import DiscoModel, transform
     from .runtime import run_local
 
 _LAZY = {"transform": "model", "DiscoModel": "model", "CostReport": "cost", "run_local": "runtime",
-         "finetune": "finetuning", "FinetuneResult": "finetuning"}
+         "finetune": "finetuning", "FinetuneResult": "finetuning", "export": "exporter"}
 
-__all__ = ["transform", "finetune", "run_local", "DiscoModel", "CostReport", "FinetuneResult", "DiscoError",
+__all__ = ["transform", "finetune", "export", "run_local", "DiscoModel", "CostReport", "FinetuneResult", "DiscoError",
            "TraceFailure", "ExampleInputError", "PartitionError", "BudgetError", "BundleError", "InputMismatch",
            "MessageError", "PeerTimeout", "PeerFailed", "StageFailure", "NodeFailure", "DataError",
            "CheckpointMismatch", "TrainingDiverged"]

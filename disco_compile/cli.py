@@ -33,7 +33,7 @@ from . import finetuning
 from .cost import CostReport
 from .errors import DiscoError, ExampleInputError, TraceFailure
 from .bundle import refuse_existing
-from .export import export
+from .exporter import export
 from .finetuning import FinetuneResult
 from .model import transform
 from .passes.partition import check_weights

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import torch
 
-from disco_compile import finetune, run_local, tasks, transform
+from disco_compile import export, finetune, run_local, tasks, transform
 from disco_compile.data import loader
 from disco_compile.distill import Loss, Metric
-from disco_compile.export import export
 from disco_compile.finetuning import evaluate
 
 

@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from conftest import assert_close, assert_split_exact
 from disco_compile import run_local, transform, zoo
-from disco_compile.export import export
+from disco_compile.exporter import export
 from disco_compile.harden import harden_and_lower
 from disco_compile.stages import cut_all, run_python
 from torchvision.models import VisionTransformer

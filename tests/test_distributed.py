@@ -25,7 +25,7 @@ from torch import nn
 
 from disco_compile import MessageError, PeerFailed, PeerTimeout, run_local, transform
 from disco_compile.bundle import load_bundle
-from disco_compile.export import export
+from disco_compile.exporter import export
 from disco_compile.runtime.cli import main as disco_run
 from disco_compile.runtime.network import DiscoClient, free_ports, node_command
 from disco_compile.runtime.zmq_transport import (HELLO, MSG, PROTOCOL, HandshakeError, NetworkConfigError,

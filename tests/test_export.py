@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from conftest import assert_close
 from disco_compile import run_local, transform, zoo
-from disco_compile.export import export
+from disco_compile.exporter import export
 from disco_compile.harden import harden_and_lower
 from disco_compile.stages import cut_all, run_python
 from test_equivalence_zoo import MODELS
@@ -151,7 +151,7 @@ def test_cli_exports_and_disco_run_reproduces(tmp_path):
 
 
 def test_stage_torch_onnx_cannot_export_is_a_clear_error(tmp_path):
-    from disco_compile.export import ExportError
+    from disco_compile.exporter import ExportError
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.AdaptiveAvgPool2d(3), nn.Flatten(), nn.Linear(72, 4)).eval()
     dm = transform(model, 2, torch.randn(1, 3, 4, 4)).eval()

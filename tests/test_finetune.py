@@ -210,7 +210,7 @@ def test_bad_data(digits, tmp_path):
 def test_finetuned_model_exports_with_the_same_quality(digits, tmp_path):
     from disco_compile import run_local
     from disco_compile.distill import Metric
-    from disco_compile.export import export
+    from disco_compile.exporter import export
     task, model = digits
     dm = transform(model, 2, task.example)
     finetune(dm, _train(task), budget=0.2, steps=20, progress=False)
