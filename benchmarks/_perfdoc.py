@@ -1,5 +1,5 @@
-"""Shared by benchmarks/compile_time.py and benchmarks/node_compute.py: the header of
-docs/performance.md, one section per benchmark between markers, written atomically,
+"""Shared by the benchmarks: the header of docs/performance.md, one section per benchmark
+(or per task, in docs/accuracy.md) between markers, written atomically,
 and a description of the machine. Standard library only (node_compute.py's child
 processes import this module and must not load torch)."""
 from __future__ import annotations
@@ -78,28 +78,29 @@ def _marker(name: str, closing: bool = False) -> str:
     return f"<!-- {'/' if closing else ''}{name} -->"
 
 
-def _sections(text: str) -> dict[str, str]:
+def _sections(text: str, names: tuple[str, ...]) -> dict[str, str]:
     found = {}
-    for name in SECTIONS:
+    for name in names:
         m = re.search(re.escape(_marker(name)) + r"\n(.*?)" + re.escape(_marker(name, True)), text, re.S)
         if m:
             found[name] = m.group(1)
     return found
 
 
-def write_section(name: str, body: str, path: Path = DOC) -> None:
-    """Replace section `name` of `path` with `body`, keep the other sections, rewrite the header;
-    the new file is written to a temporary file and renamed over the old one."""
-    assert name in SECTIONS, name
+def write_section(name: str, body: str, path: Path = DOC, header: str = HEADER,
+                  names: tuple[str, ...] = SECTIONS) -> None:
+    """Replace section `name` of `path` with `body`, keep the other sections `names`, rewrite the
+    header; the new file is written to a temporary file and renamed over the old one."""
+    assert name in names, name
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path.parent, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # two benchmarks finishing together must not lose a section
         old = path.read_text() if path.exists() else ""
-        sections = _sections(old)
+        sections = _sections(old, names)
         sections[name] = body.rstrip("\n") + "\n"
-        parts = [HEADER]
-        for s in SECTIONS:
+        parts = [header]
+        for s in names:
             if s in sections:
                 parts.append(f"{_marker(s)}\n{sections[s]}{_marker(s, True)}\n")
         text = "\n".join(parts)

@@ -1,4 +1,4 @@
-"""Quality against communication budget on the two bundled tasks -> docs/accuracy.md + docs/accuracy.png.
+"""Quality against communication budget on the two bundled tasks -> docs/accuracy.md, docs/accuracy_<task>.png.
 
 For each task (digits classification, x4 super-resolution) an original model is trained
 once (seed 0), then for N in {2, 4} and rho in {1, 0.5, 0.2, 0.1, 0} the DISCO model is
@@ -11,11 +11,12 @@ fine-tuned with the same schedule and steps by each selection method:
 
 each over several seeds (mean, sample standard deviation, min-max), plus the one-shot
 selection's quality before any fine-tuning. At rho = 1 every candidate is sent, so the
-methods coincide: it is run once per seed. A second table compares the uniform and the
-global (cost-aware) allocation. Finally one fine-tuned model per task is exported and run
+methods coincide: it is run once per seed. The main table uses finetune's default
+allocation (global); a second table compares it with the uniform allocation at N=2. Finally one fine-tuned model per task is exported and run
 by run_local on the test set: the metric must match PyTorch's to 0.01.
 
-    python benchmarks/accuracy.py                 # full run (about 30-60 min on 2 cores)
+    python benchmarks/accuracy.py --tasks digits --steps 600   # about 20 min on 2 quiet cores
+    python benchmarks/accuracy.py --tasks sr --steps 200       # about 30 min
     python benchmarks/accuracy.py --quick         # one seed, few steps: a smoke run
 """
 from __future__ import annotations
@@ -36,7 +37,10 @@ import torch
 from disco_compile import tasks, transform
 from disco_compile.data import loader
 from disco_compile.distill import Loss
-from disco_compile.finetuning import evaluate, finetune
+from disco_compile.finetuning import evaluate, exchange_ratio, finetune
+from disco_compile.selection import ALLOCATIONS
+
+import _perfdoc
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("learned", "magnitude", "random")
@@ -75,14 +79,14 @@ def one_run(job: tuple) -> dict:
 
 def jobs_for(name: str, path: str) -> list[tuple]:
     out = []
+    other = next(a for a in ALLOCATIONS if a != ARGS.allocation)
     for nodes, seed in itertools.product(ARGS.nodes, range(ARGS.seeds)):
         for rho in ARGS.rhos:
             for method in (("magnitude",) if rho in (0.0, 1.0) else METHODS):
-                out.append((name, path, nodes, rho, method, "uniform", seed))
-        if 2 == nodes:
-            for rho in ARGS.allocation_rhos:
-                for method in ("learned", "magnitude"):
-                    out.append((name, path, nodes, rho, method, "global", seed))
+                out.append((name, path, nodes, rho, method, ARGS.allocation, seed))
+        if nodes == 2:
+            for rho, method in itertools.product(ARGS.allocation_rhos, ("learned", "magnitude")):
+                out.append((name, path, nodes, rho, method, other, seed))
     return out
 
 
@@ -92,7 +96,8 @@ def one_shot(name: str, model) -> list[dict]:
     for nodes, rho in itertools.product(ARGS.nodes, ARGS.rhos):
         dm = transform(model, nodes, task.example)
         dm.set_budget(rho)
-        rows.append({"task": name, "nodes": nodes, "rho": rho, "metric": test_metric(dm.eval(), task)})
+        rows.append({"task": name, "nodes": nodes, "rho": rho, "metric": test_metric(dm.eval(), task),
+                     "exchange_ratio": exchange_ratio(dm)})
     return rows
 
 
@@ -116,6 +121,25 @@ def export_check(name: str, model) -> dict:
     return {"task": name, "torch": torch_metric, "onnx": metric.value()}
 
 
+HEADER = """\
+# Accuracy against communication budget
+
+Written by `benchmarks/accuracy.py`, one section per task (each run rewrites only the sections of
+the tasks it ran). For each task an original model is trained once (seed 0); for N in {2, 4} and
+each budget rho the DISCO model is fine-tuned with the same schedule and steps by each selection
+method: learned (scores from weight magnitudes trained through the straight-through mask),
+magnitude + ft (fixed one-shot magnitude scores), random + ft (a fixed random order); rho = 0
+sends nothing (no communication, the same for every method) and at rho = 1 every candidate is
+sent (the methods coincide; one run per seed stands for all three). "one-shot" is the magnitude
+selection before any fine-tuning, with its exchange ratio (kept / dense exchange bytes). The
+budget is annealed from 1 to rho over the first half of the steps, then held; the loss is
+distillation from the original plus the task loss; BatchNorm statistics are re-estimated after
+training. Cells: mean ± sample standard deviation (min–max) over seeds (data order and random
+scores). Runs share a 2-core machine with other jobs, one thread each: times vary, results do not.
+"""
+TASKS = ("digits", "sr")
+
+
 def _fmt(values: list[float]) -> str:
     if not values:
         return "-"
@@ -124,84 +148,74 @@ def _fmt(values: list[float]) -> str:
     return f"{mean:.2f} ± {sd:.2f} ({min(values):.2f}–{max(values):.2f})"
 
 
-def write_report(results, shots, originals, checks, elapsed: float, cmd: str) -> None:
-    lines = ["# Accuracy against communication budget", "",
+def _cell(results, **match) -> list[float]:
+    return [r["metric"] for r in results if all(r[k] == v for k, v in match.items())]
+
+
+def section(name: str, results, shots, original_value: float, check: dict, elapsed: float, cmd: str) -> str:
+    task, *_ = build_task(name)
+    unit = "test accuracy %" if name == "digits" else "test PSNR dB"
+    setup = (f"`DigitsNet(width={ARGS.digits_width})` on sklearn's digits (1,197 train / 300 test images)"
+             if name == "digits" else
+             f"`SRNet(scale=4, width={ARGS.sr_width})` on 12x12 -> 48x48 crops of scikit-image photos (train: "
+             f"{', '.join(tasks.SR_TRAIN)}; test: {', '.join(tasks.SR_TEST)}); KL is replaced by L1")
+    lines = [f"## {task.name}", "",
              f"Command: `{cmd}`  ",
-             f"Run: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {elapsed / 60:.1f} min on 2 CPU cores "
-             f"({ARGS.jobs} runs in parallel, one thread each). Written by `benchmarks/accuracy.py`.", "",
-             "Setup (chosen so the task is not trivially easy at rho = 0; see the notes):", "",
-             f"- digits: `DigitsNet(width={ARGS.digits_width})`, sklearn digits (1,197 train / 300 test images); "
-             f"metric: test accuracy %.",
-             f"- super-resolution x4: `SRNet(scale=4, width={ARGS.sr_width})` on 12x12 -> 48x48 crops of "
-             f"scikit-image photos (train: {', '.join(tasks.SR_TRAIN)}; test: {', '.join(tasks.SR_TEST)}); "
-             f"metric: test PSNR dB.",
-             f"- originals trained {ARGS.original_steps} steps (seed 0). Fine-tuning: {ARGS.steps} steps, Adam "
-             f"lr {ARGS.lr}, budget annealed from 1 to rho over the first half, distillation from the original "
-             f"(KL T=4 on digits, L1 on SR) plus the task loss, BatchNorm re-estimated after hardening. "
-             f"{ARGS.seeds} seeds (fine-tuning data order and random scores); cells are mean ± sample std "
-             f"(min–max).", ""]
-    for name in ARGS.tasks:
-        lines += [f"## {name}: original {originals[name]:.2f}", "",
-                  "| N | rho | exchange ratio | one-shot, no fine-tuning | learned | magnitude + ft | random + ft |",
-                  "|---|---|---|---|---|---|---|"]
-        for nodes, rho in itertools.product(ARGS.nodes, ARGS.rhos):
-            cell = [r for r in results if r["task"] == name and r["nodes"] == nodes and r["rho"] == rho
-                    and r["allocation"] == "uniform"]
-            shot = next(s["metric"] for s in shots if s["task"] == name and s["nodes"] == nodes and s["rho"] == rho)
-            ratio = statistics.fmean(r["exchange_ratio"] for r in cell) if cell else float("nan")
-            by = {m: [r["metric"] for r in cell if r["method"] == m] for m in METHODS}
-            if rho in (0.0, 1.0):  # one run per seed stands for every method
-                by = {m: by["magnitude"] for m in METHODS}
-            label = f"{rho:g}" + (" (no comm)" if rho == 0 else "")
-            lines.append(f"| {nodes} | {label} | {ratio:.3f} | {shot:.2f} | " +
-                         " | ".join(_fmt(by[m]) for m in METHODS) + " |")
-        lines.append("")
+             f"Run: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {elapsed / 60:.1f} min.  ",
+             f"Model: {setup}; original trained {ARGS.original_steps} steps: **{unit} {original_value:.3f}**. "
+             f"Fine-tuning: {ARGS.steps} steps, Adam lr {ARGS.lr}, {ARGS.seeds} seeds.", "",
+             "| N | rho | one-shot: exchange ratio | one-shot, no fine-tuning | learned | magnitude + ft | "
+             "random + ft |", "|---|---|---|---|---|---|---|"]
+    for nodes, rho in itertools.product(ARGS.nodes, ARGS.rhos):
+        shot = next(x for x in shots if x["nodes"] == nodes and x["rho"] == rho)
+        by = {m: _cell(results, nodes=nodes, rho=rho, method=m, allocation=ARGS.allocation) for m in METHODS}
+        if rho in (0.0, 1.0):
+            by = {m: by["magnitude"] for m in METHODS}
+        label = f"{rho:g}" + (" (no comm)" if rho == 0 else "")
+        lines.append(f"| {nodes} | {label} | {shot['exchange_ratio']:.3f} | {shot['metric']:.3f} | " +
+                     " | ".join(_fmt(by[m]) for m in METHODS) + " |")
     if ARGS.allocation_rhos:
-        lines += ["## Allocation: uniform against global (cost-aware), N=2", "",
-                  "| task | rho | learned uniform | learned global | magnitude uniform | magnitude global |",
-                  "|---|---|---|---|---|---|"]
-        for name, rho in itertools.product(ARGS.tasks, ARGS.allocation_rhos):
-            cells = []
-            for method, alloc in (("learned", "uniform"), ("learned", "global"), ("magnitude", "uniform"),
-                                  ("magnitude", "global")):
-                cells.append(_fmt([r["metric"] for r in results if r["task"] == name and r["nodes"] == 2
-                                   and r["rho"] == rho and r["method"] == method and r["allocation"] == alloc]))
-            lines.append(f"| {name} | {rho:g} | " + " | ".join(cells) + " |")
-        lines.append("")
-    lines += ["## Exported shards reproduce the fine-tuned model (N=2, rho=0.2, learned)", "",
-              "| task | PyTorch | ONNX shards via run_local | difference |", "|---|---|---|---|"]
-    for c in checks:
-        lines.append(f"| {c['task']} | {c['torch']:.4f} | {c['onnx']:.4f} | {abs(c['torch'] - c['onnx']):.4f} |")
-    lines += ["", "![quality against rho](accuracy.png)", ""]
-    (ROOT / "docs" / "accuracy.md").write_text("\n".join(lines))
+        lines += ["", f"The table above uses the {ARGS.allocation} allocation. Allocation, N=2: uniform (every exchange "
+                      "and link cut by rho) against global (channels ranked by score per byte over the whole "
+                      "model):", "",
+                  "| rho | learned uniform | learned global | magnitude uniform | magnitude global |",
+                  "|---|---|---|---|---|"]
+        for rho in ARGS.allocation_rhos:
+            lines.append(f"| {rho:g} | " + " | ".join(
+                _fmt(_cell(results, nodes=2, rho=rho, method=m, allocation=a))
+                for m, a in (("learned", "uniform"), ("learned", "global"), ("magnitude", "uniform"),
+                             ("magnitude", "global"))) + " |")
+    lines += ["", f"Export: the model fine-tuned at N=2, rho=0.2 (learned) gives {check['torch']:.4f} in PyTorch and "
+                  f"{check['onnx']:.4f} as ONNX shards run by `run_local` (difference "
+                  f"{abs(check['torch'] - check['onnx']):.4f}; goal at most 0.01).", "",
+              f"![{task.name}: quality against rho](accuracy_{name}.png)", ""]
+    return "\n".join(lines)
 
 
-def plot(results, originals) -> None:
+def plot(name: str, results, original_value: float) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(len(ARGS.tasks), len(ARGS.nodes), figsize=(5 * len(ARGS.nodes), 3.6 * len(ARGS.tasks)),
-                             squeeze=False)
-    for (ti, name), (ni, nodes) in itertools.product(enumerate(ARGS.tasks), enumerate(ARGS.nodes)):
-        ax = axes[ti][ni]
+    fig, axes = plt.subplots(1, len(ARGS.nodes), figsize=(5 * len(ARGS.nodes), 3.6), squeeze=False)
+    for ni, nodes in enumerate(ARGS.nodes):
+        ax = axes[0][ni]
         for k, method in enumerate(METHODS):
             xs, means, sds = [], [], []
             for rho in sorted(ARGS.rhos):
-                m = "magnitude" if rho in (0.0, 1.0) else method
-                vals = [r["metric"] for r in results if r["task"] == name and r["nodes"] == nodes and r["rho"] == rho
-                        and r["method"] == m and r["allocation"] == "uniform"]
+                vals = _cell(results, nodes=nodes, rho=rho, allocation=ARGS.allocation,
+                             method="magnitude" if rho in (0.0, 1.0) else method)
                 if vals:
                     xs.append(rho + (k - 1) * 0.006)
                     means.append(statistics.fmean(vals))
                     sds.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
             ax.errorbar(xs, means, yerr=sds, marker="o", capsize=3, label=method)
-        ax.axhline(originals[name], color="grey", linestyle="--", label="original")
+        ax.axhline(original_value, color="grey", linestyle="--", label="original")
         ax.set_title(f"{name}, N={nodes}")
         ax.set_xlabel("budget rho (fraction of dense exchange bytes)")
         ax.set_ylabel("test accuracy %" if name == "digits" else "test PSNR dB")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(ROOT / "docs" / "accuracy.png", dpi=110)
+    fig.savefig(ROOT / "docs" / f"accuracy_{name}.png", dpi=110)
 
 
 def main() -> None:
@@ -213,6 +227,7 @@ def main() -> None:
     p.add_argument("--rhos", default="1,0.5,0.2,0.1,0")
     p.add_argument("--allocation-rhos", default="0.2,0.1", help="rho values of the allocation comparison ('' = none)")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--allocation", choices=ALLOCATIONS, default="global", help="allocation of the main table")
     p.add_argument("--steps", type=int, default=300, help="fine-tuning steps per run")
     p.add_argument("--original-steps", type=int, default=1500)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -228,31 +243,29 @@ def main() -> None:
     if ARGS.quick:
         ARGS.seeds, ARGS.steps, ARGS.original_steps = 1, 40, 300
     cmd = "python benchmarks/accuracy.py " + " ".join(sys.argv[1:])
-    t0 = time.perf_counter()
     torch.set_num_threads(1)  # other jobs share this machine: one thread avoids oversubscription
-    originals, shots, checks, jobs = {}, [], [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in ARGS.tasks:
-            model = original(name)
-            originals[name] = test_metric(model, build_task(name)[0])
-            print(f"{name}: original {originals[name]:.3f}", flush=True)
+    for name in ARGS.tasks:
+        t0 = time.perf_counter()
+        model = original(name)
+        original_value = test_metric(model, build_task(name)[0])
+        print(f"{name}: original {original_value:.3f}", flush=True)
+        shots = one_shot(name, copy.deepcopy(model))
+        check = export_check(name, copy.deepcopy(model))
+        print(f"{name}: export check {check}", flush=True)
+        results = []
+        with tempfile.TemporaryDirectory() as tmp:
             path = str(Path(tmp) / f"{name}.pt")
             torch.save(model, path)
-            shots += one_shot(name, copy.deepcopy(model))
-            checks.append(export_check(name, copy.deepcopy(model)))
-            print(f"{name}: export check {checks[-1]}", flush=True)
-            jobs += jobs_for(name, path)
-        results = []
-        ctx = mp.get_context("fork")
-        with ctx.Pool(ARGS.jobs, initializer=_init, initargs=(ARGS,)) as pool:
-            for k, r in enumerate(pool.imap_unordered(one_run, jobs), 1):
-                results.append(r)
-                print(f"[{k}/{len(jobs)}] {r['task']} N={r['nodes']} rho={r['rho']:g} {r['method']}/{r['allocation']} "
-                      f"seed {r['seed']}: {r['metric']:.3f} ({r['seconds']:.1f} s)", flush=True)
-    elapsed = time.perf_counter() - t0
-    write_report(results, shots, originals, checks, elapsed, cmd)
-    plot(results, originals)
-    print(f"wrote docs/accuracy.md and docs/accuracy.png in {elapsed / 60:.1f} min")
+            jobs = jobs_for(name, path)
+            with mp.get_context("fork").Pool(ARGS.jobs, initializer=_init, initargs=(ARGS,)) as pool:
+                for k, r in enumerate(pool.imap_unordered(one_run, jobs), 1):
+                    results.append(r)
+                    print(f"[{k}/{len(jobs)}] {name} N={r['nodes']} rho={r['rho']:g} {r['method']}/{r['allocation']} "
+                          f"seed {r['seed']}: {r['metric']:.3f} ({r['seconds']:.1f} s)", flush=True)
+        text = section(name, results, shots, original_value, check, time.perf_counter() - t0, cmd)
+        _perfdoc.write_section(name, text, path=ROOT / "docs" / "accuracy.md", header=HEADER, names=TASKS)
+        plot(name, results, original_value)
+        print(text)
 
 
 def _init(args) -> None:

@@ -405,7 +405,7 @@ def _finetune(disco, loaded: Loaded, data_dir: str, val_dir: str | None, budget:
               help="Learning rate of the weights and gates (Adam).")
 @click.option("--method", type=click.Choice(finetuning.METHODS), default="learned", show_default=True,
               help="How exchanged channels are chosen: learned scores, fixed weight magnitude, or random.")
-@click.option("--allocation", type=click.Choice(selection.ALLOCATIONS), default="uniform", show_default=True,
+@click.option("--allocation", type=click.Choice(selection.ALLOCATIONS), default="global", show_default=True,
               help="Budget per exchange (uniform) or ranked over the whole model by score per byte (global).")
 @click.option("--use-labels", is_flag=True,
               help="Add the cross-entropy against the class subfolders of --data (their sorted order must be "

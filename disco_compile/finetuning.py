@@ -169,7 +169,7 @@ class _Checkpoints:
 
 
 def finetune(dm, data: Iterable, *, budget: float, steps: int, teacher: nn.Module | None = None,
-             val_data: Iterable | None = None, method: str = "learned", allocation: str = "uniform",
+             val_data: Iterable | None = None, method: str = "learned", allocation: str = "global",
              lr: float = 1e-3, score_lr: float = 0.05, anneal: float = 0.5, loss: Loss | None = None,
              seed: int = 0, device: str = "cpu", checkpoint_dir: str | os.PathLike | None = None,
              checkpoint_every: int = 100, resume: bool = False, batchnorm_batches: int = 20,
