@@ -5,7 +5,8 @@ budget rho=0.2, exported once to a temporary directory with `export`; the origin
 exported whole with torch.onnx.export (dynamo=False, opset 17, symbolic batch like the stages).
 
 Every onnxruntime session: intra_op_num_threads=1, inter_op_num_threads=1, ORT_SEQUENTIAL,
-CPUExecutionProvider, default graph optimisations and allocator, as NodeExecutor(threads=1).
+CPUExecutionProvider, default graph optimisations, as NodeExecutor(threads=1); stage sessions draw on
+one CPU arena registered for the process, as NodeExecutor's do.
 
 1. Node time / whole-model time. Every stage's inputs are captured by running all stages once
    in schedule order (messages and carried values kept in dicts; the result is checked against
@@ -14,9 +15,9 @@ CPUExecutionProvider, default graph optimisations and allocator, as NodeExecutor
    All targets (whole model, nodes, the diagnostics and overhead probes below) are timed
    interleaved, in rotating order, in one process; medians over --reps passes, ratios as
    medians of per-pass ratios. Goal: slowest node at most 0.40 of the whole model (its MAC
-   share from dm.cost() is printed beside). Diagnostics: the same stages with all sessions on
-   one shared CPU arena, and each node's stages merged into one ONNX graph (built here: the
-   node's compute without the cuts).
+   share from dm.cost() is printed beside). Diagnostics: the same stages with an arena per
+   session (onnxruntime's default), and each node's stages merged into one ONNX graph (built
+   here: the node's compute without the cuts).
 2. Per-call overhead of the stages, three ways: (a) a one-element Identity graph's call time
    times the number of stages; (b) for every stage an identity-like graph with the same inputs
    and outputs (dtypes, shapes; each output an Expand of a zero scalar, optimisations off so
@@ -31,7 +32,8 @@ CPUExecutionProvider, default graph optimisations and allocator, as NodeExecutor
    and runs them twice (messages read from .npy files when needed, carried values dropped after
    last use), against one that loads and runs the whole model; the same process with the
    imports alone is the baseline to subtract. Median of --mem-reps processes each,
-   interleaved; with the default per-session CPU arena, without arena, and with one shared arena.
+   interleaved; with one shared arena (as NodeExecutor), the default per-session CPU arena, and
+   without arena.
 
 Prints the figures and rewrites the node_compute section of docs/performance.md.
 
@@ -55,18 +57,27 @@ import _perfdoc  # noqa: E402  (standard library only: the child processes must 
 
 GOAL_RATIO = 0.40
 GOAL_OVERHEAD = 0.05
-ALLOCS = ("arena", "none", "shared")  # memory children: per-session CPU arena (default), none, one shared arena
+ALLOCS = ("shared", "arena", "none")  # memory children: one shared arena (NodeExecutor), one per session, none
 
 
 # ================================================================ children (numpy + onnxruntime only)
 
-def _ort_options(ort, *, optimise: bool = True, arena: bool = True, profile: str | None = None):
+def _register_shared_arena(ort) -> None:
+    """One arena allocator for the process, as NodeExecutor registers it (sessions opt in with `shared`)."""
+    info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
+
+
+def _ort_options(ort, *, optimise: bool = True, arena: bool = True, shared: bool = False,
+                 profile: str | None = None):
     o = ort.SessionOptions()
     o.intra_op_num_threads = 1
     o.inter_op_num_threads = 1
     o.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     o.log_severity_level = 3
     o.enable_cpu_mem_arena = arena
+    if shared:
+        o.add_session_config_entry("session.use_env_allocators", "1")
     if not optimise:
         o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if profile is not None:
@@ -122,21 +133,19 @@ def child_time(args) -> None:
     programs = schedule["programs"]
     nodes = len(programs)
     prov = ["CPUExecutionProvider"]
+    _register_shared_arena(ort)
     opts = _ort_options(ort)
-    sessions = [[ort.InferenceSession(str(bundle / st["file"]), opts, providers=prov) for st in p] for p in programs]
+    node_opts = _ort_options(ort, shared=True)
+    sessions = [[ort.InferenceSession(str(bundle / st["file"]), node_opts, providers=prov) for st in p]
+                for p in programs]
     fetches = [[_fetch(st) for st in p] for p in programs]
-    mock_opts = _ort_options(ort, optimise=False)
+    mock_opts = _ort_options(ort, optimise=False, shared=True)
     mocks = [[ort.InferenceSession(str(work / "mock" / st["file"]), mock_opts, providers=prov) for st in p]
              for p in programs]
     mock_fetches = [[[o.name for o in s.get_outputs()] for s in p] for p in mocks]
     merged = [ort.InferenceSession(str(work / f"merged{k}.onnx"), opts, providers=prov) for k in range(nodes)]
-    # diagnostic: the same stage sessions drawing on one CPU arena registered for the whole process
-    info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-    ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
-    shared_opts = _ort_options(ort)
-    shared_opts.add_session_config_entry("session.use_env_allocators", "1")
-    shared = [[ort.InferenceSession(str(bundle / st["file"]), shared_opts, providers=prov) for st in p]
-              for p in programs]
+    # diagnostic: the same stage sessions with an arena each (onnxruntime's default)
+    own = [[ort.InferenceSession(str(bundle / st["file"]), opts, providers=prov) for st in p] for p in programs]
     whole = ort.InferenceSession(str(work / "whole.onnx"), opts, providers=prov)
     whole_in = whole.get_inputs()[0].name
     trivial = ort.InferenceSession(str(work / "trivial.onnx"), mock_opts, providers=prov)
@@ -179,7 +188,7 @@ def child_time(args) -> None:
         return (time.perf_counter() - t0) / calls
 
     targets = (["whole"] + [f"node{k}" for k in range(nodes)] + [f"merged{k}" for k in range(nodes)]
-               + [f"shared{k}" for k in range(nodes)] + [f"mock{k}" for k in range(nodes)] + ["trivial"])
+               + [f"own{k}" for k in range(nodes)] + [f"mock{k}" for k in range(nodes)] + ["trivial"])
     times = defaultdict(list)
     for rep in range(args.warmup + args.reps):
         order = targets[rep % len(targets):] + targets[:rep % len(targets)]
@@ -195,9 +204,9 @@ def child_time(args) -> None:
             elif t.startswith("node"):
                 k = int(t[4:])
                 row[t], row[f"calls{k}"] = run_seq(sessions[k], fetches[k], feeds[k])
-            elif t.startswith("shared"):
-                k = int(t[6:])
-                row[t], _ = run_seq(shared[k], fetches[k], feeds[k])
+            elif t.startswith("own"):
+                k = int(t[3:])
+                row[t], _ = run_seq(own[k], fetches[k], feeds[k])
             else:
                 k = int(t[4:])
                 row[t], _ = run_seq(mocks[k], mock_fetches[k], feeds[k])
@@ -208,7 +217,7 @@ def child_time(args) -> None:
         for k in range(nodes):  # per pass, so a slow spell on the machine hits both sides of a ratio
             times[f"ratio{k}"].append(row[f"node{k}"] / row["whole"])
             times[f"merged_ratio{k}"].append(row[f"merged{k}"] / row["whole"])
-            times[f"shared_ratio{k}"].append(row[f"shared{k}"] / row["whole"])
+            times[f"own_ratio{k}"].append(row[f"own{k}"] / row["whole"])
             times[f"mock_share{k}"].append(row[f"mock{k}"] / row[f"node{k}"])
             times[f"cut_share{k}"].append((row[f"node{k}"] - row[f"merged{k}"]) / row[f"node{k}"])
 
@@ -218,13 +227,13 @@ def child_time(args) -> None:
     (work / "opt").mkdir(exist_ok=True)
     profiles = {}
 
-    def profiled(path: Path, tag: str):
-        o = _ort_options(ort, profile=str(prof / tag))
+    def profiled(path: Path, tag: str, shared: bool = False):
+        o = _ort_options(ort, shared=shared, profile=str(prof / tag))
         o.optimized_model_filepath = str(work / "opt" / f"{tag}.onnx")
         return ort.InferenceSession(str(path), o, providers=prov)
 
     for k in range(nodes):
-        ps = [profiled(bundle / st["file"], f"node{k}_{i:03d}") for i, st in enumerate(programs[k])]
+        ps = [profiled(bundle / st["file"], f"node{k}_{i:03d}", shared=True) for i, st in enumerate(programs[k])]
         for _ in range(args.profile_reps + 1):
             for s, f, feed in zip(ps, fetches[k], feeds[k]):
                 s.run(f, feed)
@@ -256,11 +265,9 @@ def child_mem(args) -> None:
     imported_rss = _rss_kib("VmRSS")
     work = Path(args.work)
     bundle = work / "bundle"
-    opts = _ort_options(ort, arena=args.alloc == "arena")
     if args.alloc == "shared":  # one arena for all of this process's sessions
-        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
-        opts.add_session_config_entry("session.use_env_allocators", "1")
+        _register_shared_arena(ort)
+    opts = _ort_options(ort, arena=args.alloc != "none", shared=args.alloc == "shared")
     prov = ["CPUExecutionProvider"]
     target = args.target
     loaded = {}
@@ -461,7 +468,7 @@ def _remote_convs(work: Path, schedule: dict, target: str) -> set[tuple[int, str
         for n in g.node:  # topological order
             if n.op_type in ("ReorderInput", "Identity", "Reshape") and n.input and n.input[0] in derived:
                 derived.update(n.output)
-            if n.op_type == "Conv" and n.input[0] in derived:
+            if n.op_type in ("Conv", "FusedConv") and n.input[0] in derived:
                 remote.add((i, n.name))
         if not target.startswith("merged"):
             derived_carried |= {o["ref"] for o in schedule["programs"][k][i]["outputs"]
@@ -489,7 +496,7 @@ def analyse_profiles(work: Path, profiles: dict, schedule: dict, reps: int) -> d
                 if warm["ts"] <= e["ts"] <= warm["ts"] + warm["dur"]:
                     continue
                 op = e["args"]["op_name"]
-                if op == "Conv":
+                if op in ("Conv", "FusedConv"):
                     if target == "whole":
                         c = "Conv"
                     elif (i, e["name"][:-len("_kernel_time")]) in remote:
@@ -538,7 +545,7 @@ def main() -> None:
     parser.add_argument("--child", choices=("time", "mem"), help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--target", help=argparse.SUPPRESS)
-    parser.add_argument("--alloc", default="arena", choices=ALLOCS, help=argparse.SUPPRESS)
+    parser.add_argument("--alloc", default="shared", choices=ALLOCS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child == "time":
         return child_time(args)
@@ -630,8 +637,8 @@ def run(args, work: Path, cmd: str) -> None:
              f"the MAC share is the node's own op mix (remote convolutions on few received channels run at "
              f"{_rate(prof, f'merged{slowest}', 'Conv, remote (input: received channels)'):.0f} GMAC/s against "
              f"{_rate(prof, f'merged{slowest}', 'Conv, local'):.0f} for local ones, plus the Adds that join "
-             f"local and remote partial sums and the layout conversions around them). Sessions on one shared CPU "
-             f"arena instead of one each: {t[f'shared_ratio{slowest}']:.3f}.",
+             f"local and remote partial sums and the layout conversions around them). With an arena per session "
+             f"(onnxruntime's default) instead of NodeExecutor's shared one: {t[f'own_ratio{slowest}']:.3f}.",
              f"- Per-call overhead, identity graphs with the stages' I/O: "
              f"**{max(t[f'mock_share{k}'] for k in node_ids):.1%}** "
              f"of the node's time at worst (goal under {GOAL_OVERHEAD:.0%}: "
@@ -641,9 +648,9 @@ def run(args, work: Path, cmd: str) -> None:
              f"- Weights on disk per node / whole model: "
              + ", ".join(f"{w[f'node{k}']['total'] / w['whole']['total']:.3f}" for k in node_ids) + ".",
              f"- Peak memory per node / whole model, above the imports-only process: "
-             + ", ".join(f"{mem_ratio(k, 'arena'):.3f}" for k in node_ids) + " with per-session arenas (as "
-             "NodeExecutor), " + ", ".join(f"{mem_ratio(k, 'shared'):.3f}" for k in node_ids)
-             + " with one shared arena.", "",
+             + ", ".join(f"{mem_ratio(k, 'shared'):.3f}" for k in node_ids) + " with one shared arena (as "
+             "NodeExecutor), " + ", ".join(f"{mem_ratio(k, 'arena'):.3f}" for k in node_ids)
+             + " with an arena per session.", "",
              "### Compute per node against the whole model", "",
              "| | time ms | / whole model | MACs / whole model (dm.cost) | time share / MAC share |",
              "|---|---|---|---|---|",
@@ -652,18 +659,19 @@ def run(args, work: Path, cmd: str) -> None:
         lines.append(f"| **node {k}: its {prep['stages'][k]} stages** | {t[f'node{k}'] * 1e3:.1f} | "
                      f"**{t[f'ratio{k}']:.3f}** | {mac_ratio[k]:.3f} | {t[f'ratio{k}'] / mac_ratio[k]:.2f} |")
     for k in node_ids:
-        lines.append(f"| node {k}: its stages, all sessions on one shared CPU arena (diagnostic) | "
-                     f"{t[f'shared{k}'] * 1e3:.1f} | {t[f'shared_ratio{k}']:.3f} | {mac_ratio[k]:.3f} | "
-                     f"{t[f'shared_ratio{k}'] / mac_ratio[k]:.2f} |")
+        lines.append(f"| node {k}: its stages, an arena per session (diagnostic) | "
+                     f"{t[f'own{k}'] * 1e3:.1f} | {t[f'own_ratio{k}']:.3f} | {mac_ratio[k]:.3f} | "
+                     f"{t[f'own_ratio{k}'] / mac_ratio[k]:.2f} |")
     for k in node_ids:
         lines.append(f"| node {k}: its stages merged into one graph (diagnostic) | {t[f'merged{k}'] * 1e3:.1f} | "
                      f"{t[f'merged_ratio{k}']:.3f} | {mac_ratio[k]:.3f} | {t[f'merged_ratio{k}'] / mac_ratio[k]:.2f} |")
     met_ratio = t[f"ratio{slowest}"] <= GOAL_RATIO
     lines += ["", "Ratios are medians of per-pass ratios (both sides timed in the same pass). Bold: the figure the "
-                  "goal is about (the stage graphs as exported, sessions as NodeExecutor makes them). Diagnostics: "
-                  "\"shared CPU arena\" runs the same stage graphs with sessions that draw on one arena registered "
-                  "for the process (`create_and_register_allocator` + `session.use_env_allocators=1`) instead of an "
-                  "arena each; the merged graph (built by this script, not by the export) has exactly the stages' "
+                  "goal is about (the stage graphs as exported, sessions as NodeExecutor makes them: all draw on one "
+                  "arena registered for the process, `create_and_register_allocator` + "
+                  "`session.use_env_allocators=1`). Diagnostics: \"an arena per session\" runs the same stage "
+                  "graphs with onnxruntime's default allocator, an arena each; the merged graph (built by this "
+                  "script, not by the export) has exactly the stages' "
                   "ops with carried values as internal tensors and received messages as inputs: the node's compute "
                   "without the cuts.", "",
               f"**Goal: slowest node at most {GOAL_RATIO:.2f} of the whole model: "
@@ -702,7 +710,8 @@ def run(args, work: Path, cmd: str) -> None:
               f"Kernel time per pass, ms, from onnxruntime's profiler: {args.profile_reps} passes after one warm-up "
               "pass, in sessions of their own (not those timed above). The profiler adds a little to every "
               "kernel, so read the shares. onnxruntime fuses BatchNorm, Relu and the residual Add into Conv where "
-              "it can (the whole model has no separate Add or Relu). GMAC/s: convolution MACs / their kernel "
+              "it can (the whole model has no separate Add or Relu); a FusedConv (a Conv with the Add of a partial sum "
+              "and the Relu after it, fused by onnxruntime) counts as a Conv. GMAC/s: convolution MACs / their kernel "
               "time. Local convolutions read the node's own channels, remote ones the received channels.", ""]
     cols = ["whole"] + [f"node{k}" for k in node_ids] + [f"merged{k}" for k in node_ids]
     heads = ["whole model"] + [f"node {k} stages" for k in node_ids] + [f"node {k} merged" for k in node_ids]
@@ -742,13 +751,13 @@ def run(args, work: Path, cmd: str) -> None:
               f"onnxruntime ({'also loaded: ' + ', '.join(heavy) if heavy else 'checked: torch and onnx not loaded'}"
               f"), median of {args.mem_reps} processes each. The interpreter alone, before those imports: "
               f"{py_alone:.0f} MB. \"- imports\": minus the same process that only imports (first row). Columns by "
-              "onnxruntime CPU allocator: per-session arena (the default, what NodeExecutor uses), no arena, and "
-              "one arena shared by all sessions of the process (`create_and_register_allocator` + "
-              "`session.use_env_allocators=1`).", ""]
+              "onnxruntime CPU allocator: one arena shared by all sessions of the process (what NodeExecutor uses: "
+              "`create_and_register_allocator` + `session.use_env_allocators=1`), an arena per session "
+              "(onnxruntime's default), and no arena.", ""]
     hdr = []
-    for alloc, label in zip(ALLOCS, ("per-session arena (NodeExecutor)", "no arena", "one shared arena")):
+    for alloc, label in zip(ALLOCS, ("one shared arena (NodeExecutor)", "per-session arena", "no arena")):
         hdr += [f"{label}: peak MB", "- imports", "/ whole"]
-    lines += ["| process | " + " | ".join(hdr) + " | after loading, before running, MB (default) |",
+    lines += ["| process | " + " | ".join(hdr) + " | after loading, before running, MB (shared arena) |",
               "|---" * (len(hdr) + 2) + "|"]
     for target in targets:
         cells = []
@@ -756,10 +765,10 @@ def run(args, work: Path, cmd: str) -> None:
             p, b = peak[(target, alloc)], peak[("bare", alloc)]
             base = peak[("whole", alloc)] - b
             cells += [f"{p:.0f}", f"{p - b:.0f}", "" if target in ("bare", "whole") else
-                      (f"**{(p - b) / base:.3f}**" if alloc == "arena" else f"{(p - b) / base:.3f}")]
+                      (f"**{(p - b) / base:.3f}**" if alloc == "shared" else f"{(p - b) / base:.3f}")]
         name = {"bare": "imports only (numpy + onnxruntime)", "whole": "whole model"}.get(target,
                                                                                         f"node {target[4:]} stages")
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {after_load[(target, 'arena')]:.0f} |")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {after_load[(target, 'shared')]:.0f} |")
     lines += ["", "Each process loads its graphs from file bytes, as NodeExecutor does, runs them twice (node "
                   "processes read each received message from an .npy file just before the stage that needs it, "
                   "and drop carried values after their last use) and reports `VmHWM` from /proc/self/status. "

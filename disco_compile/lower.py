@@ -13,6 +13,11 @@ Per DISCO op, on node j:
 - Conv/Linear (a BatchNorm right after it folded into its weights):
       y[T_j] = W[T_j, local] x_local + b[T_j]          first, while messages fly
              + sum_i (W[T_j, G_ij] * gate_ij) x_ij      as each message arrives
+  Each received term's Conv carries a zero bias, so onnxruntime fuses it with
+  the Add and a following Relu into one kernel. Sums are then reassociated so
+  that terms needing no message (a residual branch) are added before the wait:
+      relu((p + r) + z) -> relu((p + z) + r)
+  leaves one fused Conv + Add + Relu for after the message (_local_terms_first).
   Grouped convs whose groups stay on one node run on the node's groups alone;
   others rebuild the group inputs with zeros where nothing was sent.
 - channelwise ops run on the local tensor (per-channel parameters sliced);
@@ -449,7 +454,13 @@ class NodeBuilder:
             cols = torch.tensor(msg.channels, dtype=torch.long)
             gate = self.low.gates[layer.exchange][self.j, cols]
             w = w_rows[:, cols] * gate.reshape((1, -1) + (1,) * (w_rows.dim() - 2))
-            terms.append(self.apply_weights(n, module, payload, w, None if terms else b_rows, rows))
+            if not terms:
+                bias = b_rows
+            elif w.dim() > 2:  # zeros: onnxruntime fuses Conv + Add (+ Relu) only into a Conv with a bias input
+                bias = torch.zeros(w.shape[0], dtype=w.dtype)
+            else:
+                bias = None
+            terms.append(self.apply_weights(n, module, payload, w, bias, rows))
         if not terms:
             raise LoweringError(f"'{n.name}': node {self.j} owns output rows but holds and receives no input "
                                 f"channel at this budget")
@@ -750,6 +761,64 @@ _STATISTICS = {F.layer_norm: "layer_norm", nn.LayerNorm: "layer_norm", F.softmax
                torch.sum: "sum", "sum": "sum", torch.mean: "mean", "mean": "mean"}
 
 
+def _local_terms_first(prog: NodeProgram) -> None:
+    """Reassociate sums so that terms needing no further message are added before those that do:
+    (p + r) + z -> (p + z) + r when r waits for a message that p and z do not (z: a residual branch, p: the
+    local partial sum of a Conv, r: a received partial sum). The new sum is placed right after p and z, so the
+    cut (stages.py) puts it before the wait, and what runs after the message arrives is Conv + Add (+ Relu),
+    one fused kernel in onnxruntime; the part of z computed after p in program order (a gather of the residual's
+    rows, say) moves up with it. Exact in real arithmetic; fp32 rounding may differ in the last bits."""
+    waits: dict[fx.Node, frozenset] = {}
+    for node in prog.graph.nodes:
+        waits[node] = frozenset({node} if node.op == "call_function" and node.target is recv else ()).union(
+            *(waits[a] for a in node.all_input_nodes))
+    while _reassociate_one(prog, waits):
+        pass
+
+
+def _is_add(node) -> bool:
+    return (isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.add
+            and len(node.args) == 2 and not node.kwargs)
+
+
+def _reassociate_one(prog: NodeProgram, waits: dict[fx.Node, frozenset]) -> bool:
+    """One rewrite of `_local_terms_first`; False when none applies."""
+    order = {node: k for k, node in enumerate(prog.graph.nodes)}
+    for outer in filter(_is_add, prog.graph.nodes):
+        for inner, z in (outer.args, outer.args[::-1]):
+            if not (_is_add(inner) and len(inner.users) == 1 and isinstance(z, fx.Node)):
+                continue
+            p, r = inner.args
+            shape = prog.shapes.get(outer.name)
+            if not (isinstance(p, fx.Node) and isinstance(r, fx.Node) and waits[z] <= waits[p]
+                    and not waits[r] <= waits[p] and shape is not None
+                    and prog.shapes.get(p.name) == prog.shapes.get(z.name) == shape):
+                continue
+            anchor = p
+            for a in sorted(_ancestors_after(z, order[p], order), key=order.__getitem__):
+                anchor.append(a)  # computed before the wait too
+                anchor = a
+            with prog.graph.inserting_after(anchor):
+                local = prog.graph.call_function(operator.add, (p, z))
+            prog.shapes[local.name], prog.dtypes[local.name] = shape, prog.dtypes[outer.name]
+            waits[local] = waits[p]
+            outer.args = (local, r)
+            prog.graph.erase_node(inner)
+            return True
+    return False
+
+
+def _ancestors_after(node: fx.Node, position: int, order: dict[fx.Node, int]) -> set[fx.Node]:
+    """`node` and its ancestors that come after `position` in program order."""
+    found, todo = set(), [node]
+    while todo:
+        a = todo.pop()
+        if order[a] > position and a not in found:
+            found.add(a)
+            todo.extend(a.all_input_nodes)
+    return found
+
+
 def _statistic_kind(n: fx.Node, module) -> str:
     kind = _STATISTICS.get(type(module) if module is not None else n.target)
     if kind is None:
@@ -931,6 +1000,8 @@ def lower(dm, exchange_messages: dict[str, list[Message]], gates: dict[str, torc
     for b in builders:
         b.g.output(None)
     _prune(builders, low.messages)
+    for b in builders:
+        _local_terms_first(b.program())
     placeholders = [n for n in dm.graph_module.graph.nodes if n.op == "placeholder"]
     inputs = [(n.name, low.layout(n).shape, low.layout(n).dtype) for n in placeholders]
     outputs = [(f"output{k}", low.layout(leaf).shape, low.layout(leaf).dtype) for k, leaf in enumerate(low.output_leaves)]
