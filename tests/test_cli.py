@@ -67,7 +67,8 @@ def test_budget_json(resnet18_budget):
     _, report, out = resnet18_budget
     assert report["nodes"] == 2
     assert report["run"] == {"model": "resnet18 (torchvision), random weights (no pretrained weights are downloaded)",
-                             "input_shape": [1, 3, 64, 64], "nodes": 2, "node_weights": None, "budget": 0.2}
+                             "input_shape": [1, 3, 64, 64], "nodes": 2, "node_weights": None, "budget": 0.2,
+                             "submodule": None}
     assert abs(report["exchange_ratio"] - 0.2) < 0.02, report["exchange_ratio"]
     assert report["exchange_bytes"] < report["dense_exchange_bytes"]
     assert isinstance(report["replicated_ops"], list)
