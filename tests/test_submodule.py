@@ -4,6 +4,15 @@ Torchvision detectors do not trace whole; with their backbone (and FPN) split,
 every gate on, they give the original's boxes, scores and labels (fp32, rtol
 1e-4, atol 1e-5), and so do the backbone's ONNX shards run by onnxruntime in
 place of the backbone (link 3 through the rest of the detector).
+
+Random-weight detectors score many boxes alike (0.0116 to four digits for
+fasterrcnn_mobilenet_v3_large_fpn), so their top-k and NMS are ill-conditioned:
+rounding-level differences in the features can swap tied boxes or pick
+another of two tied proposals. At N=4, rho=0.2 (two torch threads) the ONNX
+backbone's FPN levels agree with the DISCO backbone's to 2e-7, yet 5 of 100
+detections differ: two tied pairs swapped and one box 0.1 px off (another
+RPN proposal, same score and label). So at a budget the shards are checked on
+the FPN levels; the detections are checked with every gate on.
 """
 from __future__ import annotations
 
@@ -111,18 +120,27 @@ def test_detector_with_split_backbone_gives_the_original_detections(name, nodes)
         assert_close(sm(images), ref, what=f"{name} N={nodes} detections")
 
 
-@pytest.mark.parametrize("nodes, rho", [(2, 1.0), (4, 0.2)])
-def test_backbone_shards_reproduce_the_detections(tmp_path, nodes, rho):
-    """The ONNX shards of the split backbone == the DISCO backbone (its FPN levels), and fed into the rest of
-    the detector (run on node 0 in PyTorch) they give the same detections as the DISCO detector."""
-    name = "fasterrcnn_mobilenet_v3_large_fpn"
-    model, images, ref = detector(name)
+def exported_backbone(out, nodes: int, rho: float):
+    """fasterrcnn_mobilenet_v3_large_fpn split on its backbone at budget rho, the backbone exported to `out`;
+    checks the ONNX shards' FPN levels against the DISCO backbone's. Returns the detector, images, reference."""
+    model, images, ref = detector("fasterrcnn_mobilenet_v3_large_fpn")
     sm = transform(model, nodes, images, submodule="backbone")
     sm.set_budget(rho)
-    export(sm, tmp_path / "out")
+    export(sm, out)
     inputs = capture_inputs(model, "backbone", images)
     with torch.no_grad():
-        assert_close(BundleModule(tmp_path / "out")(*inputs), sm.disco(*inputs), what="FPN levels")
-        expected = sm(images) if rho < 1 else ref
-        assert_close(with_bundle(model, "backbone", tmp_path / "out")(images), expected,
-                     what=f"{name} N={nodes} rho={rho} detections with the ONNX backbone")
+        assert_close(BundleModule(out)(*inputs), sm.disco(*inputs), what=f"FPN levels N={nodes} rho={rho}")
+    return model, images, ref
+
+
+def test_backbone_shards_reproduce_the_detections(tmp_path):
+    """The shards, fed into the rest of the detector (run on node 0 in PyTorch), give the original's detections."""
+    model, images, ref = exported_backbone(tmp_path / "out", 2, 1.0)
+    with torch.no_grad():
+        assert_close(with_bundle(model, "backbone", tmp_path / "out")(images), ref,
+                     what="detections with the ONNX backbone")
+
+
+@pytest.mark.slow
+def test_backbone_shards_at_a_budget_equal_the_disco_backbone(tmp_path):
+    exported_backbone(tmp_path / "out", 4, 0.2)
