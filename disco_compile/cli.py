@@ -469,12 +469,12 @@ def main(model: str, nodes: int, budget: float | None, input_shape: tuple[int, .
             refuse_existing(Path(out_dir), force)
         if data_dir is None and (val_dir is not None or train["resume"]):
             raise CliError("--val-data and --resume belong to fine-tuning: give --data DIR as well")
-        loaded = _load(model, arch, trust_pickle, input_shape)
-        if loaded.detector and submodule is None:
-            raise CliError(f"{loaded.description.split(' ')[0]} is a detection model: its pre- and "
-                           f"post-processing do not trace; split its backbone with --submodule backbone")
+        if submodule is None and (arch or model) in zoo.detection_models():
+            raise CliError(f"{arch or model} is a detection model: its pre- and post-processing do not trace; "
+                           f"split its backbone with --submodule backbone")
         if submodule is not None and data_dir is not None:
             raise CliError("--data (fine-tuning) is not supported with --submodule yet")
+        loaded = _load(model, arch, trust_pickle, input_shape)
         with _stage(f"tracing and splitting across {nodes} node{'s' if nodes > 1 else ''}"):
             disco = transform(loaded.model, nodes, loaded.example(), node_weights=node_weights,
                               leaf_modules=leaf_modules, input_on_all_nodes=input_on_all_nodes, submodule=submodule)

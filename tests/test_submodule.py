@@ -105,7 +105,7 @@ def detector(name: str):
 
 
 FAST = ["fasterrcnn_mobilenet_v3_large_fpn", "ssdlite320_mobilenet_v3_large"]
-SLOW = ["retinanet_resnet50_fpn", "fcos_resnet50_fpn", "fasterrcnn_resnet50_fpn"]
+SLOW = ["retinanet_resnet50_fpn", "fcos_resnet50_fpn"]
 
 
 @pytest.mark.parametrize("nodes", [2, 4])
