@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -37,6 +38,10 @@ from torch.utils import _pytree as pytree
 from .bundle import load_bundle
 from .errors import ExampleInputError, SubmoduleError
 from .runtime import run_bundle
+
+if TYPE_CHECKING:
+    from .cost import CostReport
+    from .model import DiscoModel
 
 _SHOWN_NAMES = 6  # candidate names listed when a submodule name is unknown
 
@@ -49,12 +54,12 @@ def find_submodule(model: nn.Module, name: str) -> nn.Module:
         close = difflib.get_close_matches(name, names, n=_SHOWN_NAMES)
         children = [n for n, _ in model.named_children()][:_SHOWN_NAMES]
         raise SubmoduleError(f"the model ({type(model).__name__}) has no submodule {name!r}; "
-                           f"closest names: {close or 'none'}; top-level submodules: {children}; "
-                           f"use a qualified name as in model.named_modules(), e.g. 'backbone'")
+                             f"closest names: {close or 'none'}; top-level submodules: {children}; "
+                             f"use a qualified name as in model.named_modules(), e.g. 'backbone'")
     return model.get_submodule(name)
 
 
-def as_call_args(example_inputs) -> tuple:
+def _call_args(example_inputs) -> tuple:
     """The positional arguments of a call: a tuple is the arguments, anything else (a tensor, a
     detector's list of images) is the one argument."""
     return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
@@ -76,7 +81,7 @@ def capture_inputs(model: nn.Module, name: str, example_inputs) -> tuple:
     handle = model.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True)
     training = model.training
     try:
-        model.eval()(*as_call_args(example_inputs))
+        model.eval()(*_call_args(example_inputs))
     finally:
         handle.remove()
         model.train(training)
@@ -95,13 +100,13 @@ class DiscoSubmodel(nn.Module):
     """A model whose submodule `submodule` is split across nodes (`disco`, a DiscoModel); the rest of the
     model runs whole, on node 0. Calling it runs the whole model."""
 
-    def __init__(self, model: nn.Module, submodule: str, disco: nn.Module):
+    def __init__(self, model: nn.Module, submodule: str, disco: DiscoModel):
         super().__init__()
         self.submodule = submodule
         self.model = replaced(model, submodule, disco)
 
     @property
-    def disco(self):
+    def disco(self) -> DiscoModel:
         return self.model.get_submodule(self.submodule)
 
     @property
@@ -115,10 +120,7 @@ class DiscoSubmodel(nn.Module):
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
 
-    def gates(self) -> list[nn.Parameter]:
-        return self.disco.gates()
-
-    def cost(self):
+    def cost(self) -> CostReport:
         """The split submodule's cost report (the rest of the model runs on node 0 and is not counted)."""
         return self.disco.cost()
 
