@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from ._lazy import lazy_attributes
 from .errors import (BudgetError, BundleError, CheckpointMismatch, DataError, DiscoError, ExampleInputError,
                      InputMismatch, MessageError, NodeFailure, PartitionError, PeerFailed, PeerTimeout, StageFailure,
-                     TraceFailure, TrainingDiverged)
+                     SubmoduleError, TraceFailure, TrainingDiverged)
 
 if TYPE_CHECKING:
     from .cost import CostReport
@@ -19,14 +19,16 @@ if TYPE_CHECKING:
     from .finetuning import FinetuneResult, finetune
     from .model import DiscoModel, transform
     from .runtime import run_local
+    from .submodule import DiscoSubmodel
 
-_LAZY = {"transform": "model", "DiscoModel": "model", "CostReport": "cost", "run_local": "runtime",
-         "finetune": "finetuning", "FinetuneResult": "finetuning", "export": "exporter"}
+_LAZY = {"transform": "model", "DiscoModel": "model", "DiscoSubmodel": "submodule", "CostReport": "cost",
+         "run_local": "runtime", "finetune": "finetuning", "FinetuneResult": "finetuning", "export": "exporter"}
 
-__all__ = ["transform", "finetune", "export", "run_local", "DiscoModel", "CostReport", "FinetuneResult", "DiscoError",
+__all__ = ["transform", "finetune", "export", "run_local", "DiscoModel", "DiscoSubmodel", "CostReport",
+           "FinetuneResult", "DiscoError",
            "TraceFailure", "ExampleInputError", "PartitionError", "BudgetError", "BundleError", "InputMismatch",
            "MessageError", "PeerTimeout", "PeerFailed", "StageFailure", "NodeFailure", "DataError",
-           "CheckpointMismatch", "TrainingDiverged"]
+           "CheckpointMismatch", "TrainingDiverged", "SubmoduleError"]
 
 
 __getattr__ = lazy_attributes(__name__, _LAZY, globals())

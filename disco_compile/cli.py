@@ -4,6 +4,10 @@ Loads a model (a torchvision name built with random weights, a state_dict with
 an architecture name, or a trusted pickled module), runs `transform`, applies
 `set_budget` when asked, and prints the cost report. Every user error is one
 message on stderr and exit code 2; nothing is downloaded.
+
+Torchvision detectors do not trace whole: `--submodule backbone` splits their
+backbone alone (the rest runs on node 0), and their example input is a list of
+images (the batch of --input-shape), uniform in [0, 1].
 """
 from __future__ import annotations
 
@@ -59,6 +63,11 @@ class Loaded:
     model: nn.Module
     description: str
     shape: tuple[int, ...]
+    detector: bool = False  # a torchvision detection model: called with a list of images
+
+    def example(self):
+        g = torch.Generator().manual_seed(0)
+        return list(torch.rand(self.shape, generator=g)) if self.detector else torch.randn(self.shape, generator=g)
 
 
 # ---------------------------------------------------------------- argument parsing
@@ -150,14 +159,15 @@ def _from_zoo(name: str, shape: tuple[int, ...] | None) -> Loaded:
     if len(shape) < 3:
         raise CliError(f"--input-shape {','.join(map(str, shape))} has no height: a torchvision model takes "
                        f"images, e.g. --input-shape 1,3,224,224")
+    detector = name in zoo.detection_models()
     with _stage(f"building {name} with {RANDOM_WEIGHTS}"):
         try:
-            model, _ = zoo.build(name, shape[-2])
+            model, _ = (zoo.build_detection if detector else zoo.build)(name, shape[-2])
         except Exception as exc:  # any failure of a torchvision builder or its first forward pass
             raise CliError(f"building {name} with random weights and calibrating it on {shape[-2]}x{shape[-2]} "
                            f"images failed: {type(exc).__name__}: {exc}; disco-compile builds image models "
                            f"taking N,3,H,W inputs; for another kind give a model file instead") from None
-    return Loaded(model, f"{name} (torchvision), {RANDOM_WEIGHTS}", shape)
+    return Loaded(model, f"{name} (torchvision), {RANDOM_WEIGHTS}", shape, detector)
 
 
 def _first_sentence(text: str) -> str:
@@ -216,7 +226,8 @@ def _as_state_dict(obj: Mapping, path: str) -> dict[str, torch.Tensor]:
 
 def _load_into(name: str, sd: dict[str, torch.Tensor], path: str) -> nn.Module:
     """torchvision model `name` built with weights=None, then given the weights `sd` (all keys must match)."""
-    model = torchvision.models.get_model_builder(name)(weights=None)
+    detection = {"weights_backbone": None} if name in zoo.detection_models() else {}  # else it downloads
+    model = torchvision.models.get_model_builder(name)(weights=None, **detection)
     expected = model.state_dict()
     wrong = [f"{k} (file {tuple(v.shape)}, {name} {tuple(expected[k].shape)})"
              for k, v in sd.items() if k in expected and v.shape != expected[k].shape]
@@ -248,7 +259,8 @@ def _from_file(path: str, arch: str | None, trust_pickle: bool, shape: tuple[int
             raise CliError(f"{path} holds a state_dict ({len(sd)} tensors: weights without the architecture); "
                            f"say which model they belong to with --arch torchvision:NAME, e.g. "
                            f"--arch torchvision:resnet50")
-        return Loaded(_load_into(arch, sd, path), f"{arch} (torchvision) with the state_dict in {path}", shape)
+        return Loaded(_load_into(arch, sd, path), f"{arch} (torchvision) with the state_dict in {path}", shape,
+                      arch in zoo.detection_models())
 
 
 def _load(model: str, arch: str | None, trust_pickle: bool, shape: tuple[int, ...] | None) -> Loaded:
@@ -275,21 +287,25 @@ def _stage_counts(manifest) -> dict[int, int]:
 
 
 def _summary(loaded: Loaded, nodes: int, node_weights: list[float] | None, budget: float | None,
-             report: CostReport, tuned: FinetuneResult | None = None) -> str:
+             report: CostReport, submodule: str | None, tuned: FinetuneResult | None = None) -> str:
     shares = "equal shares" if node_weights is None else \
         "shares " + ", ".join(f"{w / sum(node_weights):.3f}" for w in node_weights)
     rho = "none: every exchange gate on (rho = 1)" if budget is None else \
         f"{budget:g}: each node keeps that fraction of the channels it could receive from each other node"
     lines = [f"model    {loaded.description}",
-             f"input    {'x'.join(map(str, loaded.shape))}, random normal",
+             f"input    {'x'.join(map(str, loaded.shape))}, "
+             + ("a list of random images, uniform in [0, 1]" if loaded.detector else "random normal"),
              f"nodes    {nodes} ({shares})",
-             f"budget   {rho}",
-             "",
-             report.table(),
-             "",
-             f"exchange ratio  {report.exchange_ratio:.3f}  (bytes exchanged between nodes / with every gate on)",
-             f"comm ratio      {report.comm_ratio:.3f}  (exchange plus input/output bytes / with every gate on)",
-             "per node, as fractions of the original model:"]
+             f"budget   {rho}"]
+    if submodule is not None:
+        lines += [f"split    submodule {submodule!r} only; the rest of the model runs whole on node 0 and is not "
+                  f"counted below (the figures are the submodule's)"]
+    lines += ["",
+              report.table(),
+              "",
+              f"exchange ratio  {report.exchange_ratio:.3f}  (bytes exchanged between nodes / with every gate on)",
+              f"comm ratio      {report.comm_ratio:.3f}  (exchange plus input/output bytes / with every gate on)",
+              f"per node, as fractions of the original {'submodule' if submodule else 'model'}:"]
     lines += [f"  node {k}: MACs {m / report.original_macs:.3f}, parameters {p / report.original_params:.3f}"
               for k, (m, p) in enumerate(zip(report.macs_per_node, report.params_per_node))]
     if tuned is not None:
@@ -381,6 +397,10 @@ def _finetune(disco, loaded: Loaded, data_dir: str, val_dir: str | None, budget:
 @click.option("--leaf-module", "leaf_modules", multiple=True, metavar="NAME",
               help="Qualified name of a submodule (as in model.named_modules(), e.g. layer1.0) that is not "
                    "traced into but run whole as one op; repeat for several.")
+@click.option("--submodule", metavar="NAME",
+              help="Split only this submodule (qualified name, e.g. backbone: a torchvision detector's backbone "
+                   "with its FPN; detectors do not trace whole); the rest of the model runs whole on node 0. "
+                   "The report and --out cover the submodule.")
 @click.option("--input-on-all-nodes", is_flag=True,
               help="The input is already present on every node, so sending it costs nothing.")
 @click.option("--json", "json_path", callback=_check_json_path, metavar="FILE",
@@ -421,7 +441,7 @@ def _finetune(disco, loaded: Loaded, data_dir: str, val_dir: str | None, budget:
 @click.version_option(package_name="disco-compile")
 def main(model: str, nodes: int, budget: float | None, input_shape: tuple[int, ...] | None, arch: str | None,
          trust_pickle: bool, node_weights: list[float] | None, leaf_modules: tuple[str, ...],
-         input_on_all_nodes: bool, json_path: str | None, out_dir: str | None, force: bool,
+         submodule: str | None, input_on_all_nodes: bool, json_path: str | None, out_dir: str | None, force: bool,
          data_dir: str | None, val_dir: str | None, **train) -> None:
     """Split MODEL across NODES devices in DISCO form and report what it costs.
 
@@ -440,6 +460,7 @@ def main(model: str, nodes: int, budget: float | None, input_shape: tuple[int, .
       disco-compile resnet50 --nodes 2 --budget 0.2 --out shards/
       disco-compile resnet50 --nodes 2 --budget 0.2 --data images/ --steps 2000 --out shards/
       disco-compile weights.pt --arch torchvision:resnet18 --nodes 4 --json cost.json
+      disco-compile retinanet_resnet50_fpn --submodule backbone --nodes 2 --input-shape 1,3,512,512
     """
     try:
         if node_weights is not None:
@@ -448,11 +469,15 @@ def main(model: str, nodes: int, budget: float | None, input_shape: tuple[int, .
             refuse_existing(Path(out_dir), force)
         if data_dir is None and (val_dir is not None or train["resume"]):
             raise CliError("--val-data and --resume belong to fine-tuning: give --data DIR as well")
+        if submodule is None and (arch or model) in zoo.detection_models():
+            raise CliError(f"{arch or model} is a detection model: its pre- and post-processing do not trace; "
+                           f"split its backbone with --submodule backbone")
+        if submodule is not None and data_dir is not None:
+            raise CliError("--data (fine-tuning) is not supported with --submodule yet")
         loaded = _load(model, arch, trust_pickle, input_shape)
-        example = torch.randn(loaded.shape, generator=torch.Generator().manual_seed(0))
         with _stage(f"tracing and splitting across {nodes} node{'s' if nodes > 1 else ''}"):
-            disco = transform(loaded.model, nodes, example, node_weights=node_weights, leaf_modules=leaf_modules,
-                              input_on_all_nodes=input_on_all_nodes)
+            disco = transform(loaded.model, nodes, loaded.example(), node_weights=node_weights,
+                              leaf_modules=leaf_modules, input_on_all_nodes=input_on_all_nodes, submodule=submodule)
         tuned = None
         if data_dir is not None:
             tuned = _finetune(disco, loaded, data_dir, val_dir, 1.0 if budget is None else budget, out_dir, **train)
@@ -463,7 +488,7 @@ def main(model: str, nodes: int, budget: float | None, input_shape: tuple[int, .
                 disco.set_budget(budget)
         with _stage("computing the cost"):
             report = disco.cost()
-        click.echo(_summary(loaded, nodes, node_weights, budget, report, tuned))
+        click.echo(_summary(loaded, nodes, node_weights, budget, report, submodule, tuned))
         if out_dir is not None:
             if input_on_all_nodes:
                 raise CliError("--input-on-all-nodes is not supported with --out yet: the export sends the input "
@@ -476,14 +501,16 @@ def main(model: str, nodes: int, budget: float | None, input_shape: tuple[int, .
                 manifest = export(disco, out_dir, force=force, progress=progress)
             stages = len(manifest.files) - 1
             click.echo(f"\nwrote {out_dir}: manifest.json, schedule.json and {stages} ONNX stage graphs "
-                       f"({', '.join(f'node {k}: {n}' for k, n in _stage_counts(manifest).items())})\n"
-                       f"run it: disco-run {out_dir} --simulate --input x.npy --output y.npy")
+                       f"({', '.join(f'node {k}: {n}' for k, n in _stage_counts(manifest).items())})"
+                       + (f" of submodule {submodule!r}; the rest of the model is not exported" if submodule else "")
+                       + f"\nrun it: disco-run {out_dir} --simulate --input x.npy --output y.npy")
     except DiscoError as exc:
         hint = next((h for cls, h in _CLI_HINTS.items() if isinstance(exc, cls)), None)
         raise CliError(str(exc) + (f"\n  {hint}" if hint else "")) from None
     if json_path is not None:
         _write_json(json_path, report, {"model": loaded.description, "input_shape": list(loaded.shape),
-                                        "nodes": nodes, "node_weights": node_weights, "budget": budget})
+                                        "nodes": nodes, "node_weights": node_weights, "budget": budget,
+                                        "submodule": submodule})
         click.echo(f"cost report written to {json_path}", err=True)
 
 

@@ -9,6 +9,10 @@ class TraceFailure(DiscoError):
     """torch.fx could not trace the model."""
 
 
+class SubmoduleError(DiscoError, ValueError):
+    """A submodule name (transform's `submodule`) that the model does not have."""
+
+
 class ExampleInputError(DiscoError, ValueError):
     """The example inputs do not fit the model."""
 

@@ -7,6 +7,10 @@ schedule of every message, and a manifest (bundle.py writes and checks them).
 Stage graph inputs and outputs are named after what they carry: message ids
 ("exchange12", "gather3", ...), model inputs and outputs, and carried values
 by the DISCO graph's tensor names; weights are named after their layer.
+
+A `DiscoSubmodel` (a model split on one submodule, submodule.py) exports its
+split submodule: the shards take the submodule's inputs and return its
+outputs; the rest of the model runs whole on node 0, outside the export.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from .harden import harden_and_lower
 from .lower import Lowered
 from .schedule import BATCH, FORMAT_VERSION, Manifest, Schedule, TensorSpec
 from .stages import StageModule, cut_all
+from .submodule import DiscoSubmodel
 
 OPSET = 17
 
@@ -78,10 +83,13 @@ def build_schedule(lowered: Lowered, programs: list[list[StageModule]]) -> Sched
 
 def export(dm, out_dir: str | os.PathLike, *, force: bool = False,
            progress: Callable[[int, int], None] | None = None) -> Manifest:
-    """Write `dm` (its current gate selection) as per-node ONNX stages to `out_dir`.
+    """Write `dm` (its current gate selection) as per-node ONNX stages to `out_dir`; for a DiscoSubmodel,
+    its split submodule.
 
     progress(done, total) is called after each stage file is made.
     """
+    if isinstance(dm, DiscoSubmodel):
+        dm = dm.disco
     dm.eval()
     lowered = harden_and_lower(dm)
     programs = cut_all(lowered)

@@ -44,6 +44,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.fx.immutable_collections import immutable_dict, immutable_list
 from torch.fx.passes.shape_prop import TensorMetadata
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torch.utils import _pytree as pytree
@@ -54,6 +55,18 @@ from .errors import DiscoError
 from .ir import REPLICATED, MixingLayer, channel_dims
 from .modules import SparseExchange
 from .schedule import BATCH, Message
+
+
+def _mutable(value):
+    """An fx output argument with fx's immutable_dict/immutable_list replaced by dict/list: what the
+    GraphModule returns, so the exported output structure is the model's."""
+    if isinstance(value, immutable_dict):
+        return {k: _mutable(v) for k, v in value.items()}
+    if isinstance(value, immutable_list):
+        return [_mutable(v) for v in value]
+    if type(value) is tuple:
+        return tuple(_mutable(v) for v in value)
+    return value
 
 
 class LoweringError(DiscoError):
@@ -171,7 +184,7 @@ class Lowerer:
         self.folded = self._foldable_batchnorms()
         self.bn_after = {conv: bn for bn, conv in self.folded.items()}
         out_node = next(n for n in gm.graph.nodes if n.op == "output")
-        leaves, self.output_spec = pytree.tree_flatten(out_node.args[0])
+        leaves, self.output_spec = pytree.tree_flatten(_mutable(out_node.args[0]))
         if not all(isinstance(leaf, fx.Node) for leaf in leaves):
             raise LoweringError("a model output that is not a tensor computed by the model")
         self.output_leaves: list[fx.Node] = leaves

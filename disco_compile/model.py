@@ -1,6 +1,8 @@
 """`transform`: capture -> expand attention -> channel-flow analysis -> partition -> insert exchanges,
 returning a `DiscoModel`, an nn.Module that computes in one process exactly
 what the N nodes compute together (see modules.py for the block equation).
+With `submodule=NAME`, only that submodule is split and the rest of the model
+runs whole on node 0 (a `DiscoSubmodel`, submodule.py).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from .passes.channel_flow import analyse
 from .passes.expand_attention import expand_attention
 from .passes.insert_exchanges import insert_exchanges
 from .passes.partition import assign_owners, check_weights
+from .submodule import DiscoSubmodel, capture_inputs, find_submodule
 
 
 class DiscoModel(nn.Module):
@@ -79,14 +82,24 @@ def _full_macs(gm: fx.GraphModule, node: fx.Node, batch: int) -> int:
 
 
 def transform(model: nn.Module, nodes: int, example_inputs, *, node_weights: Sequence[float] | None = None,
-              leaf_modules: LeafSpec = (), input_on_all_nodes: bool = False) -> DiscoModel:
+              leaf_modules: LeafSpec = (), input_on_all_nodes: bool = False,
+              submodule: str | None = None) -> DiscoModel | DiscoSubmodel:
     """Rewrite `model` into a DISCO model over `nodes` nodes with every gate on.
 
     example_inputs: a tensor or tuple of tensors (batch first) used for tracing shapes.
     node_weights: relative speed of each node; a node gets that share of every layer's channels.
     leaf_modules: module classes or qualified names that are not traced into.
     input_on_all_nodes: the input is present on every node (no input io bytes).
+    submodule: split only this submodule (qualified name, e.g. "backbone" of a torchvision detector); the
+      rest of the model runs whole on node 0 (submodule.py). example_inputs are then what the whole model
+      is called with: a tuple of positional arguments, or one argument (a detector's list of images);
+      leaf_modules are named inside the submodule. Returns a DiscoSubmodel.
     """
+    if submodule is not None:
+        inner = find_submodule(model, submodule)
+        disco = transform(inner, nodes, capture_inputs(model, submodule, example_inputs), node_weights=node_weights,
+                          leaf_modules=leaf_modules, input_on_all_nodes=input_on_all_nodes)
+        return DiscoSubmodel(model, submodule, disco)
     weights = check_weights(nodes, node_weights)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)

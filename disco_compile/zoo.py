@@ -12,6 +12,17 @@ class token and classifier head) are redrawn from N(0, 0.02^2): with a zero
 classifier every output is 0 and any comparison of outputs is vacuous.
 ViTs are built for the requested input side (`image_size`); their default
 is 224.
+
+Detection models (`build_detection`) do not trace whole (their pre- and
+post-processing hold data-dependent control flow); DISCO splits their
+backbone (`transform(..., submodule="backbone")`). They are built without
+downloads (weights=None, weights_backbone=None), their resize step set to the
+requested side (R-CNN, RetinaNet, FCOS: min_size = max_size = side; SSD keeps
+its fixed 300 or 320), and their score threshold lowered to 0.001: with random
+weights the class scores sit near 1/classes (softmax) or the 0.01 prior
+(sigmoid), below the default 0.05, and no box would be returned. Only the
+backbone's BatchNorm statistics are calibrated, on images after the model's
+own transform: in training mode the detector wants targets.
 """
 from __future__ import annotations
 
@@ -37,6 +48,10 @@ def classification_models() -> list[str]:
 
 def segmentation_models() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models.segmentation))
+
+
+def detection_models() -> list[str]:
+    return sorted(torchvision.models.list_models(module=torchvision.models.detection))
 
 
 def calibrate_batchnorm(model: nn.Module, example: torch.Tensor, batches: int = 2, seed: int = 0) -> nn.Module:
@@ -66,3 +81,26 @@ def build(name: str, size: int | None = None, seed: int = 0) -> tuple[nn.Module,
     redraw_zero_parameters(model)
     example = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(seed + 1))
     return calibrate_batchnorm(model, example, seed=seed), example
+
+
+def _detection_kwargs(name: str, side: int) -> dict:
+    if name.startswith("ssd"):
+        return {"score_thresh": 0.001}
+    kwargs = {"min_size": side, "max_size": side}
+    thresh = "box_score_thresh" if "rcnn" in name else "score_thresh"
+    return {**kwargs, thresh: 0.001}
+
+
+def build_detection(name: str, size: int | None = None, seed: int = 0) -> tuple[nn.Module, list[torch.Tensor]]:
+    """A torchvision detection model by name with calibrated random weights (backbone BatchNorm), and an
+    example input: a list of one RGB image in [0, 1] of side `size` (default DEFAULT_SIZE)."""
+    side = size or DEFAULT_SIZE
+    torch.manual_seed(seed)
+    model = torchvision.models.get_model(name, weights=None, weights_backbone=None, **_detection_kwargs(name, side))
+    model.eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    calibration = [model.transform([torch.rand(3, side, side, generator=g) for _ in range(8)])[0].tensors
+                   for _ in range(2)]
+    batchnorm.recalibrate(model.backbone, calibration)
+    model.eval()
+    return model, [torch.rand(3, side, side, generator=g)]

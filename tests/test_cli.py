@@ -67,7 +67,8 @@ def test_budget_json(resnet18_budget):
     _, report, out = resnet18_budget
     assert report["nodes"] == 2
     assert report["run"] == {"model": "resnet18 (torchvision), random weights (no pretrained weights are downloaded)",
-                             "input_shape": [1, 3, 64, 64], "nodes": 2, "node_weights": None, "budget": 0.2}
+                             "input_shape": [1, 3, 64, 64], "nodes": 2, "node_weights": None, "budget": 0.2,
+                             "submodule": None}
     assert abs(report["exchange_ratio"] - 0.2) < 0.02, report["exchange_ratio"]
     assert report["exchange_bytes"] < report["dense_exchange_bytes"]
     assert isinstance(report["replicated_ops"], list)
@@ -135,6 +136,10 @@ BAD = {
                           ["shapes differ for fc.weight (file (10, 512), resnet18 (1000, 512))"]),
     "arch without source": (lambda tmp: [_state_dict_file(tmp, tiny().state_dict()), "--nodes", 2,
                                          "--arch", "resnet18"], ["--arch", "expected torchvision:NAME"]),
+    "unknown submodule": (lambda tmp: ["resnet18", "--nodes", 2, "--input-shape", "1,3,32,32",
+                                       "--submodule", "layer9"], ["no submodule 'layer9'", "'layer1'"]),
+    "detector whole": (lambda tmp: ["ssdlite320_mobilenet_v3_large", "--nodes", 2, "--input-shape", "1,3,64,64"],
+                       ["ssdlite320_mobilenet_v3_large is a detection model", "--submodule backbone"]),
     "unknown leaf module": (lambda tmp: ["resnet18", "--nodes", 2, "--input-shape", "1,3,32,32",
                                          "--leaf-module", "layer9"], ["['layer9']", "--leaf-module NAME"]),
     "node weights per node": (lambda tmp: ["resnet18", "--nodes", 2, "--node-weights", "1,2,3"],
@@ -155,6 +160,15 @@ def test_bad_input_is_a_clear_error(tmp_path, case):
     assert "Traceback" not in result.output
     for text in expected:
         assert text in result.stderr, f"{text!r} not in:\n{result.stderr}"
+
+
+def test_detector_backbone():
+    """A detector by name, its backbone split: the report covers the backbone (its export: test_submodule.py)."""
+    result = invoke("fasterrcnn_mobilenet_v3_large_fpn", "--nodes", 2, "--submodule", "backbone",
+                    "--input-shape", "1,3,128,128", "--budget", 0.5)
+    assert result.exit_code == 0, result.output
+    assert "a list of random images" in result.output and "split    submodule 'backbone' only" in result.output
+    assert "exchange ratio  0.5" in result.output and "fractions of the original submodule" in result.output
 
 
 def test_help_explains_every_option():

@@ -225,14 +225,21 @@ def test_finetuned_model_exports_with_the_same_quality(digits, tmp_path):
 def test_two_processes_with_torchrun_match_one_with_both_batches(tmp_path):
     """DDP (gloo, 2 processes): process r takes batches r, r+2, ...; gradients are averaged, which
     for equal halves equals one process training on the two batches joined."""
+    import os
+    import socket
     import subprocess
     import sys
     from pathlib import Path
     helpers = Path(__file__).parent / "helpers"
     out = tmp_path / "ddp.pt"
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(helpers)}
+    with socket.socket() as s:  # a free port, so parallel runs of this test do not meet
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]  # this checkout's disco_compile, whatever the venv points to
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(helpers), str(root)])}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29517", str(helpers / "ddp_finetune.py"), str(out)],
+                           "--master_addr", "127.0.0.1", "--master_port", str(port),
+                           str(helpers / "ddp_finetune.py"), str(out)],
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     sys.path.insert(0, str(helpers))
