@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from conftest import assert_close
 from disco_compile import DiscoSubmodel, ExampleInputError, SubmoduleError, TraceFailure, transform, zoo
-from disco_compile.export import export
+from disco_compile.exporter import export
 from disco_compile.submodule import BundleModule, capture_inputs, with_bundle
 
 
