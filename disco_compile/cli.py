@@ -16,6 +16,7 @@ import math
 import os
 import pickle
 import re
+import sys
 import tempfile
 import time
 import warnings
@@ -494,7 +495,7 @@ def main(model: str, nodes: int, budget: float | None, input_shape: tuple[int, .
                 raise CliError("--input-on-all-nodes is not supported with --out yet: the export sends the input "
                                "from node 0 to the other nodes")
             disco.cpu()
-            with tqdm(desc="exporting stages to ONNX", unit="stage", file=click.get_text_stream("stderr")) as bar:
+            with tqdm(desc="exporting stages to ONNX", unit="stage", file=sys.stderr) as bar:
                 def progress(done: int, total: int) -> None:
                     bar.total = total
                     bar.update(done - bar.n)
