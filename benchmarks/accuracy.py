@@ -37,7 +37,7 @@ import torch
 from disco_compile import tasks, transform
 from disco_compile.data import loader
 from disco_compile.distill import Loss
-from disco_compile.finetuning import evaluate, exchange_ratio, finetune
+from disco_compile.finetuning import evaluate, evaluate_bundle, exchange_ratio, finetune
 from disco_compile.selection import ALLOCATIONS
 
 import _perfdoc
@@ -103,22 +103,15 @@ def one_shot(name: str, model) -> list[dict]:
 
 def export_check(name: str, model) -> dict:
     """Fine-tune at N=2 rho=0.2 (learned), export, run the test set through run_local."""
-    import numpy as np
-    from disco_compile import run_local
-    from disco_compile.distill import Metric
-    from disco_compile.exporter import export
+    from disco_compile import export
     task, _, loss, batch = build_task(name)
     dm = transform(model, 2, task.example)
     finetune(dm, loader(task.train, batch, True, 0), budget=0.2, steps=ARGS.steps, lr=ARGS.lr, loss=loss,
              progress=False)
-    torch_metric = test_metric(dm, task)
-    metric = Metric()
     with tempfile.TemporaryDirectory() as tmp:
         export(dm, Path(tmp) / "shards")
-        for x, y in loader(task.test, 256, False, 0):
-            out = run_local(Path(tmp) / "shards", [x.numpy()])
-            metric.add(torch.from_numpy(np.asarray(out[0])), y)
-    return {"task": name, "torch": torch_metric, "onnx": metric.value()}
+        onnx_metric = evaluate_bundle(Path(tmp) / "shards", loader(task.test, 256, False, 0))[1]
+    return {"task": name, "torch": test_metric(dm, task), "onnx": onnx_metric}
 
 
 HEADER = """\

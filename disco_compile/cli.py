@@ -32,8 +32,7 @@ import torchvision
 
 from tqdm import tqdm
 
-from . import data, selection, zoo
-from . import finetuning
+from . import data, finetuning, selection, zoo
 
 from .cost import CostReport
 from .errors import DiscoError, ExampleInputError, TraceFailure

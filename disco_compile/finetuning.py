@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from . import batchnorm, selection
+from . import batchnorm, cost, selection
 from .data import batches, split_batch
 from .distill import Loss, Metric, is_logits, main_output
 from .errors import CheckpointMismatch, DataError, TrainingDiverged
@@ -66,23 +66,17 @@ def budget_at(step: int, steps: int, rho: float, anneal: float) -> float:
 
 
 def dense_teacher(dm) -> nn.Module:
-    """The DISCO model with every candidate sent and gates at their current values, frozen."""
+    """The DISCO model with every candidate sent and gates at their current values."""
     teacher = copy.deepcopy(dm)
     for ex in teacher.exchanges.values():
         ex.learn_selection(None)
         ex.keep.copy_(ex.remote)
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher.eval()
-
-
-def _sent_bytes(dm, dense: bool = False) -> int:
-    return sum(int(ex.sent_units(dense).sum()) * ex.unit_bytes for ex in dm.exchanges.values())
+    return teacher  # finetune freezes and puts in eval mode every teacher
 
 
 def exchange_ratio(dm) -> float:
-    dense = _sent_bytes(dm, dense=True)
-    return _sent_bytes(dm) / dense if dense else 1.0
+    dense = cost.exchange_bytes(dm.exchanges, dense=True)
+    return cost.exchange_bytes(dm.exchanges, dense=False) / dense if dense else 1.0
 
 
 def fingerprint(dm, method: str) -> dict:
@@ -114,6 +108,18 @@ def evaluate(model: nn.Module, data: Iterable, device: str | torch.device = "cpu
     model.train(was_training)
     name = metric.name.replace("accuracy", "agreement with the teacher") if against_reference else metric.name
     return name, metric.value()
+
+
+def evaluate_bundle(out_dir: str | os.PathLike, data: Iterable) -> tuple[str, float]:
+    """`evaluate` for an exported model: every labelled batch run by `run_local` (onnxruntime)."""
+    from .runtime import run_local
+    metric = Metric()
+    for batch in data:
+        x, y = split_batch(batch)
+        if y is None:
+            raise DataError("evaluating exported shards needs targets (pairs (inputs, target))")
+        metric.add(torch.from_numpy(run_local(out_dir, [x.numpy()])[0]), y)
+    return metric.name, metric.value()
 
 
 def _rank_world(dev: torch.device) -> tuple[int, int, torch.device]:
@@ -304,8 +310,7 @@ def _average_batchnorm(dm, world: int) -> None:
 
 
 def _bytes(dm) -> str:
-    from .cost import _si
-    return _si(_sent_bytes(dm), "B")
+    return cost._si(cost.exchange_bytes(dm.exchanges, dense=False), "B")
 
 
 def _progress(steps: int, start: int, enabled: bool):

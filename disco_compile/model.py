@@ -69,7 +69,7 @@ class DiscoModel(nn.Module):
     def set_budget(self, rho: float, allocation: str = "uniform") -> None:
         """One-shot selection at budget rho: the remote channels whose weight columns, over the
         destination's output rows of every consumer, have the largest norm (selection.py)."""
-        selection.select(self, selection.magnitude_scores(self), selection.check_budget(rho), allocation)
+        selection.select(self, selection.magnitude_scores(self), rho, allocation)
 
 
 def _full_macs(gm: fx.GraphModule, node: fx.Node, batch: int) -> int:

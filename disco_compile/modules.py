@@ -14,9 +14,11 @@ per candidate and the sent part of the mask becomes
     keep[j, u] + s[j, u] - stopgrad(s[j, u])
 
 equal to `keep` in the forward pass, while the backward pass hands every
-candidate (kept or not) dL/dm_j[u]: the straight-through estimator. A partitioned Conv/Linear then computes on node j only its own output
-rows from x_j: y[T_j] = W[T_j] x_j, and reassembles y in channel order, so
-with every gate on the result equals the original layer.
+candidate (kept or not) dL/dm_j[u]: the straight-through estimator.
+
+A partitioned Conv/Linear then computes on node j only its own output rows
+from x_j: y[T_j] = W[T_j] x_j, and reassembles y in channel order, so with
+every gate on the result equals the original layer.
 """
 from __future__ import annotations
 

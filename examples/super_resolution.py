@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from disco_compile import export, finetune, run_local, tasks, transform
+from disco_compile import export, finetune, tasks, transform
 from disco_compile.data import loader
-from disco_compile.distill import Loss, Metric
-from disco_compile.finetuning import evaluate
+from disco_compile.distill import Loss
+from disco_compile.finetuning import evaluate, evaluate_bundle
 
 
 def main() -> None:
@@ -40,10 +40,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         export(disco, Path(tmp) / "shards")
-        metric = Metric()
-        for x, y in test:
-            metric.add(torch.from_numpy(run_local(Path(tmp) / "shards", [x.numpy()])[0]), y)
-    print(f"exported shards run by onnxruntime: {metric.value():.2f} dB")
+        shards = evaluate_bundle(Path(tmp) / "shards", test)[1]
+    print(f"exported shards run by onnxruntime: {shards:.2f} dB")
 
 
 if __name__ == "__main__":

@@ -208,18 +208,17 @@ def test_bad_data(digits, tmp_path):
 
 
 def test_finetuned_model_exports_with_the_same_quality(digits, tmp_path):
-    from disco_compile import run_local
-    from disco_compile.distill import Metric
     from disco_compile.exporter import export
+    from disco_compile.finetuning import evaluate_bundle
     task, model = digits
     dm = transform(model, 2, task.example)
     finetune(dm, _train(task), budget=0.2, steps=20, progress=False)
-    x, y = task.test.tensors
-    torch_metric = evaluate(dm, [(x, y)])[1]
+    test = [task.test.tensors]
+    torch_metric = evaluate(dm, test)[1]
     export(dm, tmp_path / "shards")
-    metric = Metric()
-    metric.add(torch.from_numpy(run_local(tmp_path / "shards", [x.numpy()])[0]), y)
-    assert abs(metric.value() - torch_metric) <= 0.01
+    name, onnx_metric = evaluate_bundle(tmp_path / "shards", test)
+    assert name == "accuracy %"
+    assert abs(onnx_metric - torch_metric) <= 0.01
 
 
 def test_two_processes_with_torchrun_match_one_with_both_batches(tmp_path):
