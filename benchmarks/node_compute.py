@@ -645,9 +645,9 @@ def run(args, work: Path, cmd: str) -> None:
              f"{'met' if max(t[f'mock_share{k}'] for k in node_ids) < GOAL_OVERHEAD else 'NOT met'}); bare call "
              f"cost alone {max(t['trivial'] * prep['stages'][k] / t[f'node{k}'] for k in node_ids):.1%}; "
              f"everything the cut costs {max(t[f'cut_share{k}'] for k in node_ids):.1%}.",
-             f"- Weights on disk per node / whole model: "
+             "- Weights on disk per node / whole model: "
              + ", ".join(f"{w[f'node{k}']['total'] / w['whole']['total']:.3f}" for k in node_ids) + ".",
-             f"- Peak memory per node / whole model, above the imports-only process: "
+             "- Peak memory per node / whole model, above the imports-only process: "
              + ", ".join(f"{mem_ratio(k, 'shared'):.3f}" for k in node_ids) + " with one shared arena (as "
              "NodeExecutor), " + ", ".join(f"{mem_ratio(k, 'arena'):.3f}" for k in node_ids)
              + " with an arena per session.", "",

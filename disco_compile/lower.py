@@ -26,7 +26,8 @@ Per DISCO op, on node j:
   local tensor (whole inputs narrowed to the held units if need be) or a
   gather along the local axis, each accepted only if it yields, on element-id
   tensors, exactly the elements node j must hold.
-- attention core (attention.py): run on the whole heads node j owns.
+- attention core (attention.py, window_attention.py): run on the whole heads node j owns, with
+  those heads' rows of per-head tensors.
 - ops without a rule (replicated): inputs gathered whole, op run whole.
 - model outputs: node 0 receives the parts it does not hold.
 
@@ -50,7 +51,6 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torch.utils import _pytree as pytree
 
 from . import rules
-from .attention import heads_attention
 from .errors import DiscoError
 from .ir import REPLICATED, MixingLayer, channel_dims
 from .modules import SparseExchange
@@ -359,9 +359,9 @@ class NodeBuilder:
         if self.low.layout(n).owner is None:
             return self.whole(n, module)
         rule = rules.lookup(n, module)
-        if rule is rules.attention:
+        if rule in (rules.attention, rules.window_attention):
             return self.attention(n)
-        if rule in (rules.relayout, rules.cat, rules.getitem, rules.pixel_shuffle):
+        if rule in (rules.relayout, rules.cat, rules.getitem, rules.pixel_shuffle, rules.patch_merging):
             return self.relayout(n, module)
         if rule is rules.elementwise:
             return self.elementwise(n, module)
@@ -536,10 +536,20 @@ class NodeBuilder:
 
     # ------------------------------------------------------------ other ops
     def whole(self, n: fx.Node, module) -> None:
-        """A replicated value computed from replicated inputs: the op as it is."""
+        """A replicated value computed from replicated inputs: the op as it is, or, on constants alone (Swin's
+        relative position bias from its table), its value as a constant."""
         for a in n.all_input_nodes:
             if self.env[a.name].units is not None:
                 raise LoweringError(f"'{n.name}' reads '{a.name}', split across nodes, as a whole")
+        held = [self.env[a.name].node for a in n.all_input_nodes]
+        if held and all(h is None or h.op == "get_attr" for h in held) and any(h is not None for h in held):
+            def constant(a: fx.Node):
+                loc = self.env[a.name]
+                return loc.value if loc.node is None else _getattr_path(self.root, loc.node.target)
+            with torch.no_grad():
+                value = _call_like(n, module, *fx.node.map_arg((n.args, n.kwargs), constant))
+            self.env[n.name] = Local(self.const(n.name, value))
+            return
         args, kwargs = fx.node.map_arg((n.args, n.kwargs), self.value)
         lay = self.low.layout(n)
         self.env[n.name] = Local(self.emit(n, module, args, kwargs, lay.shape, lay.dtype))
@@ -625,20 +635,28 @@ class NodeBuilder:
     # ------------------------------------------------------------ attention
     def attention(self, n: fx.Node) -> None:
         """The per-head core on the heads this node owns (whole heads: rules.attention ties them), with
-        query, key and value aligned to one unit order."""
+        query, key and value aligned to one unit order; per-head tensors of windowed attention (relative
+        position bias, logit scale: heads along dim -3) cut to those heads."""
         lay = self.low.layout(n)
         held = lay.held(self.j)
         if held.numel() == 0:
             self.env[n.name] = Local(None, held)
             return
-        q, k, v, heads, batch_first = n.args
+        q, k, v, heads, *rest = n.args
         width = lay.units // heads
         blocks = held.reshape(-1, width) if held.numel() % width == 0 else None
         if blocks is None or bool((blocks != blocks[:, :1] + torch.arange(width)).any() | (blocks[:, 0] % width).any()):
             raise LoweringError(f"'{n.name}': node {self.j} holds part of an attention head")
-        args = tuple(self.aligned(a, held) for a in (q, k, v))
-        self.hold(n, self.call(heads_attention, (*args, held.numel() // width, batch_first),
-                               shape=lay.rep_shape(held.numel()), dtype=lay.dtype), held)
+        mine = blocks[:, 0] // width
+
+        def per_head(a):
+            node = self.value(a)
+            return self.select(node, len(self.shapes[node.name]) - 3, mine) if isinstance(node, fx.Node) else node
+        args = (*(self.aligned(a, held) for a in (q, k, v)), mine.numel(),
+                *(per_head(a) if isinstance(a, fx.Node) else a for a in rest))
+        kwargs = {key: per_head(a) if key == "logit_scale" else self.value(a) if isinstance(a, fx.Node) else a
+                  for key, a in n.kwargs.items()}
+        self.hold(n, self.call(n.target, args, kwargs, shape=lay.rep_shape(held.numel()), dtype=lay.dtype), held)
 
     # ------------------------------------------------------------ statistics over split channels
     def statistics(self, n: fx.Node, module) -> None:

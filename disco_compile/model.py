@@ -1,4 +1,4 @@
-"""`transform`: capture -> expand attention -> channel-flow analysis -> partition -> insert exchanges,
+"""`transform`: capture -> expand attention (multi-head, windowed) -> channel-flow analysis -> partition -> insert exchanges,
 returning a `DiscoModel`, an nn.Module that computes in one process exactly
 what the N nodes compute together (see modules.py for the block equation).
 With `submodule=NAME`, only that submodule is split and the rest of the model
@@ -19,6 +19,8 @@ from .ir import PartitionPlan
 from .modules import SparseExchange
 from .passes.channel_flow import analyse
 from .passes.expand_attention import expand_attention
+from .passes.expand_window_attention import MODULES as WINDOW_ATTENTION_MODULES
+from .passes.expand_window_attention import expand_window_attention
 from .passes.insert_exchanges import insert_exchanges
 from .passes.partition import assign_owners, check_weights
 from .submodule import DiscoSubmodel, capture_inputs, find_submodule
@@ -104,8 +106,9 @@ def transform(model: nn.Module, nodes: int, example_inputs, *, node_weights: Seq
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
-    gm = trace(model, leaf_modules)
+    gm = trace(model, (*leaf_modules, *WINDOW_ATTENTION_MODULES))
     expand_attention(gm)
+    expand_window_attention(gm, example_inputs)
     flow = analyse(gm, example_inputs, nodes)
     if not flow.mixing:
         raise PartitionError("the model has no Conv or Linear layer whose channels could be split across nodes")

@@ -23,9 +23,11 @@ Rule families:
   per-row statistics are all-reduced.
 - mixing: Conv and Linear create a new channel space; grouped convolutions tie
   each input group to its output group so no group straddles nodes.
-- attention: the per-head core of multi-head attention (attention.py) ties the
-  query, key and value channels of each head to one node; its output channels
-  are the value's.
+- attention: the per-head core of multi-head attention (attention.py) and of
+  windowed attention (window_attention.py) ties the query, key and value
+  channels of each head to one node; its output channels are the value's.
+  Windowing (Swin's window partition and reverse, patch merging) moves tokens
+  of channels-last maps: labels pass through along the last dim.
 """
 from __future__ import annotations
 
@@ -40,9 +42,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.ops
 from torch.utils import _pytree as pytree
+from torchvision.models.swin_transformer import _patch_merging_pad
 
 from .attention import heads_attention, why_not_split
 from .ir import REPLICATED, ChannelUniverse, MixingLayer, ReplicatedOp, StatExchange, channel_dims, compress, fits, units_per_sample
+from .window_attention import window_heads_attention, window_partition, window_reverse
 
 
 class Fallback(Exception):
@@ -400,7 +404,7 @@ def linear(ctx: RuleContext) -> torch.Tensor:
 def attention(ctx: RuleContext) -> torch.Tensor:
     """Head h's output channels mix v_h over tokens with weights from q_h and k_h: the 3d channels
     (q_h, k_h, v_h) of every head are tied to one node, which then needs nothing from the others."""
-    qkv = ctx.tensor_inputs()
+    qkv = ctx.tensor_inputs()[:3]
     heads = ctx.arg(3, "num_heads")
     for t, l in qkv:
         if l is None or channel_dims(l) != (t.dim() - 1,):
@@ -408,6 +412,39 @@ def attention(ctx: RuleContext) -> torch.Tensor:
     for head in zip(*(l.reshape(-1).chunk(heads) for _, l in qkv)):
         ctx.universe.tie_all(torch.cat(head))
     return qkv[2][1]
+
+
+@register(window_heads_attention)
+def window_attention(ctx: RuleContext) -> torch.Tensor:
+    """As `attention`, for windowed attention: its per-head tensors (relative position bias, logit scale)
+    and the shift mask must be whole on every node, which then keeps its own heads' rows."""
+    for name, index in (("bias", 4), ("mask", None), ("logit_scale", None)):
+        labels = ctx.label_args[index] if index is not None and len(ctx.label_args) > index \
+            else ctx.label_kwargs.get(name)
+        if labels is not None:
+            raise Fallback(f"the attention's {name} is split across nodes")
+    return attention(ctx)
+
+
+def _channels_last(ctx: RuleContext) -> torch.Tensor:
+    value, labels = _first_labelled(ctx)
+    if channel_dims(labels) not in ((), (value.dim() - 1,)):
+        raise Fallback("channels do not vary along the last dim alone")
+    return labels.reshape([1] * (ctx.out.dim() - 1) + [labels.size(-1)])
+
+
+@register(window_partition, window_reverse)
+def windows(ctx: RuleContext) -> torch.Tensor:
+    """Tokens of a channels-last map moved into or out of windows: channel labels pass through."""
+    return _channels_last(ctx)
+
+
+@register(_patch_merging_pad)
+def patch_merging(ctx: RuleContext) -> torch.Tensor:
+    """Swin's 2x2 patch merging: four strided token subsets side by side along channels, each with the
+    input's channel labels (relayout would run the op's zero padding on labels)."""
+    labels = _channels_last(ctx)
+    return torch.cat([labels] * 4, -1)
 
 
 @register(nn.MultiheadAttention)

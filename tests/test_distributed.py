@@ -191,10 +191,10 @@ def test_mismatched_exports_are_refused_at_start(exports, tmp_path, nodes):
     ours, theirs = manifest_hash(load_bundle(exports["n2"])), manifest_hash(load_bundle(exports["n2_other"]))
     for n in nodes:
         assert n.wait(CONNECT) == 1, n.output()
-    assert f"Error: node 1 holds another export: node 1 (at tcp://127.0.0.1:" in nodes[0].output()
+    assert "Error: node 1 holds another export: node 1 (at tcp://127.0.0.1:" in nodes[0].output()
     assert f"has manifest sha256 {theirs}" in nodes[0].output() and f"node 0 has manifest sha256 {ours}" in \
         nodes[0].output()
-    assert f"Error: node 0 holds another export" in nodes[1].output()
+    assert "Error: node 0 holds another export" in nodes[1].output()
     assert "Traceback" not in nodes[0].output() + nodes[1].output()
 
 

@@ -182,7 +182,7 @@ def test_shared_module_called_twice():
     torch.manual_seed(0)
     model = Twice().eval()
     x = torch.randn(1, 3, 6, 6)
-    dm = assert_split_exact(model, 2, x)
+    assert_split_exact(model, 2, x)
 
 
 class ScaledSoftmax(nn.Module):

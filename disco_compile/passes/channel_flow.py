@@ -4,7 +4,9 @@ every tensor's channels (see ir.py), applying the op-rule registry (rules.py).
 This is ShapeProp plus channel labels: each node gets `meta['tensor_meta']`
 and `meta['disco'] = Placement(labels)`. Ties between channels are collected
 in a ChannelUniverse; channel-mixing ops, statistics exchanges and replicated
-ops are listed in the returned `ChannelFlow`.
+ops are listed in the returned `ChannelFlow`. Values that do not depend on the
+model's inputs (Swin V2's relative position bias, made by an MLP from a
+constant table) are computed whole on every node: no op on them is split.
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ class _ChannelFlowInterpreter(ShapeProp):
         self.mixing: list[MixingLayer] = []
         self.stats: list[StatExchange] = []
         self.replicated: list[ReplicatedOp] = []
+        self.from_inputs: set[fx.Node] = set()  # nodes whose value depends on a placeholder
 
     def run_node(self, n: fx.Node):
         try:
@@ -64,7 +67,9 @@ class _ChannelFlowInterpreter(ShapeProp):
         return result
 
     def _label(self, n: fx.Node, result):
-        if n.op in ("placeholder", "get_attr", "output"):
+        if n.op == "placeholder" or any(a in self.from_inputs for a in n.all_input_nodes):
+            self.from_inputs.add(n)
+        if n.op in ("placeholder", "get_attr", "output") or n not in self.from_inputs:
             return None
         module = self.module.get_submodule(n.target) if n.op == "call_module" else None
         if not _has_tensor(result):
