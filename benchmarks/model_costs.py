@@ -1,0 +1,83 @@
+"""Communication, MACs and parameters per node from `cost()` for a CNN and two transformers.
+
+For each model (default: resnet50, vit_b_16, swin_t at 1x3x224x224) at N nodes and budget rho
+(default N=2, rho=0.2, the one-shot magnitude selection of `set_budget`): bytes exchanged per
+inference (gated exchanges, ungated statistics such as LayerNorm's partial sums, input and output
+transfers) beside the dense split's, and each node's MACs and parameters beside the original
+model's. Counted, not timed: the figures do not depend on the machine or its load. Writes the
+model_costs section of docs/performance.md.
+
+    python benchmarks/model_costs.py [--models resnet50,vit_b_16,swin_t] [--nodes 2] [--budget 0.2]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import _perfdoc
+from disco_compile import transform, zoo
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f}"
+
+
+def measure(name: str, size: int, nodes: int, budget: float) -> dict:
+    model, x = zoo.build(name, size)
+    start = time.perf_counter()
+    dm = transform(model, nodes, x)
+    dm.set_budget(budget)
+    report = dm.cost()
+    return {"name": name, "size": size, "report": report, "seconds": time.perf_counter() - start}
+
+
+def section(rows: list[dict], nodes: int, budget: float) -> str:
+    lines = [f"## Cost per node: N={nodes}, rho={budget} (one-shot selection)", "",
+             f"Command: `{_perfdoc.command()}`  ",
+             f"Run: {_perfdoc.today()}; torch {torch.__version__}. Counted by `DiscoModel.cost()`, batch 1, random "
+             f"weights (`disco_compile.zoo.build`); exchange = gated channel messages plus ungated statistics "
+             f"(LayerNorm's per-token partial sums; the ungated part in brackets); io = the input sent from node 0 "
+             f"and the outputs gathered on it; ratios are against the dense split (every gate on).", "",
+             "| model | input | exchange MB (ungated) | ratio | comm MB incl. io | ratio | MACs per node (G) | "
+             "/ original | params per node (M) | / original | replicated ops |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        c = r["report"]
+        lines.append(
+            f"| {r['name']} | {r['size']}×{r['size']} | {_mb(c.exchange_bytes)} ({_mb(c.fixed_exchange_bytes)}) | "
+            f"{c.exchange_ratio:.3f} | {_mb(c.comm_bytes)} | {c.comm_ratio:.3f} | "
+            + ", ".join(f"{m / 1e9:.2f}" for m in c.macs_per_node) + " | "
+            + ", ".join(f"{m / c.original_macs:.3f}" for m in c.macs_per_node) + " | "
+            + ", ".join(f"{p / 1e6:.1f}" for p in c.params_per_node) + " | "
+            + ", ".join(f"{p / c.original_params:.3f}" for p in c.params_per_node) + f" | {len(c.replicated_ops)} |")
+    lines += ["", "Original models: " + "; ".join(
+        f"{r['name']} {r['report'].original_macs / 1e9:.2f} GMACs, {r['report'].original_params / 1e6:.1f} M "
+        f"parameters" for r in rows) + ".", "",
+        "The transformers' ungated statistics (every LayerNorm over split channels exchanges two values per "
+        "token) are a fixed cost the budget does not reduce, so their exchange ratio stays above rho. "
+        "Parameters per node count the weights a node holds after slicing (its rows, the columns it keeps). "
+        "MACs count Conv and Linear layers; the attention cores' q k^T and a v products (split by heads, no "
+        "exchange, each node doing its own heads' share) are not counted on either side.", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="resnet50,vit_b_16,swin_t")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--nodes", type=int, default=2)
+    p.add_argument("--budget", type=float, default=0.2)
+    p.add_argument("--no-write", action="store_true", help="print the section, do not write docs/performance.md")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    rows = []
+    for name in args.models.split(","):
+        rows.append(measure(name.strip(), args.size, args.nodes, args.budget))
+        print(f"{name}: {rows[-1]['seconds']:.0f} s")
+    _perfdoc.publish("model_costs", section(rows, args.nodes, args.budget), write=not args.no_write)
+
+
+if __name__ == "__main__":
+    main()
