@@ -63,7 +63,7 @@ def stage_onnx(sm: StageModule) -> bytes:
     except Exception as exc:  # torch.onnx raises many types; all mean this stage has no ONNX form
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(f"{sm.stage.file}: torch.onnx cannot export this stage: {first_line}\n  what to do: "
-                          f"a different input size often helps (e.g. adaptive pooling needs an output size that "
+                          f"a different input size often helps (e.g. adaptive max pooling needs an output size that "
                           f"divides the input: use 1x3x224x224 for ImageNet models)") from exc
     model = onnx.load_from_string(buffer.getvalue())
     model.graph.name = f"stage{sm.stage.index}"

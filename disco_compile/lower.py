@@ -20,7 +20,8 @@ Per DISCO op, on node j:
   leaves one fused Conv + Add + Relu for after the message (_local_terms_first).
   Grouped convs whose groups stay on one node run on the node's groups alone;
   others rebuild the group inputs with zeros where nothing was sent.
-- channelwise ops run on the local tensor (per-channel parameters sliced);
+- channelwise ops run on the local tensor (per-channel parameters sliced); adaptive average
+  pooling between sizes that do not divide (which torch.onnx cannot export) as two matrix products;
   elementwise ops first bring their inputs to one unit order.
 - data movement (view, permute, cat, split, ...): either the op itself on the
   local tensor (whole inputs narrowed to the held units if need be) or a
@@ -595,6 +596,12 @@ class NodeBuilder:
         elif module is not None and any(True for _ in module.parameters()):
             raise LoweringError(f"'{n.name}' ({type(module).__name__}) has per-channel parameters; lowering it "
                                 f"is not built yet")
+        elif _uneven_adaptive_avg_pool2d(n, module, self.shapes[loc.node.name], shape):
+            # torch.onnx exports adaptive pooling only between sizes that divide: the same averages as matrices
+            in_shape = self.shapes[loc.node.name]
+            rows, cols = (self.const(f"{n.name}_pool", adaptive_pool_matrix(i, o, lay.dtype))
+                          for i, o in zip(in_shape[-2:], shape[-2:]))
+            node = self.call(pool_by_matrices, (loc.node, rows, cols), shape=shape, dtype=lay.dtype)
         else:
             args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: loc.node if a is x else self.value(a))
             node = self.emit(n, module, args, kwargs, shape, lay.dtype)
@@ -949,6 +956,27 @@ def _without(tree):
     if tree is _EMPTY:
         raise TypeError("an input this node does not hold")
     return tree
+
+
+def _uneven_adaptive_avg_pool2d(n: fx.Node, module, in_shape, out_shape) -> bool:
+    if not (isinstance(module, nn.AdaptiveAvgPool2d) or n.target is F.adaptive_avg_pool2d):
+        return False
+    return len(in_shape) == 4 and any(i % o for i, o in zip(in_shape[-2:], out_shape[-2:]))
+
+
+def adaptive_pool_matrix(size_in: int, size_out: int, dtype: torch.dtype) -> torch.Tensor:
+    """(size_out, size_in): row i averages inputs floor(i*in/out) .. ceil((i+1)*in/out) - 1, as
+    adaptive average pooling does."""
+    m = torch.zeros(size_out, size_in, dtype=dtype)
+    for i in range(size_out):
+        start, end = (i * size_in) // size_out, -((-(i + 1) * size_in) // size_out)
+        m[i, start:end] = 1.0 / (end - start)
+    return m
+
+
+def pool_by_matrices(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Adaptive average pooling of (..., H, W) as rows @ x @ cols^T."""
+    return rows @ x @ cols.transpose(0, 1)
 
 
 def _call_like(n: fx.Node, module, args, kwargs):

@@ -15,11 +15,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import assert_close
 from disco_compile import run_local, transform, zoo
 from disco_compile.exporter import export
 from disco_compile.harden import harden_and_lower
+from disco_compile.lower import adaptive_pool_matrix, pool_by_matrices
 from disco_compile.stages import cut_all, run_python
 from test_equivalence_zoo import MODELS
 from test_small_models import OddNet, ScaledSoftmax
@@ -153,11 +157,34 @@ def test_cli_exports_and_disco_run_reproduces(tmp_path):
 def test_stage_torch_onnx_cannot_export_is_a_clear_error(tmp_path):
     from disco_compile.exporter import ExportError
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.AdaptiveAvgPool2d(3), nn.Flatten(), nn.Linear(72, 4)).eval()
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.AdaptiveMaxPool2d(3), nn.Flatten(), nn.Linear(72, 4)).eval()
     dm = transform(model, 2, torch.randn(1, 3, 4, 4)).eval()
     with pytest.raises(ExportError, match=r"(?s)node\d/stage\d+\.onnx: torch.onnx cannot export this stage.*what to do"):
         export(dm, tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+@settings(max_examples=30, deadline=None)
+@given(h=st.integers(1, 12), w=st.integers(1, 12), oh=st.integers(1, 9), ow=st.integers(1, 9))
+def test_adaptive_pool_matrices_average_as_adaptive_avg_pool2d(h, w, oh, ow):
+    x = torch.randn(2, 3, h, w, dtype=torch.float64)
+    got = pool_by_matrices(x, adaptive_pool_matrix(h, oh, x.dtype), adaptive_pool_matrix(w, ow, x.dtype))
+    assert_close(got, F.adaptive_avg_pool2d(x, (oh, ow)), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("nodes, rho", [(2, 1.0), (3, 0.3)])
+def test_uneven_adaptive_avg_pool_exports(tmp_path, nodes, rho):
+    """4x4 -> 7x7 (VGG's pooling on a 128 input) and 5x5 -> 3x3: sizes torch.onnx cannot pool between."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.AdaptiveAvgPool2d((7, 3)), nn.Conv2d(8, 6, 1),
+                          nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(24, 4)).eval()
+    x = torch.randn(2, 3, 4, 5)
+    dm = transform(model, nodes, x).eval()
+    dm.set_budget(rho)
+    export(dm, tmp_path / "out")
+    with torch.no_grad():
+        ref = dm(x)
+    assert_close(torch.from_numpy(run_local(tmp_path / "out", x.numpy())[0]), ref, what="onnx shards")
 
 
 class ResidualBlock(nn.Module):
