@@ -8,12 +8,7 @@ Step t of T trains at budget
     rho_t = rho + (1 - rho) * max(0, 1 - t / (anneal * T))
 
 (from every channel down to the target over the first `anneal` part, then
-held). With `decay` (the default) the weights' learning rate then follows a
-half cosine from lr down to 0 over the held part,
-
-    lr_t = lr * (1 + cos(pi * (t - anneal * T) / (T - anneal * T))) / 2,
-
-so the weights settle on the fixed selection instead of ending mid-step. Whenever rho_t changes, and at every step while it anneals for
+held). Whenever rho_t changes, and at every step while it anneals for
 learned scores, the selection is made at rho_t (selection.py); once at rho it
 is held, so the weights adapt to one fixed selection. Scores: "learned"
 (initialised from weight-column magnitudes, normalised to mean 1 per
@@ -34,7 +29,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -69,13 +63,6 @@ def budget_at(step: int, steps: int, rho: float, anneal: float) -> float:
     if ramp <= 0:
         return rho
     return rho + (1.0 - rho) * max(0.0, 1.0 - step / ramp)
-
-
-def lr_factor(step: int, steps: int, anneal: float, decay: bool) -> float:
-    ramp = anneal * steps
-    if not decay or step < ramp or steps <= ramp:
-        return 1.0
-    return 0.5 * (1.0 + math.cos(math.pi * (step - ramp) / (steps - ramp)))
 
 
 def dense_teacher(dm) -> nn.Module:
@@ -189,8 +176,8 @@ class _Checkpoints:
 
 def finetune(dm, data: Iterable, *, budget: float, steps: int, teacher: nn.Module | None = None,
              val_data: Iterable | None = None, method: str = "learned", allocation: str = "global",
-             lr: float = 1e-3, score_lr: float = 0.05, anneal: float = 0.5, decay: bool = True,
-             loss: Loss | None = None, seed: int = 0, device: str = "cpu", checkpoint_dir: str | os.PathLike | None = None,
+             lr: float = 1e-3, score_lr: float = 0.05, anneal: float = 0.5, loss: Loss | None = None,
+             seed: int = 0, device: str = "cpu", checkpoint_dir: str | os.PathLike | None = None,
              checkpoint_every: int = 100, resume: bool = False, batchnorm_batches: int = 20,
              log_every: int = 10, progress: bool = True) -> FinetuneResult:
     """Fine-tune DISCO model `dm` in place to budget `budget` (the fraction of dense exchange bytes
@@ -200,8 +187,7 @@ def finetune(dm, data: Iterable, *, budget: float, steps: int, teacher: nn.Modul
     val_data: batches to measure quality on at the end: against their targets (and the teacher's
       quality beside it), or, unlabelled, as agreement with the teacher.
     method: "learned" | "magnitude" | "random" channel scores; allocation: "uniform" | "global".
-    anneal: the part of the steps over which the budget goes from 1 to `budget`; decay: cosine decay of
-      the weights' learning rate over the rest.
+    anneal: the part of the steps over which the budget goes from 1 to `budget`.
     checkpoint_dir: where last.pt is written every `checkpoint_every` steps; resume=True continues from it.
     A NaN or infinite loss stops training, puts dm back at the last good state and raises TrainingDiverged.
     """
@@ -268,7 +254,6 @@ def finetune(dm, data: Iterable, *, budget: float, steps: int, teacher: nn.Modul
         if rho_t != current or (method == "learned" and rho_t > rho):
             selection.select(dm, current_scores(), rho_t, allocation)
             current = rho_t
-        opt.param_groups[0]["lr"] = lr * lr_factor(step, steps, anneal, decay)
         x, y = next(stream)
         x = x.to(dev)
         with torch.no_grad():

@@ -13,7 +13,7 @@ from disco_compile import BudgetError, tasks, transform
 from disco_compile.data import batches, image_folder, image_split, loader
 from disco_compile.distill import Loss
 from disco_compile.errors import CheckpointMismatch, DataError, TrainingDiverged
-from disco_compile.finetuning import budget_at, evaluate, exchange_ratio, finetune, lr_factor
+from disco_compile.finetuning import budget_at, evaluate, exchange_ratio, finetune
 from disco_compile.selection import magnitude_scores, select
 
 from conftest import assert_close
@@ -38,15 +38,6 @@ def test_budget_schedule_anneals_then_holds():
     assert all(a >= b for a, b in zip(values, values[1:]))
     assert values[50:] == [0.2] * 50
     assert math.isclose(values[25], 0.6)
-
-
-def test_learning_rate_holds_while_annealing_then_decays_to_zero():
-    factors = [lr_factor(t, 100, 0.5, decay=True) for t in range(101)]
-    assert factors[:51] == [1.0] * 51
-    assert all(a > b for a, b in zip(factors[50:], factors[51:]))
-    assert math.isclose(factors[75], 0.5) and math.isclose(factors[100], 0.0, abs_tol=1e-12)
-    assert {lr_factor(t, 100, 0.5, decay=False) for t in range(100)} == {1.0}
-    assert lr_factor(99, 100, 1.0, decay=True) == 1.0  # annealing takes every step: nothing left to decay over
 
 
 @pytest.mark.parametrize("allocation", ["uniform", "global"])
