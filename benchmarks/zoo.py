@@ -1,8 +1,9 @@
 """Coverage of the torchvision model zoo: does `disco_compile.transform` give
 the same answer as the original model?
 
-For every torchvision classification model (`zoo.classification_models()`)
-and segmentation model (`zoo.segmentation_models()`), and for N = 2 and N = 4
+For every torchvision classification model (`zoo.classification_models()`),
+segmentation model (`zoo.segmentation_models()`) and detection model
+(`zoo.detection_models()`, see below), and for N = 2 and N = 4
 nodes, this benchmark
 
 1. builds the model with calibrated random weights (`disco_compile.zoo.build`,
@@ -28,6 +29,18 @@ nodes, this benchmark
    models can be ill-conditioned, so a MISMATCH whose DISCO error is below the
    model's own fp32 error is flagged as within rounding noise.
 
+Detection models (`zoo.detection_models()`) do not trace whole: each is built
+by `zoo.build_detection` (its example is a list of one image in [0, 1]) and
+split on its backbone with its FPN, `transform(model, N, images,
+submodule="backbone")`; the outputs compared are the whole detector's boxes,
+scores and labels (and masks or keypoints), the rest of the detector running
+in PyTorch. With random weights many boxes score alike, so top-k and NMS are
+ill-conditioned (tests/test_submodule.py): a rounding-level difference in the
+features can swap tied detections. Each N therefore also compares the split
+backbone's outputs (the FPN levels, on the backbone's captured inputs) with
+the original backbone's, with the same tolerances; the float64 check runs the
+whole detector and, to judge that comparison, the backbone alone.
+
 Each model runs in its own subprocess (one torch thread) so memory is freed
 between models and a crash or timeout does not stop the run. Per-model
 results are cached as JSON under benchmarks/results/zoo/ (NAME.json, with the
@@ -38,6 +51,7 @@ run yet get a row saying so).
 
     python benchmarks/zoo.py                          # everything, small models first
     python benchmarks/zoo.py --models resnet18,vit_b_32 --force
+    python benchmarks/zoo.py --family detection       # only the detection models
     python benchmarks/zoo.py --report-only            # only rewrite docs/coverage.md
 """
 from __future__ import annotations
@@ -46,7 +60,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import resource
 import shlex
 import signal
@@ -79,11 +92,10 @@ SIZES: dict[str, int | None] = {**{name: 224 for name in (
 # Sides tried, in order, if the chosen one fails (recorded in the notes).
 FALLBACK_SIZES = (64, 96, 128, 160, 192, 224, 256, 299)
 
-# Builder keyword arguments that zoo.build does not pass yet. The segmentation builders default to an
-# ImageNet backbone checkpoint (weights_backbone=...IMAGENET1K_V1), which would be downloaded: pass None.
-# aux_loss stays at its default (None -> no auxiliary head), so the output is {"out": ...}.
-SEGMENTATION_KWARGS = {"weights_backbone": None}
+# What a detector splits: the backbone with its FPN (the rest of the detector does not trace).
+DETECTION_SUBMODULE = "backbone"
 
+FAMILIES = ("classification", "segmentation", "detection")
 STATUS_ORDER = ["exact", "exact, with replicated ops", "MISMATCH", "FAILED", "TIMEOUT", "CRASHED", "TOO LARGE",
                 "NOT RUN"]
 
@@ -123,12 +135,25 @@ def _error(exc: BaseException) -> dict:
             "traceback": "".join(traceback.format_exception(exc))[-6000:]}
 
 
-def _build(name: str, size: int | None):
+def family(name: str) -> str:
     from disco_compile import zoo
-    if name in zoo.segmentation_models():
-        # zoo.build takes no builder kwargs: add ours to its per-model table, in this subprocess only
-        zoo._EXTRA_KWARGS[name] = {**zoo._EXTRA_KWARGS.get(name, {}), **SEGMENTATION_KWARGS}
-    return zoo.build(name, size)
+    if name in zoo.detection_models():
+        return "detection"
+    return "segmentation" if name in zoo.segmentation_models() else "classification"
+
+
+def _build(name: str, size: int | None):
+    """The model and its example input: zoo.build (segmentation models get weights_backbone=None there,
+    and no auxiliary head, so the output is {"out": ...}), or zoo.build_detection (a list of one image)."""
+    from disco_compile import zoo
+    return (zoo.build_detection if family(name) == "detection" else zoo.build)(name, size)
+
+
+def _double(x):
+    """x with every floating-point tensor in float64 (a tensor, or a detector's list of images)."""
+    import torch
+    from torch.utils import _pytree as pytree
+    return pytree.tree_map(lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t, x)
 
 
 def _compare(ref, out) -> dict:
@@ -190,12 +215,12 @@ def run_worker(name: str, nodes: list[int], out_path: Path) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
     import torchvision
+    from torch.utils import _pytree as pytree
     import disco_compile
-    from disco_compile import zoo
+    from disco_compile.submodule import capture_inputs
 
     torch.set_num_threads(1)
-    family = "segmentation" if name in zoo.segmentation_models() else "classification"
-    result: dict = {"model": name, "family": family, "nodes": nodes, "started": _now(),
+    result: dict = {"model": name, "family": family(name), "nodes": nodes, "started": _now(),
                     "torch": torch.__version__, "torchvision": torchvision.__version__,
                     "params": _known_params(name), "size": None, "runs": {}, "fp64": None, "notes": [],
                     "state": "running"}
@@ -243,10 +268,16 @@ def run_worker(name: str, nodes: list[int], out_path: Path) -> None:
         result["state"] = "build_failed"
         result["build_error"] = failures[-1] if failures else "unknown"
         return save()
-    result["size"] = int(example.shape[-1])
+    result["size"] = int(pytree.tree_leaves(example)[0].shape[-1])
     result["params"] = sum(p.numel() for p in model.parameters())
     result["build_seconds"] = round(time.perf_counter() - t0, 2)
     save()
+    split = {}  # transform's keyword arguments
+    if result["family"] == "detection":
+        split = {"submodule": DETECTION_SUBMODULE}
+        with torch.no_grad():
+            backbone_inputs = capture_inputs(model, DETECTION_SUBMODULE, example)
+            backbone_ref = model.get_submodule(DETECTION_SUBMODULE)(*backbone_inputs)
 
     outputs, mismatched = {}, {}
     for n in nodes:
@@ -254,7 +285,7 @@ def run_worker(name: str, nodes: list[int], out_path: Path) -> None:
         result["runs"][str(n)] = run
         t = time.perf_counter()
         try:
-            dm = disco_compile.transform(model, n, example)
+            dm = disco_compile.transform(model, n, example, **split)
             run["transform_seconds"] = round(time.perf_counter() - t, 2)
             with torch.no_grad():
                 t1 = time.perf_counter()
@@ -262,6 +293,10 @@ def run_worker(name: str, nodes: list[int], out_path: Path) -> None:
                 run["forward_seconds"] = round(time.perf_counter() - t1, 2)
             cmp = _compare(ref, out)
             run.update(max_abs_diff=cmp["max_abs"], max_abs_output=cmp.get("max_ref"), close=cmp["close"])
+            if split:  # the split backbone alone: well-conditioned, unlike the detections after top-k and NMS
+                with torch.no_grad():
+                    features = _compare(backbone_ref, dm.disco(*backbone_inputs))
+                run.update(backbone_max_abs_diff=features["max_abs"], backbone_close=features["close"])
             for key in ("structure", "container"):
                 if key in cmp:
                     run[key] = cmp[key]
@@ -294,15 +329,21 @@ def run_worker(name: str, nodes: list[int], out_path: Path) -> None:
         try:
             with torch.no_grad():
                 model.double()
-                ref64 = model(example.double())
+                ref64 = model(_double(example))
             own = _compare(ref64, ref)
             result["fp64"] = {"own_max_abs": own["max_abs"], "own_close": own["close"],
-                              "max_abs_output": own["max_ref"], "seconds": round(time.perf_counter() - t, 2)}
+                              "max_abs_output": own.get("max_ref"), "seconds": round(time.perf_counter() - t, 2)}
+            if "structure" in own:  # e.g. a detector returning another number of boxes in float64
+                result["fp64"]["own_structure"] = own["structure"]
+            if split:
+                with torch.no_grad():
+                    backbone64 = model.get_submodule(DETECTION_SUBMODULE)(*_double(backbone_inputs))
+                result["fp64"]["backbone_own_max_abs"] = _compare(backbone64, backbone_ref)["max_abs"]
             for n, out in outputs.items():
                 result["runs"][str(n)]["max_abs_vs_fp64"] = _compare(ref64, out)["max_abs"]
             for n, dm in mismatched.items():  # the DISCO model itself in float64 against the float64 model
                 with torch.no_grad():
-                    cmp64 = _compare(ref64, dm.double()(example.double()))
+                    cmp64 = _compare(ref64, dm.double()(_double(example)))
                 result["runs"][str(n)]["fp64_disco_max_abs"] = cmp64["max_abs"]
                 result["runs"][str(n)]["fp64_disco_close"] = cmp64["close"]
         except Exception as exc:
@@ -318,7 +359,8 @@ def run_worker(name: str, nodes: list[int], out_path: Path) -> None:
 def all_models() -> list[tuple[str, str]]:
     from disco_compile import zoo
     return ([(m, "classification") for m in zoo.classification_models()]
-            + [(m, "segmentation") for m in zoo.segmentation_models()])
+            + [(m, "segmentation") for m in zoo.segmentation_models()]
+            + [(m, "detection") for m in zoo.detection_models()])
 
 
 def _work_estimate(name: str) -> float:
@@ -375,9 +417,7 @@ def run_one(name: str, nodes: list[int], timeout: float, results: Path) -> dict:
     try:
         data = json.loads(partial.read_text())
     except (OSError, ValueError):
-        from disco_compile import zoo
-        data = {"model": name, "family": "segmentation" if name in zoo.segmentation_models() else "classification",
-                "nodes": nodes, "started": _now(), "params": _known_params(name), "size": None, "runs": {},
+        data = {"model": name, "family": family(name), "nodes": nodes, "started": _now(), "params": _known_params(name), "size": None, "runs": {},
                 "fp64": None, "notes": [], "state": "running"}
     data["wall_seconds"] = round(elapsed, 1)
     data["compiler"] = compiler
@@ -478,8 +518,12 @@ def _notes(data: dict | None, nodes: list[int]) -> str:
             notes.append(f"fp64 check skipped: {fp64['skipped']}")
     elif own is not None and not fp64.get("own_close", True):
         notes.append(f"model's own fp32 output is not allclose to fp64 (max abs {_fmt(own)})")
+    if fp64.get("own_structure"):
+        notes.append(f"model's own fp32 output vs fp64: {fp64['own_structure']}")
     if data.get("family") == "segmentation":
         notes.append("built with weights_backbone=None")
+    if data.get("family") == "detection":
+        notes += _backbone_notes(data, nodes)
     for n in nodes:
         run = (data.get("runs", {}).get(str(n)) or {})
         if run.get("structure"):
@@ -490,6 +534,19 @@ def _notes(data: dict | None, nodes: list[int]) -> str:
     if secs is not None:
         notes.append(f"{secs:.0f} s")
     return "; ".join(notes)
+
+
+def _backbone_notes(data: dict, nodes: list[int]) -> list[str]:
+    """A detector's split backbone (its FPN levels) against the original backbone, per N run."""
+    runs = {n: data.get("runs", {}).get(str(n)) or {} for n in nodes}
+    cells = [f"N={n} {'allclose' if r['backbone_close'] else 'NOT allclose'} "
+             f"(max abs {_fmt(r['backbone_max_abs_diff'])})" for n, r in runs.items() if "backbone_close" in r]
+    if not cells:
+        return []
+    own = (data.get("fp64") or {}).get("backbone_own_max_abs")
+    noise = "" if own is None or all(r.get("backbone_close", True) for r in runs.values()) else \
+        f"; the original backbone's own fp32 error vs fp64: {_fmt(own)}"
+    return [f"split backbone vs original backbone: {', '.join(cells)}{noise}"]
 
 
 def _md(text: str) -> str:
@@ -558,7 +615,10 @@ def write_report(results: Path, report: Path, nodes: list[int], command: str) ->
         "- Compiler: " + _versions_line(versions) + ".",
         f"- Machine: {_machine()}; torch {torch.__version__}, torchvision {torchvision.__version__}.",
         "- Models: `disco_compile.zoo.build(name)`, calibrated random weights, batch 1, eval mode; "
-        "segmentation builders also get `weights_backbone=None` (no download) and no auxiliary head.",
+        "segmentation builders also get `weights_backbone=None` (no download) and no auxiliary head. "
+        "Detection models: `disco_compile.zoo.build_detection(name)` (no download; backbone BatchNorm "
+        "calibrated; score threshold 0.001, since random-weight scores sit below the default 0.05), "
+        "called with a list of one image in [0, 1].",
         "- Input sizes (side of the square RGB input): "
         + "; ".join(f"**{s}**: {', '.join(ns) if len(ns) <= 12 else f'{len(ns)} models (all others)'}"
                     for s, ns in sorted(sizes.items(), key=lambda kv: -len(kv[1])) if s is not None)
@@ -566,17 +626,26 @@ def write_report(results: Path, report: Path, nodes: list[int], command: str) ->
           "zoo.build redraws their zero-initialised class token and head); "
           "maxvit_t needs 224 (each stage's map divisible by its 7x7 partition); swin runs at any multiple "
           "of 32, but at 32 every feature map fits in one 7x7 window and the shifted windows are disabled, "
-          "so 64, the smallest side that exercises them.",
+          "so 64, the smallest side that exercises them. Detectors get images of `zoo.build_detection`'s "
+          "default side and resize to it (min_size = max_size = side), except SSD and SSDlite, which resize "
+          "to their fixed 300 or 320.",
         f"- Check: `dm = disco_compile.transform(model, N, x)`; every output leaf of `dm(x)` vs `model(x)` "
         f"with `torch.allclose(rtol={RTOL:g}, atol={ATOL:g})`. Replicated ops (no channel rule: inputs "
         "gathered, op run whole on every node) are listed as `target ×count: reason` "
         "(counts per model at that N). A MISMATCH is flagged as noise when DISCO's max abs error is below "
         "the model's own fp32 error against a float64 evaluation of the same model.",
+        f"- Detection models: `transform(model, N, images, submodule={DETECTION_SUBMODULE!r})` splits the "
+        "backbone with its FPN; the rest of the detector runs whole in PyTorch (on node 0). The outputs "
+        "compared are the whole detector's (boxes, scores, labels; masks, keypoints). With random weights "
+        "many boxes score alike, so top-k and NMS can turn a rounding-level difference into swapped or "
+        "different detections: the notes also give the split backbone's outputs (FPN levels, on the "
+        "backbone's inputs captured from the example) against the original backbone's, same tolerances.",
         "",
         "## Summary",
         "",
         f"{len(models)} models ({sum(f == 'classification' for _, f in models)} classification, "
-        f"{sum(f == 'segmentation' for _, f in models)} segmentation).",
+        f"{sum(f == 'segmentation' for _, f in models)} segmentation, "
+        f"{sum(f == 'detection' for _, f in models)} detection).",
         "",
         "| status | " + " | ".join(f"N={n}" for n in nodes) + " | worst over N |",
         "|---|" + "---|" * (len(nodes) + 1),
@@ -605,8 +674,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="See the module docstring (benchmarks/zoo.py) for what is measured.")
-    p.add_argument("--models", help="comma-separated subset of model names (default: every classification "
-                                    "and segmentation model)")
+    p.add_argument("--models", help="comma-separated subset of model names (default: every classification, "
+                                    "segmentation and detection model)")
+    p.add_argument("--family", choices=FAMILIES, action="append",
+                   help="only the models of this family (repeatable; with --models, those of the family)")
     p.add_argument("--nodes", default=",".join(map(str, DEFAULT_NODES)), help="node counts (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="rerun models that already have cached results")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
@@ -626,12 +697,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from tqdm import tqdm
-    known = [m for m, _ in all_models()]
+    known = [m for m, f in all_models() if args.family is None or f in args.family]
     if args.models:
         names = [m.strip() for m in args.models.split(",") if m.strip()]
         unknown = [m for m in names if m not in known]
         if unknown:
-            p.error(f"unknown model(s) {unknown}; choose from {known}")
+            p.error(f"unknown model(s) {unknown}" + (f" in families {args.family}" if args.family else "")
+                    + f"; choose from {known}")
     else:
         names = known
     args.results.mkdir(parents=True, exist_ok=True)

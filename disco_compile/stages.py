@@ -6,7 +6,8 @@ so sends leave as early as possible. Each stage becomes its own fx
 GraphModule; its inputs are model inputs, received payloads, or values carried
 from the node's earlier stages, and its outputs are payloads to send, values
 carried forward, and (on node 0) model outputs. Size computations (non-tensor
-values) are recomputed in each stage that uses them instead of being carried.
+values) are recomputed in each stage that uses them instead of being carried;
+the tensors they read (x in x.shape) are carried to that stage.
 
 `run_python` executes all nodes' stages with messages passed through a dict:
 the reference for the ONNX export (verification link 2 of the design).
@@ -67,9 +68,18 @@ def cut(prog: NodeProgram, lowered: Lowered) -> list[StageModule]:
     count = max(stage_of.values(), default=-1) + 1
     by_id = {m.id: m for m in lowered.messages}
     last_use: dict[fx.Node, int] = {}
+
+    def use(a: fx.Node, s: int) -> None:
+        if last_use.get(a, -1) >= s:
+            return  # and so are its inputs, if it is structural
+        last_use[a] = s
+        if _structural(prog, a):  # recomputed in stage s (e.g. x.shape for a final resize): so are its inputs
+            for b in a.all_input_nodes:
+                use(b, s)
+
     for node, s in stage_of.items():
         for a in node.all_input_nodes:
-            last_use[a] = max(last_use.get(a, -1), s)
+            use(a, s)
     stages = []
     for s in range(count):
         g = fx.Graph()

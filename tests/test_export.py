@@ -61,9 +61,23 @@ class LayerNormBlock(nn.Module):
         return self.fc2(torch.relu(self.norm(self.fc1(x))))
 
 
+class ResizeBack(nn.Module):
+    """Reads the input's size first and resizes to it last, as FCN and DeepLabV3 do: the size is used
+    stages after the input arrived."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 6, 1))
+
+    def forward(self, x):
+        size = x.shape[-2:]
+        return nn.functional.interpolate(self.down(x), size=size, mode="bilinear", align_corners=False)
+
+
 SMALL = [(OddNet, (2, 3, 8, 8), 2, 1.0), (OddNet, (2, 3, 8, 8), 3, 0.3), (OddNet, (2, 3, 8, 8), 4, 0.3),
          (ScaledSoftmax, (2, 3, 4, 4), 2, 1.0), (ScaledSoftmax, (2, 3, 4, 4), 3, 0.3),
-         (LayerNormBlock, (2, 5, 8), 2, 0.3), (LayerNormBlock, (2, 5, 8), 3, 1.0)]
+         (LayerNormBlock, (2, 5, 8), 2, 0.3), (LayerNormBlock, (2, 5, 8), 3, 1.0),
+         (ResizeBack, (2, 3, 8, 8), 2, 0.3), (ResizeBack, (2, 3, 8, 8), 3, 1.0)]
 
 
 @pytest.mark.parametrize("net, shape, nodes, rho", SMALL, ids=[f"{n.__name__}-N{k}-rho{r}" for n, _, k, r in SMALL])
