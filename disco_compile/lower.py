@@ -667,7 +667,7 @@ class NodeBuilder:
 
     # ------------------------------------------------------------ statistics over split channels
     def statistics(self, n: fx.Node, module) -> None:
-        """LayerNorm, softmax, sum or mean over channels that several nodes hold: each holder
+        """LayerNorm, softmax, L2 normalisation, sum or mean over channels that several nodes hold: each holder
         computes per-row partial statistics, sends them, and every receiver merges them exactly."""
         x = n.all_input_nodes[0]
         lay, loc = self.low.layout(x), self.env[x.name]
@@ -709,6 +709,8 @@ class NodeBuilder:
                 t = getattr(module, name) if module is not None else self.concrete_tensor(_arg(n, k, name))
                 args.append(None if t is None else self.const(f"{n.name}_{name}", _local_affine(t.detach(), lay, loc.units, len(dims))))
             node = self.call(_normalise, tuple(args))
+        elif kind == "normalize":
+            node = self.call(_normalize_finish, (loc.node, merged, float(_arg(n, 3, "eps", 1e-12))))
         else:
             node = self.call(_softmax_finish, (loc.node, merged, kind))
         self.hold(n, node, loc.units)
@@ -796,7 +798,7 @@ class NodeBuilder:
 _STATISTICS = {F.layer_norm: "layer_norm", nn.LayerNorm: "layer_norm", F.softmax: "softmax", torch.softmax: "softmax",
                "softmax": "softmax", nn.Softmax: "softmax", F.log_softmax: "log_softmax",
                torch.log_softmax: "log_softmax", "log_softmax": "log_softmax", nn.LogSoftmax: "log_softmax",
-               torch.sum: "sum", "sum": "sum", torch.mean: "mean", "mean": "mean"}
+               torch.sum: "sum", "sum": "sum", torch.mean: "mean", "mean": "mean", F.normalize: "normalize"}
 
 
 def _local_terms_first(prog: NodeProgram) -> None:
@@ -877,6 +879,8 @@ def _local_dims(n: fx.Node, module, lay: Layout) -> tuple[int, ...]:
         full = range(ndim - k, ndim)
     elif isinstance(module, (nn.Softmax, nn.LogSoftmax)):
         full = [module.dim % ndim]
+    elif n.target is F.normalize:
+        full = [_arg(n, 2, "dim", 1) % ndim]
     else:
         dim = _arg(n, 1, "dim")
         full = range(ndim) if dim is None else [d % ndim for d in ((dim,) if isinstance(dim, int) else dim)]
@@ -888,7 +892,7 @@ def _local_dims(n: fx.Node, module, lay: Layout) -> tuple[int, ...]:
 
 def _stats_shape(shape: tuple[int, ...], dims: tuple[int, ...], kind: str) -> tuple[int, ...]:
     reduced = tuple(1 if d in dims else s for d, s in enumerate(shape))
-    return reduced + ((1,) if kind in ("sum", "mean") else (2,))
+    return reduced + ((1,) if kind in ("sum", "mean", "normalize") else (2,))
 
 
 def _local_affine(t: torch.Tensor, lay: Layout, units: torch.Tensor, k: int) -> torch.Tensor:
@@ -905,6 +909,8 @@ def _partial_stats(x: torch.Tensor, kind: str, dims: tuple[int, ...]) -> torch.T
     if kind in ("softmax", "log_softmax"):
         top = x.amax(dims, keepdim=True)
         return torch.stack([top, torch.exp(x - top).sum(dims, keepdim=True)], -1)
+    if kind == "normalize":
+        return x.square().sum(dims, keepdim=True).unsqueeze(-1)
     return x.sum(dims, keepdim=True).unsqueeze(-1)
 
 
@@ -929,6 +935,11 @@ def _normalise(x, stats, eps: float, weight, bias):
     if weight is not None:
         y = y * weight
     return y + bias if bias is not None else y
+
+
+def _normalize_finish(x, stats, eps: float):
+    """F.normalize (p=2) from the merged sum of squares."""
+    return x / stats[..., 0].sqrt().clamp_min(eps)
 
 
 def _softmax_finish(x, stats, kind: str):

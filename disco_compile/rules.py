@@ -19,8 +19,8 @@ Rule families:
   beside split ones (a class token before the patch tokens) takes their labels.
 - reduce: a reduction over non-channel dims drops those dims; over channel dims
   it becomes a partial sum all-reduced between nodes.
-- normalise: LayerNorm/softmax over split channels; labels pass through and the
-  per-row statistics are all-reduced.
+- normalise: LayerNorm/softmax/L2 normalisation over split channels; labels pass
+  through and the per-row statistics are all-reduced.
 - mixing: Conv and Linear create a new channel space; grouped convolutions tie
   each input group to its output group so no group straddles nodes.
 - attention: the per-head core of multi-head attention (attention.py) and of
@@ -332,6 +332,15 @@ def softmax(ctx: RuleContext) -> torch.Tensor:
     value, labels = _first_labelled(ctx)
     dim = ctx.module.dim if ctx.module is not None else ctx.arg(1, "dim")
     return _normalise(ctx, value, labels, (dim % value.dim(),), stats=2)
+
+
+@register(F.normalize)
+def normalize(ctx: RuleContext) -> torch.Tensor:
+    """Division by the L2 norm along `dim` (SSD's L2Norm): per-row partial sums of squares all-reduced."""
+    value, labels = _first_labelled(ctx)
+    if ctx.arg(1, "p", 2.0) != 2:
+        raise Fallback("a norm other than L2")
+    return _normalise(ctx, value, labels, (ctx.arg(2, "dim", 1) % value.dim(),), stats=1)
 
 
 @register(nn.GroupNorm, F.group_norm)

@@ -74,10 +74,23 @@ class ResizeBack(nn.Module):
         return nn.functional.interpolate(self.down(x), size=size, mode="bilinear", align_corners=False)
 
 
+class L2Norm(nn.Module):
+    """SSD's L2Norm: channels scaled by their L2 norm at each position, then a learned scale."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 10, 3, padding=1), nn.Conv2d(10, 4, 1)
+        self.scale = nn.Parameter(torch.rand(10))
+
+    def forward(self, x):
+        return self.head(self.scale.view(1, -1, 1, 1) * F.normalize(self.conv(x)))
+
+
 SMALL = [(OddNet, (2, 3, 8, 8), 2, 1.0), (OddNet, (2, 3, 8, 8), 3, 0.3), (OddNet, (2, 3, 8, 8), 4, 0.3),
          (ScaledSoftmax, (2, 3, 4, 4), 2, 1.0), (ScaledSoftmax, (2, 3, 4, 4), 3, 0.3),
          (LayerNormBlock, (2, 5, 8), 2, 0.3), (LayerNormBlock, (2, 5, 8), 3, 1.0),
-         (ResizeBack, (2, 3, 8, 8), 2, 0.3), (ResizeBack, (2, 3, 8, 8), 3, 1.0)]
+         (ResizeBack, (2, 3, 8, 8), 2, 0.3), (ResizeBack, (2, 3, 8, 8), 3, 1.0),
+         (L2Norm, (2, 3, 6, 6), 2, 1.0), (L2Norm, (2, 3, 6, 6), 3, 0.3)]
 
 
 @pytest.mark.parametrize("net, shape, nodes, rho", SMALL, ids=[f"{n.__name__}-N{k}-rho{r}" for n, _, k, r in SMALL])
