@@ -38,6 +38,17 @@ def assert_split_exact(model, nodes, x, **kwargs):
     return dm
 
 
+def assert_shards_match(dm, x, out_dir, rho: float) -> None:
+    """Set dm's budget to rho, export it to out_dir and check that its ONNX shards, run by run_local,
+    give dm's output (verification link 3)."""
+    from disco_compile import export, run_local
+    dm.eval().set_budget(rho)
+    export(dm, out_dir)
+    with torch.no_grad():
+        ref = dm(x)
+    assert_close(torch.from_numpy(run_local(out_dir, x.numpy())[0]), ref, what=f"onnx shards at rho={rho}")
+
+
 @functools.lru_cache(maxsize=2)
 def built(name: str):
     """A zoo model and example input, with its reference output (cached across N)."""

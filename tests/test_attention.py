@@ -5,9 +5,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import assert_close, assert_split_exact
-from disco_compile import run_local, transform, zoo
-from disco_compile.exporter import export
+from conftest import assert_close, assert_shards_match, assert_split_exact
+from disco_compile import transform, zoo
 from disco_compile.harden import harden_and_lower
 from disco_compile.stages import cut_all, run_python
 from torchvision.models import VisionTransformer
@@ -138,12 +137,7 @@ def test_small_vit_lowered_float64(nodes, rho):
 @pytest.mark.parametrize("nodes, rho", [(2, 1.0), (2, 0.2), (4, 1.0), (4, 0.2)])
 def test_small_vit_through_onnx(tmp_path, nodes, rho):
     model, x = small_vit()
-    dm = transform(model, nodes, x).eval()
-    dm.set_budget(rho)
-    export(dm, tmp_path / "out")
-    with torch.no_grad():
-        ref = dm(x)
-    assert_close(torch.from_numpy(run_local(tmp_path / "out", x.numpy())[0]), ref, what="onnx shards")
+    assert_shards_match(transform(model, nodes, x), x, tmp_path / "out", rho)
 
 
 @pytest.mark.slow
