@@ -178,6 +178,11 @@ def _load_file(path: str, trust_pickle: bool) -> object:
     """The object in a torch.save file: weights-only loading first; full unpickling only if trusted."""
     safer = ("save the weights with torch.save(model.state_dict(), 'model.pt') and give that file with "
              "--arch torchvision:NAME")
+    if path.endswith(".pt2"):
+        raise CliError(f"{path} is a torch.export ExportedProgram: its graph is made of ATen operators, and "
+                       f"disco-compile splits models traced from nn.Module code (Conv2d, Linear, ...), so it "
+                       f"cannot read .pt2 files yet; {safer}, or pass the module itself to "
+                       f"disco_compile.transform in Python")
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as exc:  # the file holds more than tensors, or is no pickle at all

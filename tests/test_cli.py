@@ -116,6 +116,12 @@ def _state_dict_file(tmp_path: Path, sd: dict) -> Path:
     return path
 
 
+def _exported_file(tmp_path: Path) -> Path:
+    path = tmp_path / "model.pt2"
+    torch.export.save(torch.export.export(tiny().eval(), (torch.randn(1, 3, 8, 8),)), path)
+    return path
+
+
 BAD = {
     "budget above 1": (lambda tmp: ["resnet18", "--nodes", 2, "--budget", 1.5],
                        ["--budget", "between 0 and 1"]),
@@ -144,6 +150,9 @@ BAD = {
                                          "--leaf-module", "layer9"], ["['layer9']", "--leaf-module NAME"]),
     "node weights per node": (lambda tmp: ["resnet18", "--nodes", 2, "--node-weights", "1,2,3"],
                               ["node_weights has 3 entries but nodes=2"]),
+    "exported program": (lambda tmp: [_exported_file(tmp), "--nodes", 2],
+                         ["model.pt2 is a torch.export ExportedProgram", "cannot read .pt2 files yet",
+                          "--arch torchvision:NAME"]),
     "not a torch file": (lambda tmp: [tmp / "notes.pt", "--nodes", 2],
                          ["notes.pt cannot be read as a state_dict", "--trust-pickle"]),
     "not a torch file, trusted": (lambda tmp: [tmp / "notes.pt", "--nodes", 2, "--trust-pickle"],
