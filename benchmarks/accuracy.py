@@ -15,7 +15,7 @@ methods coincide: it is run once per seed. The main table uses finetune's defaul
 allocation (global); a second table compares it with the uniform allocation at N=2. Finally one fine-tuned model per task is exported and run
 by run_local on the test set: the metric must match PyTorch's to 0.01.
 
-    python benchmarks/accuracy.py --tasks digits --steps 600   # about 20 min on 2 quiet cores
+    python benchmarks/accuracy.py --tasks digits --steps 1500 --digits-width 8 --original-steps 1000  # 30 min, 2 jobs
     python benchmarks/accuracy.py --tasks sr --steps 200       # about 30 min
     python benchmarks/accuracy.py --quick         # one seed, few steps: a smoke run
 """
