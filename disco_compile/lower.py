@@ -588,6 +588,7 @@ class NodeBuilder:
             return
         lay = self.low.layout(n)
         shape = lay.rep_shape(None if loc.units is None else loc.units.numel())
+        in_shape = self.shapes[loc.node.name]
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             def part(t):
                 return None if t is None else self.const(f"{n.name}_bn", t.detach()[loc.units])
@@ -596,9 +597,8 @@ class NodeBuilder:
         elif module is not None and any(True for _ in module.parameters()):
             raise LoweringError(f"'{n.name}' ({type(module).__name__}) has per-channel parameters; lowering it "
                                 f"is not built yet")
-        elif _uneven_adaptive_avg_pool2d(n, module, self.shapes[loc.node.name], shape):
+        elif _uneven_adaptive_avg_pool2d(n, module, in_shape, shape):
             # torch.onnx exports adaptive pooling only between sizes that divide: the same averages as matrices
-            in_shape = self.shapes[loc.node.name]
             rows, cols = (self.const(f"{n.name}_pool", adaptive_pool_matrix(i, o, lay.dtype))
                           for i, o in zip(in_shape[-2:], shape[-2:]))
             node = self.call(pool_by_matrices, (loc.node, rows, cols), shape=shape, dtype=lay.dtype)

@@ -427,11 +427,8 @@ def attention(ctx: RuleContext) -> torch.Tensor:
 def window_attention(ctx: RuleContext) -> torch.Tensor:
     """As `attention`, for windowed attention: its per-head tensors (relative position bias, logit scale)
     and the shift mask must be whole on every node, which then keeps its own heads' rows."""
-    for name, index in (("bias", 4), ("mask", None), ("logit_scale", None)):
-        labels = ctx.label_args[index] if index is not None and len(ctx.label_args) > index \
-            else ctx.label_kwargs.get(name)
-        if labels is not None:
-            raise Fallback(f"the attention's {name} is split across nodes")
+    if any(labels is not None for _, labels in ctx.tensor_inputs()[3:]):
+        raise Fallback("the attention's bias, mask or logit scale is split across nodes")
     return attention(ctx)
 
 

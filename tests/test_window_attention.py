@@ -13,7 +13,8 @@ from conftest import assert_close, assert_shards_match, assert_split_exact
 from disco_compile import transform, zoo
 from disco_compile.harden import harden_and_lower
 from disco_compile.stages import cut_all, run_python
-from disco_compile.window_attention import window_heads_attention, window_partition, window_reverse
+from disco_compile.window_attention import (shifted_window_mask, window_heads_attention, window_partition,
+                                            window_reverse)
 
 KINDS = ["swin", "swin_v2", "maxvit"]
 
@@ -94,7 +95,6 @@ def test_through_onnx_at_a_budget(tmp_path, kind, nodes):
 def test_windowing_matches_torchvision(height, width, wh, ww, heads, v2, data):
     """window_partition -> qkv -> core -> proj -> window_reverse is torchvision's shifted_window_attention
     (padding, shift dropped for a window as large as the map, mask) for any map and window size."""
-    from disco_compile.window_attention import shifted_window_mask
     shift = [data.draw(st.integers(0, wh - 1)), data.draw(st.integers(0, ww - 1))]
     torch.manual_seed(0)
     c = 4 * heads

@@ -19,8 +19,10 @@ MaxViT (`RelativePositionalMultiHeadAttention`, traced as a leaf: `MODULES`):
     q, k, v = to_qkv(x).chunk(3, -1)                   x: (B, groups, P, C)
     y = merge(window_heads_attention(q, k, v, heads, B, scale, scale_key=True))
 
-Calls with dropout in training, or weights not laid out as in torchvision,
-stay opaque and are replicated with the reason in the report (rules.py).
+Swin calls with dropout in training, or weights not laid out as in torchvision,
+stay opaque: replicated, reported as having no channel rule. The expansion
+runs the graph once for the map sizes (ShapeProp); channel_flow.analyse then
+runs it again on the rewritten graph.
 """
 from __future__ import annotations
 
