@@ -353,7 +353,7 @@ def _write_json(path: str, report: CostReport, run: dict) -> None:
 
 def _finetune(disco, loaded: Loaded, data_dir: str, val_dir: str | None, budget: float, out_dir: str | None, *,
               val_fraction: float, steps: int, batch_size: int, lr: float, method: str, allocation: str,
-              use_labels: bool, checkpoint_dir: str | None, resume: bool, device: str, seed: int,
+              align: int, use_labels: bool, checkpoint_dir: str | None, resume: bool, device: str, seed: int,
               workers: int) -> FinetuneResult:
     size = tuple(loaded.shape[-2:])
     if len(loaded.shape) != 4 or loaded.shape[1] != 3:
@@ -372,7 +372,7 @@ def _finetune(disco, loaded: Loaded, data_dir: str, val_dir: str | None, budget:
     click.echo(f"fine-tuning on {len(train_set)} images of {data_dir} ({len(val_set)} for validation), "
                f"{steps} steps, budget {budget:g}, {method} selection, checkpoints in {checkpoint_dir}", err=True)
     return finetuning.finetune(disco, train_loader, budget=budget, steps=steps, val_data=val_loader,
-                                 method=method, allocation=allocation, lr=lr, seed=seed, device=device,
+                                 method=method, allocation=allocation, align=align, lr=lr, seed=seed, device=device,
                                  checkpoint_dir=checkpoint_dir, resume=resume)
 
 
@@ -386,6 +386,10 @@ def _finetune(disco, loaded: Loaded, data_dir: str, val_dir: str | None, budget:
 @click.option("--budget", type=float, callback=_check_budget, metavar="RHO",
               help="Fraction in [0, 1] of the exchanged channels to keep, chosen once by weight magnitude. "
                    "Default: no budget, every exchange on (RHO = 1).")
+@click.option("--align", type=click.IntRange(min=1), default=8, show_default=True, metavar="G",
+              help="With --budget: every message carries a multiple of G channels (within the budget). "
+                   "onnxruntime's fastest convolution kernels take inputs whose channel count is a multiple of 8 "
+                   "(AVX2; 16 on AVX-512 CPUs); 1 keeps exactly the budget's share of each exchange.")
 @click.option("--input-shape", callback=_parse_shape, metavar="N,C,H,W",
               help="Shape of the random normal example input used for tracing, batch first "
                    "(default 1,3,224,224). A torchvision name's BatchNorm statistics are calibrated on "
@@ -414,6 +418,10 @@ def _finetune(disco, loaded: Loaded, data_dir: str, val_dir: str | None, budget:
               help="Export the split model to DIR: one ONNX graph per node and stage, schedule.json (every "
                    "message between nodes) and manifest.json (sha256 of every file). Run it with "
                    "`disco-run DIR --simulate --input x.npy`.")
+@click.option("--overlap/--no-overlap", default=True, show_default=True,
+              help="With --out: each node computes its own channels' share of a layer while the other nodes' "
+                   "channels are in flight (best on slow links), or waits for them and runs the layer as one "
+                   "product (fewer, faster kernels, half the stages: best on fast links).")
 @click.option("--force", is_flag=True, help="Replace DIR if it exists and is not empty (only once the new export "
                                             "is complete).")
 @click.option("--data", "data_dir", type=click.Path(file_okay=False), metavar="DIR",
@@ -446,8 +454,8 @@ def _finetune(disco, loaded: Loaded, data_dir: str, val_dir: str | None, budget:
 @click.version_option(package_name="disco-compile")
 def main(model: str, nodes: int, budget: float | None, input_shape: tuple[int, ...] | None, arch: str | None,
          trust_pickle: bool, node_weights: list[float] | None, leaf_modules: tuple[str, ...],
-         submodule: str | None, input_on_all_nodes: bool, json_path: str | None, out_dir: str | None, force: bool,
-         data_dir: str | None, val_dir: str | None, **train) -> None:
+         submodule: str | None, input_on_all_nodes: bool, json_path: str | None, out_dir: str | None,
+         overlap: bool, force: bool, data_dir: str | None, val_dir: str | None, **train) -> None:
     """Split MODEL across NODES devices in DISCO form and report what it costs.
 
     Every Conv and Linear layer's output channels are divided among the nodes, and a
@@ -490,7 +498,7 @@ def main(model: str, nodes: int, budget: float | None, input_shape: tuple[int, .
                 return  # under torchrun, process 0 alone reports and exports
         elif budget is not None:
             with _stage(f"selecting exchanged channels for budget {budget:g}"):
-                disco.set_budget(budget)
+                disco.set_budget(budget, align=train["align"])
         with _stage("computing the cost"):
             report = disco.cost()
         click.echo(_summary(loaded, nodes, node_weights, budget, report, submodule, tuned))
@@ -503,7 +511,7 @@ def main(model: str, nodes: int, budget: float | None, input_shape: tuple[int, .
                 def progress(done: int, total: int) -> None:
                     bar.total = total
                     bar.update(done - bar.n)
-                manifest = export(disco, out_dir, force=force, progress=progress)
+                manifest = export(disco, out_dir, force=force, overlap=overlap, progress=progress)
             stages = len(manifest.files) - 1
             click.echo(f"\nwrote {out_dir}: manifest.json, schedule.json and {stages} ONNX stage graphs "
                        f"({', '.join(f'node {k}: {n}' for k, n in _stage_counts(manifest).items())})"

@@ -81,17 +81,21 @@ def build_schedule(lowered: Lowered, programs: list[list[StageModule]]) -> Sched
                     programs=[[sm.stage for sm in prog] for prog in programs])
 
 
-def export(dm, out_dir: str | os.PathLike, *, force: bool = False,
+def export(dm, out_dir: str | os.PathLike, *, force: bool = False, overlap: bool = True,
            progress: Callable[[int, int], None] | None = None) -> Manifest:
     """Write `dm` (its current gate selection) as per-node ONNX stages to `out_dir`; for a DiscoSubmodel,
     its split submodule.
 
+    overlap: each node computes its local partial sums while the messages it waits for are in flight (the
+    better choice on a slow link); False: it waits, then runs one product over its own and the received
+    channels (fewer, faster kernels and about half the stages: the better choice on a fast link). The outputs
+    are the same up to fp32 rounding.
     progress(done, total) is called after each stage file is made.
     """
     if isinstance(dm, DiscoSubmodel):
         dm = dm.disco
     dm.eval()
-    lowered = harden_and_lower(dm)
+    lowered = harden_and_lower(dm, overlap=overlap)
     programs = cut_all(lowered)
     total = sum(len(p) for p in programs)
     files = {}

@@ -42,9 +42,10 @@ def exchange_messages(dm) -> tuple[dict[str, list[Message]], dict[str, torch.Ten
     return messages, gates
 
 
-def harden_and_lower(dm) -> Lowered:
-    """Per-node programs of `dm` for its current gate selection (the model must be in eval mode)."""
+def harden_and_lower(dm, *, overlap: bool = True) -> Lowered:
+    """Per-node programs of `dm` for its current gate selection (the model must be in eval mode); `overlap`
+    as in `lower`."""
     if dm.training:
         raise ValueError("lowering needs the model in eval mode (BatchNorm statistics fixed): call dm.eval()")
     messages, gates = exchange_messages(dm)
-    return lower(dm, messages, gates)
+    return lower(dm, messages, gates, overlap=overlap)

@@ -68,10 +68,11 @@ class DiscoModel(nn.Module):
             original_macs=plan.original_macs, original_params=plan.original_params,
             replicated_ops=list(plan.replicated))
 
-    def set_budget(self, rho: float, allocation: str = "uniform") -> None:
+    def set_budget(self, rho: float, allocation: str = "uniform", align: int = 1) -> None:
         """One-shot selection at budget rho: the remote channels whose weight columns, over the
-        destination's output rows of every consumer, have the largest norm (selection.py)."""
-        selection.select(self, selection.magnitude_scores(self), rho, allocation)
+        destination's output rows of every consumer, have the largest norm (selection.py). align: every
+        message carries a multiple of that many channels (8 suits onnxruntime on AVX2 CPUs)."""
+        selection.select(self, selection.magnitude_scores(self), rho, allocation, align)
 
 
 def _full_macs(gm: fx.GraphModule, node: fx.Node, batch: int) -> int:

@@ -65,6 +65,40 @@ def test_budget_ratio_tracks_rho():
         assert dm.cost().exchange_ratio == pytest.approx(rho, abs=0.01)
 
 
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_aligned_budget_sends_multiples_of_align_within_the_budget(allocation):
+    """align=8: every (exchange, source, destination) pair keeps a multiple of 8 of its candidates or all of
+    them, each pair its best by score, the total within the budget and near it."""
+    from disco_compile.selection import _pairs, magnitude_scores
+    model, x = zoo.build("resnet18", size=64)
+    dm = transform(model, 2, x)
+    scores = magnitude_scores(dm)
+    for rho in (0.1, 0.2, 0.5):
+        dm.set_budget(rho, allocation, align=8)
+        ratio = dm.cost().exchange_ratio
+        assert rho - 0.05 <= ratio <= rho + 1e-9, (rho, ratio)
+        for name, ex in dm.exchanges.items():
+            flat_keep, flat_score = (ex.keep & ex.remote).reshape(-1), scores[name].reshape(-1)
+            for idx in _pairs(ex):
+                kept = flat_keep[idx]
+                count = int(kept.sum())
+                assert count % 8 == 0 or count == idx.numel(), (name, count, idx.numel())
+                if 0 < count < idx.numel():
+                    assert flat_score[idx][kept].min() >= flat_score[idx][~kept].max()
+    dm.set_budget(0.2, allocation, align=1)
+    unaligned = {name: ex.keep.clone() for name, ex in dm.exchanges.items()}
+    dm.set_budget(0.2, allocation)
+    assert all(torch.equal(unaligned[name], ex.keep) for name, ex in dm.exchanges.items())
+
+
+@pytest.mark.parametrize("align", [0, -8, 2.5, True])
+def test_align_must_be_a_positive_whole_number(align):
+    from disco_compile.errors import BudgetError
+    dm = transform(mlp(), 2, torch.randn(1, 4))
+    with pytest.raises(BudgetError, match="align must be a whole number"):
+        dm.set_budget(0.5, align=align)
+
+
 def test_stat_exchange_for_layer_norm_over_split_channels():
     class Block(nn.Module):
         def __init__(self):

@@ -31,8 +31,8 @@ from test_small_models import OddNet, ScaledSoftmax
 SIZE = 64
 
 
-def lowered_outputs(dm, x):
-    lowered = harden_and_lower(dm)
+def lowered_outputs(dm, x, overlap: bool = True):
+    lowered = harden_and_lower(dm, overlap=overlap)
     return run_python(cut_all(lowered), lowered, [x])[0]
 
 
@@ -94,16 +94,19 @@ SMALL = [(OddNet, (2, 3, 8, 8), 2, 1.0), (OddNet, (2, 3, 8, 8), 3, 0.3), (OddNet
 
 
 @pytest.mark.parametrize("net, shape, nodes, rho", SMALL, ids=[f"{n.__name__}-N{k}-rho{r}" for n, _, k, r in SMALL])
-def test_small_models_through_onnx(tmp_path, net, shape, nodes, rho):
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "no-overlap"])
+def test_small_models_through_onnx(tmp_path, net, shape, nodes, rho, overlap):
     torch.manual_seed(0)
     model = net().eval()
     x = torch.randn(shape)
     dm = transform(model, nodes, x).eval()
     dm.set_budget(rho)
-    export(dm, tmp_path / "out")
+    export(dm, tmp_path / "out", overlap=overlap)
     with torch.no_grad():
         ref = dm(x)
-        assert_close(lowered_outputs(dm, x), ref, what="lowered programs")
+        assert_close(lowered_outputs(dm, x, overlap), ref, what="lowered programs")
+        assert_close(lowered_outputs(dm.double(), x.double(), overlap), dm(x.double()), rtol=1e-9, atol=1e-11,
+                     what="lowered programs, float64")
     assert_close(torch.from_numpy(run_local(tmp_path / "out", x.numpy())[0]), ref, what="onnx shards")
 
 
@@ -247,6 +250,38 @@ def test_after_each_wait_onnxruntime_runs_one_fused_conv(tmp_path):
             assert ops.count("FusedConv") == 1 and "Add" not in ops and "Relu" not in ops, (stage["file"], ops)
             checked += 1
     assert checked == 2  # conv2's received channels, on each node
+
+
+def _stage_ops(out_dir) -> list[list[tuple[list[str], list[str]]]]:
+    """Per node, per stage: (op types, message inputs) of the stage graph as exported."""
+    import onnx
+    schedule = json.loads((out_dir / "schedule.json").read_text())
+    return [[([n.op_type for n in onnx.load(str(out_dir / st["file"])).graph.node],
+              [i["ref"] for i in st["inputs"] if i["source"] == "message"]) for st in prog]
+            for prog in schedule["programs"]]
+
+
+def test_without_overlap_each_layer_is_one_conv_over_local_and_received_channels(tmp_path):
+    """overlap=False: a node waits for a layer's messages, then runs one Conv over its own and the received
+    channels (a Concat feeds it; no Add of partial sums), so it has fewer stages than with overlap; the
+    outputs are the DISCO model's either way."""
+    torch.manual_seed(0)
+    model = ResidualBlock().eval()
+    x = torch.randn(1, 40, 8, 8)
+    dm = transform(model, 2, x).eval()
+    dm.set_budget(0.5)
+    for overlap in (True, False):
+        export(dm, tmp_path / str(overlap), overlap=overlap)
+        with torch.no_grad():
+            assert_close(torch.from_numpy(run_local(tmp_path / str(overlap), x.numpy())[0]), dm(x),
+                         what=f"onnx shards, overlap={overlap}")
+    with_overlap, without = _stage_ops(tmp_path / "True"), _stage_ops(tmp_path / "False")
+    for k in range(2):
+        assert len(without[k]) < len(with_overlap[k])
+        waits = [ops for ops, received in without[k] if any(m.startswith("exchange") for m in received)]
+        assert len(waits) == 1 and waits[0].count("Conv") == 1 and waits[0].count("Concat") == 1, waits  # conv2
+        assert sum(ops.count("Conv") for ops, _ in without[k]) == 2  # conv1 and conv2: one Conv each
+        assert sum(ops.count("Conv") for ops, _ in with_overlap[k]) > 2  # local and received terms apart
 
 
 @pytest.mark.parametrize("nodes,rho", [(2, 1.0), (2, 0.2), (4, 0.2)])
