@@ -11,10 +11,19 @@ ever answered on the connection it came in on, and ZeroMQ reconnects a PUSH by
 itself when its peer restarts at the same address, so the others keep their
 sockets when a node rejoins.
 
-Threads. Each transport owns one background thread (the pump) that alone reads
-the PULL socket and the connection monitors: it checks every arrival, files
-payloads by (request id, message id), sends heartbeats, and notices peers that
-die or go silent. Sends are issued directly by the caller's thread on the
+Threads. Each transport owns one background thread (the pump) that watches
+the connection monitors, sends heartbeats, and notices peers that die or go
+silent. Whoever reads the PULL socket (one thread at a time: the reader lock)
+checks every arrival and files payloads by (request id, message id). A thread
+that waits for a message or a request reads the socket itself when no other
+thread does, so a message goes from ZeroMQ to the thread that needs it without
+a hand-off through the pump (measured: an exchange of two 70 KB messages
+between two processes on loopback takes about 0.4 ms this way against 0.85 ms
+through a pump thread, and ResNet-50 waits for about 50 messages per
+inference); other waiting threads sleep until the reader files their message.
+The pump reads the socket only while no thread has waited for a while
+(_READER_IDLE), so arrivals between requests (heartbeats, a peer's abort) are
+still taken at once. Sends are issued directly by the caller's thread on the
 peer's PUSH socket (a lock per peer, shared with the pump's heartbeats) with
 NOBLOCK and a deep send queue: a send hands the frames to ZeroMQ's I/O thread
 and returns at once, so the node's compute never waits for the network.
@@ -95,6 +104,8 @@ DEFAULT_CONNECT_TIMEOUT = 60.0  # seconds a node waits at start for every peer's
 _SEND_QUEUE = 10_000  # frames queued for one peer before a send fails (the peer is not taking them)
 _LINGER_MS = 1000  # how long closing waits to deliver what is queued (a goodbye, an abort)
 _POLL_MS = 50
+_SIDE_POLL_MS = 20  # the pump's poll while waiting threads read the socket themselves
+_READER_IDLE = 0.1  # seconds without a waiting thread after which the pump reads the socket again
 _FINISHED_KEPT = 4096  # ids of finished requests remembered, to drop their late messages
 
 HELLO, PING, BEGIN, MSG, ABORT, BYE = b"HELLO", b"PING", b"BEGIN", b"MSG", b"ABORT", b"BYE"
@@ -311,6 +322,9 @@ class ZmqTransport(Transport):
         self._key_owner = {v.decode(): k for k, v in keys.peers.items()} if keys else {}  # z85 key -> node
 
         self._cv = threading.Condition()
+        self._reader = threading.Lock()  # held by the one thread reading the PULL socket
+        self._waiting = 0  # threads waiting for an arrival (under _cv)
+        self._last_wait = 0.0  # when a thread last waited for an arrival (monotonic)
         self._inbox: dict[tuple[int, str], deque[np.ndarray]] = {}
         self._failed: dict[int, DiscoError] = {}  # request -> why it failed
         self._open: set[int] = set()  # requests running on this node
@@ -392,7 +406,8 @@ class ZmqTransport(Transport):
         for m in self._monitors:
             m.close(linger=0)
         if getattr(self, "_pull", None) is not None:
-            self._pull.close(linger=0)
+            with self._reader:  # a waiting thread reading it finishes its poll first (at most 0.25 s)
+                self._pull.close(linger=0)
         for k, s in getattr(self, "_push", {}).items():
             with self._send_locks[k]:  # no send may be inside the socket while it closes
                 s.close()  # with its linger: what is queued (a goodbye, an abort) still goes out
@@ -501,7 +516,7 @@ class ZmqTransport(Transport):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise self._timeout(msg, timeout)
-                self._cv.wait(min(remaining, 0.25))
+                self._wait(min(remaining, 0.25))
 
     def _raise_if_failed(self, request: int, doing: str) -> None:
         """Raise (holding the lock) if request `request` cannot go on: it failed, a peer is gone, or the
@@ -643,26 +658,64 @@ class ZmqTransport(Transport):
                     if gone is not None:
                         cls = HandshakeError if gone.state == "refused" else PeerFailed
                         raise cls(f"node {self.node} stopped: node {gone.node} {gone.problem}")
-                self._cv.wait(0.25)
+                self._wait(0.25)
+
+    def _wait(self, seconds: float) -> None:
+        """(holding the lock) Wait up to `seconds` for arrivals: read the PULL socket in this thread if no other
+        thread reads it, else sleep until the reader files something (see Threads in the module docstring)."""
+        self._last_wait = time.monotonic()
+        if self._closed or not self._reader.acquire(blocking=False):
+            self._waiting += 1
+            try:
+                self._cv.wait(seconds)
+            finally:
+                self._waiting -= 1
+            return
+        self._cv.release()
+        try:
+            if self._pull.poll(max(1, int(seconds * 1000))):
+                self._drain()
+        finally:
+            self._reader.release()
+            self._cv.acquire()
+            self._cv.notify_all()  # a thread sleeping in _wait may read now
 
     # ------------------------------------------------------------ the pump thread
 
+    def _drain(self) -> None:
+        """(holding the reader lock, not the lock) Take and file what has arrived on the PULL socket."""
+        for _ in range(1000):  # at most this many, then the caller looks at the rest of its work
+            try:
+                frames = self._pull.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._arrive(frames)
+
     def _pump_main(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._pull, zmq.POLLIN)
+        monitors = zmq.Poller()
         for m in self._monitors:
-            poller.register(m, zmq.POLLIN)
+            monitors.register(m, zmq.POLLIN)
+        everything = zmq.Poller()
+        everything.register(self._pull, zmq.POLLIN)
+        for m in self._monitors:
+            everything.register(m, zmq.POLLIN)
         next_ping = 0.0
         try:
             while not self._stop.is_set():
-                events = dict(poller.poll(_POLL_MS))
-                if self._pull in events:
-                    for _ in range(1000):  # drain, then look at the rest
-                        try:
-                            frames = self._pull.recv_multipart(flags=zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
-                        self._arrive(frames)
+                with self._cv:
+                    reading = (self._waiting == 0 and time.monotonic() - self._last_wait > _READER_IDLE
+                               and self._reader.acquire(blocking=False))
+                if reading:
+                    try:
+                        events = dict(everything.poll(_POLL_MS))
+                        if self._pull in events:
+                            self._drain()
+                    finally:
+                        self._reader.release()
+                    with self._cv:
+                        self._cv.notify_all()  # a thread that came to wait meanwhile may read now
+                else:
+                    events = dict(monitors.poll(_SIDE_POLL_MS))
                 for m, peer in self._monitors.items():
                     if m in events:
                         while m.poll(0):
