@@ -10,8 +10,10 @@ Workloads (ResNet-50, 1x3x224x224, zoo.build("resnet50", 224), N=2):
   whole   the original model exported with torch.onnx.export(dynamo=False, opset 17), timed with
           onnxruntime (1 thread) inside namespace 1, no network;
   dense   transform(model, 2, x) (rho=1), export;
-  disco   the same after set_budget(0.2), export.
-For dense/disco, node 1 runs `disco-run OUT --node 1 --peers peers.yaml --insecure` in its namespace
+  disco   the same after set_budget(0.2, align=8) (disco-compile --budget 0.2), export;
+  dense_no_overlap, disco_no_overlap   the same two exported with overlap=False (disco-compile
+          --no-overlap: a node waits for a layer's messages, then runs it as one convolution).
+For the splits, node 1 runs `disco-run OUT --node 1 --peers peers.yaml --insecure` in its namespace
 and node 0 is a driver (this file, `_client`) using DiscoClient in the other namespace: median and p90
 latency of sequential requests after warm-up, and throughput with several requests in flight.
 
@@ -43,7 +45,10 @@ VETH = ("dbveth0", "dbveth1")
 ADDR = ("10.77.0.1", "10.77.0.2")
 PORTS = (47100, 47101)
 RATES = {"unshaped": None, "1gbit": 1e9, "100mbit": 1e8}
-WORKLOADS = ("whole", "dense", "disco")
+SPLITS = ("dense", "disco", "dense_no_overlap", "disco_no_overlap")
+WORKLOADS = ("whole", *SPLITS)
+LABEL = {"whole": "whole model (1 node)", "dense": "dense split (rho=1)", "disco": "DISCO rho=0.2",
+         "dense_no_overlap": "dense split (rho=1), no overlap", "disco_no_overlap": "DISCO rho=0.2, no overlap"}
 TIMEOUT = 120.0  # disco-run --timeout: several requests queue on the worker at 100 Mbit/s
 
 
@@ -79,9 +84,11 @@ def prepare(work: Path) -> None:
     dm = transform(model, 2, x)
     t = time.time()
     export(dm, work / "dense", force=True)
-    dm.set_budget(0.2)
+    export(dm, work / "dense_no_overlap", force=True, overlap=False)
+    dm.set_budget(0.2, align=8)  # as disco-compile --budget 0.2 (its default --align 8)
     export(dm, work / "disco", force=True)
-    print(f"exported dense and disco in {time.time() - t:.0f} s", flush=True)
+    export(dm, work / "disco_no_overlap", force=True, overlap=False)
+    print(f"exported the splits in {time.time() - t:.0f} s", flush=True)
     (work / "done").write_text("ok")
 
 
@@ -97,7 +104,7 @@ def child_compute(work: Path, reps: int) -> None:
     res = {}
     whole = ort.InferenceSession(str(work / "whole.onnx"), ort_opts(ort), providers=["CPUExecutionProvider"])
     targets = {"whole": [(whole, None, {"x": x})]}
-    for wl in ("dense", "disco"):
+    for wl in SPLITS:
         sched = json.loads((work / wl / "schedule.json").read_text())
         sessions = [[ort.InferenceSession(str(work / wl / st["file"]), ort_opts(ort),
                                           providers=["CPUExecutionProvider"]) for st in p] for p in sched["programs"]]
@@ -118,7 +125,7 @@ def child_compute(work: Path, reps: int) -> None:
     res.update({t: statistics.median(v) for t, v in times.items()})
     # critical path with zero communication cost: every stage timed alone (median), each starting when its
     # node's previous stage has ended and every message it reads has been produced
-    for wl in ("dense", "disco"):
+    for wl in SPLITS:
         sched = json.loads((work / wl / "schedule.json").read_text())
         st_t = []
         for k in range(len(sched["programs"])):
@@ -359,7 +366,7 @@ def main() -> None:
     comp = json.loads(sh(["taskset", "-c", "1", PY, __file__, "_compute", str(work), str(args.compute_reps)],
                          cwd=ROOT).stdout.strip().splitlines()[-1])
     print(json.dumps(comp), flush=True)
-    results = {"compute": comp, "bytes": {wl: schedule_bytes(work, wl) for wl in ("dense", "disco")},
+    results = {"compute": comp, "bytes": {wl: schedule_bytes(work, wl) for wl in SPLITS},
                "runs": {}, "tc": {}, "link": {}}
     try:
         setup_net()
@@ -408,7 +415,7 @@ def write_doc(results, args) -> None:
         v = sorted(v)
         return v[int(0.9 * (len(v) - 1))]
     rates = [r for r in RATES if any(k.endswith("/" + r) for k in results["runs"])]
-    label = {"whole": "whole model (1 node)", "dense": "dense split (rho=1)", "disco": "DISCO rho=0.2"}
+    label = LABEL
     lines = ["# Latency over a network: ResNet-50 on 2 nodes", "",
              f"Measured {datetime.date.today().isoformat()} by `benchmarks/netbench.py` on {platform.node()}: "
              f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
@@ -432,22 +439,26 @@ def write_doc(results, args) -> None:
               "whole model, its compute alone. `throughput x bound` is the achieved fraction of the bound's "
               "throughput (1/bound).", "",
               f"Compute alone (ms, median of {args.compute_reps}, one thread, core 1): whole "
-              f"{comp['whole'] * 1e3:.1f}; dense node0 {comp['dense0'] * 1e3:.1f}, node1 {comp['dense1'] * 1e3:.1f}; "
-              f"DISCO node0 {comp['disco0'] * 1e3:.1f}, node1 {comp['disco1'] * 1e3:.1f}. Stages per node: dense "
-              f"{comp['dense_stages']}, DISCO {comp['disco_stages']}. Critical path of the stage graph with every stage "
-              f"timed alone and zero communication cost: dense {comp['dense_critical_path'] * 1e3:.1f}, DISCO "
-              f"{comp['disco_critical_path'] * 1e3:.1f} (so the stage dependencies themselves cost almost nothing).",
+              f"{comp['whole'] * 1e3:.1f}; " + "; ".join(
+                  f"{label[wl]}: node0 {comp[wl + '0'] * 1e3:.1f}, node1 {comp[wl + '1'] * 1e3:.1f} "
+                  f"({comp[wl + '_stages'][0]} and {comp[wl + '_stages'][1]} stages; critical path of the stage "
+                  f"graph with every stage timed alone and zero communication cost "
+                  f"{comp[wl + '_critical_path'] * 1e3:.1f})" for wl in SPLITS) + ".",
+              "", "Without overlap a node waits for a layer's messages and runs the layer as one convolution over its "
+              "own and the received channels (about half the stages, faster kernels); with overlap it computes its "
+              "own channels' share while the messages are in flight. DISCO keeps channel counts that are multiples "
+              "of 8 (`--align 8`, disco-compile's default).",
               "", "CPU seconds per inference during the pipelined phase (node 0: the client process's "
               "process_time; node 1: utime+stime of the disco-run process from /proc), against the node's "
               "onnxruntime compute alone:", "", "| workload | link | node 0 CPU ms | node 1 CPU ms | compute alone ms (n0/n1) |",
               "|---|---|---|---|---|",
               *[f"| {label[wl]} | {rate} | {r['cpu0'] * 1e3:.1f} | {r['cpu1'] * 1e3:.1f} | "
                 f"{comp[wl + '0'] * 1e3:.1f} / {comp[wl + '1'] * 1e3:.1f} |"
-                for wl in ("dense", "disco") for rate in rates
+                for wl in SPLITS for rate in rates
                 for r in [results["runs"].get(f"{wl}/{rate}")] if r and "cpu1" in r], "",
               "Bytes per inference (schedule.json): " + "; ".join(
                   f"{wl} " + ", ".join(f"{d} {b / 1e6:.2f} MB" for d, b in sorted(results["bytes"][wl].items()))
-                  for wl in ("dense", "disco")) + ".", "",
+                  for wl in SPLITS) + ".", "",
               "Measured TCP bulk rate node0->node1 (one connection, Python sockets): " + ", ".join(
                   f"{r} {v / 1e6:.0f} Mbit/s" for r, v in results["link"].items()) + ".", "",
               "## Goals", ""]
@@ -456,17 +467,18 @@ def write_doc(results, args) -> None:
         if (a, rate) in med and (b, rate) in med:
             return med[(b, rate)][0] / med[(a, rate)][0], med[(a, rate)][1] / med[(b, rate)][1]
         return None
-    for a, b, rate, goal in (("disco", "dense", "100mbit", ">= 4x"), ("disco", "dense", "1gbit", ">= 4x"),
-                             ("disco", "whole", "1gbit", "> 1x (faster)"),
-                             ("disco", "whole", "unshaped", ">= 1.8x")):
-        r = ratio(a, b, rate)
-        if r:
-            lines.append(f"- DISCO vs {b} at {rate}: latency {r[0]:.2f}x faster, throughput {r[1]:.2f}x "
-                         f"(goal {goal})")
-    for rate in rates:
-        if ("disco", rate) in med:
-            lines.append(f"- DISCO latency / bound at {rate}: {med[('disco', rate)][0] / bound(results, 'disco', rate):.2f}"
-                         " (goal <= 1.3)")
+    for suffix, how in (("", "with overlap"), ("_no_overlap", "without overlap")):
+        disco, dense = "disco" + suffix, "dense" + suffix
+        for a, b, rate, goal in ((disco, dense, "100mbit", ">= 4x"), (disco, dense, "1gbit", ">= 4x"),
+                                 (disco, "whole", "1gbit", "> 1x (faster)"), (disco, "whole", "unshaped", ">= 1.8x")):
+            r = ratio(a, b, rate)
+            if r:
+                lines.append(f"- {how}: DISCO vs {'dense' if b == dense else b} at {rate}: latency {r[0]:.2f}x "
+                             f"faster, throughput {r[1]:.2f}x (goal {goal})")
+        for rate in rates:
+            if (disco, rate) in med:
+                lines.append(f"- {how}: DISCO latency / bound at {rate}: "
+                             f"{med[(disco, rate)][0] / bound(results, disco, rate):.2f} (goal <= 1.3)")
     lines += ["", "## Commands", "", "```", "sudo .venv/bin/python benchmarks/netbench.py " + " ".join(sys.argv[1:]),
               "```", "", "What it runs (namespaces discobench0/discobench1, veth dbveth0/dbveth1):", "", "```",
               "ip netns add discobench0; ip netns add discobench1",

@@ -1,8 +1,11 @@
 """Per-node compute of an export against the whole model, on one onnxruntime thread.
 
 ResNet-50 (torchvision, random BatchNorm-calibrated weights, input 1x3x224x224), N=2 nodes,
-budget rho=0.2, exported once to a temporary directory with `export`; the original model is
-exported whole with torch.onnx.export (dynamo=False, opset 17, symbolic batch like the stages).
+budget rho=0.2 (aligned to 8 channels per message and exported with overlap unless --align,
+--no-overlap say otherwise, as disco-compile does), exported once to a temporary directory with
+`export`; the original model is exported whole with torch.onnx.export (dynamo=False, opset 17,
+symbolic batch like the stages). The four combinations of overlap (yes/no) and align (1/8) are
+also exported and their slowest node timed in the same passes (the export options table).
 
 Every onnxruntime session: intra_op_num_threads=1, inter_op_num_threads=1, ORT_SEQUENTIAL,
 CPUExecutionProvider, default graph optimisations, as NodeExecutor(threads=1); stage sessions draw on
@@ -153,6 +156,15 @@ def child_time(args) -> None:
     x = np.load(work / "x.npy")
 
     feeds, messages, outputs = _capture(schedule, sessions, x)
+    variants = json.loads((work / "variants.json").read_text())
+    var_runs = []  # per variant, per node: (session, fetch, feed) of every stage
+    for v in variants:
+        vs = json.loads((work / v["dir"] / "schedule.json").read_text())
+        v_sessions = [[ort.InferenceSession(str(work / v["dir"] / st["file"]), node_opts, providers=prov) for st in p]
+                      for p in vs["programs"]]
+        v_feeds, _, _ = _capture(vs, v_sessions, x)
+        var_runs.append([list(zip(v_sessions[k], [_fetch(st) for st in p], v_feeds[k]))
+                         for k, p in enumerate(vs["programs"])])
     (work / "msgs").mkdir(exist_ok=True)
     for mid, payload in messages.items():
         np.save(work / "msgs" / f"{mid}.npy", payload)
@@ -188,7 +200,8 @@ def child_time(args) -> None:
         return (time.perf_counter() - t0) / calls
 
     targets = (["whole"] + [f"node{k}" for k in range(nodes)] + [f"merged{k}" for k in range(nodes)]
-               + [f"own{k}" for k in range(nodes)] + [f"mock{k}" for k in range(nodes)] + ["trivial"])
+               + [f"own{k}" for k in range(nodes)] + [f"mock{k}" for k in range(nodes)] + ["trivial"]
+               + [f"var{i}_{k}" for i in range(len(variants)) for k in range(nodes)])
     times = defaultdict(list)
     for rep in range(args.warmup + args.reps):
         order = targets[rep % len(targets):] + targets[:rep % len(targets)]
@@ -204,6 +217,12 @@ def child_time(args) -> None:
             elif t.startswith("node"):
                 k = int(t[4:])
                 row[t], row[f"calls{k}"] = run_seq(sessions[k], fetches[k], feeds[k])
+            elif t.startswith("var"):
+                i, k = map(int, t[3:].split("_"))
+                t0 = time.perf_counter()
+                for s, f, feed in var_runs[i][k]:
+                    s.run(f, feed)
+                row[t] = time.perf_counter() - t0
             elif t.startswith("own"):
                 k = int(t[3:])
                 row[t], _ = run_seq(own[k], fetches[k], feeds[k])
@@ -220,6 +239,8 @@ def child_time(args) -> None:
             times[f"own_ratio{k}"].append(row[f"own{k}"] / row["whole"])
             times[f"mock_share{k}"].append(row[f"mock{k}"] / row[f"node{k}"])
             times[f"cut_share{k}"].append((row[f"node{k}"] - row[f"merged{k}"]) / row[f"node{k}"])
+        for i in range(len(variants)):
+            times[f"var_ratio{i}"].append(max(row[f"var{i}_{k}"] for k in range(nodes)) / row["whole"])
 
     # profiles, in fresh sessions; the first pass of each is a warm-up, skipped when reading them
     prof = work / "prof"
@@ -416,10 +437,19 @@ def prepare(work: Path, args) -> dict:
     from disco_compile.exporter import export
     model, x = zoo.build(args.model, size=args.size)
     dm = transform(model, args.nodes, x)
-    dm.set_budget(args.budget)
     dm.eval()
+    variants = []
+    for overlap in (True, False):  # the export options side by side (the variants table)
+        for align in (1, 8):
+            dm.set_budget(args.budget, align=align)
+            export(dm, work / "variants" / f"{overlap}_{align}", overlap=overlap)
+            vs = json.loads((work / "variants" / f"{overlap}_{align}" / "schedule.json").read_text())
+            variants.append({"dir": f"variants/{overlap}_{align}", "overlap": overlap, "align": align,
+                             "stages": [len(p) for p in vs["programs"]], "exchange_ratio": dm.cost().exchange_ratio})
+    (work / "variants.json").write_text(json.dumps(variants))
+    dm.set_budget(args.budget, align=args.align)
     cost = dm.cost()
-    export(dm, work / "bundle")
+    export(dm, work / "bundle", overlap=args.overlap)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (x,), str(work / "whole.onnx"), dynamo=False, opset_version=17,
@@ -442,7 +472,7 @@ def prepare(work: Path, args) -> dict:
             "params_per_node": cost.params_per_node, "original_params": cost.original_params,
             "exchange_ratio": cost.exchange_ratio, "weights": weights,
             "stages": [len(p) for p in schedule["programs"]], "messages": len(schedule["messages"]),
-            "torch": torch.__version__}
+            "torch": torch.__version__, "variants": variants}
 
 
 def _remote_convs(work: Path, schedule: dict, target: str) -> set[tuple[int, str]]:
@@ -536,6 +566,10 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224, help="input side length (default 224)")
     parser.add_argument("--nodes", type=int, default=2, help="number of nodes (default 2)")
     parser.add_argument("--budget", type=float, default=0.2, help="budget rho (default 0.2)")
+    parser.add_argument("--align", type=int, default=8, help="channels per message a multiple of this (default 8, "
+                                                             "as disco-compile)")
+    parser.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=True,
+                        help="export with overlap of compute and messages (default: --overlap, as disco-compile)")
     parser.add_argument("--reps", type=int, default=21, help="timed passes of each target (default 21)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed passes first (default 3)")
     parser.add_argument("--profile-reps", type=int, default=5, help="passes under the profiler (default 5)")
@@ -622,7 +656,9 @@ def run(args, work: Path, cmd: str) -> None:
              f"start, {load_end} at the end.  ",
              f"Export: {sum(prep['stages'])} stage graphs ("
              + ", ".join(f"node {k}: {n}" for k, n in enumerate(prep["stages"]))
-             + f"), {prep['messages']} messages, exchange ratio {prep['exchange_ratio']:.3f}. Timings: median of "
+             + f"), {prep['messages']} messages, exchange ratio {prep['exchange_ratio']:.3f}; "
+             f"{'with' if args.overlap else 'without'} overlap, align {args.align} (export options: see the "
+             f"table below). Timings: median of "
              f"{args.reps} interleaved passes after {args.warmup} warm-up passes, one thread.  ",
              f"Checks: export output against the DISCO model in torch, max abs diff "
              f"{chk['bundle_vs_torch_disco']:.1e}; "
@@ -634,10 +670,13 @@ def run(args, work: Path, cmd: str) -> None:
              f"{mac_ratio[slowest]:.3f}. The same node's ops merged into one graph: "
              f"{t[f'merged_ratio{slowest}']:.3f}, so cutting them into {prep['stages'][slowest]} stages costs "
              f"{t[f'ratio{slowest}'] - t[f'merged_ratio{slowest}']:.3f} of the whole model's time; the rest above "
-             f"the MAC share is the node's own op mix (remote convolutions on few received channels run at "
-             f"{_rate(prof, f'merged{slowest}', 'Conv, remote (input: received channels)'):.0f} GMAC/s against "
-             f"{_rate(prof, f'merged{slowest}', 'Conv, local'):.0f} for local ones, plus the Adds that join "
-             f"local and remote partial sums and the layout conversions around them). With an arena per session "
+             f"the MAC share is the node's own op mix ("
+             + (f"remote convolutions on few received channels run at "
+                f"{_rate(prof, f'merged{slowest}', 'Conv, remote (input: received channels)'):.0f} GMAC/s against "
+                f"{_rate(prof, f'merged{slowest}', 'Conv, local'):.0f} for local ones, plus the Adds that join "
+                f"local and remote partial sums and " if args.overlap else
+                "the Concat of local and received channels before each convolution, and ")
+             + f"the layout conversions around them). With an arena per session "
              f"(onnxruntime's default) instead of NodeExecutor's shared one: {t[f'own_ratio{slowest}']:.3f}.",
              f"- Per-call overhead, identity graphs with the stages' I/O: "
              f"**{max(t[f'mock_share{k}'] for k in node_ids):.1%}** "
@@ -665,6 +704,19 @@ def run(args, work: Path, cmd: str) -> None:
     for k in node_ids:
         lines.append(f"| node {k}: its stages merged into one graph (diagnostic) | {t[f'merged{k}'] * 1e3:.1f} | "
                      f"{t[f'merged_ratio{k}']:.3f} | {mac_ratio[k]:.3f} | {t[f'merged_ratio{k}'] / mac_ratio[k]:.2f} |")
+    lines += ["", "Export options, each exported from the same model and timed in the same passes (slowest node / "
+                  "whole model; the bold figures above are one of these rows, timed separately):", "",
+              "| overlap | align | stages per node | exchange ratio | slowest node / whole model |",
+              "|---|---|---|---|---|"]
+    for i, v in enumerate(prep["variants"]):
+        lines.append(f"| {'yes' if v['overlap'] else 'no'} | {v['align']} | {', '.join(map(str, v['stages']))} | "
+                     f"{v['exchange_ratio']:.3f} | {t[f'var_ratio{i}']:.3f} |")
+    lines += ["", "overlap: each node computes its own channels' share of a layer while the other nodes' channels are "
+                  "in flight, then one convolution per received message and an Add; without: it waits, then runs one "
+                  "convolution over the concatenation of its own and the received channels (`export(..., "
+                  "overlap=False)`, `disco-compile --no-overlap`). align: each message's channel count is a multiple "
+                  "of it, within the budget (`set_budget(rho, align=8)`, `disco-compile --align 8`); onnxruntime's "
+                  "blocked (NCHWc) convolutions take inputs with a multiple of 8 channels on this AVX2 CPU."]
     met_ratio = t[f"ratio{slowest}"] <= GOAL_RATIO
     lines += ["", "Ratios are medians of per-pass ratios (both sides timed in the same pass). Bold: the figure the "
                   "goal is about (the stage graphs as exported, sessions as NodeExecutor makes them: all draw on one "
