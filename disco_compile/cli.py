@@ -291,12 +291,13 @@ def _stage_counts(manifest) -> dict[int, int]:
     return dict(sorted(counts.items()))
 
 
-def _summary(loaded: Loaded, nodes: int, node_weights: list[float] | None, budget: float | None,
+def _summary(loaded: Loaded, nodes: int, node_weights: list[float] | None, budget: float | None, align: int,
              report: CostReport, submodule: str | None, tuned: FinetuneResult | None = None) -> str:
     shares = "equal shares" if node_weights is None else \
         "shares " + ", ".join(f"{w / sum(node_weights):.3f}" for w in node_weights)
     rho = "none: every exchange gate on (rho = 1)" if budget is None else \
-        f"{budget:g}: each node keeps that fraction of the channels it could receive from each other node"
+        f"{budget:g}: each node keeps that fraction of the channels it could receive from each other node" + \
+        (f", in multiples of {align} per message (--align)" if align > 1 else "")
     lines = [f"model    {loaded.description}",
              f"input    {'x'.join(map(str, loaded.shape))}, "
              + ("a list of random images, uniform in [0, 1]" if loaded.detector else "random normal"),
@@ -501,7 +502,7 @@ def main(model: str, nodes: int, budget: float | None, input_shape: tuple[int, .
                 disco.set_budget(budget, align=train["align"])
         with _stage("computing the cost"):
             report = disco.cost()
-        click.echo(_summary(loaded, nodes, node_weights, budget, report, submodule, tuned))
+        click.echo(_summary(loaded, nodes, node_weights, budget, train["align"], report, submodule, tuned))
         if out_dir is not None:
             if input_on_all_nodes:
                 raise CliError("--input-on-all-nodes is not supported with --out yet: the export sends the input "
@@ -523,7 +524,7 @@ def main(model: str, nodes: int, budget: float | None, input_shape: tuple[int, .
     if json_path is not None:
         _write_json(json_path, report, {"model": loaded.description, "input_shape": list(loaded.shape),
                                         "nodes": nodes, "node_weights": node_weights, "budget": budget,
-                                        "submodule": submodule})
+                                        "align": train["align"], "submodule": submodule})
         click.echo(f"cost report written to {json_path}", err=True)
 
 

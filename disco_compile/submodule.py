@@ -124,8 +124,8 @@ class DiscoSubmodel(nn.Module):
         """The split submodule's cost report (the rest of the model runs on node 0 and is not counted)."""
         return self.disco.cost()
 
-    def set_budget(self, rho: float, allocation: str = "uniform") -> None:
-        self.disco.set_budget(rho, allocation)
+    def set_budget(self, rho: float, allocation: str = "uniform", align: int = 1) -> None:
+        self.disco.set_budget(rho, allocation, align)
 
 
 class BundleModule(nn.Module):
