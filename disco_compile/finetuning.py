@@ -93,9 +93,18 @@ def evaluate(model: nn.Module, data: Iterable, device: str | torch.device = "cpu
     """(metric name, value) over batches: accuracy % or PSNR dB against their targets (distill.Metric).
     Unlabelled batches are scored against `reference`'s outputs instead: top-1 agreement % for
     logits, PSNR dB for dense outputs."""
+    name, value, _ = _validate(model, data, device, reference)
+    return name, value
+
+
+@torch.no_grad()
+def _validate(model: nn.Module, data: Iterable, device, reference: nn.Module | None = None,
+              score_reference: bool = False) -> tuple[str, float, float | None]:
+    """One pass over `data`: (metric name, model's value, reference's value against the targets or None).
+    Unlabelled batches score the model against the reference's outputs (the reference then has no value)."""
     was_training = model.training
     model.eval()
-    metric, against_reference = Metric(), False
+    metric, ref_metric, against_reference = Metric(), Metric(), False
     for batch in data:
         x, y = split_batch(batch)
         x = x.to(device)
@@ -104,10 +113,15 @@ def evaluate(model: nn.Module, data: Iterable, device: str | torch.device = "cpu
                 raise DataError("validation data needs targets (pairs (inputs, target)) to measure quality")
             ref = main_output(reference(x))
             y, against_reference = (ref.argmax(1) if is_logits(ref) else ref), True
+        elif score_reference and reference is not None:
+            ref_metric.add(reference(x), y.to(device))
         metric.add(model(x), y.to(device))
     model.train(was_training)
-    name = metric.name.replace("accuracy", "agreement with the teacher") if against_reference else metric.name
-    return name, metric.value()
+    if against_reference:
+        name = metric.name.replace("accuracy", "agreement with the teacher") if metric.name.startswith(
+            "accuracy") else f"{metric.name} against the teacher"
+        return name, metric.value(), None
+    return metric.name, metric.value(), ref_metric.value() if score_reference and reference is not None else None
 
 
 def evaluate_bundle(out_dir: str | os.PathLike, data: Iterable) -> tuple[str, float]:
@@ -290,10 +304,10 @@ def finetune(dm, data: Iterable, *, budget: float, steps: int, teacher: nn.Modul
     result = FinetuneResult(steps=steps, budget=rho, exchange_ratio=exchange_ratio(dm), history=history,
                             checkpoint=ckpt.path, batchnorm_batches=used)
     if val_data is not None:
-        name, value = evaluate(dm, val_data, dev, reference=teacher)
+        name, value, teacher_value = _validate(dm, val_data, dev, reference=teacher, score_reference=True)
         result.validation = {"metric": name, "student": value}
-        if "teacher" not in name:
-            result.validation["teacher"] = evaluate(teacher, val_data, dev)[1]
+        if teacher_value is not None:
+            result.validation["teacher"] = teacher_value
     dm.eval()
     return result
 

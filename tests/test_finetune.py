@@ -102,6 +102,18 @@ def test_unlabelled_data_and_agreement_metric(digits):
     assert 0 <= res.validation["student"] <= 100
 
 
+def test_unlabelled_dense_outputs_validate_against_the_teacher():
+    """Unlabelled validation of an image-to-image model: PSNR against the teacher's outputs, no teacher figure
+    (it would be measured against itself), and one pass over the data (a generator works)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 3, padding=1)).eval()
+    x = torch.rand(4, 3, 8, 8)
+    dm = transform(model, 2, x)
+    res = finetune(dm, [x], budget=0.5, steps=2, val_data=(b for b in [x, x]), progress=False)
+    assert res.validation["metric"] == "PSNR dB against the teacher" and "teacher" not in res.validation
+    assert res.validation["student"] > 10
+
+
 def test_nested_outputs_distil_leaf_by_leaf():
     class TwoHeads(nn.Module):
         def __init__(self):
