@@ -38,12 +38,12 @@ def assert_split_exact(model, nodes, x, **kwargs):
     return dm
 
 
-def assert_shards_match(dm, x, out_dir, rho: float) -> None:
-    """Set dm's budget to rho, export it to out_dir and check that its ONNX shards, run by run_local,
-    give dm's output (verification link 3)."""
+def assert_shards_match(dm, x, out_dir, rho: float, overlap: bool = True) -> None:
+    """Set dm's budget to rho, export it to out_dir (with or without overlap) and check that its ONNX shards,
+    run by run_local, give dm's output (verification link 3)."""
     from disco_compile import export, run_local
     dm.eval().set_budget(rho)
-    export(dm, out_dir)
+    export(dm, out_dir, overlap=overlap)
     with torch.no_grad():
         ref = dm(x)
     assert_close(torch.from_numpy(run_local(out_dir, x.numpy())[0]), ref, what=f"onnx shards at rho={rho}")

@@ -134,10 +134,11 @@ def test_small_vit_lowered_float64(nodes, rho):
         assert_close(lowered_outputs(dm, x), dm(x), rtol=1e-9, atol=1e-11, what=f"N={nodes} rho={rho}")
 
 
-@pytest.mark.parametrize("nodes, rho", [(2, 1.0), (2, 0.2), (4, 1.0), (4, 0.2)])
-def test_small_vit_through_onnx(tmp_path, nodes, rho):
+@pytest.mark.parametrize("nodes, rho, overlap", [(2, 1.0, True), (2, 0.2, True), (4, 1.0, True), (4, 0.2, True),
+                                                  (3, 0.3, False)])
+def test_small_vit_through_onnx(tmp_path, nodes, rho, overlap):
     model, x = small_vit()
-    assert_shards_match(transform(model, nodes, x), x, tmp_path / "out", rho)
+    assert_shards_match(transform(model, nodes, x), x, tmp_path / "out", rho, overlap)
 
 
 @pytest.mark.slow
