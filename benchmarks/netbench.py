@@ -415,7 +415,6 @@ def write_doc(results, args) -> None:
         v = sorted(v)
         return v[int(0.9 * (len(v) - 1))]
     rates = [r for r in RATES if any(k.endswith("/" + r) for k in results["runs"])]
-    label = LABEL
     lines = ["# Latency over a network: ResNet-50 on 2 nodes", "",
              f"Measured {datetime.date.today().isoformat()} by `benchmarks/netbench.py` on {platform.node()}: "
              f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
@@ -432,7 +431,7 @@ def write_doc(results, args) -> None:
             m = statistics.median(r["lat"])
             med[(wl, rate)] = (m, r["tput"])
             b = bound(results, wl, rate)
-            lines.append(f"| {label[wl]} | {rate} | {m * 1e3:.1f} | {p90(r['lat']) * 1e3:.1f} | {r['tput']:.2f} | "
+            lines.append(f"| {LABEL[wl]} | {rate} | {m * 1e3:.1f} | {p90(r['lat']) * 1e3:.1f} | {r['tput']:.2f} | "
                          f"{b * 1e3:.1f} | {m / b:.2f} | {r['tput'] * b:.2f} |")
     comp = results["compute"]
     lines += ["", "Bound = max(slowest node's compute alone, bytes in the busier direction / link rate); for the "
@@ -440,7 +439,7 @@ def write_doc(results, args) -> None:
               "throughput (1/bound).", "",
               f"Compute alone (ms, median of {args.compute_reps}, one thread, core 1): whole "
               f"{comp['whole'] * 1e3:.1f}; " + "; ".join(
-                  f"{label[wl]}: node0 {comp[wl + '0'] * 1e3:.1f}, node1 {comp[wl + '1'] * 1e3:.1f} "
+                  f"{LABEL[wl]}: node0 {comp[wl + '0'] * 1e3:.1f}, node1 {comp[wl + '1'] * 1e3:.1f} "
                   f"({comp[wl + '_stages'][0]} and {comp[wl + '_stages'][1]} stages; critical path of the stage "
                   f"graph with every stage timed alone and zero communication cost "
                   f"{comp[wl + '_critical_path'] * 1e3:.1f})" for wl in SPLITS) + ".",
@@ -452,7 +451,7 @@ def write_doc(results, args) -> None:
               "process_time; node 1: utime+stime of the disco-run process from /proc), against the node's "
               "onnxruntime compute alone:", "", "| workload | link | node 0 CPU ms | node 1 CPU ms | compute alone ms (n0/n1) |",
               "|---|---|---|---|---|",
-              *[f"| {label[wl]} | {rate} | {r['cpu0'] * 1e3:.1f} | {r['cpu1'] * 1e3:.1f} | "
+              *[f"| {LABEL[wl]} | {rate} | {r['cpu0'] * 1e3:.1f} | {r['cpu1'] * 1e3:.1f} | "
                 f"{comp[wl + '0'] * 1e3:.1f} / {comp[wl + '1'] * 1e3:.1f} |"
                 for wl in SPLITS for rate in rates
                 for r in [results["runs"].get(f"{wl}/{rate}")] if r and "cpu1" in r], "",

@@ -157,14 +157,13 @@ def child_time(args) -> None:
 
     feeds, messages, outputs = _capture(schedule, sessions, x)
     variants = json.loads((work / "variants.json").read_text())
-    var_runs = []  # per variant, per node: (session, fetch, feed) of every stage
+    var_runs = []  # per variant, per node: (sessions, fetches, feeds) of its stages, as run_seq takes them
     for v in variants:
         vs = json.loads((work / v["dir"] / "schedule.json").read_text())
         v_sessions = [[ort.InferenceSession(str(work / v["dir"] / st["file"]), node_opts, providers=prov) for st in p]
                       for p in vs["programs"]]
         v_feeds, _, _ = _capture(vs, v_sessions, x)
-        var_runs.append([list(zip(v_sessions[k], [_fetch(st) for st in p], v_feeds[k]))
-                         for k, p in enumerate(vs["programs"])])
+        var_runs.append([(v_sessions[k], [_fetch(st) for st in p], v_feeds[k]) for k, p in enumerate(vs["programs"])])
     (work / "msgs").mkdir(exist_ok=True)
     for mid, payload in messages.items():
         np.save(work / "msgs" / f"{mid}.npy", payload)
@@ -219,10 +218,7 @@ def child_time(args) -> None:
                 row[t], row[f"calls{k}"] = run_seq(sessions[k], fetches[k], feeds[k])
             elif t.startswith("var"):
                 i, k = map(int, t[3:].split("_"))
-                t0 = time.perf_counter()
-                for s, f, feed in var_runs[i][k]:
-                    s.run(f, feed)
-                row[t] = time.perf_counter() - t0
+                row[t], _ = run_seq(*var_runs[i][k])
             elif t.startswith("own"):
                 k = int(t[3:])
                 row[t], _ = run_seq(own[k], fetches[k], feeds[k])

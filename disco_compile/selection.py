@@ -91,11 +91,13 @@ def _top(flat: torch.Tensor, idx: torch.Tensor, k: int) -> torch.Tensor:
     return idx[torch.argsort(flat[idx], descending=True, stable=True)[:k]]
 
 
-def _counts(share: list[float], sizes: list[int], unit_bytes: list[int], budget: float, align: int) -> list[int]:
+def _counts(pairs: list, share: list[float], rho: float, align: int) -> list[int]:
     """Candidates kept per pair: multiples of `align` (or all of a pair's), `share` rounded down, then one more
-    step for the largest remainders while the kept bytes stay within `budget`."""
+    step for the largest remainders while the kept bytes stay within rho x the bytes of every candidate."""
+    sizes = [idx.numel() for _, idx, _ in pairs]
+    unit_bytes = [b for _, _, b in pairs]
     counts = [min(size, align * math.floor(x / align + 1e-9)) for x, size in zip(share, sizes)]
-    room = budget - sum(k * b for k, b in zip(counts, unit_bytes))
+    room = rho * sum(n * b for n, b in zip(sizes, unit_bytes)) - sum(k * b for k, b in zip(counts, unit_bytes))
     for p in sorted(range(len(share)), key=lambda p: counts[p] - share[p]):  # largest remainder first
         step = min(align, sizes[p] - counts[p])
         if share[p] - counts[p] > 1e-9 and step * unit_bytes[p] <= room * (1 + 1e-12):
@@ -116,15 +118,10 @@ def _all_pairs(exchanges: Mapping) -> list[tuple[str, torch.Tensor, int]]:
     return [(name, idx, ex.unit_bytes) for name, ex in exchanges.items() for idx in _pairs(ex)]
 
 
-def _budget(pairs: list, rho: float) -> float:
-    return rho * sum(idx.numel() * b for _, idx, b in pairs)
-
-
 def _uniform(exchanges: Mapping, scores: Mapping[str, torch.Tensor], rho: float,
              align: int = 1) -> dict[str, torch.Tensor]:
     pairs = _all_pairs(exchanges)
-    counts = _counts([rho * idx.numel() for _, idx, _ in pairs], [idx.numel() for _, idx, _ in pairs],
-                     [b for _, _, b in pairs], _budget(pairs, rho), align)
+    counts = _counts(pairs, [rho * idx.numel() for _, idx, _ in pairs], rho, align)
     return _keep_counts(exchanges, scores, pairs, counts)
 
 
@@ -133,9 +130,7 @@ def _aligned(exchanges: Mapping, scores: Mapping[str, torch.Tensor], chosen: dic
     """`chosen` with each pair's count aligned (see the module docstring)."""
     pairs = _all_pairs(exchanges)
     share = [float(chosen[name].reshape(-1)[idx].sum()) for name, idx, _ in pairs]
-    counts = _counts(share, [idx.numel() for _, idx, _ in pairs], [b for _, _, b in pairs], _budget(pairs, rho),
-                     align)
-    return _keep_counts(exchanges, scores, pairs, counts)
+    return _keep_counts(exchanges, scores, pairs, _counts(pairs, share, rho, align))
 
 
 def _global(exchanges: Mapping, scores: Mapping[str, torch.Tensor], rho: float) -> dict[str, torch.Tensor]:
