@@ -16,13 +16,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "performance.md"
-SECTIONS = ("compile_time", "node_compute", "model_costs")  # order in the file
+SECTIONS = ("compile_time", "node_compute", "runtime_overhead", "model_costs")  # order in the file
 
 HEADER = """\
 # Performance: compile time and per-node compute
 
-Written by `benchmarks/compile_time.py`, `benchmarks/node_compute.py` and `benchmarks/model_costs.py`; each script rewrites
-only its own section (between its `<!-- name -->` markers) and keeps the other.
+Written by `benchmarks/compile_time.py`, `benchmarks/node_compute.py`, `benchmarks/runtime_overhead.py` and
+`benchmarks/model_costs.py`; each script rewrites only its own section (between its `<!-- name -->` markers) and keeps
+the others.
 
 How to read these figures:
 
