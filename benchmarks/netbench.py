@@ -10,7 +10,8 @@ Workloads (ResNet-50, 1x3x224x224, zoo.build("resnet50", 224), N=2):
   whole   the original model exported with torch.onnx.export(dynamo=False, opset 17), timed with
           onnxruntime (1 thread) inside namespace 1, no network;
   dense   transform(model, 2, x) (rho=1), export;
-  disco   the same after set_budget(0.2, align=8) (disco-compile --budget 0.2), export;
+  disco   the same after set_budget(0.2, "global", align=8) (disco-compile --budget 0.2, whose
+          defaults are --allocation global --align 8), export;
   dense_no_overlap, disco_no_overlap   the same two exported with overlap=False (disco-compile
           --no-overlap: a node waits for a layer's messages, then runs it as one convolution).
 For the splits, node 1 runs `disco-run OUT --node 1 --peers peers.yaml --insecure` in its namespace
@@ -90,7 +91,7 @@ def prepare(work: Path) -> None:
     t = time.time()
     for wl in missing:
         budget, overlap = EXPORTS[wl]
-        dm.set_budget(budget, align=8)  # as disco-compile --budget 0.2 (its default --align 8)
+        dm.set_budget(budget, "global", align=8)  # as disco-compile --budget 0.2 (--allocation global --align 8)
         export(dm, work / wl, force=True, overlap=overlap)
     print(f"exported {', '.join(missing)} in {time.time() - t:.0f} s", flush=True)
 

@@ -1,11 +1,12 @@
 """Per-node compute of an export against the whole model, on one onnxruntime thread.
 
 ResNet-50 (torchvision, random BatchNorm-calibrated weights, input 1x3x224x224), N=2 nodes,
-budget rho=0.2 (aligned to 8 channels per message and exported with overlap unless --align,
---no-overlap say otherwise, as disco-compile does), exported once to a temporary directory with
-`export`; the original model is exported whole with torch.onnx.export (dynamo=False, opset 17,
-symbolic batch like the stages). The four combinations of overlap (yes/no) and align (1/8) are
-also exported and their slowest node timed in the same passes (the export options table).
+budget rho=0.2 (channels ranked over the whole model, aligned to 8 channels per message and exported
+with overlap unless --allocation, --align, --no-overlap say otherwise, as disco-compile does),
+exported once to a temporary directory with `export`; the original model is exported whole with
+torch.onnx.export (dynamo=False, opset 17, symbolic batch like the stages). Six export options,
+overlap (yes/no) x (align 1 global, align 8 uniform, align 8 global), are also exported and their
+slowest node timed in the same passes (the export options table).
 
 Every onnxruntime session: intra_op_num_threads=1, inter_op_num_threads=1, ORT_SEQUENTIAL,
 CPUExecutionProvider, default graph optimisations, as NodeExecutor(threads=1); stage sessions draw on
@@ -448,14 +449,16 @@ def prepare(work: Path, args) -> dict:
     dm.eval()
     variants = []
     for overlap in (True, False):  # the export options side by side (the variants table)
-        for align in (1, 8):
-            dm.set_budget(args.budget, align=align)
-            export(dm, work / "variants" / f"{overlap}_{align}", overlap=overlap)
-            vs = json.loads((work / "variants" / f"{overlap}_{align}" / "schedule.json").read_text())
-            variants.append({"dir": f"variants/{overlap}_{align}", "overlap": overlap, "align": align,
-                             "stages": [len(p) for p in vs["programs"]], "exchange_ratio": dm.cost().exchange_ratio})
+        for align, allocation in ((1, "global"), (8, "uniform"), (8, "global")):
+            dm.set_budget(args.budget, allocation, align=align)
+            name = f"variants/{overlap}_{align}_{allocation}"
+            export(dm, work / name, overlap=overlap)
+            vs = json.loads((work / name / "schedule.json").read_text())
+            variants.append({"dir": name, "overlap": overlap, "align": align, "allocation": allocation,
+                             "stages": [len(p) for p in vs["programs"]], "messages": len(vs["messages"]),
+                             "exchange_ratio": dm.cost().exchange_ratio})
     (work / "variants.json").write_text(json.dumps(variants))
-    dm.set_budget(args.budget, align=args.align)
+    dm.set_budget(args.budget, args.allocation, align=args.align)
     cost = dm.cost()
     export(dm, work / "bundle", overlap=args.overlap)
     with warnings.catch_warnings():
@@ -577,6 +580,8 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=0.2, help="budget rho (default 0.2)")
     parser.add_argument("--align", type=int, default=8, help="channels per message a multiple of this (default 8, "
                                                              "as disco-compile)")
+    parser.add_argument("--allocation", choices=("uniform", "global"), default="global",
+                        help="budget allocation (default global, as disco-compile)")
     parser.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=True,
                         help="export with overlap of compute and messages (default: --overlap, as disco-compile)")
     parser.add_argument("--reps", type=int, default=21, help="timed passes of each target (default 21)")
@@ -666,7 +671,8 @@ def run(args, work: Path, cmd: str) -> None:
              f"Export: {sum(prep['stages'])} stage graphs ("
              + ", ".join(f"node {k}: {n}" for k, n in enumerate(prep["stages"]))
              + f"), {prep['messages']} messages, exchange ratio {prep['exchange_ratio']:.3f}; "
-             f"{'with' if args.overlap else 'without'} overlap, align {args.align} (export options: see the "
+             f"{'with' if args.overlap else 'without'} overlap, align {args.align}, {args.allocation} allocation "
+             f"(export options: see the "
              f"table below). Timings: median of "
              f"{args.reps} interleaved passes after {args.warmup} warm-up passes, one thread.  ",
              f"Checks: export output against the DISCO model in torch, max abs diff "
@@ -715,17 +721,21 @@ def run(args, work: Path, cmd: str) -> None:
                      f"{t[f'merged_ratio{k}']:.3f} | {mac_ratio[k]:.3f} | {t[f'merged_ratio{k}'] / mac_ratio[k]:.2f} |")
     lines += ["", "Export options, each exported from the same model and timed in the same passes (slowest node / "
                   "whole model; the bold figures above are one of these rows, timed separately):", "",
-              "| overlap | align | stages per node | exchange ratio | slowest node / whole model |",
-              "|---|---|---|---|---|"]
+              "| overlap | align | allocation | stages per node | messages | exchange ratio | slowest node / whole model |",
+              "|---|---|---|---|---|---|---|"]
     for i, v in enumerate(prep["variants"]):
-        lines.append(f"| {'yes' if v['overlap'] else 'no'} | {v['align']} | {', '.join(map(str, v['stages']))} | "
-                     f"{v['exchange_ratio']:.3f} | {t[f'var_ratio{i}']:.3f} |")
+        lines.append(f"| {'yes' if v['overlap'] else 'no'} | {v['align']} | {v['allocation']} | "
+                     f"{', '.join(map(str, v['stages']))} | {v['messages']} | {v['exchange_ratio']:.3f} | "
+                     f"{t[f'var_ratio{i}']:.3f} |")
     lines += ["", "overlap: each node computes its own channels' share of a layer while the other nodes' channels are "
                   "in flight, then one convolution per received message and an Add; without: it waits, then runs one "
                   "convolution over the concatenation of its own and the received channels (`export(..., "
                   "overlap=False)`, `disco-compile --no-overlap`). align: each message's channel count is a multiple "
                   "of it, within the budget (`set_budget(rho, align=8)`, `disco-compile --align 8`); onnxruntime's "
-                  "blocked (NCHWc) convolutions take inputs with a multiple of 8 channels on this AVX2 CPU."]
+                  "blocked (NCHWc) convolutions take inputs with a multiple of 8 channels on this AVX2 CPU. "
+                  "allocation: uniform keeps rho of every exchange; global ranks the candidate channels over the "
+                  "whole model by weight magnitude per byte (`set_budget(rho, \"global\")`, disco-compile's "
+                  "default), so exchanges whose channels rank low send nothing and fewer layers wait for messages."]
     met_ratio = t[f"ratio{slowest}"] <= GOAL_RATIO
     lines += ["", "Ratios are medians of per-pass ratios (both sides timed in the same pass). Bold: the figure the "
                   "goal is about (the stage graphs as exported, sessions as NodeExecutor makes them: all draw on one "

@@ -292,12 +292,14 @@ def _stage_counts(manifest) -> dict[int, int]:
 
 
 def _summary(loaded: Loaded, nodes: int, node_weights: list[float] | None, budget: float | None, align: int,
-             report: CostReport, submodule: str | None, tuned: FinetuneResult | None = None) -> str:
+             allocation: str, report: CostReport, submodule: str | None, tuned: FinetuneResult | None = None) -> str:
     shares = "equal shares" if node_weights is None else \
         "shares " + ", ".join(f"{w / sum(node_weights):.3f}" for w in node_weights)
+    kept = ("each node keeps that fraction of the channels it could receive from each other node"
+            if allocation == "uniform" else "that fraction of the bytes the nodes would exchange with every channel, "
+            "the channels ranked over the whole model by score per byte (--allocation global)")
     rho = "none: every exchange gate on (rho = 1)" if budget is None else \
-        f"{budget:g}: each node keeps that fraction of the channels it could receive from each other node" + \
-        (f", in multiples of {align} per message (--align)" if align > 1 else "")
+        f"{budget:g}: {kept}" + (f", in multiples of {align} per message (--align)" if align > 1 else "")
     lines = [f"model    {loaded.description}",
              f"input    {'x'.join(map(str, loaded.shape))}, "
              + ("a list of random images, uniform in [0, 1]" if loaded.detector else "random normal"),
@@ -440,7 +442,9 @@ def _finetune(disco, loaded: Loaded, data_dir: str, val_dir: str | None, budget:
 @click.option("--method", type=click.Choice(finetuning.METHODS), default="learned", show_default=True,
               help="How exchanged channels are chosen: learned scores, fixed weight magnitude, or random.")
 @click.option("--allocation", type=click.Choice(selection.ALLOCATIONS), default="global", show_default=True,
-              help="Budget per exchange (uniform) or ranked over the whole model by score per byte (global).")
+              help="With --budget: the budget applied to every exchange alike (uniform), or the channels ranked over "
+                   "the whole model by score per byte (global: exchanges whose channels rank low send nothing, so "
+                   "fewer layers wait for messages). Used by the one-shot selection and by fine-tuning.")
 @click.option("--use-labels", is_flag=True,
               help="Add the cross-entropy against the class subfolders of --data (their sorted order must be "
                    "the model's class order) to the distillation loss, and report accuracy.")
@@ -499,10 +503,11 @@ def main(model: str, nodes: int, budget: float | None, input_shape: tuple[int, .
                 return  # under torchrun, process 0 alone reports and exports
         elif budget is not None:
             with _stage(f"selecting exchanged channels for budget {budget:g}"):
-                disco.set_budget(budget, align=train["align"])
+                disco.set_budget(budget, train["allocation"], align=train["align"])
         with _stage("computing the cost"):
             report = disco.cost()
-        click.echo(_summary(loaded, nodes, node_weights, budget, train["align"], report, submodule, tuned))
+        click.echo(_summary(loaded, nodes, node_weights, budget, train["align"], train["allocation"], report,
+                            submodule, tuned))
         if out_dir is not None:
             if input_on_all_nodes:
                 raise CliError("--input-on-all-nodes is not supported with --out yet: the export sends the input "
@@ -524,7 +529,8 @@ def main(model: str, nodes: int, budget: float | None, input_shape: tuple[int, .
     if json_path is not None:
         _write_json(json_path, report, {"model": loaded.description, "input_shape": list(loaded.shape),
                                         "nodes": nodes, "node_weights": node_weights, "budget": budget,
-                                        "align": train["align"], "submodule": submodule})
+                                        "align": train["align"], "allocation": train["allocation"],
+                                        "submodule": submodule})
         click.echo(f"cost report written to {json_path}", err=True)
 
 

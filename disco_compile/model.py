@@ -70,7 +70,9 @@ class DiscoModel(nn.Module):
 
     def set_budget(self, rho: float, allocation: str = "uniform", align: int = 1) -> None:
         """One-shot selection at budget rho: the remote channels whose weight columns, over the
-        destination's output rows of every consumer, have the largest norm (selection.py). align: every
+        destination's output rows of every consumer, have the largest norm (selection.py). allocation:
+        "uniform" keeps rho of every exchange; "global" (the default of finetune and disco-compile) ranks the
+        channels over the whole model by score per byte, so low-ranked exchanges send nothing. align: every
         message carries a multiple of that many channels (8 suits onnxruntime on AVX2 CPUs)."""
         selection.select(self, selection.magnitude_scores(self), rho, allocation, align)
 

@@ -177,7 +177,7 @@ def test_cli_exports_and_disco_run_reproduces(tmp_path):
     assert ran.returncode == 0, ran.stderr
     model, _ = zoo.build("resnet18", size=64)
     dm = transform(model, 2, torch.from_numpy(x)).eval()
-    dm.set_budget(0.2, align=8)  # disco-compile's default --align 8
+    dm.set_budget(0.2, "global", align=8)  # disco-compile's defaults --allocation global --align 8
     with torch.no_grad():
         assert_close(torch.from_numpy(np.load(tmp_path / "y.npy")), dm(torch.from_numpy(x)))
     schedule = json.loads((out / "schedule.json").read_text())
