@@ -1,7 +1,8 @@
 """Communication, MACs and parameters per node from `cost()` for a CNN and two transformers.
 
 For each model (default: resnet50, vit_b_16, swin_t at 1x3x224x224) at N nodes and budget rho
-(default N=2, rho=0.2, the one-shot magnitude selection of `set_budget`): bytes exchanged per
+(default N=2, rho=0.2, the one-shot magnitude selection of `set_budget`, with each allocation:
+uniform, and global as disco-compile's default; align 8 as disco-compile's default): bytes exchanged per
 inference (gated exchanges, ungated statistics such as LayerNorm's partial sums, input and output
 transfers) beside the dense split's, and each node's MACs and parameters beside the original
 model's. Counted, not timed: the figures do not depend on the machine or its load. Writes the
@@ -18,35 +19,49 @@ import torch
 
 import _perfdoc
 from disco_compile import transform, zoo
+from disco_compile.harden import exchange_messages
 
 
 def _mb(n: int) -> str:
     return f"{n / 1e6:.2f}"
 
 
-def measure(name: str, size: int, nodes: int, budget: float) -> dict:
+ALLOCATIONS = ("uniform", "global")
+
+
+def measure(name: str, size: int, nodes: int, budget: float) -> list[dict]:
+    """One row per allocation."""
     model, x = zoo.build(name, size)
     start = time.perf_counter()
     dm = transform(model, nodes, x)
-    dm.set_budget(budget)
-    report = dm.cost()
-    return {"name": name, "size": size, "report": report, "seconds": time.perf_counter() - start}
+    rows = []
+    for allocation in ALLOCATIONS:
+        dm.set_budget(budget, allocation, align=8)
+        messages, _ = exchange_messages(dm)
+        sending = sum(1 for ms in messages.values() if any(m.channels for m in ms))
+        rows.append({"name": name, "size": size, "allocation": allocation, "report": dm.cost(),
+                     "sending": sending, "exchanges": len(dm.exchanges), "seconds": time.perf_counter() - start})
+    return rows
 
 
 def section(rows: list[dict], nodes: int, budget: float) -> str:
-    lines = [f"## Cost per node: N={nodes}, rho={budget} (one-shot selection)", "",
+    lines = [f"## Cost per node: N={nodes}, rho={budget} (one-shot selection, align 8)", "",
              f"Command: `{_perfdoc.command()}`  ",
              f"Run: {_perfdoc.today()}; torch {torch.__version__}. Counted by `DiscoModel.cost()`, batch 1, random "
              f"weights (`disco_compile.zoo.build`); exchange = gated channel messages plus ungated statistics "
              f"(LayerNorm's per-token partial sums; the ungated part in brackets); io = the input sent from node 0 "
-             f"and the outputs gathered on it; ratios are against the dense split (every gate on).", "",
-             "| model | input | exchange MB (ungated) | ratio | comm MB incl. io | ratio | MACs per node (G) | "
-             "/ original | params per node (M) | / original | replicated ops |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"and the outputs gathered on it; ratios are against the dense split (every gate on). allocation: "
+             f"uniform keeps rho of every exchange; global (disco-compile's default) ranks the channels over the "
+             f"whole model by weight magnitude per byte; exchanges sending: how many of the model's exchanges "
+             f"send anything (the others make no node wait).", "",
+             "| model | input | allocation | exchanges sending | exchange MB (ungated) | ratio | comm MB incl. io | "
+             "ratio | MACs per node (G) | / original | params per node (M) | / original | replicated ops |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         c = r["report"]
         lines.append(
-            f"| {r['name']} | {r['size']}×{r['size']} | {_mb(c.exchange_bytes)} ({_mb(c.fixed_exchange_bytes)}) | "
+            f"| {r['name']} | {r['size']}×{r['size']} | {r['allocation']} | {r['sending']} of {r['exchanges']} | "
+            f"{_mb(c.exchange_bytes)} ({_mb(c.fixed_exchange_bytes)}) | "
             f"{c.exchange_ratio:.3f} | {_mb(c.comm_bytes)} | {c.comm_ratio:.3f} | "
             + ", ".join(f"{m / 1e9:.2f}" for m in c.macs_per_node) + " | "
             + ", ".join(f"{m / c.original_macs:.3f}" for m in c.macs_per_node) + " | "
@@ -54,7 +69,10 @@ def section(rows: list[dict], nodes: int, budget: float) -> str:
             + ", ".join(f"{p / c.original_params:.3f}" for p in c.params_per_node) + f" | {len(c.replicated_ops)} |")
     lines += ["", "Original models: " + "; ".join(
         f"{r['name']} {r['report'].original_macs / 1e9:.2f} GMACs, {r['report'].original_params / 1e6:.1f} M "
-        f"parameters" for r in rows) + ".", "",
+        f"parameters" for r in rows if r["allocation"] == ALLOCATIONS[0]) + ".", "",
+        "Global allocation spends the byte budget where a channel costs fewest bytes: late layers, whose maps are "
+        "small but whose weights are many, so the receiving node computes and holds more for the same bytes; "
+        "fewer exchanges send, so fewer layers wait for messages (docs/latency.md, docs/performance.md).", "",
         "The transformers' ungated statistics (every LayerNorm over split channels exchanges two values per "
         "token) are a fixed cost the budget does not reduce, so their exchange ratio stays above rho. "
         "Parameters per node count the weights a node holds after slicing (its rows, the columns it keeps). "
@@ -74,7 +92,7 @@ def main() -> None:
     torch.set_num_threads(1)
     rows = []
     for name in args.models.split(","):
-        rows.append(measure(name.strip(), args.size, args.nodes, args.budget))
+        rows += measure(name.strip(), args.size, args.nodes, args.budget)
         print(f"{name}: {rows[-1]['seconds']:.0f} s")
     _perfdoc.publish("model_costs", section(rows, args.nodes, args.budget), write=not args.no_write)
 

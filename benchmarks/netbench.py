@@ -12,8 +12,12 @@ Workloads (ResNet-50, 1x3x224x224, zoo.build("resnet50", 224), N=2):
   dense   transform(model, 2, x) (rho=1), export;
   disco   the same after set_budget(0.2, "global", align=8) (disco-compile --budget 0.2, whose
           defaults are --allocation global --align 8), export;
-  dense_no_overlap, disco_no_overlap   the same two exported with overlap=False (disco-compile
-          --no-overlap: a node waits for a layer's messages, then runs it as one convolution).
+  disco_uniform   with set_budget(0.2, "uniform", align=8) instead (--allocation uniform: every
+          exchange cut by the budget, so every layer exchanges; global leaves out the exchanges whose
+          channels rank low);
+  dense_no_overlap, disco_no_overlap, disco_uniform_no_overlap   the same exported with
+          overlap=False (disco-compile --no-overlap: a node waits for a layer's messages, then runs
+          it as one convolution).
 For the splits, node 1 runs `disco-run OUT --node 1 --peers peers.yaml --insecure` in its namespace
 and node 0 is a driver (this file, `_client`) using DiscoClient in the other namespace: median and p90
 latency of sequential requests after warm-up, and throughput with several requests in flight.
@@ -47,12 +51,15 @@ VETH = ("dbveth0", "dbveth1")
 ADDR = ("10.77.0.1", "10.77.0.2")
 PORTS = (47100, 47101)
 RATES = {"unshaped": None, "1gbit": 1e9, "100mbit": 1e8}
-SPLITS = ("dense", "disco", "dense_no_overlap", "disco_no_overlap")
+SPLITS = ("dense", "disco", "dense_no_overlap", "disco_no_overlap", "disco_uniform", "disco_uniform_no_overlap")
 WORKLOADS = ("whole", *SPLITS)
 LABEL = {"whole": "whole model (1 node)", "dense": "dense split (rho=1)", "disco": "DISCO rho=0.2",
-         "dense_no_overlap": "dense split (rho=1), no overlap", "disco_no_overlap": "DISCO rho=0.2, no overlap"}
-EXPORTS = {"dense": (1.0, True), "dense_no_overlap": (1.0, False), "disco": (0.2, True),
-           "disco_no_overlap": (0.2, False)}  # budget, overlap
+         "dense_no_overlap": "dense split (rho=1), no overlap", "disco_no_overlap": "DISCO rho=0.2, no overlap",
+         "disco_uniform": "DISCO rho=0.2, uniform allocation",
+         "disco_uniform_no_overlap": "DISCO rho=0.2, uniform allocation, no overlap"}
+EXPORTS = {"dense": (1.0, True, "global"), "dense_no_overlap": (1.0, False, "global"), "disco": (0.2, True, "global"),
+           "disco_no_overlap": (0.2, False, "global"), "disco_uniform": (0.2, True, "uniform"),
+           "disco_uniform_no_overlap": (0.2, False, "uniform")}  # budget, overlap, allocation
 TIMEOUT = 120.0  # disco-run --timeout: several requests queue on the worker at 100 Mbit/s
 
 
@@ -90,8 +97,8 @@ def prepare(work: Path) -> None:
     dm = transform(model, 2, x)
     t = time.time()
     for wl in missing:
-        budget, overlap = EXPORTS[wl]
-        dm.set_budget(budget, "global", align=8)  # as disco-compile --budget 0.2 (--allocation global --align 8)
+        budget, overlap, allocation = EXPORTS[wl]
+        dm.set_budget(budget, allocation, align=8)  # as disco-compile --budget 0.2 (--allocation global --align 8)
         export(dm, work / wl, force=True, overlap=overlap)
     print(f"exported {', '.join(missing)} in {time.time() - t:.0f} s", flush=True)
 
@@ -474,8 +481,9 @@ def write_doc(results, args) -> None:
         if (a, rate) in med and (b, rate) in med:
             return med[(b, rate)][0] / med[(a, rate)][0], med[(a, rate)][1] / med[(b, rate)][1]
         return None
-    for suffix, how in (("", "with overlap"), ("_no_overlap", "without overlap")):
-        disco, dense = "disco" + suffix, "dense" + suffix
+    for disco, dense, how in (("disco", "dense", "with overlap"), ("disco_no_overlap", "dense_no_overlap",
+                              "without overlap"), ("disco_uniform", "dense", "uniform allocation, with overlap"),
+                              ("disco_uniform_no_overlap", "dense_no_overlap", "uniform allocation, without overlap")):
         for a, b, rate, goal in ((disco, dense, "100mbit", ">= 4x"), (disco, dense, "1gbit", ">= 4x"),
                                  (disco, "whole", "1gbit", "> 1x (faster)"), (disco, "whole", "unshaped", ">= 1.8x")):
             r = ratio(a, b, rate)
