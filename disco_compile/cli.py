@@ -297,7 +297,8 @@ def _summary(loaded: Loaded, nodes: int, node_weights: list[float] | None, budge
         "shares " + ", ".join(f"{w / sum(node_weights):.3f}" for w in node_weights)
     kept = ("each node keeps that fraction of the channels it could receive from each other node"
             if allocation == "uniform" else "that fraction of the bytes the nodes would exchange with every channel, "
-            "the channels ranked over the whole model by score per byte (--allocation global)")
+            "the channels ranked over the whole model by score per byte (--allocation global; score: weight "
+            "magnitude, or as learned by fine-tuning)")
     rho = "none: every exchange gate on (rho = 1)" if budget is None else \
         f"{budget:g}: {kept}" + (f", in multiples of {align} per message (--align)" if align > 1 else "")
     lines = [f"model    {loaded.description}",
