@@ -1,7 +1,8 @@
 """The distributed runtime's own cost: ResNet-50 on two processes over loopback, with and without compute.
 
-ResNet-50 (zoo.build("resnet50", 224), input 1x3x224x224), N=2, rho=0.2, align 8, exported with
-overlap and without (the exports of benchmarks/netbench.py, made in --work if missing). Node 1 runs
+ResNet-50 (zoo.build("resnet50", 224), input 1x3x224x224), N=2, rho=0.2, global allocation, align 8
+(disco-compile's defaults), exported with overlap and without (the exports of benchmarks/netbench.py,
+made in --work if missing). Node 1 runs
 `serve` in a process pinned to core 1, node 0 a DiscoClient in a process pinned to core 0, over
 loopback TCP (insecure: no CURVE), one onnxruntime thread each. Two modes per export:
 
@@ -134,6 +135,8 @@ def one_run(work: Path, export: str, mode: str, reps: int) -> dict:
 def report(results: dict, args, cmd: str, load_start: str) -> str:
     med = _perfdoc.median
     lines = ["## Runtime overhead: resnet50 1x3x224x224, N=2, rho=0.2, two processes on loopback", "",
+             "Exports: global allocation, align 8 (disco-compile's defaults; benchmarks/netbench.py's `disco` and "
+             "`disco_no_overlap`).  ",
              f"Command: `{cmd}`  ",
              f"Run: {_perfdoc.today()}; machine: {_perfdoc.machine()}; load average (1/5/15 min) {load_start} at the "
              f"start, {_perfdoc.load()} at the end.  ",
