@@ -443,9 +443,10 @@ def _finetune(disco, loaded: Loaded, data_dir: str, val_dir: str | None, budget:
 @click.option("--method", type=click.Choice(finetuning.METHODS), default="learned", show_default=True,
               help="How exchanged channels are chosen: learned scores, fixed weight magnitude, or random.")
 @click.option("--allocation", type=click.Choice(selection.ALLOCATIONS), default="global", show_default=True,
-              help="With --budget: the budget applied to every exchange alike (uniform), or the channels ranked over "
-                   "the whole model by score per byte (global: exchanges whose channels rank low send nothing, so "
-                   "fewer layers wait for messages). Used by the one-shot selection and by fine-tuning.")
+              help="With --budget: the budget applied to every exchange alike (uniform: lighter nodes, best on slow "
+                   "links), or the channels ranked over the whole model by score per byte (global: exchanges whose "
+                   "channels rank low send nothing, so fewer layers wait for messages: best on fast links; see "
+                   "docs/latency.md). Used by the one-shot selection and by fine-tuning.")
 @click.option("--use-labels", is_flag=True,
               help="Add the cross-entropy against the class subfolders of --data (their sorted order must be "
                    "the model's class order) to the distillation loss, and report accuracy.")
