@@ -4,17 +4,20 @@ ResNet-50 (zoo.build("resnet50", 224), input 1x3x224x224), N=2, rho=0.2, global 
 (disco-compile's defaults), exported with overlap and without (the exports of benchmarks/netbench.py,
 made in --work if missing). Node 1 runs
 `serve` in a process pinned to core 1, node 0 a DiscoClient in a process pinned to core 0, over
-loopback TCP (insecure: no CURVE), one onnxruntime thread each. Two modes per export:
+loopback TCP (insecure: no CURVE), one onnxruntime thread each. Each node runs its stages either
 
-  compute   the stages as exported;
-  cached    every stage session replaced by one that returns the outputs of its first run: the same
-            arrays every time, so the same messages, headers, checks and waits, without the compute.
-            What remains is the runtime: sending, receiving, checking and filing messages, and
-            waiting for the peer's runtime.
+  compute   as exported, or
+  cached    with every stage session replaced by one that returns the outputs of its first run: the
+            same arrays every time, so the same messages, headers, checks and waits, without the
+            compute;
+
+four modes per export: both compute; only node 0 computes; only node 1 computes; neither (what
+remains is the runtime: sending, receiving, checking and filing messages, and waiting for the
+peer's runtime).
 
 For each (export, mode), --rounds rounds, interleaved, of --reps sequential requests after 5 warm-up;
 reported: the median over all requests' latencies, node 0's CPU time per request (process time of
-its process), and, in cached mode, every send on node 0 timed around ZmqTransport's send of the
+its process), and, with neither node computing, every send on node 0 timed around ZmqTransport's send of the
 frames (wall time, and the CPU time of the calling thread), grouped by payload size. A send's wall
 time beyond its thread's CPU time is the ZeroMQ I/O thread and the kernel's TCP path, which run on
 the node's same core.
@@ -41,7 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _perfdoc  # noqa: E402
 
 EXPORTS = {"disco": "with overlap", "disco_no_overlap": "without overlap"}  # netbench's exports
-MODES = ("compute", "cached")
+MODES = {"both compute": ("compute", "compute"), "node 0 computes": ("compute", "cached"),
+         "node 1 computes": ("cached", "compute"), "neither computes": ("cached", "cached")}  # (node 0, node 1)
 SIZE_BINS = (0, 16_384, 65_536, 262_144, 1 << 40)  # payload bytes
 
 
@@ -116,10 +120,11 @@ def one_run(work: Path, export: str, mode: str, reps: int) -> dict:
     from disco_compile.runtime.network import free_ports
     ports = ",".join(map(str, free_ports(2)))
     me = [sys.executable, __file__]
-    node1 = subprocess.Popen(["taskset", "-c", "1", *me, "_node1", str(work / export), ports, mode],
+    mode0, mode1 = MODES[mode]
+    node1 = subprocess.Popen(["taskset", "-c", "1", *me, "_node1", str(work / export), ports, mode1],
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        client = subprocess.run(["taskset", "-c", "0", *me, "_client", str(work / export), ports, mode, str(reps),
+        client = subprocess.run(["taskset", "-c", "0", *me, "_client", str(work / export), ports, mode0, str(reps),
                                  str(work / "x.npy")], capture_output=True, text=True, timeout=600)
         if client.returncode != 0:
             raise RuntimeError(f"node 0 ({export}, {mode}) exited {client.returncode}:\n{client.stderr[-3000:]}")
@@ -142,20 +147,20 @@ def report(results: dict, args, cmd: str, load_start: str) -> str:
              f"start, {_perfdoc.load()} at the end.  ",
              f"Node 0 (DiscoClient) on core 0, node 1 (`serve`) on core 1, loopback TCP, insecure, one onnxruntime "
              f"thread; {args.rounds} interleaved rounds of {args.reps} sequential requests per row, after 5 warm-up "
-             f"each. cached: every stage returns its first run's outputs (no compute; the same messages and "
-             f"checks), so its latency is the runtime alone.", "",
+             f"each. A node that does not compute has every stage return its first run's outputs (the same "
+             f"messages and checks): with neither computing the latency is the runtime alone.", "",
              "| export | mode | median latency ms | node 0 CPU ms per request |", "|---|---|---|---|"]
     for export, how in EXPORTS.items():
         for mode in MODES:
             runs = results[(export, mode)]
             lat = [v for r in runs for v in r["lat"]]
             lines.append(f"| {how} | {mode} | {med(lat) * 1e3:.1f} | {med([r['cpu0'] for r in runs]) * 1e3:.1f} |")
-    lines += ["", "Sends on node 0, cached mode (every message of every timed request; wall: the call that hands "
+    lines += ["", "Sends on node 0, neither node computing (every message of every timed request; wall: the call that hands "
                   "the frames to ZeroMQ; CPU: the calling thread's):", "",
               "| export | payload bytes | sends per request | median wall us | median thread CPU us |",
               "|---|---|---|---|---|"]
     for export, how in EXPORTS.items():
-        runs = results[(export, "cached")]
+        runs = results[(export, "neither computes")]
         bins = defaultdict(list)
         for r in runs:
             for size, wall, cpu in r["sends"]:
