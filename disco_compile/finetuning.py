@@ -104,6 +104,7 @@ def _validate(model: nn.Module, data: Iterable, device, reference: nn.Module | N
     Unlabelled batches score the model against the reference's outputs (the reference then has no value)."""
     was_training = model.training
     model.eval()
+    score_reference = score_reference and reference is not None
     metric, ref_metric, against_reference = Metric(), Metric(), False
     for batch in data:
         x, y = split_batch(batch)
@@ -113,7 +114,7 @@ def _validate(model: nn.Module, data: Iterable, device, reference: nn.Module | N
                 raise DataError("validation data needs targets (pairs (inputs, target)) to measure quality")
             ref = main_output(reference(x))
             y, against_reference = (ref.argmax(1) if is_logits(ref) else ref), True
-        elif score_reference and reference is not None:
+        elif score_reference:
             ref_metric.add(reference(x), y.to(device))
         metric.add(model(x), y.to(device))
     model.train(was_training)
@@ -121,7 +122,7 @@ def _validate(model: nn.Module, data: Iterable, device, reference: nn.Module | N
         name = metric.name.replace("accuracy", "agreement with the teacher") if metric.name.startswith(
             "accuracy") else f"{metric.name} against the teacher"
         return name, metric.value(), None
-    return metric.name, metric.value(), ref_metric.value() if score_reference and reference is not None else None
+    return metric.name, metric.value(), ref_metric.value() if score_reference else None
 
 
 def evaluate_bundle(out_dir: str | os.PathLike, data: Iterable) -> tuple[str, float]:

@@ -692,12 +692,10 @@ class ZmqTransport(Transport):
             self._arrive(frames)
 
     def _pump_main(self) -> None:
-        monitors = zmq.Poller()
-        for m in self._monitors:
-            monitors.register(m, zmq.POLLIN)
-        everything = zmq.Poller()
+        monitors, everything = zmq.Poller(), zmq.Poller()
         everything.register(self._pull, zmq.POLLIN)
         for m in self._monitors:
+            monitors.register(m, zmq.POLLIN)
             everything.register(m, zmq.POLLIN)
         next_ping = 0.0
         try:
