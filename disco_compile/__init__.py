@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 
 from ._lazy import lazy_attributes
 from .errors import (BudgetError, BundleError, CheckpointMismatch, DataError, DiscoError, ExampleInputError,
-                     InputMismatch, MessageError, NodeFailure, PartitionError, PeerFailed, PeerTimeout, StageFailure,
-                     SubmoduleError, TraceFailure, TrainingDiverged)
+                     ExportedProgramError, InputMismatch, MessageError, NodeFailure, PartitionError, PeerFailed,
+                     PeerTimeout, StageFailure, SubmoduleError, TraceFailure, TrainingDiverged)
 
 if TYPE_CHECKING:
     from .cost import CostReport
@@ -26,7 +26,8 @@ _LAZY = {"transform": "model", "DiscoModel": "model", "DiscoSubmodel": "submodul
 
 __all__ = ["transform", "finetune", "export", "run_local", "DiscoModel", "DiscoSubmodel", "CostReport",
            "FinetuneResult", "DiscoError",
-           "TraceFailure", "ExampleInputError", "PartitionError", "BudgetError", "BundleError", "InputMismatch",
+           "TraceFailure", "ExampleInputError", "ExportedProgramError", "PartitionError", "BudgetError",
+           "BundleError", "InputMismatch",
            "MessageError", "PeerTimeout", "PeerFailed", "StageFailure", "NodeFailure", "DataError",
            "CheckpointMismatch", "TrainingDiverged", "SubmoduleError"]
 

@@ -54,7 +54,10 @@ def _user_frame(exc: BaseException) -> str | None:
 
 
 def trace(model: torch.nn.Module, leaf_modules: LeafSpec = ()) -> fx.GraphModule:
-    """Trace a deep copy of `model` in eval mode; the copy owns its own weights."""
+    """Trace a deep copy of `model` in eval mode; the copy owns its own weights.
+
+    A GraphModule whose submodule calls are all leaves (as exported.to_module makes) is a trace
+    already: its graph is kept as it is, with its node names."""
     leaf_types = tuple(x for x in leaf_modules if isinstance(x, type))
     leaf_names = frozenset(x for x in leaf_modules if isinstance(x, str))
     unknown = leaf_names - {name for name, _ in model.named_modules()}
@@ -63,6 +66,10 @@ def trace(model: torch.nn.Module, leaf_modules: LeafSpec = ()) -> fx.GraphModule
                            f"use qualified names as in model.named_modules(), e.g. 'layer1.0.conv1'")
     model = copy.deepcopy(model).eval()
     tracer = _LeafTracer(leaf_types, leaf_names)
+    if isinstance(model, fx.GraphModule) and all(
+            tracer.is_leaf_module(model.get_submodule(n.target), n.target)
+            for n in model.graph.nodes if n.op == "call_module"):
+        return fx.GraphModule(model, model.graph, type(model).__name__)
     try:
         graph = tracer.trace(model)
     except Exception as exc:  # torch.fx raises many exception types; all mean "not traceable"

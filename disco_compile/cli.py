@@ -1,8 +1,8 @@
 """`disco-compile`: the command line.
 
 Loads a model (a torchvision name built with random weights, a state_dict with
-an architecture name, or a trusted pickled module), runs `transform`, applies
-`set_budget` when asked, and prints the cost report. Every user error is one
+an architecture name, a torch.export program, or a trusted pickled module),
+runs `transform`, applies `set_budget` when asked, and prints the cost report. Every user error is one
 message on stderr and exit code 2; nothing is downloaded.
 
 Torchvision detectors do not trace whole: `--submodule backbone` splits their
@@ -32,7 +32,7 @@ import torchvision
 
 from tqdm import tqdm
 
-from . import data, finetuning, selection, zoo
+from . import data, exported, finetuning, selection, zoo
 
 from .cost import CostReport
 from .errors import DiscoError, ExampleInputError, TraceFailure
@@ -45,7 +45,7 @@ from .passes.partition import check_weights
 DEFAULT_SHAPE = (1, 3, 224, 224)
 LIST_MODELS = 'python -c "import torchvision; print(torchvision.models.list_models())"'
 RANDOM_WEIGHTS = "random weights (no pretrained weights are downloaded)"
-_FILE_SUFFIXES = (".pt", ".pth", ".pkl", ".bin", ".ckpt", ".tar")
+_FILE_SUFFIXES = (".pt", ".pt2", ".pth", ".pkl", ".bin", ".ckpt", ".tar")
 _SHOWN_KEYS = 8  # keys listed in a state_dict mismatch before "... and N more"
 
 # what a library error's advice means on the command line
@@ -178,11 +178,6 @@ def _load_file(path: str, trust_pickle: bool) -> object:
     """The object in a torch.save file: weights-only loading first; full unpickling only if trusted."""
     safer = ("save the weights with torch.save(model.state_dict(), 'model.pt') and give that file with "
              "--arch torchvision:NAME")
-    if path.endswith(".pt2"):
-        raise CliError(f"{path} is a torch.export ExportedProgram: its graph is made of ATen operators, and "
-                       f"disco-compile splits models traced from nn.Module code (Conv2d, Linear, ...), so it "
-                       f"cannot read .pt2 files yet; {safer}, or pass the module itself to "
-                       f"disco_compile.transform in Python")
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as exc:  # the file holds more than tensors, or is no pickle at all
@@ -248,7 +243,31 @@ def _load_into(name: str, sd: dict[str, torch.Tensor], path: str) -> nn.Module:
     return model
 
 
+def _from_program(path: str, arch: str | None, shape: tuple[int, ...] | None) -> Loaded:
+    """A torch.export program, its layers raised to modules (exported.py)."""
+    if arch is not None:
+        raise CliError(f"{path} is a torch.export program, which holds its architecture; --arch is only for "
+                       f"state_dict files: leave it out")
+    with _stage(f"reading the torch.export program {path}"):
+        program = exported.load(path)
+        shapes = exported.example_shapes(program)
+        if len(shapes) != 1:
+            raise CliError(f"{path} takes {len(shapes)} tensor inputs; on the command line a model takes one "
+                           f"(--input-shape); for more, call disco_compile.transform in Python")
+        if shape is not None and shapes[0] is not None and shape != shapes[0]:
+            raise CliError(f"{path} was exported for input shape {','.join(map(str, shapes[0]))}, not "
+                           f"--input-shape {','.join(map(str, shape))}: leave --input-shape out, or export the "
+                           f"program again with an input of that shape")
+        module = exported.to_module(program)
+    kept = module.kept_aten_ops
+    note = f"; ATen ops without a channel rule, run whole on every node: {', '.join(kept)}" if kept else ""
+    return Loaded(module, f"torch.export program {path}, layers raised to modules{note}",
+                  shape or shapes[0] or DEFAULT_SHAPE)
+
+
 def _from_file(path: str, arch: str | None, trust_pickle: bool, shape: tuple[int, ...] | None) -> Loaded:
+    if path.endswith(".pt2"):
+        return _from_program(path, arch, shape)
     shape = shape or DEFAULT_SHAPE
     with _stage(f"loading {path}"):
         obj = _load_file(path, trust_pickle)
@@ -396,8 +415,8 @@ def _finetune(disco, loaded: Loaded, data_dir: str, val_dir: str | None, budget:
                    "(AVX2; 16 on AVX-512 CPUs); 1 keeps exactly the budget's share of each exchange.")
 @click.option("--input-shape", callback=_parse_shape, metavar="N,C,H,W",
               help="Shape of the random normal example input used for tracing, batch first "
-                   "(default 1,3,224,224). A torchvision name's BatchNorm statistics are calibrated on "
-                   "images of this size.")
+                   "(default 1,3,224,224; a .pt2 program's: the shape it was exported with). A torchvision "
+                   "name's BatchNorm statistics are calibrated on images of this size.")
 @click.option("--arch", callback=_parse_arch, metavar="torchvision:NAME",
               help="Architecture of a state_dict MODEL file: a torchvision model built with weights=None, "
                    "then loaded with the file's weights (a 'module.' prefix from DataParallel is removed).")
@@ -472,7 +491,9 @@ def main(model: str, nodes: int, budget: float | None, input_shape: tuple[int, .
     split model is fine-tuned at the budget to recover the original's outputs before export.
 
     MODEL is a torchvision model name (built with random weights: nothing is downloaded),
-    a state_dict file with --arch, or a pickled whole module with --trust-pickle.
+    a state_dict file with --arch, a torch.export program (.pt2, from torch.export.save;
+    its input shape is the one it was exported with), or a pickled whole module with
+    --trust-pickle.
 
     \b
     Examples:
@@ -480,6 +501,7 @@ def main(model: str, nodes: int, budget: float | None, input_shape: tuple[int, .
       disco-compile resnet50 --nodes 2 --budget 0.2 --out shards/
       disco-compile resnet50 --nodes 2 --budget 0.2 --data images/ --steps 2000 --out shards/
       disco-compile weights.pt --arch torchvision:resnet18 --nodes 4 --json cost.json
+      disco-compile model.pt2 --nodes 2 --budget 0.2 --out shards/
       disco-compile retinanet_resnet50_fpn --submodule backbone --nodes 2 --input-shape 1,3,512,512
     """
     try:

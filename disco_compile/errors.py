@@ -13,6 +13,10 @@ class SubmoduleError(DiscoError, ValueError):
     """A submodule name (transform's `submodule`) that the model does not have."""
 
 
+class ExportedProgramError(DiscoError, ValueError):
+    """A torch.export program (.pt2) that cannot be read or raised to modules."""
+
+
 class ExampleInputError(DiscoError, ValueError):
     """The example inputs do not fit the model."""
 

@@ -15,6 +15,7 @@ import torch.nn as nn
 from . import cost, selection
 from .capture import LeafSpec, trace
 from .errors import PartitionError
+from .exported import to_module
 from .ir import PartitionPlan
 from .modules import SparseExchange
 from .passes.channel_flow import analyse
@@ -86,11 +87,12 @@ def _full_macs(gm: fx.GraphModule, node: fx.Node, batch: int) -> int:
     return 0
 
 
-def transform(model: nn.Module, nodes: int, example_inputs, *, node_weights: Sequence[float] | None = None,
-              leaf_modules: LeafSpec = (), input_on_all_nodes: bool = False,
-              submodule: str | None = None) -> DiscoModel | DiscoSubmodel:
+def transform(model: nn.Module | torch.export.ExportedProgram, nodes: int, example_inputs, *,
+              node_weights: Sequence[float] | None = None, leaf_modules: LeafSpec = (),
+              input_on_all_nodes: bool = False, submodule: str | None = None) -> DiscoModel | DiscoSubmodel:
     """Rewrite `model` into a DISCO model over `nodes` nodes with every gate on.
 
+    model: an nn.Module, or a torch.export ExportedProgram (raised to modules first: exported.py).
     example_inputs: a tensor or tuple of tensors (batch first) used for tracing shapes.
     node_weights: relative speed of each node; a node gets that share of every layer's channels.
     leaf_modules: module classes or qualified names that are not traced into.
@@ -100,6 +102,8 @@ def transform(model: nn.Module, nodes: int, example_inputs, *, node_weights: Seq
       is called with: a tuple of positional arguments, or one argument (a detector's list of images);
       leaf_modules are named inside the submodule. Returns a DiscoSubmodel.
     """
+    if isinstance(model, torch.export.ExportedProgram):
+        model = to_module(model)
     if submodule is not None:
         inner = find_submodule(model, submodule)
         disco = transform(inner, nodes, capture_inputs(model, submodule, example_inputs), node_weights=node_weights,

@@ -14,7 +14,8 @@ import torch.nn as nn
 import torchvision
 from click.testing import CliRunner
 
-from disco_compile import zoo
+from conftest import assert_close
+from disco_compile import transform, zoo
 from disco_compile.cli import main
 
 SMALL = ["--input-shape", "1,3,64,64"]  # resnet18 on 64x64 images: a whole torchvision model, fast on 2 cores
@@ -170,9 +171,12 @@ BAD = {
                                          "--leaf-module", "layer9"], ["['layer9']", "--leaf-module NAME"]),
     "node weights per node": (lambda tmp: ["resnet18", "--nodes", 2, "--node-weights", "1,2,3"],
                               ["node_weights has 3 entries but nodes=2"]),
-    "exported program": (lambda tmp: [_exported_file(tmp), "--nodes", 2],
-                         ["model.pt2 is a torch.export ExportedProgram", "cannot read .pt2 files yet",
-                          "--arch torchvision:NAME"]),
+    "program with --arch": (lambda tmp: [_exported_file(tmp), "--nodes", 2, "--arch", "torchvision:resnet18"],
+                            ["model.pt2 is a torch.export program", "--arch is only for state_dict files"]),
+    "program, other shape": (lambda tmp: [_exported_file(tmp), "--nodes", 2, "--input-shape", "1,3,16,16"],
+                             ["model.pt2 was exported for input shape 1,3,8,8", "not --input-shape 1,3,16,16"]),
+    "unreadable program": (lambda tmp: [tmp / "notes.pt2", "--nodes", 2],
+                           ["cannot read", "notes.pt2 as a torch.export program"]),
     "not a torch file": (lambda tmp: [tmp / "notes.pt", "--nodes", 2],
                          ["notes.pt cannot be read as a state_dict", "--trust-pickle"]),
     "not a torch file, trusted": (lambda tmp: [tmp / "notes.pt", "--nodes", 2, "--trust-pickle"],
@@ -183,12 +187,27 @@ BAD = {
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_input_is_a_clear_error(tmp_path, case):
     (tmp_path / "notes.pt").write_text("not a model")
+    (tmp_path / "notes.pt2").write_text("not a model")
     args, expected = BAD[case]
     result = invoke(*args(tmp_path))
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     for text in expected:
         assert text in result.stderr, f"{text!r} not in:\n{result.stderr}"
+
+
+def test_exported_program_compiles_and_exports(tmp_path):
+    from disco_compile import run_local
+    path, out = _exported_file(tmp_path), tmp_path / "shards"
+    result = invoke(path, "--nodes", 2, "--budget", 0.5, "--align", 1, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert f"model    torch.export program {path}, layers raised to modules\n" in result.stdout
+    assert "input    1x3x8x8" in result.stdout and "reading the torch.export program" in result.stderr
+    x = torch.randn(1, 3, 8, 8)
+    dm = transform(torch.export.load(path), 2, x).eval()
+    dm.set_budget(0.5, "global")
+    with torch.no_grad():
+        assert_close(torch.from_numpy(run_local(out, [x.numpy()])[0]), dm(x))
 
 
 def test_detector_backbone():
