@@ -53,6 +53,13 @@ run yet get a row saying so).
     python benchmarks/zoo.py --models resnet18,vit_b_32 --force
     python benchmarks/zoo.py --family detection       # only the detection models
     python benchmarks/zoo.py --report-only            # only rewrite docs/coverage.md
+    python benchmarks/zoo.py --program                # the same through torch.export programs
+
+With --program each classification and segmentation model is first exported
+with `torch.export.export(model, (x,))` and raised back to modules
+(`disco_compile.exported.to_module`, as disco-compile reads a .pt2 file); the
+check is the same, against the original model. Results go to
+benchmarks/results/zoo_program/ and docs/program_coverage.md.
 """
 from __future__ import annotations
 
@@ -76,6 +83,8 @@ import _perfdoc  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "zoo"
 REPORT = ROOT / "docs" / "coverage.md"
+PROGRAM_RESULTS = ROOT / "benchmarks" / "results" / "zoo_program"
+PROGRAM_REPORT = ROOT / "docs" / "program_coverage.md"
 RTOL, ATOL = 1e-4, 1e-5
 DEFAULT_NODES = (2, 4)
 DEFAULT_TIMEOUT = 600
@@ -211,12 +220,13 @@ def _replicated_summary(ops) -> list[dict]:
     return [{"target": t, "reason": r, "count": c, "example_node": first[(t, r)]} for (t, r), c in counts.items()]
 
 
-def run_worker(name: str, nodes: list[int], out_path: Path) -> None:
+def run_worker(name: str, nodes: list[int], out_path: Path, program: bool = False) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
     import torchvision
     from torch.utils import _pytree as pytree
     import disco_compile
+    from disco_compile.exported import to_module
     from disco_compile.submodule import capture_inputs
 
     torch.set_num_threads(1)
@@ -271,6 +281,16 @@ def run_worker(name: str, nodes: list[int], out_path: Path) -> None:
     result["size"] = int(pytree.tree_leaves(example)[0].shape[-1])
     result["params"] = sum(p.numel() for p in model.parameters())
     result["build_seconds"] = round(time.perf_counter() - t0, 2)
+    if program:  # the model as disco-compile reads a .pt2 file; `ref` stays the original model's output
+        t = time.perf_counter()
+        try:
+            model = to_module(torch.export.export(model, (example,)))
+        except Exception as exc:
+            result["state"] = "build_failed"
+            result["build_error"] = f"torch.export or exported.to_module: {type(exc).__name__}: " \
+                                    f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
+            return save()
+        result["program"] = {"kept_aten_ops": model.kept_aten_ops, "seconds": round(time.perf_counter() - t, 2)}
     save()
     split = {}  # transform's keyword arguments
     if result["family"] == "detection":
@@ -393,14 +413,14 @@ def _compiler_version() -> str:
     return (commit or "unknown") + (" + uncommitted changes to disco_compile/" if dirty else "")
 
 
-def run_one(name: str, nodes: list[int], timeout: float, results: Path) -> dict:
+def run_one(name: str, nodes: list[int], timeout: float, results: Path, program: bool = False) -> dict:
     final = results / f"{name}.json"
     partial = results / f"{name}.partial.json"
     log = results / f"{name}.log"
     partial.unlink(missing_ok=True)
     compiler = _compiler_version()
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--worker-out", str(partial),
-           "--nodes", ",".join(map(str, nodes))]
+           "--nodes", ",".join(map(str, nodes))] + (["--program"] if program else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     t = time.perf_counter()
     with open(log, "w") as err:
@@ -522,6 +542,10 @@ def _notes(data: dict | None, nodes: list[int]) -> str:
         notes.append(f"model's own fp32 output vs fp64: {fp64['own_structure']}")
     if data.get("family") == "segmentation":
         notes.append("built with weights_backbone=None")
+    if data.get("program"):
+        kept = data["program"]["kept_aten_ops"]
+        notes.append(f"exported and raised in {data['program']['seconds']:.0f} s"
+                     + (f"; ATen ops kept: {', '.join(kept)}" if kept else ""))
     if data.get("family") == "detection":
         notes += _backbone_notes(data, nodes)
     for n in nodes:
@@ -583,10 +607,11 @@ def _versions_line(versions: list[str]) -> str:
     return text
 
 
-def write_report(results: Path, report: Path, nodes: list[int], command: str) -> Counter:
+def write_report(results: Path, report: Path, nodes: list[int], command: str, program: bool = False) -> Counter:
     import torch
     import torchvision
-    models = all_models()
+    models = [(m, f) for m, f in all_models() if not (program and f == "detection")]
+    base = "python benchmarks/zoo.py" + (" --program" if program else "")
     data = {}
     for name, _ in models:
         try:
@@ -603,13 +628,18 @@ def write_report(results: Path, report: Path, nodes: list[int], command: str) ->
         sizes.setdefault((data[name] or {}).get("size"), []).append(name)
 
     lines = [
-        "# DISCO coverage of the torchvision model zoo",
+        "# DISCO coverage of the torchvision model zoo" + (", read as torch.export programs" if program else ""),
         "",
-        "Command: `python benchmarks/zoo.py` (per-model results cached in "
+        f"Command: `{base}` (per-model results cached in "
         f"`{results.relative_to(ROOT) if results.is_relative_to(ROOT) else results}`, "
-        "rerun everything with `python benchmarks/zoo.py --force`)"
-        + ("." if command == "python benchmarks/zoo.py" else f"; this report was last written by `{command}`."),
+        f"rerun everything with `{base} --force`)"
+        + ("." if command == base else f"; this report was last written by `{command}`."),
         "",
+        *(["- Program: each model is exported with `torch.export.export(model, (x,))` and raised back to "
+           "modules by `disco_compile.exported.to_module` (as `disco-compile MODEL.pt2` reads it), then "
+           "split and checked against the original model as in docs/coverage.md. ATen ops left as they are "
+           "(no module or function to raise them to) are in the notes. Detection models are not included "
+           "(disco-compile splits their backbone alone, a submodule a .pt2 does not keep)."] if program else []),
         f"- Date: report written {_dt.date.today().isoformat()}; results from "
         f"{dates[0][:16].replace('T', ' ') if dates else 'n/a'} to {dates[-1][:16].replace('T', ' ') if dates else 'n/a'}.",
         "- Compiler: " + _versions_line(versions) + ".",
@@ -634,12 +664,12 @@ def write_report(results: Path, report: Path, nodes: list[int], command: str) ->
         "gathered, op run whole on every node) are listed as `target ×count: reason` "
         "(counts per model at that N). A MISMATCH is flagged as noise when DISCO's max abs error is below "
         "the model's own fp32 error against a float64 evaluation of the same model.",
-        f"- Detection models: `transform(model, N, images, submodule={DETECTION_SUBMODULE!r})` splits the "
-        "backbone with its FPN; the rest of the detector runs whole in PyTorch (on node 0). The outputs "
-        "compared are the whole detector's (boxes, scores, labels; masks, keypoints). With random weights "
-        "many boxes score alike, so top-k and NMS can turn a rounding-level difference into swapped or "
-        "different detections: the notes also give the split backbone's outputs (FPN levels, on the "
-        "backbone's inputs captured from the example) against the original backbone's, same tolerances.",
+        *([f"- Detection models: `transform(model, N, images, submodule={DETECTION_SUBMODULE!r})` splits the "
+           "backbone with its FPN; the rest of the detector runs whole in PyTorch (on node 0). The outputs "
+           "compared are the whole detector's (boxes, scores, labels; masks, keypoints). With random weights "
+           "many boxes score alike, so top-k and NMS can turn a rounding-level difference into swapped or "
+           "different detections: the notes also give the split backbone's outputs (FPN levels, on the "
+           "backbone's inputs captured from the example) against the original backbone's, same tolerances."] if not program else []),
         "",
         "## Summary",
         "",
@@ -682,22 +712,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="rerun models that already have cached results")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
                    help="per-model subprocess timeout in seconds (default: %(default)s)")
-    p.add_argument("--results", type=Path, default=RESULTS, help="per-model JSON cache (default: %(default)s)")
-    p.add_argument("--report", type=Path, default=REPORT, help="coverage table to write (default: %(default)s)")
+    p.add_argument("--results", type=Path, help=f"per-model JSON cache (default: {RESULTS.relative_to(ROOT)})")
+    p.add_argument("--report", type=Path, help=f"coverage table to write (default: {REPORT.relative_to(ROOT)})")
     p.add_argument("--report-only", action="store_true", help="only rewrite the report from cached results")
     p.add_argument("--order", choices=["size", "name"], default="size",
                    help="run order: smallest estimated work first (default) or alphabetical")
+    p.add_argument("--program", action="store_true",
+                   help="read each model as a torch.export program (classification and segmentation models); "
+                        f"results in {PROGRAM_RESULTS.relative_to(ROOT)}, report {PROGRAM_REPORT.relative_to(ROOT)}")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     nodes = [int(n) for n in args.nodes.split(",") if n.strip()]
+    args.results = args.results or (PROGRAM_RESULTS if args.program else RESULTS)
+    args.report = args.report or (PROGRAM_REPORT if args.program else REPORT)
 
     if args.worker:
-        run_worker(args.worker, nodes, args.worker_out)
+        run_worker(args.worker, nodes, args.worker_out, args.program)
         return 0
 
     from tqdm import tqdm
-    known = [m for m, f in all_models() if args.family is None or f in args.family]
+    known = [m for m, f in all_models() if (args.family is None or f in args.family)
+             and not (args.program and f == "detection")]
     if args.models:
         names = [m.strip() for m in args.models.split(",") if m.strip()]
         unknown = [m for m in names if m not in known]
@@ -716,12 +752,12 @@ def main(argv: list[str] | None = None) -> int:
         bar = tqdm(todo, desc="zoo", unit="model", dynamic_ncols=True)
         for name in bar:
             bar.set_postfix_str(name)
-            data = run_one(name, nodes, args.timeout, args.results)
+            data = run_one(name, nodes, args.timeout, args.results, args.program)
             bar.write(f"{name:32s} " + "  ".join(f"N={n}: {_cell(data, n)[:70]}" for n in nodes)
                       + f"  ({data.get('wall_seconds', 0):.0f} s)")
-            write_report(args.results, args.report, nodes, command)  # partial results stay readable
+            write_report(args.results, args.report, nodes, command, args.program)  # partial results stay readable
         bar.close()
-    counts = write_report(args.results, args.report, nodes, command)
+    counts = write_report(args.results, args.report, nodes, command, args.program)
     print(f"wrote {args.report}: " + ", ".join(f"{s}: {counts[s]}" for s in STATUS_ORDER if counts[s]))
     return 0
 
