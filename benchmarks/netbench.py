@@ -2,8 +2,15 @@
 
 Two network namespaces (one per node) joined by a veth pair, 10.77.0.1/24 (node 0) and
 10.77.0.2/24 (node 1), addresses that exist only inside those namespaces. Each direction is
-shaped with `tc qdisc add dev VETH root tbf rate R burst 32kbit latency 400ms` for R in
-1gbit, 100mbit, and also left unshaped. Node 0's process is pinned with `taskset -c 0`, node 1's
+shaped with `tc qdisc add dev VETH root tbf rate R burst B latency 400ms` for R in
+1gbit, 100mbit, and also left unshaped. B (--burst) is 1 ms of data at the rate by default
+(125000 bytes at 1 Gbit/s): tc-tbf(8) asks for at least rate/HZ to reach the rate, and a bucket
+smaller than one TCP segmentation-offload packet (64 KB) makes tbf cut every such packet into
+1448-byte segments in software, each then received and acknowledged alone, work that runs on the
+nodes' own cores (about 9 ms of CPU per MB here, against 0.3 unshaped) where a real NIC would do it.
+The bucket's cost is a head start: after an idle spell its first B bytes pass at once. Each rate
+also gets a message-time probe (MESSAGE_SIZES sent after an idle spell) that shows the head start
+against the time at the rate. Node 0's process is pinned with `taskset -c 0`, node 1's
 with `taskset -c 1`. onnxruntime one thread per node.
 
 Workloads (ResNet-50, 1x3x224x224, zoo.build("resnet50", 224), N=2):
@@ -51,6 +58,8 @@ VETH = ("dbveth0", "dbveth1")
 ADDR = ("10.77.0.1", "10.77.0.2")
 PORTS = (47100, 47101)
 RATES = {"unshaped": None, "1gbit": 1e9, "100mbit": 1e8}
+MESSAGE_SIZES = (16 << 10, 64 << 10, 160 << 10, 512 << 10, 2 << 20)  # bytes; netbench's messages: 8 KB to 1.6 MB
+WIRE = 1514 / 1448  # bytes tbf counts per payload byte of a full-size TCP segment (Ethernet, IP, TCP headers)
 SPLITS = ("dense", "disco", "dense_no_overlap", "disco_no_overlap", "disco_uniform", "disco_uniform_no_overlap")
 WORKLOADS = ("whole", *SPLITS)
 LABEL = {"whole": "whole model (1 node)", "dense": "dense split (rho=1)", "disco": "DISCO rho=0.2",
@@ -225,6 +234,54 @@ def child_sink(port: int) -> None:
     c.close()
 
 
+def child_echo(port: int) -> None:
+    """Node 1 of the message-time probe: for each message (an 8-byte length, then that many bytes), read
+    it whole, then answer one byte."""
+    import socket
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((ADDR[1], port))
+    srv.listen(1)
+    c, _ = srv.accept()
+    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buf = bytearray(1 << 20)
+    while True:
+        head = c.recv(8, socket.MSG_WAITALL)
+        if len(head) < 8:
+            break
+        left = int.from_bytes(head, "little")
+        while left:
+            left -= c.recv_into(buf, min(left, len(buf)))
+        c.sendall(b"k")
+    c.close()
+
+
+def child_message_times(port: int, reps: int) -> None:
+    """Node 0 of the probe: the time from sending a message of each size in MESSAGE_SIZES (after 20 ms with
+    the link idle) to the one-byte answer that node 1 sends once it holds the whole message; median of reps."""
+    import socket
+    for _ in range(100):
+        try:
+            c = socket.create_connection((ADDR[1], port))
+            break
+        except OSError:
+            time.sleep(0.05)
+    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    times = {}
+    for size in MESSAGE_SIZES:
+        data = size.to_bytes(8, "little") + b"\0" * size
+        t = []
+        for _ in range(reps + 2):
+            time.sleep(0.02)
+            t0 = time.perf_counter()
+            c.sendall(data)
+            c.recv(1)
+            t.append(time.perf_counter() - t0)
+        times[size] = statistics.median(t[2:])
+    c.close()
+    print(json.dumps({"times": times}))
+
+
 def child_source(port: int, mbytes: int) -> None:
     import socket
     for _ in range(100):
@@ -260,13 +317,20 @@ def setup_net() -> None:
         sh(["ip", "-n", ns, "link", "set", "lo", "up"])
 
 
-def shape(rate: str) -> list[str]:
+def burst_bytes(burst: str, rate: str) -> int:
+    """tbf's bucket: a size in bytes (e.g. 4000), or a time of data at the link rate (e.g. 1ms)."""
+    if burst.endswith("ms"):
+        return int(RATES[rate] / 8 * float(burst[:-2]) / 1e3)
+    return int(burst)
+
+
+def shape(rate: str, burst: str) -> list[str]:
     cmds = []
     for ns, dev in zip(NS, VETH):
         sh(["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", dev, "root"], check=False)
         if RATES[rate] is not None:
-            cmd = ["tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate, "burst", "32kbit",
-                   "latency", "400ms"]
+            cmd = ["tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate, "burst",
+                   f"{burst_bytes(burst, rate)}b", "latency", "400ms"]
             sh(["ip", "netns", "exec", ns] + cmd)
             cmds.append(f"ip netns exec {ns} " + " ".join(cmd))
     return cmds
@@ -287,6 +351,16 @@ def run_child(k: int, argv: list[str], timeout: float) -> dict:
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} exited {p.returncode}:\n{err[-3000:]}")
     return json.loads(out.strip().splitlines()[-1])
+
+
+def message_times(reps: int) -> dict:
+    echo = subprocess.Popen(in_ns(1, [PY, __file__, "_echo", str(PORTS[1] + 11)]), cwd=ROOT)
+    CHILDREN.append(echo)
+    try:
+        return run_child(0, [PY, __file__, "_message_times", str(PORTS[1] + 11), str(reps)], 300)["times"]
+    finally:
+        echo.wait(10)
+        CHILDREN.remove(echo)
 
 
 def link_rate(rate: str) -> float:
@@ -360,6 +434,8 @@ def main() -> None:
     ap.add_argument("--compute-reps", type=int, default=15)
     ap.add_argument("--rates", default="unshaped,1gbit,100mbit")
     ap.add_argument("--workloads", default=",".join(WORKLOADS), help="a subset of " + ",".join(WORKLOADS))
+    ap.add_argument("--burst", default="1ms",
+                    help="tbf bucket: bytes (e.g. 4000), or a time of data at the link rate (default: %(default)s)")
     ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "latency.md")
     args = ap.parse_args()
     unknown = set(args.workloads.split(",")) - set(WORKLOADS)
@@ -382,13 +458,16 @@ def main() -> None:
                          cwd=ROOT).stdout.strip().splitlines()[-1])
     print(json.dumps(comp), flush=True)
     results = {"compute": comp, "bytes": {wl: schedule_bytes(work, wl) for wl in SPLITS},
-               "runs": {}, "tc": {}, "link": {}}
+               "runs": {}, "tc": {}, "link": {}, "message_times": {}}
     try:
         setup_net()
         for rate in args.rates.split(","):
-            results["tc"][rate] = shape(rate)
+            results["tc"][rate] = shape(rate, args.burst)
             results["link"][rate] = link_rate(rate)
-            print(f"[{rate}] TCP bulk rate {results['link'][rate] / 1e6:.0f} Mbit/s", flush=True)
+            results["message_times"][rate] = message_times(20)
+            print(f"[{rate}] TCP bulk rate {results['link'][rate] / 1e6:.0f} Mbit/s; message times (ms) "
+                  + ", ".join(f"{int(k) >> 10} KB {v * 1e3:.2f}" for k, v in results["message_times"][rate].items()),
+                  flush=True)
             for wl in args.workloads.split(","):
                 t0 = time.time()
                 if wl == "whole":
@@ -423,6 +502,26 @@ def bound(results, wl, rate) -> float:
     if RATES[rate] is None:
         return c
     return max(c, max(results["bytes"][wl].values()) * 8 / RATES[rate])
+
+
+def message_table(results, burst: str) -> list[str]:
+    times = results.get("message_times", {})
+    if "unshaped" not in times:
+        return []
+    shaped = [r for r in times if RATES[r] is not None]
+    lines = ["Message time (ms): a message sent after 20 ms of idle link until node 1 holds all of it and its "
+             "one-byte answer is back, median of 20. \"at rate\": the unshaped time plus the message on the wire "
+             "(payload x 1514/1448 for the Ethernet, IP and TCP headers) at the link rate: what a link that "
+             "never sends faster than its rate takes. tbf bucket (--burst): "
+             + (f"{burst} of data at the rate." if burst.endswith("ms") else f"{burst} bytes."), "",
+             "| message | unshaped | " + " | ".join(f"{r} | {r} at rate" for r in shaped) + " |",
+             "|---|---|" + "---|---|" * len(shaped)]
+    for size, base in times["unshaped"].items():
+        cells = [f"{int(size) / 1024:.0f} KB", f"{base * 1e3:.2f}"]
+        for r in shaped:
+            cells += [f"{times[r][size] * 1e3:.2f}", f"{(base + int(size) * WIRE * 8 / RATES[r]) * 1e3:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def write_doc(results, args) -> None:
@@ -475,6 +574,7 @@ def write_doc(results, args) -> None:
                   for wl in SPLITS) + ".", "",
               "Measured TCP bulk rate node0->node1 (one connection, Python sockets): " + ", ".join(
                   f"{r} {v / 1e6:.0f} Mbit/s" for r, v in results["link"].items()) + ".", "",
+              *message_table(results, args.burst),
               "## Goals", ""]
 
     def ratio(a, b, rate):
@@ -526,5 +626,9 @@ if __name__ == "__main__":
             child_sink(int(rest[0]))
         elif cmd == "_source":
             child_source(int(rest[0]), int(rest[1]))
+        elif cmd == "_echo":
+            child_echo(int(rest[0]))
+        elif cmd == "_message_times":
+            child_message_times(int(rest[0]), int(rest[1]))
     else:
         main()

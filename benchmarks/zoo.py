@@ -635,11 +635,12 @@ def write_report(results: Path, report: Path, nodes: list[int], command: str, pr
         f"rerun everything with `{base} --force`)"
         + ("." if command == base else f"; this report was last written by `{command}`."),
         "",
-        *(["- Program: each model is exported with `torch.export.export(model, (x,))` and raised back to "
-           "modules by `disco_compile.exported.to_module` (as `disco-compile MODEL.pt2` reads it), then "
-           "split and checked against the original model as in docs/coverage.md. ATen ops left as they are "
-           "(no module or function to raise them to) are in the notes. Detection models are not included "
-           "(disco-compile splits their backbone alone, a submodule a .pt2 does not keep)."] if program else []),
+        *(["- Program: each model is exported with `torch.export.export(model, (x,))` and raised back "
+           "to modules by `disco_compile.exported.to_module` (as `disco-compile MODEL.pt2` reads it), "
+           "then split and checked against the original model as in docs/coverage.md. ATen ops left as "
+           "they are (no module or function to raise them to) are in the notes. Detection models are not "
+           "included (disco-compile splits their backbone alone, a submodule a .pt2 does not keep)."]
+          if program else []),
         f"- Date: report written {_dt.date.today().isoformat()}; results from "
         f"{dates[0][:16].replace('T', ' ') if dates else 'n/a'} to {dates[-1][:16].replace('T', ' ') if dates else 'n/a'}.",
         "- Compiler: " + _versions_line(versions) + ".",

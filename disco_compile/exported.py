@@ -14,6 +14,7 @@ and everything else as torch-level functions. `to_module` functionalises the pro
     aten.relu(x), aten.add(a, b), aten.max_pool2d(x, ...), aten.cat(...) ... -> the torch function with
                                                                            the same arguments (_FUNCTIONS)
     aten.expand(x, sizes)                                               -> x.expand(sizes)
+    aten.upsample_{nearest,bilinear,bicubic}2d(x, size, [align,] scale) -> F.interpolate
     aten.select(x, d, i), aten.slice(x, d, start, end, step)           -> x[..., i], x[..., start:end:step]
     aten.clone(x), aten.alias(x)                                        -> x (a graph without mutation)
 
@@ -55,6 +56,8 @@ _FUNCTIONS: dict[object, Callable] = {
     aten.unsqueeze.default: torch.unsqueeze, aten.squeeze.dim: torch.squeeze, aten.softmax.int: torch.softmax,
 }
 _METHODS = {aten.expand.default: "expand"}
+_RESIZES = {aten.upsample_nearest2d.vec: "nearest", aten.upsample_bilinear2d.vec: "bilinear",
+            aten.upsample_bicubic2d.vec: "bicubic"}
 _COPIES = (aten.clone.default, aten.alias.default)
 _CONVS = {aten.conv1d.default: nn.Conv1d, aten.conv2d.default: nn.Conv2d, aten.conv3d.default: nn.Conv3d,
           aten.conv1d.padding: nn.Conv1d, aten.conv2d.padding: nn.Conv2d, aten.conv3d.padding: nn.Conv3d}
@@ -99,6 +102,7 @@ class _Raiser:
         self.attrs: dict[str, object] = {}  # qualified name -> module or tensor of the new root
         self.env: dict[fx.Node, object] = {}
         self.kept: list[str] = []  # ATen ops left as they are
+        self.layers: dict[tuple, str] = {}  # a layer's op, weights and arguments -> its module's name
 
     def tensor(self, node: object) -> torch.Tensor | None:
         if node is None:
@@ -116,9 +120,13 @@ class _Raiser:
         return name
 
     def module(self, node: fx.Node, m: nn.Module, *weights: object) -> fx.Node:
-        name = self.name_for(*weights)
-        self.attrs[name] = m.eval()
-        return self.graph.call_module(name, (self.arg(node.args[0]),))
+        """A call of module m; a layer called again with the same weights and arguments calls the same module."""
+        given = (*node.args[1:], *node.kwargs.values())
+        key = (node.target, *(a.target if isinstance(a, fx.Node) else a for a in given))
+        if key not in self.layers:
+            self.layers[key] = self.name_for(*weights)
+            self.attrs[self.layers[key]] = m.eval()
+        return self.graph.call_module(self.layers[key], (self.arg(node.args[0]),))
 
     def arg(self, a):
         def one(x):
@@ -179,6 +187,14 @@ class _Raiser:
         return self.graph.create_node("call_function", operator.getitem, (self.arg(x), (slice(None),) * dim + (key,)),
                                       name=_readable_name(node))
 
+    def resize(self, node: fx.Node) -> fx.Node:
+        x, size, *rest = node.args
+        align_corners, scale = (None, rest[0]) if node.target is aten.upsample_nearest2d.vec else rest
+        kwargs = {"size": size} if size is not None else {"scale_factor": scale}
+        kwargs.update(mode=_RESIZES[node.target], align_corners=align_corners)
+        return self.graph.create_node("call_function", F.interpolate, (self.arg(x),), self.arg(kwargs),
+                                      name=_readable_name(node))
+
     def raise_node(self, node: fx.Node) -> object:
         t = node.target
         if t in _CONVS:
@@ -191,6 +207,8 @@ class _Raiser:
             return self.norm(node)
         if t in (aten.select.int, aten.slice.Tensor):
             return self.index(node)
+        if t in _RESIZES:
+            return self.resize(node)
         if t in _COPIES:
             return self.arg(node.args[0])
         if t in _FUNCTIONS:

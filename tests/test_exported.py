@@ -53,6 +53,18 @@ class GroupNormNet(nn.Module):
         return self.out(F.silu(self.norm(self.conv(x))))
 
 
+class Upsampling(nn.Module):
+    """Resizes by a scale and to a size (aten.upsample_*2d.vec: F.interpolate)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = F.interpolate(self.a(x), scale_factor=2, mode="bilinear", align_corners=False)
+        return self.b(y) + F.interpolate(self.a(x), size=y.shape[-2:], mode="nearest")[:, :4]
+
+
 class Cumulative(nn.Module):
     """torch.cumsum over channels has no channel rule: it stays an ATen op and runs whole on every node."""
 
@@ -64,7 +76,8 @@ class Cumulative(nn.Module):
         return self.b(torch.cumsum(self.a(x), dim=1))
 
 
-NETS = [(ResNetLike, (1, 3, 32, 32)), (TokenNet, (2, 3, 16, 16)), (GroupNormNet, (1, 4, 12))]
+NETS = [(ResNetLike, (1, 3, 32, 32)), (TokenNet, (2, 3, 16, 16)), (GroupNormNet, (1, 4, 12)),
+        (Upsampling, (1, 3, 8, 8))]
 
 
 def _program(net, shape):
