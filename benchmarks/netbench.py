@@ -35,6 +35,7 @@ onnxruntime thread, no network, pre-captured inputs), bytes per inference in the
 
 Run:  sudo .venv/bin/python benchmarks/netbench.py [--work /tmp/netbench] [--reps 30] [--pipe 40]
       [--rates unshaped,1gbit,100mbit] [--workloads whole,dense,...]   (subsets for a quick look)
+      [--burst 1ms] [--rates unshaped,1gbit,1gbit@4000]   (the same link with another tbf bucket)
 Writes docs/latency.md (results table and the commands) and WORK/results.json.
 """
 from __future__ import annotations
@@ -44,6 +45,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import signal
 import statistics
 import subprocess
@@ -317,20 +319,28 @@ def setup_net() -> None:
         sh(["ip", "-n", ns, "link", "set", "lo", "up"])
 
 
-def burst_bytes(burst: str, rate: str) -> int:
-    """tbf's bucket: a size in bytes (e.g. 4000), or a time of data at the link rate (e.g. 1ms)."""
+def link_bps(link: str) -> float | None:
+    """A link's rate in bit/s (None: unshaped). A link is a RATES name, optionally with its own tbf bucket
+    after an @ (1gbit@4000: a 4000-byte bucket instead of --burst)."""
+    return RATES[link.partition("@")[0]]
+
+
+def burst_bytes(link: str, burst: str) -> int:
+    """tbf's bucket: link's own after an @, else `burst`; a size in bytes (4000) or a time of data at the link
+    rate (1ms)."""
+    burst = link.partition("@")[2] or burst
     if burst.endswith("ms"):
-        return int(RATES[rate] / 8 * float(burst[:-2]) / 1e3)
+        return int(link_bps(link) / 8 * float(burst[:-2]) / 1e3)
     return int(burst)
 
 
-def shape(rate: str, burst: str) -> list[str]:
+def shape(link: str, burst: str) -> list[str]:
     cmds = []
     for ns, dev in zip(NS, VETH):
         sh(["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", dev, "root"], check=False)
-        if RATES[rate] is not None:
-            cmd = ["tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate, "burst",
-                   f"{burst_bytes(burst, rate)}b", "latency", "400ms"]
+        if link_bps(link) is not None:
+            cmd = ["tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", link.partition("@")[0], "burst",
+                   f"{burst_bytes(link, burst)}b", "latency", "400ms"]
             sh(["ip", "netns", "exec", ns] + cmd)
             cmds.append(f"ip netns exec {ns} " + " ".join(cmd))
     return cmds
@@ -432,12 +442,19 @@ def main() -> None:
     ap.add_argument("--pipe", type=int, default=40)
     ap.add_argument("--inflight", type=int, default=4)
     ap.add_argument("--compute-reps", type=int, default=15)
-    ap.add_argument("--rates", default="unshaped,1gbit,100mbit")
+    ap.add_argument("--rates", default="unshaped,1gbit,100mbit",
+                    help="links to measure: unshaped, 1gbit, 100mbit, each optionally with its own tbf bucket "
+                         "after an @ (1gbit@4000)")
     ap.add_argument("--workloads", default=",".join(WORKLOADS), help="a subset of " + ",".join(WORKLOADS))
     ap.add_argument("--burst", default="1ms",
                     help="tbf bucket: bytes (e.g. 4000), or a time of data at the link rate (default: %(default)s)")
     ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "latency.md")
     args = ap.parse_args()
+    bad = [r for r in args.rates.split(",") if r.partition("@")[0] not in RATES
+           or not re.fullmatch(r"(\d+|\d+(\.\d+)?ms)?", r.partition("@")[2] or args.burst)]
+    if bad:
+        ap.error(f"--rates/--burst: cannot read {', '.join(bad)}; a rate is one of {', '.join(RATES)}, "
+                 f"optionally with @BURST (bytes, or e.g. 1ms)")
     unknown = set(args.workloads.split(",")) - set(WORKLOADS)
     if unknown:
         ap.error(f"--workloads: unknown {', '.join(sorted(unknown))}; choose from {', '.join(WORKLOADS)}")
@@ -499,27 +516,27 @@ def bound(results, wl, rate) -> float:
     if wl == "whole":
         return comp["whole"]
     c = max(comp[f"{wl}0"], comp[f"{wl}1"])
-    if RATES[rate] is None:
+    if link_bps(rate) is None:
         return c
-    return max(c, max(results["bytes"][wl].values()) * 8 / RATES[rate])
+    return max(c, max(results["bytes"][wl].values()) * 8 / link_bps(rate))
 
 
 def message_table(results, burst: str) -> list[str]:
     times = results.get("message_times", {})
     if "unshaped" not in times:
         return []
-    shaped = [r for r in times if RATES[r] is not None]
+    shaped = [r for r in times if link_bps(r) is not None]
     lines = ["Message time (ms): a message sent after 20 ms of idle link until node 1 holds all of it and its "
              "one-byte answer is back, median of 20. \"at rate\": the unshaped time plus the message on the wire "
              "(payload x 1514/1448 for the Ethernet, IP and TCP headers) at the link rate: what a link that "
-             "never sends faster than its rate takes. tbf bucket (--burst): "
-             + (f"{burst} of data at the rate." if burst.endswith("ms") else f"{burst} bytes."), "",
+             "never sends faster than its rate takes. tbf bucket: " + "; ".join(
+                 f"{r} {burst_bytes(r, burst)} bytes" for r in shaped) + ".", "",
              "| message | unshaped | " + " | ".join(f"{r} | {r} at rate" for r in shaped) + " |",
              "|---|---|" + "---|---|" * len(shaped)]
     for size, base in times["unshaped"].items():
         cells = [f"{int(size) / 1024:.0f} KB", f"{base * 1e3:.2f}"]
         for r in shaped:
-            cells += [f"{times[r][size] * 1e3:.2f}", f"{(base + int(size) * WIRE * 8 / RATES[r]) * 1e3:.2f}"]
+            cells += [f"{times[r][size] * 1e3:.2f}", f"{(base + int(size) * WIRE * 8 / link_bps(r)) * 1e3:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines + [""]
 
@@ -528,7 +545,7 @@ def write_doc(results, args) -> None:
     def p90(v):
         v = sorted(v)
         return v[int(0.9 * (len(v) - 1))]
-    rates = [r for r in RATES if any(k.endswith("/" + r) for k in results["runs"])]
+    rates = [r for r in results["tc"] if any(k.endswith("/" + r) for k in results["runs"])]
     lines = ["# Latency over a network: ResNet-50 on 2 nodes", "",
              f"Measured {datetime.date.today().isoformat()} by `benchmarks/netbench.py` on {platform.node()}: "
              f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
@@ -584,8 +601,10 @@ def write_doc(results, args) -> None:
     for disco, dense, how in (("disco", "dense", "with overlap"), ("disco_no_overlap", "dense_no_overlap",
                               "without overlap"), ("disco_uniform", "dense", "uniform allocation, with overlap"),
                               ("disco_uniform_no_overlap", "dense_no_overlap", "uniform allocation, without overlap")):
-        for a, b, rate, goal in ((disco, dense, "100mbit", ">= 4x"), (disco, dense, "1gbit", ">= 4x"),
-                                 (disco, "whole", "1gbit", "> 1x (faster)"), (disco, "whole", "unshaped", ">= 1.8x")):
+        goals = ((dense, "100mbit", ">= 4x"), (dense, "1gbit", ">= 4x"), ("whole", "1gbit", "> 1x (faster)"),
+                 ("whole", "unshaped", ">= 1.8x"))
+        for a, b, rate, goal in ((disco, b, link, goal) for b, base, goal in goals for link in rates
+                                 if link.partition("@")[0] == base):
             r = ratio(a, b, rate)
             if r:
                 lines.append(f"- {how}: DISCO vs {'dense' if b == dense else b} at {rate}: latency {r[0]:.2f}x "

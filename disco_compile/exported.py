@@ -54,6 +54,7 @@ _FUNCTIONS: dict[object, Callable] = {
     aten.flatten.using_ints: torch.flatten, aten.permute.default: torch.permute, aten.transpose.int: torch.transpose,
     aten.split.Tensor: torch.split, aten.split_with_sizes.default: torch.split,
     aten.unsqueeze.default: torch.unsqueeze, aten.squeeze.dim: torch.squeeze, aten.softmax.int: torch.softmax,
+    aten.pad.default: F.pad, aten.roll.default: torch.roll,
 }
 _METHODS = {aten.expand.default: "expand"}
 _RESIZES = {aten.upsample_nearest2d.vec: "nearest", aten.upsample_bilinear2d.vec: "bilinear",

@@ -45,12 +45,14 @@ class TokenNet(nn.Module):
 
 
 class GroupNormNet(nn.Module):
+    """Conv1d, GroupNorm, SiLU, padding and a roll."""
+
     def __init__(self):
         super().__init__()
         self.conv, self.norm, self.out = nn.Conv1d(4, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.Conv1d(8, 4, 1)
 
     def forward(self, x):
-        return self.out(F.silu(self.norm(self.conv(x))))
+        return self.out(torch.roll(F.pad(F.silu(self.norm(self.conv(x))), (1, 2)), 1, -1))
 
 
 class Upsampling(nn.Module):
