@@ -3,15 +3,20 @@
 Two network namespaces (one per node) joined by a veth pair, 10.77.0.1/24 (node 0) and
 10.77.0.2/24 (node 1), addresses that exist only inside those namespaces. Each direction is
 shaped with `tc qdisc add dev VETH root tbf rate R burst B latency 400ms` for R in
-1gbit, 100mbit, and also left unshaped. B (--burst) is 1 ms of data at the rate by default
-(125000 bytes at 1 Gbit/s): tc-tbf(8) asks for at least rate/HZ to reach the rate, and a bucket
-smaller than one TCP segmentation-offload packet (64 KB) makes tbf cut every such packet into
-1448-byte segments in software, each then received and acknowledged alone, work that runs on the
-nodes' own cores (about 9 ms of CPU per MB here, against 0.3 unshaped) where a real NIC would do it.
-The bucket's cost is a head start: after an idle spell its first B bytes pass at once. Each rate
-also gets a message-time probe (MESSAGE_SIZES sent after an idle spell) that shows the head start
-against the time at the rate. Node 0's process is pinned with `taskset -c 0`, node 1's
-with `taskset -c 1`. onnxruntime one thread per node.
+1gbit, 100mbit, and also left unshaped, with TCP segmentation-offload packets capped at G bytes
+(`ip link set dev VETH gso_max_size G`): SHAPING gives B and G per rate. A TSO packet larger than
+the bucket is cut by tbf into 1448-byte segments in software, each then received and acknowledged
+alone: work on the nodes' own cores (about 9 ms of CPU per MB measured here, 0.3 unshaped) that a
+real NIC does in hardware, and the rate tbf reaches drops (TCP 850 Mbit/s at 1 Gbit/s with a
+4000-byte bucket). A bucket holds a head start: after an idle spell its B bytes pass at once. So at
+1 Gbit/s TSO packets are capped at 16 KB and the bucket holds one (18000 bytes, 0.14 ms of data;
+TCP reaches 940-950 Mbit/s, as on a real gigabit link); at 100 Mbit/s the bucket is 4000 bytes
+(0.32 ms) and packets are segmented in software, behind a link that is busy most of the time. A
+link may name other values: 1gbit@4000 (bucket 4000, TSO packets uncapped, the setting of earlier
+runs) or 1gbit@18000/16384. Each link also gets a message-time probe (MESSAGE_SIZES sent after an
+idle spell) that shows the head start and any pacing loss against the time at the rate.
+Node 0's process is pinned with `taskset -c 0`, node 1's with `taskset -c 1`. onnxruntime one
+thread per node.
 
 Workloads (ResNet-50, 1x3x224x224, zoo.build("resnet50", 224), N=2):
   whole   the original model exported with torch.onnx.export(dynamo=False, opset 17), timed with
@@ -35,7 +40,7 @@ onnxruntime thread, no network, pre-captured inputs), bytes per inference in the
 
 Run:  sudo .venv/bin/python benchmarks/netbench.py [--work /tmp/netbench] [--reps 30] [--pipe 40]
       [--rates unshaped,1gbit,100mbit] [--workloads whole,dense,...]   (subsets for a quick look)
-      [--burst 1ms] [--rates unshaped,1gbit,1gbit@4000]   (the same link with another tbf bucket)
+      [--rates unshaped,1gbit,1gbit@4000]   (the same rate with another tbf bucket)
 Writes docs/latency.md (results table and the commands) and WORK/results.json.
 """
 from __future__ import annotations
@@ -61,6 +66,8 @@ ADDR = ("10.77.0.1", "10.77.0.2")
 PORTS = (47100, 47101)
 RATES = {"unshaped": None, "1gbit": 1e9, "100mbit": 1e8}
 MESSAGE_SIZES = (16 << 10, 64 << 10, 160 << 10, 512 << 10, 2 << 20)  # bytes; netbench's messages: 8 KB to 1.6 MB
+SHAPING = {"1gbit": (18000, 16384), "100mbit": (4000, 65536)}  # tbf bucket, gso_max_size (bytes); see above
+GSO_DEFAULT = 65536  # veth's own TSO packet cap
 WIRE = 1514 / 1448  # bytes tbf counts per payload byte of a full-size TCP segment (Ethernet, IP, TCP headers)
 SPLITS = ("dense", "disco", "dense_no_overlap", "disco_no_overlap", "disco_uniform", "disco_uniform_no_overlap")
 WORKLOADS = ("whole", *SPLITS)
@@ -320,27 +327,31 @@ def setup_net() -> None:
 
 
 def link_bps(link: str) -> float | None:
-    """A link's rate in bit/s (None: unshaped). A link is a RATES name, optionally with its own tbf bucket
-    after an @ (1gbit@4000: a 4000-byte bucket instead of --burst)."""
+    """A link's rate in bit/s (None: unshaped). A link is RATE[@B[/G]]: a RATES name, optionally with its own
+    tbf bucket B and TSO packet cap G in bytes."""
     return RATES[link.partition("@")[0]]
 
 
-def burst_bytes(link: str, burst: str) -> int:
-    """tbf's bucket: link's own after an @, else `burst`; a size in bytes (4000) or a time of data at the link
-    rate (1ms)."""
-    burst = link.partition("@")[2] or burst
-    if burst.endswith("ms"):
-        return int(link_bps(link) / 8 * float(burst[:-2]) / 1e3)
-    return int(burst)
+def link_shaping(link: str) -> tuple[int, int]:
+    """(tbf bucket bytes, gso_max_size) of a shaped link."""
+    rate, _, own = link.partition("@")
+    if not own:
+        return SHAPING[rate]
+    burst, _, gso = own.partition("/")
+    return int(burst), int(gso or GSO_DEFAULT)
 
 
-def shape(link: str, burst: str) -> list[str]:
+def shape(link: str) -> list[str]:
     cmds = []
+    burst, gso = link_shaping(link) if link_bps(link) is not None else (None, GSO_DEFAULT)
     for ns, dev in zip(NS, VETH):
         sh(["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", dev, "root"], check=False)
-        if link_bps(link) is not None:
+        cap = ["ip", "-n", ns, "link", "set", "dev", dev, "gso_max_size", str(gso)]
+        sh(cap)
+        if burst is not None:
             cmd = ["tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", link.partition("@")[0], "burst",
-                   f"{burst_bytes(link, burst)}b", "latency", "400ms"]
+                   f"{burst}b", "latency", "400ms"]
+            cmds.append(" ".join(cap))
             sh(["ip", "netns", "exec", ns] + cmd)
             cmds.append(f"ip netns exec {ns} " + " ".join(cmd))
     return cmds
@@ -446,15 +457,13 @@ def main() -> None:
                     help="links to measure: unshaped, 1gbit, 100mbit, each optionally with its own tbf bucket "
                          "after an @ (1gbit@4000)")
     ap.add_argument("--workloads", default=",".join(WORKLOADS), help="a subset of " + ",".join(WORKLOADS))
-    ap.add_argument("--burst", default="1ms",
-                    help="tbf bucket: bytes (e.g. 4000), or a time of data at the link rate (default: %(default)s)")
     ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "latency.md")
     args = ap.parse_args()
     bad = [r for r in args.rates.split(",") if r.partition("@")[0] not in RATES
-           or not re.fullmatch(r"(\d+|\d+(\.\d+)?ms)?", r.partition("@")[2] or args.burst)]
+           or not re.fullmatch(r"(\d+(/\d+)?)?", r.partition("@")[2]) or ("@" in r and RATES[r.split("@")[0]] is None)]
     if bad:
-        ap.error(f"--rates/--burst: cannot read {', '.join(bad)}; a rate is one of {', '.join(RATES)}, "
-                 f"optionally with @BURST (bytes, or e.g. 1ms)")
+        ap.error(f"--rates: cannot read {', '.join(bad)}; a link is one of {', '.join(RATES)}, a shaped one "
+                 f"optionally with @BUCKET or @BUCKET/GSO_MAX_SIZE in bytes (1gbit@4000)")
     unknown = set(args.workloads.split(",")) - set(WORKLOADS)
     if unknown:
         ap.error(f"--workloads: unknown {', '.join(sorted(unknown))}; choose from {', '.join(WORKLOADS)}")
@@ -479,7 +488,7 @@ def main() -> None:
     try:
         setup_net()
         for rate in args.rates.split(","):
-            results["tc"][rate] = shape(rate, args.burst)
+            results["tc"][rate] = shape(rate)
             results["link"][rate] = link_rate(rate)
             results["message_times"][rate] = message_times(20)
             print(f"[{rate}] TCP bulk rate {results['link'][rate] / 1e6:.0f} Mbit/s; message times (ms) "
@@ -521,7 +530,7 @@ def bound(results, wl, rate) -> float:
     return max(c, max(results["bytes"][wl].values()) * 8 / link_bps(rate))
 
 
-def message_table(results, burst: str) -> list[str]:
+def message_table(results) -> list[str]:
     times = results.get("message_times", {})
     if "unshaped" not in times:
         return []
@@ -529,8 +538,8 @@ def message_table(results, burst: str) -> list[str]:
     lines = ["Message time (ms): a message sent after 20 ms of idle link until node 1 holds all of it and its "
              "one-byte answer is back, median of 20. \"at rate\": the unshaped time plus the message on the wire "
              "(payload x 1514/1448 for the Ethernet, IP and TCP headers) at the link rate: what a link that "
-             "never sends faster than its rate takes. tbf bucket: " + "; ".join(
-                 f"{r} {burst_bytes(r, burst)} bytes" for r in shaped) + ".", "",
+             "never sends faster than its rate takes. tbf bucket and TSO packet cap (bytes): " + "; ".join(
+                 f"{r} {link_shaping(r)[0]}, {link_shaping(r)[1]}" for r in shaped) + ".", "",
              "| message | unshaped | " + " | ".join(f"{r} | {r} at rate" for r in shaped) + " |",
              "|---|---|" + "---|---|" * len(shaped)]
     for size, base in times["unshaped"].items():
@@ -591,7 +600,7 @@ def write_doc(results, args) -> None:
                   for wl in SPLITS) + ".", "",
               "Measured TCP bulk rate node0->node1 (one connection, Python sockets): " + ", ".join(
                   f"{r} {v / 1e6:.0f} Mbit/s" for r, v in results["link"].items()) + ".", "",
-              *message_table(results, args.burst),
+              *message_table(results),
               "## Goals", ""]
 
     def ratio(a, b, rate):
@@ -619,7 +628,7 @@ def write_doc(results, args) -> None:
               "ip link add dbveth0 netns discobench0 type veth peer name dbveth1 netns discobench1",
               "ip -n discobench0 addr add 10.77.0.1/24 dev dbveth0; ip -n discobench1 addr add 10.77.0.2/24 dev dbveth1",
               "ip -n discobench{0,1} link set dbveth{0,1} up",
-              *sorted({c for cs in results["tc"].values() for c in cs}),
+              *[line for link, cs in results["tc"].items() if cs for line in (f"# {link}", *cs)],
               "# peers.yaml: 0: 10.77.0.1:47100 / 1: 10.77.0.2:47101",
               f"ip netns exec discobench1 taskset -c 1 .venv/bin/disco-run OUT --node 1 --peers peers.yaml --insecure "
               f"--timeout {TIMEOUT} --connect-timeout 60 --threads 1",
