@@ -453,6 +453,9 @@ def main() -> None:
     ap.add_argument("--pipe", type=int, default=40)
     ap.add_argument("--inflight", type=int, default=4)
     ap.add_argument("--compute-reps", type=int, default=15)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the workloads of each link this many times in turn, pooling their latencies (the "
+                         "machine's speed drifts: interleaving compares workloads under the same drift)")
     ap.add_argument("--rates", default="unshaped,1gbit,100mbit",
                     help="links to measure: unshaped, 1gbit, 100mbit, each optionally with its own tbf bucket "
                          "after an @ (1gbit@4000)")
@@ -494,16 +497,16 @@ def main() -> None:
             print(f"[{rate}] TCP bulk rate {results['link'][rate] / 1e6:.0f} Mbit/s; message times (ms) "
                   + ", ".join(f"{int(k) >> 10} KB {v * 1e3:.2f}" for k, v in results["message_times"][rate].items()),
                   flush=True)
-            for wl in args.workloads.split(","):
+            for k, wl in ((k, wl) for k in range(args.rounds) for wl in args.workloads.split(",")):
                 t0 = time.time()
                 if wl == "whole":
                     r = run_child(1, [PY, __file__, "_whole", str(work), str(args.reps), str(args.pipe)], 600)
                 else:
                     r = run_disco(work, wl, args)
                 r["wall_s"] = time.time() - t0
-                results["runs"][f"{wl}/{rate}"] = r
+                results["runs"][f"{wl}/{rate}"] = pooled(results["runs"].get(f"{wl}/{rate}"), r)
                 lat = sorted(r["lat"])
-                print(f"[{rate}] {wl}: median {statistics.median(lat) * 1e3:.1f} ms, "
+                print(f"[{rate}] round {k + 1} {wl}: median {statistics.median(lat) * 1e3:.1f} ms, "
                       f"p90 {lat[int(0.9 * (len(lat) - 1))] * 1e3:.1f} ms, {r['tput']:.2f}/s "
                       f"({r['wall_s']:.0f} s)", flush=True)
                 (work / "results.json").write_text(json.dumps(results, indent=1))
@@ -518,6 +521,15 @@ def main() -> None:
         cleanup()
     (work / "results.json").write_text(json.dumps(results, indent=1))
     write_doc(results, args)
+
+
+def pooled(before: dict | None, r: dict) -> dict:
+    """One workload's results over rounds: every latency; throughput and CPU per inference averaged."""
+    if before is None:
+        return dict(r, rounds=[r])
+    rounds = before["rounds"] + [r]
+    return dict(r, rounds=rounds, lat=[x for q in rounds for x in q["lat"]],
+                **{k: statistics.mean(q[k] for q in rounds) for k in ("tput", "cpu0", "cpu1", "wall_s") if k in r})
 
 
 def bound(results, wl, rate) -> float:
@@ -636,7 +648,9 @@ def write_doc(results, args) -> None:
               f"{args.reps} {args.pipe} {args.inflight}   # DiscoClient(max_in_flight={args.inflight})",
               f"ip netns exec discobench1 taskset -c 1 python benchmarks/netbench.py _whole WORK {args.reps} {args.pipe}",
               "```", "", f"Latency: {args.reps} sequential requests after 5 warm-up; throughput: {args.pipe} requests "
-              f"submitted at once, {args.inflight} in flight (whole model: back to back).", ""]
+              f"submitted at once, {args.inflight} in flight (whole model: back to back)"
+              + (f"; each link's workloads run {args.rounds} times in turn, the latencies pooled and the "
+                 f"throughputs and CPU times averaged" if args.rounds > 1 else "") + ".", ""]
     args.doc.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

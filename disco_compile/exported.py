@@ -81,17 +81,17 @@ def load(path: str | os.PathLike) -> torch.export.ExportedProgram:
         quiet.setLevel(level)
 
 
+def _inputs(ep: torch.export.ExportedProgram) -> list[object]:
+    """The example value (a fake tensor, or another object) of each input the program's caller gives."""
+    vals = {n.name: n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder"}
+    return [vals[s.arg.name] for s in ep.graph_signature.input_specs
+            if s.kind == torch.export.graph_signature.InputKind.USER_INPUT]
+
+
 def example_shapes(ep: torch.export.ExportedProgram) -> list[tuple[int, ...] | None]:
-    """Each tensor input's shape as exported; None where a dimension is dynamic."""
-    shapes = []
-    for spec in ep.graph_signature.input_specs:
-        if spec.kind != torch.export.graph_signature.InputKind.USER_INPUT:
-            continue
-        val = next(n for n in ep.graph.nodes if n.name == spec.arg.name).meta.get("val")
-        if isinstance(val, torch.Tensor):
-            dims = tuple(val.shape)
-            shapes.append(dims if all(isinstance(d, int) for d in dims) else None)
-    return shapes
+    """Each input's shape as exported; None where a dimension is dynamic (or the input is no tensor)."""
+    return [tuple(v.shape) if isinstance(v, torch.Tensor) and all(isinstance(d, int) for d in v.shape) else None
+            for v in _inputs(ep)]
 
 
 class _Raiser:
@@ -276,24 +276,23 @@ def _assign(m: nn.Module, **tensors: torch.Tensor | None) -> None:
                 getattr(m, name).copy_(t)
 
 
-def to_module(ep: torch.export.ExportedProgram, *, check: bool = True) -> fx.GraphModule:
+def to_module(ep: torch.export.ExportedProgram) -> fx.GraphModule:
     """An nn.Module (a GraphModule) computing what `ep` computes, with its layers as modules (see above).
 
-    Its `kept_aten_ops` lists the ATen ops left as they are. check: compare against `ep` on random
-    inputs of the exported shapes (where all are static), to 1e-4 relative."""
-    if any(s.kind == torch.export.graph_signature.InputKind.USER_INPUT and not isinstance(
-            next(n for n in ep.graph.nodes if n.name == s.arg.name).meta.get("val"), torch.Tensor)
-           for s in ep.graph_signature.input_specs):
+    Its `kept_aten_ops` lists the ATen ops left as they are. Checked against `ep` on random inputs of the
+    exported shapes and dtypes (where all are static), to 1e-4 relative."""
+    vals = _inputs(ep)
+    if not all(isinstance(v, torch.Tensor) for v in vals):
         raise ExportedProgramError("the program takes inputs other than tensors; disco-compile reads programs "
                                    "whose inputs are tensors")
     source = ep.run_decompositions({}).module()
     raiser = _Raiser(source)
     gm = raiser.run(ep.module_call_graph[0].signature.out_spec)
     gm.kept_aten_ops = sorted(set(raiser.kept))
-    shapes = example_shapes(ep)
-    if check and all(s is not None for s in shapes):
+    if all(s is not None for s in example_shapes(ep)):
         g = torch.Generator().manual_seed(0)
-        inputs = [torch.randn(s, generator=g) for s in shapes]
+        inputs = [torch.randn(v.shape, generator=g, dtype=v.dtype) if v.is_floating_point()
+                  else torch.zeros(v.shape, dtype=v.dtype) for v in vals]
         with torch.no_grad():
             want, got = ep.module()(*inputs), gm(*inputs)
         for a, b in zip(pytree.tree_leaves(want), pytree.tree_leaves(got)):
