@@ -379,6 +379,13 @@ def _finetune(disco, loaded: Loaded, data_dir: str, val_dir: str | None, budget:
               align: int, use_labels: bool, checkpoint_dir: str | None, resume: bool, device: str, seed: int,
               workers: int) -> FinetuneResult:
     size = tuple(loaded.shape[-2:])
+    fixed = getattr(loaded.model, "fixed_batch", None)
+    if fixed is not None:
+        raise CliError(f"the torch.export program computes batches of {fixed} only (it was exported with a "
+                       f"static batch size, and shapes such as a flatten's view keep it); fine-tuning trains on "
+                       f"batches of --batch-size: export the model again with a dynamic batch dimension, "
+                       f"torch.export.export(model, (x,), dynamic_shapes=({{0: torch.export.Dim('batch')}},)), "
+                       f"or compile without --data")
     if len(loaded.shape) != 4 or loaded.shape[1] != 3:
         raise CliError(f"--data holds RGB images, but the model's input shape is {loaded.shape}: fine-tuning "
                        f"from an image folder needs N,3,H,W")

@@ -280,7 +280,9 @@ def to_module(ep: torch.export.ExportedProgram) -> fx.GraphModule:
     """An nn.Module (a GraphModule) computing what `ep` computes, with its layers as modules (see above).
 
     Its `kept_aten_ops` lists the ATen ops left as they are. Checked against `ep` on random inputs of the
-    exported shapes and dtypes (where all are static), to 1e-4 relative."""
+    exported shapes and dtypes (where all are static), to 1e-4 relative. `fixed_batch` is the exported
+    batch size when the module fails on twice that batch (a program exported with a static batch keeps
+    shapes such as view(x, [1, 2048])), else None."""
     vals = _inputs(ep)
     if not all(isinstance(v, torch.Tensor) for v in vals):
         raise ExportedProgramError("the program takes inputs other than tensors; disco-compile reads programs "
@@ -289,10 +291,11 @@ def to_module(ep: torch.export.ExportedProgram) -> fx.GraphModule:
     raiser = _Raiser(source)
     gm = raiser.run(ep.module_call_graph[0].signature.out_spec)
     gm.kept_aten_ops = sorted(set(raiser.kept))
-    if all(s is not None for s in example_shapes(ep)):
+    gm.fixed_batch = None
+    shapes = example_shapes(ep)
+    if all(s is not None for s in shapes):
         g = torch.Generator().manual_seed(0)
-        inputs = [torch.randn(v.shape, generator=g, dtype=v.dtype) if v.is_floating_point()
-                  else torch.zeros(v.shape, dtype=v.dtype) for v in vals]
+        inputs = [_random(s, v.dtype, g) for s, v in zip(shapes, vals)]
         with torch.no_grad():
             want, got = ep.module()(*inputs), gm(*inputs)
         for a, b in zip(pytree.tree_leaves(want), pytree.tree_leaves(got)):
@@ -300,4 +303,14 @@ def to_module(ep: torch.export.ExportedProgram) -> fx.GraphModule:
                 raise ExportedProgramError(f"raising the program to modules changed its output (max abs "
                                            f"difference {(a - b).abs().max().item():.3g}); please report this "
                                            f"with the .pt2 file")
+        if all(len(s) > 0 for s in shapes):
+            try:
+                with torch.no_grad():
+                    gm(*(_random((2 * s[0], *s[1:]), v.dtype, g) for s, v in zip(shapes, vals)))
+            except Exception:  # any failure at another batch size means the program fixed its batch
+                gm.fixed_batch = shapes[0][0]
     return gm
+
+
+def _random(shape: tuple[int, ...], dtype: torch.dtype, g: torch.Generator) -> torch.Tensor:
+    return torch.randn(shape, generator=g, dtype=dtype) if dtype.is_floating_point else torch.zeros(shape, dtype=dtype)

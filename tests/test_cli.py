@@ -210,6 +210,15 @@ def test_exported_program_compiles_and_exports(tmp_path):
         assert_close(torch.from_numpy(run_local(out, [x.numpy()])[0]), dm(x))
 
 
+def test_program_with_a_static_batch_is_not_fine_tuned(tmp_path):
+    flat = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 14 * 14, 4)).eval()
+    path = tmp_path / "flat.pt2"
+    torch.export.save(torch.export.export(flat, (torch.randn(1, 3, 16, 16),)), path)
+    result = invoke(path, "--nodes", 2, "--data", _image_folder(tmp_path / "images"), "--steps", 2, "--workers", 0)
+    assert result.exit_code == 2, result.output
+    assert "computes batches of 1 only" in result.stderr and "dynamic_shapes=" in result.stderr
+
+
 def test_detector_backbone():
     """A detector by name, its backbone split: the report covers the backbone (its export: test_submodule.py)."""
     result = invoke("fasterrcnn_mobilenet_v3_large_fpn", "--nodes", 2, "--submodule", "backbone",

@@ -139,6 +139,15 @@ def test_program_through_onnx_shards(tmp_path):
     assert_shards_match(transform(program, 2, x), x, tmp_path / "shards", rho=0.2)
 
 
+def test_a_static_batch_is_detected():
+    torch.manual_seed(0)
+    flat = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10)).eval()
+    conv = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    assert exported.to_module(torch.export.export(flat, (x,))).fixed_batch == 1  # view(x, [1, 288])
+    assert exported.to_module(torch.export.export(conv, (x,))).fixed_batch is None
+
+
 def test_dynamic_batch_program():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10)).eval()
@@ -147,6 +156,7 @@ def test_dynamic_batch_program():
     assert exported.example_shapes(program) == [None]
     raised = exported.to_module(program)
     assert raised.kept_aten_ops == []  # the batch size it reads (aten.sym_size) is no op to split
+    assert raised.fixed_batch is None
     with torch.no_grad():
         assert_close(transform(program, 2, x)(x[:1]), model(x[:1]), what="another batch size")
 
