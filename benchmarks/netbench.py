@@ -52,6 +52,7 @@ import os
 import platform
 import re
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -227,13 +228,27 @@ def child_client(out: Path, peers: Path, work: Path, reps: int, pipe: int, infli
                       "pipe_maxdiff": float(max(np.abs(o[0] - ys[0][0]).max() for o in ys))}))
 
 
-def child_sink(port: int) -> None:
-    import socket
+def _accept(port: int):
+    """The first connection to node 1's port (the probes' server side)."""
     srv = socket.socket()
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.bind((ADDR[1], port))
     srv.listen(1)
-    c, _ = srv.accept()
+    return srv.accept()[0]
+
+
+def _connect(port: int):
+    """A connection from node 0 to node 1's port, retried while node 1 starts listening."""
+    for _ in range(100):
+        try:
+            return socket.create_connection((ADDR[1], port))
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"node 1 does not listen on port {port}")
+
+
+def child_sink(port: int) -> None:
+    c = _accept(port)
     n = 0
     while True:
         b = c.recv(1 << 20)
@@ -246,12 +261,7 @@ def child_sink(port: int) -> None:
 def child_echo(port: int) -> None:
     """Node 1 of the message-time probe: for each message (an 8-byte length, then that many bytes), read
     it whole, then answer one byte."""
-    import socket
-    srv = socket.socket()
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind((ADDR[1], port))
-    srv.listen(1)
-    c, _ = srv.accept()
+    c = _accept(port)
     c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     buf = bytearray(1 << 20)
     while True:
@@ -268,13 +278,7 @@ def child_echo(port: int) -> None:
 def child_message_times(port: int, reps: int) -> None:
     """Node 0 of the probe: the time from sending a message of each size in MESSAGE_SIZES (after 20 ms with
     the link idle) to the one-byte answer that node 1 sends once it holds the whole message; median of reps."""
-    import socket
-    for _ in range(100):
-        try:
-            c = socket.create_connection((ADDR[1], port))
-            break
-        except OSError:
-            time.sleep(0.05)
+    c = _connect(port)
     c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     times = {}
     for size in MESSAGE_SIZES:
@@ -292,13 +296,7 @@ def child_message_times(port: int, reps: int) -> None:
 
 
 def child_source(port: int, mbytes: int) -> None:
-    import socket
-    for _ in range(100):
-        try:
-            c = socket.create_connection((ADDR[1], port))
-            break
-        except OSError:
-            time.sleep(0.05)
+    c = _connect(port)
     buf = b"\0" * (1 << 20)
     t0 = time.perf_counter()
     for _ in range(mbytes):

@@ -2,8 +2,9 @@
 
 Loads a model (a torchvision name built with random weights, a state_dict with
 an architecture name, a torch.export program, or a trusted pickled module),
-runs `transform`, applies `set_budget` when asked, and prints the cost report. Every user error is one
-message on stderr and exit code 2; nothing is downloaded.
+runs `transform`, applies `set_budget` when asked, and prints the cost report.
+Every user error is one message on stderr and exit code 2; nothing is
+downloaded.
 
 Torchvision detectors do not trace whole: `--submodule backbone` splits their
 backbone alone (the rest runs on node 0), and their example input is a list of
