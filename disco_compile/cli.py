@@ -263,7 +263,7 @@ def _from_program(path: str, arch: str | None, shape: tuple[int, ...] | None) ->
     kept = module.kept_aten_ops
     note = f"; ATen ops without a channel rule, run whole on every node: {', '.join(kept)}" if kept else ""
     return Loaded(module, f"torch.export program {path}, layers raised to modules{note}",
-                  shape or shapes[0] or DEFAULT_SHAPE)
+                  shape or exported.example_shapes(program, hinted=True)[0] or DEFAULT_SHAPE)
 
 
 def _from_file(path: str, arch: str | None, trust_pickle: bool, shape: tuple[int, ...] | None) -> Loaded:
@@ -423,7 +423,7 @@ def _finetune(disco, loaded: Loaded, data_dir: str, val_dir: str | None, budget:
                    "(AVX2; 16 on AVX-512 CPUs); 1 keeps exactly the budget's share of each exchange.")
 @click.option("--input-shape", callback=_parse_shape, metavar="N,C,H,W",
               help="Shape of the random normal example input used for tracing, batch first "
-                   "(default 1,3,224,224; a .pt2 program's: the shape it was exported with). A torchvision "
+                   "(default 1,3,224,224; a .pt2 program's: the shape of its example). A torchvision "
                    "name's BatchNorm statistics are calibrated on images of this size.")
 @click.option("--arch", callback=_parse_arch, metavar="torchvision:NAME",
               help="Architecture of a state_dict MODEL file: a torchvision model built with weights=None, "

@@ -88,10 +88,13 @@ def _inputs(ep: torch.export.ExportedProgram) -> list[object]:
             if s.kind == torch.export.graph_signature.InputKind.USER_INPUT]
 
 
-def example_shapes(ep: torch.export.ExportedProgram) -> list[tuple[int, ...] | None]:
-    """Each input's shape as exported; None where a dimension is dynamic (or the input is no tensor)."""
-    return [tuple(v.shape) if isinstance(v, torch.Tensor) and all(isinstance(d, int) for d in v.shape) else None
-            for v in _inputs(ep)]
+def example_shapes(ep: torch.export.ExportedProgram, *, hinted: bool = False) -> list[tuple[int, ...] | None]:
+    """Each input's shape as exported; None where a dimension is dynamic (or the input is no tensor), or with
+    `hinted` the size that dimension had in the example the program was exported with."""
+    def size(d):
+        return d if isinstance(d, int) else d.node.hint if hinted else None
+    shapes = [tuple(size(d) for d in v.shape) if isinstance(v, torch.Tensor) else None for v in _inputs(ep)]
+    return [s if s is not None and None not in s else None for s in shapes]
 
 
 class _Raiser:

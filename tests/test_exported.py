@@ -154,6 +154,7 @@ def test_dynamic_batch_program():
     x = torch.randn(2, 3, 8, 8)
     program = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
     assert exported.example_shapes(program) == [None]
+    assert exported.example_shapes(program, hinted=True) == [(2, 3, 8, 8)]
     raised = exported.to_module(program)
     assert raised.kept_aten_ops == []  # the batch size it reads (aten.sym_size) is no op to split
     assert raised.fixed_batch is None
