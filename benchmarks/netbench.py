@@ -69,6 +69,7 @@ RATES = {"unshaped": None, "1gbit": 1e9, "100mbit": 1e8}
 MESSAGE_SIZES = (16 << 10, 64 << 10, 160 << 10, 512 << 10, 2 << 20)  # bytes; netbench's messages: 8 KB to 1.6 MB
 SHAPING = {"1gbit": (18000, 16384), "100mbit": (4000, 65536)}  # tbf bucket, gso_max_size (bytes); see above
 GSO_DEFAULT = 65536  # veth's own TSO packet cap
+PROBE_REPS = 20  # messages of each size in the message-time probe
 WIRE = 1514 / 1448  # bytes tbf counts per payload byte of a full-size TCP segment (Ethernet, IP, TCP headers)
 SPLITS = ("dense", "disco", "dense_no_overlap", "disco_no_overlap", "disco_uniform", "disco_uniform_no_overlap")
 WORKLOADS = ("whole", *SPLITS)
@@ -491,7 +492,7 @@ def main() -> None:
         for rate in args.rates.split(","):
             results["tc"][rate] = shape(rate)
             results["link"][rate] = link_rate(rate)
-            results["message_times"][rate] = message_times(20)
+            results["message_times"][rate] = message_times(PROBE_REPS)
             print(f"[{rate}] TCP bulk rate {results['link'][rate] / 1e6:.0f} Mbit/s; message times (ms) "
                   + ", ".join(f"{int(k) >> 10} KB {v * 1e3:.2f}" for k, v in results["message_times"][rate].items()),
                   flush=True)
@@ -546,8 +547,8 @@ def message_table(results) -> list[str]:
         return []
     shaped = [r for r in times if link_bps(r) is not None]
     lines = ["Message time (ms): a message sent after 20 ms of idle link until node 1 holds all of it and its "
-             "one-byte answer is back, median of 20. \"at rate\": the shortest unshaped time (the round trip itself) plus "
-             "the message on the wire (payload x 1514/1448 for the Ethernet, IP and TCP headers) at the link rate: "
+             f"one-byte answer is back, median of {PROBE_REPS}. \"at rate\": the shortest unshaped time (the round "
+             "trip itself) plus the message on the wire (payload x 1514/1448 for the Ethernet, IP and TCP headers) at the link rate: "
              "what a link that never sends faster than its rate takes. tbf bucket and TSO packet cap (bytes): "
              + "; ".join(
                  f"{r} {link_shaping(r)[0]}, {link_shaping(r)[1]}" for r in shaped) + ".", "",

@@ -113,7 +113,7 @@ class _Raiser:
             return None
         if not (isinstance(node, fx.Node) and node.op == "get_attr"):
             raise _Keep  # a weight computed in the graph: the op stays as it is
-        return _getattr_path(self.source, node.target)
+        return operator.attrgetter(node.target)(self.source)
 
     def name_for(self, *weights: object) -> str:
         source = next((w for w in weights if isinstance(w, fx.Node)), None)
@@ -137,7 +137,7 @@ class _Raiser:
             if not isinstance(x, fx.Node):
                 return x
             if x not in self.env and x.op == "get_attr":
-                self.attrs[x.target] = _getattr_path(self.source, x.target)
+                self.attrs[x.target] = operator.attrgetter(x.target)(self.source)
                 self.env[x] = self.graph.get_attr(x.target)
             return self.env[x]
         return fx.map_arg(a, one)
@@ -265,11 +265,6 @@ def _readable_name(node: fx.Node) -> str:
         return op
     name = path.replace(".", "_")
     return name if cls.startswith("torch.nn.modules.") else f"{name}_{op}"
-
-
-def _getattr_path(root: nn.Module, target: str):
-    prefix, _, name = target.rpartition(".")
-    return getattr(root.get_submodule(prefix), name)
 
 
 def _assign(m: nn.Module, **tensors: torch.Tensor | None) -> None:

@@ -340,7 +340,7 @@ class NodeBuilder:
         if n.op == "placeholder":
             return self.placeholder(n)
         if n.op == "get_attr":
-            value = _getattr_path(self.low.gm, n.target)
+            value = operator.attrgetter(n.target)(self.low.gm)
             if isinstance(value, torch.Tensor):
                 self.env[n.name] = Local(self.const(n.target, value))
             else:
@@ -560,7 +560,7 @@ class NodeBuilder:
         if held and all(h is None or h.op == "get_attr" for h in held) and any(h is not None for h in held):
             def constant(a: fx.Node):
                 loc = self.env[a.name]
-                return loc.value if loc.node is None else _getattr_path(self.root, loc.node.target)
+                return loc.value if loc.node is None else operator.attrgetter(loc.node.target)(self.root)
             with torch.no_grad():
                 value = _call_like(n, module, *fx.node.map_arg((n.args, n.kwargs), constant))
             self.env[n.name] = Local(self.const(n.name, value))
@@ -733,7 +733,7 @@ class NodeBuilder:
         if a is None or isinstance(a, torch.Tensor):
             return a
         if isinstance(a, fx.Node) and a.op == "get_attr":
-            return _getattr_path(self.low.gm, a.target)
+            return operator.attrgetter(a.target)(self.low.gm)
         raise LoweringError(f"a normalisation whose weight is computed ('{a}'); not lowered yet")
 
     # ------------------------------------------------------------ data movement
@@ -1041,13 +1041,6 @@ def _gather_positions(expected: torch.Tensor, held: torch.Tensor, src: torch.Ten
     if bool((pos < 0).any()) or not torch.equal(rows[pos], want):
         return None
     return pos
-
-
-def _getattr_path(root: nn.Module, target: str):
-    obj = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _is_marker(n: fx.Node) -> bool:
