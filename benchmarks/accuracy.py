@@ -118,7 +118,7 @@ HEADER = """\
 # Accuracy against communication budget
 
 Written by `benchmarks/accuracy.py`, one section per task (each run rewrites only the sections of
-the tasks it ran). For each task an original model is trained once (seed 0); for N in {2, 4} and
+the tasks it ran), and the compute weight section by `benchmarks/compute_weight.py`. For each task an original model is trained once (seed 0); for N in {2, 4} and
 each budget rho the DISCO model is fine-tuned with the same schedule and steps by each selection
 method: learned (scores from weight magnitudes trained through the straight-through mask),
 magnitude + ft (fixed one-shot magnitude scores), random + ft (a fixed random order); rho = 0
@@ -131,6 +131,7 @@ training. Cells: mean ± sample standard deviation (min–max) over seeds (data 
 scores). Runs share a 2-core machine with other jobs, one thread each: times vary, results do not.
 """
 TASKS = ("digits", "sr")
+SECTIONS = (*TASKS, "compute_weight")  # compute_weight: written by benchmarks/compute_weight.py
 
 
 def _fmt(values: list[float]) -> str:
@@ -256,7 +257,7 @@ def main() -> None:
                     print(f"[{k}/{len(jobs)}] {name} N={r['nodes']} rho={r['rho']:g} {r['method']}/{r['allocation']} "
                           f"seed {r['seed']}: {r['metric']:.3f} ({r['seconds']:.1f} s)", flush=True)
         text = section(name, results, shots, original_value, check, time.perf_counter() - t0, cmd)
-        _perfdoc.write_section(name, text, path=ROOT / "docs" / "accuracy.md", header=HEADER, names=TASKS)
+        _perfdoc.write_section(name, text, path=ROOT / "docs" / "accuracy.md", header=HEADER, names=SECTIONS)
         plot(name, results, original_value)
         print(text)
 

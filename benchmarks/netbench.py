@@ -27,7 +27,9 @@ Workloads (ResNet-50, 1x3x224x224, zoo.build("resnet50", 224), N=2):
   disco_uniform   with set_budget(0.2, "uniform", align=8) instead (--allocation uniform: every
           exchange cut by the budget, so every layer exchanges; global leaves out the exchanges whose
           channels rank low);
-  dense_no_overlap, disco_no_overlap, disco_uniform_no_overlap   the same exported with
+  disco_cw   with set_budget(0.2, "global", align=8, compute_weight=0.1) (--compute-weight 0.1: the
+          same bytes, channels ranked by score per (bytes + 0.1 x the MACs they cost their destination));
+  dense_no_overlap, disco_no_overlap, disco_uniform_no_overlap, disco_cw_no_overlap   the same exported with
           overlap=False (disco-compile --no-overlap: a node waits for a layer's messages, then runs
           it as one convolution).
 For the splits, node 1 runs `disco-run OUT --node 1 --peers peers.yaml --insecure` in its namespace
@@ -71,15 +73,21 @@ SHAPING = {"1gbit": (18000, 16384), "100mbit": (4000, 65536)}  # tbf bucket, gso
 GSO_DEFAULT = 65536  # veth's own TSO packet cap
 PROBE_REPS = 20  # messages of each size in the message-time probe
 WIRE = 1514 / 1448  # bytes tbf counts per payload byte of a full-size TCP segment (Ethernet, IP, TCP headers)
-SPLITS = ("dense", "disco", "dense_no_overlap", "disco_no_overlap", "disco_uniform", "disco_uniform_no_overlap")
+SPLITS = ("dense", "disco", "dense_no_overlap", "disco_no_overlap", "disco_uniform", "disco_uniform_no_overlap",
+          "disco_cw", "disco_cw_no_overlap")
+COMPUTE_WEIGHT = 0.1  # bytes per MAC of the disco_cw workloads (--compute-weight; selection.py)
 WORKLOADS = ("whole", *SPLITS)
 LABEL = {"whole": "whole model (1 node)", "dense": "dense split (rho=1)", "disco": "DISCO rho=0.2",
          "dense_no_overlap": "dense split (rho=1), no overlap", "disco_no_overlap": "DISCO rho=0.2, no overlap",
          "disco_uniform": "DISCO rho=0.2, uniform allocation",
-         "disco_uniform_no_overlap": "DISCO rho=0.2, uniform allocation, no overlap"}
-EXPORTS = {"dense": (1.0, True, "global"), "dense_no_overlap": (1.0, False, "global"), "disco": (0.2, True, "global"),
-           "disco_no_overlap": (0.2, False, "global"), "disco_uniform": (0.2, True, "uniform"),
-           "disco_uniform_no_overlap": (0.2, False, "uniform")}  # budget, overlap, allocation
+         "disco_uniform_no_overlap": "DISCO rho=0.2, uniform allocation, no overlap",
+         "disco_cw": f"DISCO rho=0.2, compute weight {COMPUTE_WEIGHT:g}",
+         "disco_cw_no_overlap": f"DISCO rho=0.2, compute weight {COMPUTE_WEIGHT:g}, no overlap"}
+EXPORTS = {"dense": (1.0, True, "global", 0.0), "dense_no_overlap": (1.0, False, "global", 0.0),
+           "disco": (0.2, True, "global", 0.0), "disco_no_overlap": (0.2, False, "global", 0.0),
+           "disco_uniform": (0.2, True, "uniform", 0.0), "disco_uniform_no_overlap": (0.2, False, "uniform", 0.0),
+           "disco_cw": (0.2, True, "global", COMPUTE_WEIGHT),
+           "disco_cw_no_overlap": (0.2, False, "global", COMPUTE_WEIGHT)}  # budget, overlap, allocation, weight
 TIMEOUT = 120.0  # disco-run --timeout: several requests queue on the worker at 100 Mbit/s
 
 
@@ -117,8 +125,9 @@ def prepare(work: Path) -> None:
     dm = transform(model, 2, x)
     t = time.time()
     for wl in missing:
-        budget, overlap, allocation = EXPORTS[wl]
-        dm.set_budget(budget, allocation, align=8)  # as disco-compile --budget 0.2 (--allocation global --align 8)
+        budget, overlap, allocation, weight = EXPORTS[wl]
+        # as disco-compile --budget 0.2 (--allocation global --align 8 --compute-weight 0)
+        dm.set_budget(budget, allocation, align=8, compute_weight=weight)
         export(dm, work / wl, force=True, overlap=overlap)
     print(f"exported {', '.join(missing)} in {time.time() - t:.0f} s", flush=True)
 
@@ -622,7 +631,10 @@ def write_doc(results, args) -> None:
         return None
     for disco, dense, how in (("disco", "dense", "with overlap"), ("disco_no_overlap", "dense_no_overlap",
                               "without overlap"), ("disco_uniform", "dense", "uniform allocation, with overlap"),
-                              ("disco_uniform_no_overlap", "dense_no_overlap", "uniform allocation, without overlap")):
+                              ("disco_uniform_no_overlap", "dense_no_overlap", "uniform allocation, without overlap"),
+                              ("disco_cw", "dense", f"compute weight {COMPUTE_WEIGHT:g}, with overlap"),
+                              ("disco_cw_no_overlap", "dense_no_overlap",
+                               f"compute weight {COMPUTE_WEIGHT:g}, without overlap")):
         goals = ((dense, "100mbit", ">= 4x"), (dense, "1gbit", ">= 4x"), ("whole", "1gbit", "> 1x (faster)"),
                  ("whole", "unshaped", ">= 1.8x"))
         for a, b, rate, goal in ((disco, b, link, goal) for b, base, goal in goals for link in rates

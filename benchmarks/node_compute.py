@@ -4,9 +4,10 @@ ResNet-50 (torchvision, random BatchNorm-calibrated weights, input 1x3x224x224),
 budget rho=0.2 (channels ranked over the whole model, aligned to 8 channels per message and exported
 with overlap unless --allocation, --align, --no-overlap say otherwise, as disco-compile does),
 exported once to a temporary directory with `export`; the original model is exported whole with
-torch.onnx.export (dynamo=False, opset 17, symbolic batch like the stages). Six export options,
-overlap (yes/no) x (align 1 global, align 8 uniform, align 8 global), are also exported and their
-slowest node timed in the same passes (the export options table).
+torch.onnx.export (dynamo=False, opset 17, symbolic batch like the stages). Ten export options,
+overlap (yes/no) x (align 1 global, align 8 uniform, align 8 global, align 8 global with compute
+weights 0.004 and 0.1), are also exported and their slowest node timed in the same passes (the export
+options table).
 
 Every onnxruntime session: intra_op_num_threads=1, inter_op_num_threads=1, ORT_SEQUENTIAL,
 CPUExecutionProvider, default graph optimisations, as NodeExecutor(threads=1); stage sessions draw on
@@ -62,6 +63,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _perfdoc  # noqa: E402  (standard library only: the child processes must not load torch)
 
 GOAL_RATIO = 0.40
+# (align, allocation, compute weight) of the export options table, each with and without overlap
+VARIANTS = ((1, "global", 0.0), (8, "uniform", 0.0), (8, "global", 0.0), (8, "global", 0.004), (8, "global", 0.1))
 GOAL_OVERHEAD = 0.05
 ALLOCS = ("shared", "arena", "none")  # memory children: one shared arena (NodeExecutor), one per session, none
 
@@ -449,16 +452,18 @@ def prepare(work: Path, args) -> dict:
     dm.eval()
     variants = []
     for overlap in (True, False):  # the export options side by side (the variants table)
-        for align, allocation in ((1, "global"), (8, "uniform"), (8, "global")):
-            dm.set_budget(args.budget, allocation, align=align)
-            name = f"variants/{overlap}_{align}_{allocation}"
+        for align, allocation, weight in VARIANTS:
+            dm.set_budget(args.budget, allocation, align=align, compute_weight=weight)
+            name = f"variants/{overlap}_{align}_{allocation}_{weight:g}"
             export(dm, work / name, overlap=overlap)
             vs = json.loads((work / name / "schedule.json").read_text())
+            cost = dm.cost()
             variants.append({"dir": name, "overlap": overlap, "align": align, "allocation": allocation,
-                             "stages": [len(p) for p in vs["programs"]], "messages": len(vs["messages"]),
-                             "exchange_ratio": dm.cost().exchange_ratio})
+                             "compute_weight": weight, "stages": [len(p) for p in vs["programs"]],
+                             "messages": len(vs["messages"]), "exchange_ratio": cost.exchange_ratio,
+                             "macs": max(cost.macs_per_node) / cost.original_macs})
     (work / "variants.json").write_text(json.dumps(variants))
-    dm.set_budget(args.budget, args.allocation, align=args.align)
+    dm.set_budget(args.budget, args.allocation, align=args.align, compute_weight=args.compute_weight)
     cost = dm.cost()
     export(dm, work / "bundle", overlap=args.overlap)
     with warnings.catch_warnings():
@@ -582,6 +587,8 @@ def main() -> None:
                                                              "as disco-compile)")
     parser.add_argument("--allocation", choices=("uniform", "global"), default="global",
                         help="budget allocation (default global, as disco-compile)")
+    parser.add_argument("--compute-weight", type=float, default=0.0,
+                        help="bytes per MAC in the global allocation's ranking (default 0: bytes alone)")
     parser.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=True,
                         help="export with overlap of compute and messages (default: --overlap, as disco-compile)")
     parser.add_argument("--reps", type=int, default=21, help="timed passes of each target (default 21)")
@@ -614,6 +621,11 @@ def main() -> None:
     finally:
         if tmp is not None:
             tmp.cleanup()
+
+
+def _variant_name(v: dict) -> str:
+    return (f"{'' if v['overlap'] else 'no '}overlap, align {v['align']}, {v['allocation']}"
+            + (f", compute weight {v['compute_weight']:g}" if v["compute_weight"] else ""))
 
 
 def _child(work: Path, *extra: str) -> dict:
@@ -675,7 +687,8 @@ def run(args, work: Path, cmd: str) -> None:
              f"Export: {sum(prep['stages'])} stage graphs ("
              + ", ".join(f"node {k}: {n}" for k, n in enumerate(prep["stages"]))
              + f"), {prep['messages']} messages, exchange ratio {prep['exchange_ratio']:.3f}; "
-             f"{'with' if args.overlap else 'without'} overlap, align {args.align}, {args.allocation} allocation "
+             f"{'with' if args.overlap else 'without'} overlap, align {args.align}, {args.allocation} allocation"
+             + (f", compute weight {args.compute_weight:g}" if args.compute_weight else "") + " "
              f"(export options: see the "
              f"table below). Timings: median of "
              f"{args.reps} interleaved passes after {args.warmup} warm-up passes, one thread.  ",
@@ -723,12 +736,13 @@ def run(args, work: Path, cmd: str) -> None:
                      f"{t[f'merged_ratio{k}']:.3f} | {mac_ratio[k]:.3f} | {t[f'merged_ratio{k}'] / mac_ratio[k]:.2f} |")
     lines += ["", "Export options, each exported from the same model and timed in the same passes (slowest node / "
                   "whole model; the bold figures above are one of these rows, timed separately):", "",
-              "| overlap | align | allocation | stages per node | messages | exchange ratio | slowest node / whole model |",
-              "|---|---|---|---|---|---|---|"]
+              "| overlap | align | allocation | compute weight | stages per node | messages | exchange ratio | "
+              "MACs of the busier node / whole model | slowest node / whole model |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for i, v in enumerate(prep["variants"]):
         lines.append(f"| {'yes' if v['overlap'] else 'no'} | {v['align']} | {v['allocation']} | "
-                     f"{', '.join(map(str, v['stages']))} | {v['messages']} | {v['exchange_ratio']:.3f} | "
-                     f"{t[f'var_ratio{i}']:.3f} |")
+                     f"{v['compute_weight']:g} | {', '.join(map(str, v['stages']))} | {v['messages']} | "
+                     f"{v['exchange_ratio']:.3f} | {v['macs']:.3f} | {t[f'var_ratio{i}']:.3f} |")
     lines += ["", "overlap: each node computes its own channels' share of a layer while the other nodes' channels are "
                   "in flight, then one convolution per received message and an Add; without: it waits, then runs one "
                   "convolution over the concatenation of its own and the received channels (`export(..., "
@@ -737,7 +751,11 @@ def run(args, work: Path, cmd: str) -> None:
                   "blocked (NCHWc) convolutions take inputs with a multiple of 8 channels on this AVX2 CPU. "
                   "allocation: uniform keeps rho of every exchange; global ranks the candidate channels over the "
                   "whole model by weight magnitude per byte (`set_budget(rho, \"global\")`, disco-compile's "
-                  "default), so exchanges whose channels rank low send nothing and fewer layers wait for messages."]
+                  "default), so exchanges whose channels rank low send nothing and fewer layers wait for messages. "
+                  "compute weight W: the global ranking's cost is bytes + W x the MACs a channel costs its "
+                  "destination (`set_budget(rho, \"global\", compute_weight=W)`, `disco-compile --compute-weight W`; "
+                  "0, bytes alone, is the default): the same bytes, channels that cost the receiver fewer MACs. "
+                  "Which channels it keeps changes the model's quality, which these timings do not measure."]
     met_ratio = t[f"ratio{slowest}"] <= GOAL_RATIO
     lines += ["", "Ratios are medians of per-pass ratios (both sides timed in the same pass). Bold: the figure the "
                   "goal is about (the stage graphs as exported, sessions as NodeExecutor makes them: all draw on one "
@@ -750,7 +768,9 @@ def run(args, work: Path, cmd: str) -> None:
               f"**Goal: slowest node at most {GOAL_RATIO:.2f} of the whole model: "
               f"{'met' if met_ratio else 'NOT met'}** (node {slowest}: {t[f'ratio{slowest}']:.3f}; its MAC share "
               f"is {mac_ratio[slowest]:.3f}; merged into one graph it would be "
-              f"{t[f'merged_ratio{slowest}']:.3f}).", "",
+              f"{t[f'merged_ratio{slowest}']:.3f}). Export options at or under it in the table above: "
+              + ("; ".join(_variant_name(v) + f" {t[f'var_ratio{i}']:.3f}" for i, v in enumerate(prep["variants"])
+                           if t[f"var_ratio{i}"] <= GOAL_RATIO) or "none") + ".", "",
               "### Per-call overhead of the stages", "",
               "Four estimates, each as a fraction of the node's time (medians of per-pass fractions):", "",
               "- (a) fixed cost of a call: one `session.run` of a one-element Identity graph "

@@ -312,12 +312,14 @@ def _stage_counts(manifest) -> dict[int, int]:
 
 
 def _summary(loaded: Loaded, nodes: int, node_weights: list[float] | None, budget: float | None, align: int,
-             allocation: str, report: CostReport, submodule: str | None, tuned: FinetuneResult | None = None) -> str:
+             allocation: str, compute_weight: float, report: CostReport, submodule: str | None,
+             tuned: FinetuneResult | None = None) -> str:
     shares = "equal shares" if node_weights is None else \
         "shares " + ", ".join(f"{w / sum(node_weights):.3f}" for w in node_weights)
+    per = f"(bytes + {compute_weight:g} x MACs at the destination, --compute-weight)" if compute_weight else "byte"
     kept = ("each node keeps that fraction of the channels it could receive from each other node"
             if allocation == "uniform" else "that fraction of the bytes the nodes would exchange with every channel, "
-            "the channels ranked over the whole model by score per byte (--allocation global; score: weight "
+            f"the channels ranked over the whole model by score per {per} (--allocation global; score: weight "
             "magnitude, or as learned by fine-tuning)")
     rho = "none: every exchange gate on (rho = 1)" if budget is None else \
         f"{budget:g}: {kept}" + (f", in multiples of {align} per message (--align)" if align > 1 else "")
@@ -377,7 +379,7 @@ def _write_json(path: str, report: CostReport, run: dict) -> None:
 
 def _finetune(disco, loaded: Loaded, data_dir: str, val_dir: str | None, budget: float, out_dir: str | None, *,
               val_fraction: float, steps: int, batch_size: int, lr: float, method: str, allocation: str,
-              align: int, use_labels: bool, checkpoint_dir: str | None, resume: bool, device: str, seed: int,
+              align: int, compute_weight: float, use_labels: bool, checkpoint_dir: str | None, resume: bool, device: str, seed: int,
               workers: int) -> FinetuneResult:
     size = tuple(loaded.shape[-2:])
     fixed = getattr(loaded.model, "fixed_batch", None)
@@ -403,7 +405,8 @@ def _finetune(disco, loaded: Loaded, data_dir: str, val_dir: str | None, budget:
     click.echo(f"fine-tuning on {len(train_set)} images of {data_dir} ({len(val_set)} for validation), "
                f"{steps} steps, budget {budget:g}, {method} selection, checkpoints in {checkpoint_dir}", err=True)
     return finetuning.finetune(disco, train_loader, budget=budget, steps=steps, val_data=val_loader,
-                                 method=method, allocation=allocation, align=align, lr=lr, seed=seed, device=device,
+                                 method=method, allocation=allocation, align=align,
+                                 compute_weight=compute_weight, lr=lr, seed=seed, device=device,
                                  checkpoint_dir=checkpoint_dir, resume=resume)
 
 
@@ -474,6 +477,12 @@ def _finetune(disco, loaded: Loaded, data_dir: str, val_dir: str | None, budget:
                    "links), or the channels ranked over the whole model by score per byte (global: exchanges whose "
                    "channels rank low send nothing, so fewer layers wait for messages: best on fast links; see "
                    "docs/latency.md). Used by the one-shot selection and by fine-tuning.")
+@click.option("--compute-weight", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="W",
+              help="With --allocation global: rank channels by score per (bytes + W x the multiply-accumulates "
+                   "a received channel costs its destination), so the budget's bytes go to channels that are "
+                   "cheaper to compute (ResNet-50 at --budget 0.2, W 0.1: each node computes 0.37 of the model "
+                   "instead of 0.45; docs/performance.md). W is bytes per MAC: your link's bytes per second over "
+                   "a node's MACs per second (1 Gbit/s against 30 GMAC/s: 0.004). 0 ranks by bytes alone.")
 @click.option("--use-labels", is_flag=True,
               help="Add the cross-entropy against the class subfolders of --data (their sorted order must be "
                    "the model's class order) to the distillation loss, and report accuracy.")
@@ -522,6 +531,9 @@ def main(model: str, nodes: int, budget: float | None, input_shape: tuple[int, .
         if submodule is None and (arch or model) in zoo.detection_models():
             raise CliError(f"{arch or model} is a detection model: its pre- and post-processing do not trace; "
                            f"split its backbone with --submodule backbone")
+        if train["compute_weight"] and train["allocation"] != "global":
+            raise CliError("--compute-weight prices MACs in the global allocation's ranking: use it with "
+                           "--allocation global (the default)")
         if submodule is not None and data_dir is not None:
             raise CliError("--data (fine-tuning) is not supported with --submodule yet")
         loaded = _load(model, arch, trust_pickle, input_shape)
@@ -535,11 +547,12 @@ def main(model: str, nodes: int, budget: float | None, input_shape: tuple[int, .
                 return  # under torchrun, process 0 alone reports and exports
         elif budget is not None:
             with _stage(f"selecting exchanged channels for budget {budget:g}"):
-                disco.set_budget(budget, train["allocation"], align=train["align"])
+                disco.set_budget(budget, train["allocation"], align=train["align"],
+                                 compute_weight=train["compute_weight"])
         with _stage("computing the cost"):
             report = disco.cost()
-        click.echo(_summary(loaded, nodes, node_weights, budget, train["align"], train["allocation"], report,
-                            submodule, tuned))
+        click.echo(_summary(loaded, nodes, node_weights, budget, train["align"], train["allocation"],
+                            train["compute_weight"], report, submodule, tuned))
         if out_dir is not None:
             if input_on_all_nodes:
                 raise CliError("--input-on-all-nodes is not supported with --out yet: the export sends the input "
@@ -562,6 +575,7 @@ def main(model: str, nodes: int, budget: float | None, input_shape: tuple[int, .
         _write_json(json_path, report, {"model": loaded.description, "input_shape": list(loaded.shape),
                                         "nodes": nodes, "node_weights": node_weights, "budget": budget,
                                         "align": train["align"], "allocation": train["allocation"],
+                                        "compute_weight": train["compute_weight"],
                                         "submodule": submodule})
         click.echo(f"cost report written to {json_path}", err=True)
 

@@ -191,7 +191,7 @@ class _Checkpoints:
 
 def finetune(dm, data: Iterable, *, budget: float, steps: int, teacher: nn.Module | None = None,
              val_data: Iterable | None = None, method: str = "learned", allocation: str = "global",
-             align: int = 1, lr: float = 1e-3, score_lr: float = 0.05, anneal: float = 0.5, loss: Loss | None = None,
+             align: int = 1, compute_weight: float = 0.0, lr: float = 1e-3, score_lr: float = 0.05, anneal: float = 0.5, loss: Loss | None = None,
              seed: int = 0, device: str = "cpu", checkpoint_dir: str | os.PathLike | None = None,
              checkpoint_every: int = 100, resume: bool = False, batchnorm_batches: int = 20,
              log_every: int = 10, progress: bool = True) -> FinetuneResult:
@@ -202,13 +202,15 @@ def finetune(dm, data: Iterable, *, budget: float, steps: int, teacher: nn.Modul
     val_data: batches to measure quality on at the end: against their targets (and the teacher's
       quality beside it), or, unlabelled, as agreement with the teacher.
     method: "learned" | "magnitude" | "random" channel scores; allocation: "uniform" | "global"; align: every
-      message carries a multiple of that many channels (selection.py).
+      message carries a multiple of that many channels; compute_weight: bytes per MAC in the global
+      allocation's cost (selection.py).
     anneal: the part of the steps over which the budget goes from 1 to `budget`.
     checkpoint_dir: where last.pt is written every `checkpoint_every` steps; resume=True continues from it.
     A NaN or infinite loss stops training, puts dm back at the last good state and raises TrainingDiverged.
     """
     rho = selection.check_budget(budget)
     align = selection.check_align(align)
+    compute_weight = selection.check_compute_weight(compute_weight)
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if allocation not in selection.ALLOCATIONS:
@@ -269,7 +271,7 @@ def finetune(dm, data: Iterable, *, budget: float, steps: int, teacher: nn.Modul
     for step in range(start, steps):
         rho_t = budget_at(step, steps, rho, anneal)
         if rho_t != current or (method == "learned" and rho_t > rho):
-            selection.select(dm, current_scores(), rho_t, allocation, align)
+            selection.select(dm, current_scores(), rho_t, allocation, align, compute_weight)
             current = rho_t
         x, y = next(stream)
         x = x.to(dev)
@@ -296,7 +298,7 @@ def finetune(dm, data: Iterable, *, budget: float, steps: int, teacher: nn.Modul
     bar.close()
 
     if current != rho:  # annealing took every step (anneal >= 1): settle at the target
-        selection.select(dm, current_scores(), rho, allocation, align)
+        selection.select(dm, current_scores(), rho, allocation, align, compute_weight)
     for ex in dm.exchanges.values():
         ex.learn_selection(None)
     used = batchnorm.recalibrate(dm, _inputs(data, batchnorm_batches, dev))

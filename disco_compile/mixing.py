@@ -55,6 +55,18 @@ def column_scores(layer: MixingLayer, module: nn.Module, out_owner: torch.Tensor
     return torch.zeros(layer.in_channels, dtype=sq.dtype).index_add_(0, cols.flatten(), sq[mine].flatten())
 
 
+def column_macs(layer: MixingLayer, out_owner: torch.Tensor, node: int) -> torch.Tensor:
+    """MACs per sample that each input column costs `node`: its connected rows x kernel x output positions."""
+    mine = out_owner == node
+    if layer.groups == 1:
+        rows_per_column = torch.full((layer.in_channels,), int(mine.sum()))
+    else:
+        out_group, in_group = _column_group(layer)
+        rows_per_group = torch.zeros(layer.groups, dtype=torch.long).index_add_(0, out_group, mine.long())
+        rows_per_column = rows_per_group[in_group]
+    return rows_per_column * layer.kernel_numel * layer.out_positions
+
+
 def weights_used(layer: MixingLayer, out_owner: torch.Tensor, available: torch.Tensor, node: int) -> int:
     """Weight entries node `node` uses, given the input columns available to it."""
     mine = out_owner == node

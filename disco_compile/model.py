@@ -69,13 +69,15 @@ class DiscoModel(nn.Module):
             original_macs=plan.original_macs, original_params=plan.original_params,
             replicated_ops=list(plan.replicated))
 
-    def set_budget(self, rho: float, allocation: str = "uniform", align: int = 1) -> None:
+    def set_budget(self, rho: float, allocation: str = "uniform", align: int = 1,
+                   compute_weight: float = 0.0) -> None:
         """One-shot selection at budget rho: the remote channels whose weight columns, over the
         destination's output rows of every consumer, have the largest norm (selection.py). allocation:
         "uniform" keeps rho of every exchange; "global" (the default of finetune and disco-compile) ranks the
-        channels over the whole model by score per byte, so low-ranked exchanges send nothing. align: every
-        message carries a multiple of that many channels (8 suits onnxruntime on AVX2 CPUs)."""
-        selection.select(self, selection.magnitude_scores(self), rho, allocation, align)
+        channels over the whole model by score per cost, cost = bytes + compute_weight x the MACs the channel
+        costs its destination, so low-ranked exchanges send nothing. align: every message carries a multiple
+        of that many channels (8 suits onnxruntime on AVX2 CPUs)."""
+        selection.select(self, selection.magnitude_scores(self), rho, allocation, align, compute_weight)
 
 
 def _full_macs(gm: fx.GraphModule, node: fx.Node, batch: int) -> int:

@@ -12,9 +12,16 @@ candidate (higher = more useful), two allocations:
   while the total stays within rho * dense bytes (so narrow layers at small
   rho do not all round down to nothing).
 - global (cost-aware): scores are made comparable across pairs by dividing by
-  the mean |s| of the pair's candidates, ranked by s_norm / unit_bytes over the
+  the mean |s| of the pair's candidates, ranked by s_norm / cost over the
   whole model, and kept from the top while the kept bytes stay within
   rho * dense bytes. Cheap, useful channels anywhere win over expensive ones.
+  cost = unit_bytes + w * macs, where macs is what the channel costs its
+  destination in multiply-accumulates per sample (mixing.column_macs, over
+  every consumer) and w (`compute_weight`, bytes per MAC) prices compute in
+  link bytes: a link's bytes per second over a node's MACs per second (1 Gbit/s
+  against 30 GMAC/s: w = 0.004). w = 0 ranks by bytes alone. A larger w keeps
+  the same bytes where received channels cost fewer MACs (early, wide layers
+  rather than late, deep ones), so the nodes compute less.
 
 Alignment `align` = g > 1: every pair keeps a multiple of g of its
 candidates (or all n of them): the count c the allocation asks for becomes
@@ -45,11 +52,16 @@ from .errors import BudgetError
 ALLOCATIONS = ("uniform", "global")
 
 
-def check_budget(rho: float) -> float:
+def _as_float(value) -> float:
+    """float(value), or NaN where it is not a number (so the range checks below refuse it)."""
     try:
-        value = float(rho)
+        return float(value)
     except (TypeError, ValueError):
-        value = float("nan")
+        return float("nan")
+
+
+def check_budget(rho: float) -> float:
+    value = _as_float(rho)
     if not 0.0 <= value <= 1.0:
         raise BudgetError(f"budget rho must be in [0, 1] (the fraction of dense exchange bytes to keep), got {rho}")
     return value
@@ -68,6 +80,18 @@ def magnitude_scores(dm) -> dict[str, torch.Tensor]:
         for j in range(dm.nodes):
             scores[layer.exchange][j] += mixing.column_scores(layer, module, out_owner, j).float().cpu()
     return scores
+
+
+@torch.no_grad()
+def candidate_macs(dm) -> dict[str, torch.Tensor]:
+    """Per exchange, (nodes, units): MACs per sample a unit costs the destination that receives it."""
+    macs = {name: torch.zeros(ex.gate.shape, dtype=torch.float64) for name, ex in dm.exchanges.items()}
+    for layer in dm.plan.layers:
+        if layer.exchange is not None:
+            out_owner = dm.plan.owner_of[layer.out_labels.reshape(-1)]
+            for j in range(dm.nodes):
+                macs[layer.exchange][j] += mixing.column_macs(layer, out_owner, j).double()
+    return macs
 
 
 def random_scores(dm, seed: int) -> dict[str, torch.Tensor]:
@@ -133,13 +157,14 @@ def _aligned(exchanges: Mapping, scores: Mapping[str, torch.Tensor], chosen: dic
     return _keep_counts(exchanges, scores, pairs, _counts(pairs, share, rho, align))
 
 
-def _global(exchanges: Mapping, scores: Mapping[str, torch.Tensor], rho: float) -> dict[str, torch.Tensor]:
+def _global(exchanges: Mapping, scores: Mapping[str, torch.Tensor], rho: float,
+            unit_cost: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     names, flat_idx, values, costs = [], [], [], []
     for n, (name, ex) in enumerate(exchanges.items()):
         flat = scores[name].reshape(-1)
         for idx in _pairs(ex):
             s = flat[idx].double()
-            values.append(s / s.abs().mean().clamp_min(1e-30) / ex.unit_bytes)
+            values.append(s / s.abs().mean().clamp_min(1e-30) / unit_cost[name].reshape(-1)[idx])
             costs.append(torch.full((idx.numel(),), ex.unit_bytes, dtype=torch.float64))
             flat_idx.append(idx)
             names.append(torch.full((idx.numel(),), n))
@@ -161,20 +186,37 @@ def check_align(align: int) -> int:
     return align
 
 
+def check_compute_weight(weight: float) -> float:
+    value = _as_float(weight)
+    if not 0.0 <= value < math.inf:
+        raise BudgetError(f"compute weight must be a finite number of bytes per MAC, at least 0 (0: rank by bytes "
+                          f"alone), got {weight!r}")
+    return value
+
+
 @torch.no_grad()
-def select(dm, scores: Mapping[str, torch.Tensor], rho: float, allocation: str = "uniform", align: int = 1) -> None:
+def select(dm, scores: Mapping[str, torch.Tensor], rho: float, allocation: str = "uniform", align: int = 1,
+           compute_weight: float = 0.0) -> None:
     """Set every exchange's `keep` to the candidates chosen by `scores` at budget `rho`; `align`: each
-    message's channel count a multiple of it (module docstring)."""
+    message's channel count a multiple of it; `compute_weight`: bytes per MAC in the global ranking's cost
+    (module docstring)."""
     rho = check_budget(rho)
     align = check_align(align)
+    compute_weight = check_compute_weight(compute_weight)
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
+    if compute_weight and allocation != "global":
+        raise BudgetError(f"compute_weight prices MACs in the global allocation's ranking; the {allocation} "
+                          f"allocation does not rank across exchanges: use allocation='global' or compute_weight=0")
     exchanges = dm.exchanges
     cpu = {name: s.detach().float().cpu() for name, s in scores.items()}
     if allocation == "uniform":
         chosen = _uniform(exchanges, cpu, rho, align)
     else:
-        chosen = _global(exchanges, cpu, rho)
+        macs = candidate_macs(dm) if compute_weight else \
+            {name: torch.zeros(ex.gate.shape, dtype=torch.float64) for name, ex in exchanges.items()}
+        unit_cost = {name: ex.unit_bytes + compute_weight * macs[name] for name, ex in exchanges.items()}
+        chosen = _global(exchanges, cpu, rho, unit_cost)
         if align > 1:
             chosen = _aligned(exchanges, cpu, chosen, rho, align)
     for name, ex in exchanges.items():

@@ -124,8 +124,9 @@ class DiscoSubmodel(nn.Module):
         """The split submodule's cost report (the rest of the model runs on node 0 and is not counted)."""
         return self.disco.cost()
 
-    def set_budget(self, rho: float, allocation: str = "uniform", align: int = 1) -> None:
-        self.disco.set_budget(rho, allocation, align)
+    def set_budget(self, rho: float, allocation: str = "uniform", align: int = 1,
+                   compute_weight: float = 0.0) -> None:
+        self.disco.set_budget(rho, allocation, align, compute_weight)
 
 
 class BundleModule(nn.Module):

@@ -29,6 +29,19 @@ def assert_close(actual, expected, rtol: float = RTOL, atol: float = ATOL, what:
                         f"largest at {worst}: {a[worst].item():.7g} vs {e[worst].item():.7g}")
 
 
+def two_exchange_mlp() -> torch.nn.Module:
+    """Linear 4 -> 6 -> 8 -> 2: exchanges "_1" (6 features, each read by 4 output rows per node at N=2) and
+    "_3" (8 features, 1 row per node); features 0 and 3 of "_1" have the strongest weight columns."""
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = nn.Sequential(nn.Linear(4, 6, bias=False), nn.ReLU(), nn.Linear(6, 8, bias=False), nn.ReLU(),
+                          nn.Linear(8, 2, bias=False)).eval()
+    with torch.no_grad():
+        model[2].weight.copy_(torch.tensor([3.0, 1.0, 1.0, 3.0, 1.0, 1.0]).expand(8, 6))
+        model[4].weight.fill_(1.0)
+    return model
+
+
 def assert_split_exact(model, nodes, x, **kwargs):
     """transform(model, nodes, x) and check it computes what the model computes; returns the DISCO model."""
     from disco_compile import transform

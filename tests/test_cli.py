@@ -71,7 +71,8 @@ def test_budget_json(resnet18_budget):
     assert report["nodes"] == 2
     assert report["run"] == {"model": "resnet18 (torchvision), random weights (no pretrained weights are downloaded)",
                              "input_shape": [1, 3, 64, 64], "nodes": 2, "node_weights": None, "budget": 0.2,
-                             "align": 8, "allocation": "global", "submodule": None}
+                             "align": 8, "allocation": "global", "compute_weight": 0.0,
+                             "submodule": None}
     assert abs(report["exchange_ratio"] - 0.2) < 0.02, report["exchange_ratio"]
     assert report["exchange_bytes"] < report["dense_exchange_bytes"]
     assert isinstance(report["replicated_ops"], list)
@@ -94,6 +95,26 @@ def test_one_shot_budget_follows_allocation(tmp_path, resnet18_budget):
     dm.set_budget(0.2, "uniform", align=8)
     assert uniform_report["macs_per_node"] == dm.cost().macs_per_node
     assert global_report["macs_per_node"] != uniform_report["macs_per_node"]
+
+
+def test_compute_weight_reaches_the_selection(tmp_path, resnet18_budget):
+    """--compute-weight W ranks channels by score per (bytes + W x MACs): the report is set_budget's with the
+    same weight, and a uniform allocation refuses it."""
+    _, global_report, _ = resnet18_budget
+    out = tmp_path / "cost.json"
+    result = invoke("resnet18", "--nodes", 2, "--budget", 0.2, *SMALL, "--compute-weight", 0.5, "--json", out)
+    assert result.exit_code == 0, result.output
+    assert "score per (bytes + 0.5 x MACs at the destination, --compute-weight)" in result.stdout
+    report = json.loads(out.read_text())
+    assert report["run"]["compute_weight"] == 0.5
+    model, x = zoo.build("resnet18", 64)
+    dm = transform(model, 2, x)
+    dm.set_budget(0.2, "global", align=8, compute_weight=0.5)
+    assert report["macs_per_node"] == dm.cost().macs_per_node
+    assert max(report["macs_per_node"]) < max(global_report["macs_per_node"])
+    result = invoke("resnet18", "--nodes", 2, "--budget", 0.2, *SMALL, "--compute-weight", 0.5,
+                    "--allocation", "uniform")
+    assert result.exit_code == 2 and "use it with --allocation global" in result.output
 
 
 @pytest.mark.parametrize("prefix", ["", "module."])

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from conftest import two_exchange_mlp
 from disco_compile import transform, zoo
 
 
@@ -89,6 +90,51 @@ def test_aligned_budget_sends_multiples_of_align_within_the_budget(allocation):
     unaligned = {name: ex.keep.clone() for name, ex in dm.exchanges.items()}
     dm.set_budget(0.2, allocation)
     assert all(torch.equal(unaligned[name], ex.keep) for name, ex in dm.exchanges.items())
+
+
+def test_compute_weight_prices_the_macs_a_channel_costs_its_destination():
+    """Two exchanges of 4-byte units: channels of the first feed 4 output rows per node (4 MACs each), of the
+    second 1 row (1 MAC). At rho = 0.25 (3 of 14 candidates) bytes alone rank the first exchange's strong
+    columns first (2.45 x their pair's mean score per 4 bytes against 1 x per 4); priced at 10 bytes per MAC
+    they cost 44 bytes against 14 and the second exchange wins."""
+    from disco_compile.selection import candidate_macs
+    model = two_exchange_mlp()
+    dm = transform(model, 2, torch.randn(1, 4))
+    first, second = dm.exchanges["_1"], dm.exchanges["_3"]
+    macs = candidate_macs(dm)
+    assert macs["_1"][first.remote].unique().tolist() == [4.0]
+    assert macs["_3"][second.remote].unique().tolist() == [1.0]
+
+    def kept(weight):
+        dm.set_budget(0.25, "global", compute_weight=weight)
+        assert dm.cost().exchange_bytes == 12
+        return int((first.keep & first.remote).sum()), int((second.keep & second.remote).sum())
+
+    assert kept(0.0) == (2, 1)  # columns 0 and 3 (squared norm 36, their pair's mean 44/3) first
+    assert kept(10.0) == (0, 3)
+    assert dm.cost().macs_per_node < transform(model, 2, torch.randn(1, 4)).cost().macs_per_node
+
+
+def test_compute_weight_lowers_node_macs_within_the_budget():
+    model, x = zoo.build("resnet18", size=64)
+    dm = transform(model, 2, x)
+    macs = []
+    for weight in (0.0, 0.1, 1.0):
+        dm.set_budget(0.2, "global", align=8, compute_weight=weight)
+        c = dm.cost()
+        assert 0.15 <= c.exchange_ratio <= 0.2 + 1e-9
+        macs.append(max(c.macs_per_node))
+    assert macs[2] < macs[0], macs
+
+
+@pytest.mark.parametrize("weight", [-1.0, float("inf"), float("nan"), "x"])
+def test_compute_weight_must_be_a_finite_non_negative_number(weight):
+    from disco_compile.errors import BudgetError
+    dm = transform(mlp(), 2, torch.randn(1, 4))
+    with pytest.raises(BudgetError, match="compute weight must be a finite number"):
+        dm.set_budget(0.5, "global", compute_weight=weight)
+    with pytest.raises(BudgetError, match="allocation='global'"):
+        dm.set_budget(0.5, "uniform", compute_weight=0.1)
 
 
 @pytest.mark.parametrize("align", [0, -8, 2.5, True])

@@ -16,7 +16,7 @@ from disco_compile.errors import CheckpointMismatch, DataError, TrainingDiverged
 from disco_compile.finetuning import budget_at, evaluate, exchange_ratio, finetune
 from disco_compile.selection import magnitude_scores, select
 
-from conftest import assert_close
+from conftest import assert_close, two_exchange_mlp
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +187,25 @@ def test_nan_loss_stops_and_keeps_last_good_state(digits, tmp_path):
     assert saved["step"] == 5
     for name, t in dm.state_dict().items():
         assert torch.equal(t, saved["model"][name]), name
+
+
+def test_finetune_selects_with_the_compute_weight():
+    """Fixed magnitude scores: after fine-tuning, the channels kept are set_budget's at the same compute weight
+    (which differ from bytes alone: test_cost), and a weight with the uniform allocation is refused."""
+    model = two_exchange_mlp()
+    data = [torch.randn(8, 4) for _ in range(2)]
+    chosen = {}
+    for weight in (0.0, 10.0):
+        ref = transform(model, 2, data[0])
+        ref.set_budget(0.25, "global", compute_weight=weight)
+        chosen[weight] = {name: ex.keep.clone() for name, ex in ref.exchanges.items()}
+    assert any(not torch.equal(chosen[0.0][n], chosen[10.0][n]) for n in chosen[0.0])
+    dm = transform(model, 2, data[0])
+    finetune(dm, data, budget=0.25, steps=2, method="magnitude", compute_weight=10.0, progress=False)
+    assert all(torch.equal(ex.keep, chosen[10.0][name]) for name, ex in dm.exchanges.items())
+    with pytest.raises(BudgetError, match="allocation='global'"):
+        finetune(transform(model, 2, data[0]), data, budget=0.2, steps=1, allocation="uniform",
+                 compute_weight=1.0, progress=False)
 
 
 @pytest.mark.parametrize("budget", [-0.1, 1.5, float("nan")])
