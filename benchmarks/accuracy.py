@@ -118,20 +118,23 @@ HEADER = """\
 # Accuracy against communication budget
 
 Written by `benchmarks/accuracy.py`, one section per task (each run rewrites only the sections of
-the tasks it ran), and the compute weight section by `benchmarks/compute_weight.py`. For each task an original model is trained once (seed 0); for N in {2, 4} and
-each budget rho the DISCO model is fine-tuned with the same schedule and steps by each selection
-method: learned (scores from weight magnitudes trained through the straight-through mask),
-magnitude + ft (fixed one-shot magnitude scores), random + ft (a fixed random order); rho = 0
-sends nothing (no communication, the same for every method) and at rho = 1 every candidate is
-sent (the methods coincide; one run per seed stands for all three). "one-shot" is the magnitude
-selection before any fine-tuning, with its exchange ratio (kept / dense exchange bytes). The
-budget is annealed from 1 to rho over the first half of the steps, then held; the loss is
-distillation from the original plus the task loss; BatchNorm statistics are re-estimated after
+the tasks it ran); the N=4 digits run below was copied by hand and the compute weight section is
+written by `benchmarks/compute_weight.py`. For each task an original model is trained once (seed 0);
+for N in {2, 4} and each budget rho the DISCO model is fine-tuned with the same schedule and steps
+by each selection method: learned (scores from weight magnitudes trained through the
+straight-through mask), magnitude + ft (fixed one-shot magnitude scores), random + ft (a fixed
+random order); rho = 0 sends nothing (no communication, the same for every method) and at rho = 1
+every candidate is sent (the methods coincide; one run per seed stands for all three). "one-shot" is
+the magnitude selection before any fine-tuning, with its exchange ratio (kept / dense exchange
+bytes). The budget is annealed from 1 to rho over the first half of the steps, then held; the loss
+is distillation from the original plus the task loss; BatchNorm statistics are re-estimated after
 training. Cells: mean ± sample standard deviation (min–max) over seeds (data order and random
 scores). Runs share a 2-core machine with other jobs, one thread each: times vary, results do not.
 """
 TASKS = ("digits", "sr")
-SECTIONS = (*TASKS, "compute_weight")  # compute_weight: written by benchmarks/compute_weight.py
+# sections of docs/accuracy.md in order: digits_n4 is written by hand (a run with other options), compute_weight
+# by benchmarks/compute_weight.py; a run of this script rewrites the sections of its tasks and keeps the others
+SECTIONS = ("digits", "digits_n4", "sr", "compute_weight")
 
 
 def _fmt(values: list[float]) -> str:
