@@ -379,8 +379,8 @@ def _write_json(path: str, report: CostReport, run: dict) -> None:
 
 def _finetune(disco, loaded: Loaded, data_dir: str, val_dir: str | None, budget: float, out_dir: str | None, *,
               val_fraction: float, steps: int, batch_size: int, lr: float, method: str, allocation: str,
-              align: int, compute_weight: float, use_labels: bool, checkpoint_dir: str | None, resume: bool, device: str, seed: int,
-              workers: int) -> FinetuneResult:
+              align: int, compute_weight: float, use_labels: bool, checkpoint_dir: str | None, resume: bool,
+              device: str, seed: int, workers: int) -> FinetuneResult:
     size = tuple(loaded.shape[-2:])
     fixed = getattr(loaded.model, "fixed_batch", None)
     if fixed is not None:

@@ -191,10 +191,10 @@ class _Checkpoints:
 
 def finetune(dm, data: Iterable, *, budget: float, steps: int, teacher: nn.Module | None = None,
              val_data: Iterable | None = None, method: str = "learned", allocation: str = "global",
-             align: int = 1, compute_weight: float = 0.0, lr: float = 1e-3, score_lr: float = 0.05, anneal: float = 0.5, loss: Loss | None = None,
-             seed: int = 0, device: str = "cpu", checkpoint_dir: str | os.PathLike | None = None,
-             checkpoint_every: int = 100, resume: bool = False, batchnorm_batches: int = 20,
-             log_every: int = 10, progress: bool = True) -> FinetuneResult:
+             align: int = 1, compute_weight: float = 0.0, lr: float = 1e-3, score_lr: float = 0.05,
+             anneal: float = 0.5, loss: Loss | None = None, seed: int = 0, device: str = "cpu",
+             checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 100, resume: bool = False,
+             batchnorm_batches: int = 20, log_every: int = 10, progress: bool = True) -> FinetuneResult:
     """Fine-tune DISCO model `dm` in place to budget `budget` (the fraction of dense exchange bytes
     kept) over `steps` optimiser steps on `data`, an iterable of batches (see data.py), cycled.
 
