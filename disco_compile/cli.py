@@ -480,9 +480,10 @@ def _finetune(disco, loaded: Loaded, data_dir: str, val_dir: str | None, budget:
 @click.option("--compute-weight", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="W",
               help="With --allocation global: rank channels by score per (bytes + W x the multiply-accumulates "
                    "a received channel costs its destination), so the budget's bytes go to channels that are "
-                   "cheaper to compute (ResNet-50 at --budget 0.2, W 0.1: each node computes 0.37 of the model "
-                   "instead of 0.45; docs/performance.md). W is bytes per MAC: your link's bytes per second over "
-                   "a node's MACs per second (1 Gbit/s against 30 GMAC/s: 0.004). 0 ranks by bytes alone.")
+                   "cheaper to compute (ResNet-50 at --budget 0.2, W 0.1: the slowest node takes 0.36 of the "
+                   "model's time instead of 0.45; docs/performance.md). W is bytes per MAC: your link's bytes per "
+                   "second over a node's MACs per second (1 Gbit/s against 30 GMAC/s: 0.004). 0 ranks by bytes "
+                   "alone.")
 @click.option("--use-labels", is_flag=True,
               help="Add the cross-entropy against the class subfolders of --data (their sorted order must be "
                    "the model's class order) to the distillation loss, and report accuracy.")
