@@ -55,8 +55,9 @@ def column_scores(layer: MixingLayer, module: nn.Module, out_owner: torch.Tensor
     return torch.zeros(layer.in_channels, dtype=sq.dtype).index_add_(0, cols.flatten(), sq[mine].flatten())
 
 
-def column_macs(layer: MixingLayer, out_owner: torch.Tensor, node: int) -> torch.Tensor:
-    """MACs per sample that each input column costs `node`: its connected rows x kernel x output positions."""
+def column_weights(layer: MixingLayer, out_owner: torch.Tensor, node: int) -> torch.Tensor:
+    """Weight entries of each input column that `node` uses: its connected rows of `node` x kernel size
+    (times out_positions: the MACs per sample the column costs `node`)."""
     mine = out_owner == node
     if layer.groups == 1:
         rows_per_column = torch.full((layer.in_channels,), int(mine.sum()))
@@ -64,17 +65,12 @@ def column_macs(layer: MixingLayer, out_owner: torch.Tensor, node: int) -> torch
         out_group, in_group = _column_group(layer)
         rows_per_group = torch.zeros(layer.groups, dtype=torch.long).index_add_(0, out_group, mine.long())
         rows_per_column = rows_per_group[in_group]
-    return rows_per_column * layer.kernel_numel * layer.out_positions
+    return rows_per_column * layer.kernel_numel
 
 
 def weights_used(layer: MixingLayer, out_owner: torch.Tensor, available: torch.Tensor, node: int) -> int:
     """Weight entries node `node` uses, given the input columns available to it."""
-    mine = out_owner == node
-    if layer.groups == 1:
-        return int(mine.sum()) * int(available.sum()) * layer.kernel_numel
-    out_group, in_group = _column_group(layer)
-    avail_per_group = torch.zeros(layer.groups, dtype=torch.long).index_add_(0, in_group, available.long())
-    return int(avail_per_group[out_group[mine]].sum()) * layer.kernel_numel
+    return int(column_weights(layer, out_owner, node)[available].sum())
 
 
 def local_columns(in_owner: torch.Tensor | None, layer: MixingLayer, node: int) -> torch.Tensor:

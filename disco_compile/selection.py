@@ -16,12 +16,13 @@ candidate (higher = more useful), two allocations:
   whole model, and kept from the top while the kept bytes stay within
   rho * dense bytes. Cheap, useful channels anywhere win over expensive ones.
   cost = unit_bytes + w * macs, where macs is what the channel costs its
-  destination in multiply-accumulates per sample (mixing.column_macs, over
-  every consumer) and w (`compute_weight`, bytes per MAC) prices compute in
-  link bytes: a link's bytes per second over a node's MACs per second (1 Gbit/s
-  against 30 GMAC/s: w = 0.004). w = 0 ranks by bytes alone. A larger w keeps
-  the same bytes where received channels cost fewer MACs (early, wide layers
-  rather than late, deep ones), so the nodes compute less.
+  destination in multiply-accumulates per sample (mixing.column_weights x
+  output positions, over every consumer) and w (`compute_weight`, bytes per
+  MAC) prices compute in link bytes: a link's bytes per second over a node's
+  MACs per second (1 Gbit/s against 30 GMAC/s: w = 0.004). w = 0 ranks by
+  bytes alone. A larger w keeps the same bytes where received channels cost
+  fewer MACs per byte (early, high-resolution layers rather than late ones
+  whose channels feed many output rows), so the nodes compute less.
 
 Alignment `align` = g > 1: every pair keeps a multiple of g of its
 candidates (or all n of them): the count c the allocation asks for becomes
@@ -90,7 +91,7 @@ def candidate_macs(dm) -> dict[str, torch.Tensor]:
         if layer.exchange is not None:
             out_owner = dm.plan.owner_of[layer.out_labels.reshape(-1)]
             for j in range(dm.nodes):
-                macs[layer.exchange][j] += mixing.column_macs(layer, out_owner, j).double()
+                macs[layer.exchange][j] += mixing.column_weights(layer, out_owner, j).double() * layer.out_positions
     return macs
 
 
