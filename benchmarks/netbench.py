@@ -38,7 +38,11 @@ latency of sequential requests after warm-up, and throughput with several reques
 
 Model bound per configuration: max(slowest node's compute time measured alone (all of its stages, one
 onnxruntime thread, no network, pre-captured inputs), bytes per inference in the busier direction
-(schedule.json, sum of message bytes by direction) / link rate). Unshaped: compute only.
+(schedule.json, sum of message bytes by direction) / link rate). Unshaped: compute only. Schedule bound:
+the latency the export's schedule allows with no runtime cost (disco_compile.timeline: every stage taking
+its time measured alone, each node's stages in order, each waiting for the messages it reads, each link
+direction carrying one message at a time at the nominal rate); at least the model bound, above it where
+a node waits for a message that could not have come sooner.
 
 Run:  sudo .venv/bin/python benchmarks/netbench.py [--work /tmp/netbench] [--reps 30] [--pipe 40]
       [--rates unshaped,1gbit,100mbit] [--workloads whole,dense,...]   (subsets for a quick look)
@@ -60,6 +64,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from disco_compile.schedule import Schedule
+from disco_compile.timeline import timeline
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -134,7 +141,8 @@ def prepare(work: Path) -> None:
 # ================================================================ children (numpy + onnxruntime only)
 
 def child_compute(work: Path, reps: int) -> None:
-    """Per-node compute alone (stages with pre-captured inputs) and the whole model, one thread."""
+    """Per-node compute alone (stages with pre-captured inputs, the sum of each stage's median) and the whole
+    model, one thread, interleaved passes."""
     import numpy as np
     import onnxruntime as ort
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -152,43 +160,24 @@ def child_compute(work: Path, reps: int) -> None:
         res[f"{wl}_maxdiff_vs_torch"] = float(np.abs(y - np.load(work / "ref.npy")).max())
         for k, prog in enumerate(sched["programs"]):
             targets[f"{wl}{k}"] = [(s, _fetch(st), f) for s, st, f in zip(sessions[k], prog, feeds[k])]
-    times = {t: [] for t in targets}
+    # each stage timed in every pass; a node's compute alone is the sum of its stages' medians, the stage times
+    # of the schedule's timeline (disco_compile.timeline; with no link its length is the critical path of the
+    # stage graph), so the timeline is never shorter than the node's compute
+    times = {t: [[] for _ in targets[t]] for t in targets}
     names = list(targets)
     for rep in range(reps + 3):
         for t in names[rep % len(names):] + names[:rep % len(names)]:
-            t0 = time.perf_counter()
-            for s, fetch, feed in targets[t]:
+            for i, (s, fetch, feed) in enumerate(targets[t]):
+                t0 = time.perf_counter()
                 s.run(fetch, feed)
-            if rep >= 3:
-                times[t].append(time.perf_counter() - t0)
-    res.update({t: statistics.median(v) for t, v in times.items()})
-    # critical path with zero communication cost: every stage timed alone (median), each starting when its
-    # node's previous stage has ended and every message it reads has been produced
+                if rep >= 3:
+                    times[t][i].append(time.perf_counter() - t0)
+    stage_times = {t: [statistics.median(v) for v in per] for t, per in times.items()}
+    res.update({t: sum(v) for t, v in stage_times.items()})
     for wl in SPLITS:
-        sched = json.loads((work / wl / "schedule.json").read_text())
-        st_t = []
-        for k in range(len(sched["programs"])):
-            per = [[] for _ in targets[f"{wl}{k}"]]
-            for _ in range(max(3, reps // 3)):
-                for i, (s, fetch, feed) in enumerate(targets[f"{wl}{k}"]):
-                    t0 = time.perf_counter()
-                    s.run(fetch, feed)
-                    per[i].append(time.perf_counter() - t0)
-            st_t.append([statistics.median(v) for v in per])
-        producer = {m["id"]: (m["src"], m["src_stage"]) for m in sched["messages"]}
-        end, nxt = {}, [0] * len(st_t)
-        while any(nxt[k] < len(p) for k, p in enumerate(st_t)):
-            for k, prog in enumerate(sched["programs"]):
-                if nxt[k] >= len(prog):
-                    continue
-                i = nxt[k]
-                deps = [producer[x["ref"]] for x in prog[i]["inputs"] if x["source"] == "message"]
-                if any(d not in end for d in deps):
-                    continue
-                start = max([end.get((k, i - 1), 0.0)] + [end[d] for d in deps])
-                end[(k, i)] = start + st_t[k][i]
-                nxt[k] += 1
-        res[f"{wl}_critical_path"] = max(end.values())
+        sched = Schedule.from_json(json.loads((work / wl / "schedule.json").read_text()))
+        res[f"{wl}_stage_times"] = st_t = [stage_times[f"{wl}{k}"] for k in range(sched.nodes)]
+        res[f"{wl}_critical_path"] = timeline(sched, st_t).latency
         res[f"{wl}_stages"] = [len(p) for p in st_t]
     print(json.dumps(res))
 
@@ -549,6 +538,24 @@ def bound(results, wl, rate) -> float:
     return max(c, max(results["bytes"][wl].values()) * 8 / link_bps(rate))
 
 
+def one_way(results) -> float:
+    """Seconds a message takes besides its time on the wire: half the shortest unshaped message time (a round
+    trip of a small message and its one-byte answer), 0 when the probe did not run."""
+    times = results.get("message_times", {}).get("unshaped")
+    return min(times.values()) / 2 if times else 0.0
+
+
+def schedule_bound(results, work: Path, wl, rate) -> float:
+    """The latency the export's schedule allows at this link: disco_compile.timeline with every stage's time
+    measured alone, each direction at the link's nominal rate (payload x WIRE) and `one_way` per message."""
+    if wl == "whole":
+        return results["compute"]["whole"]
+    sched = Schedule.from_json(json.loads((work / wl / "schedule.json").read_text()))
+    bps = link_bps(rate)
+    return timeline(sched, results["compute"][f"{wl}_stage_times"], rate=None if bps is None else bps / 8,
+                    latency=one_way(results), wire=WIRE).latency
+
+
 def message_table(results) -> list[str]:
     times = results.get("message_times", {})
     if "unshaped" not in times:
@@ -581,9 +588,10 @@ def write_doc(results, args) -> None:
              f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
              "both nodes on this one machine, each in its own network namespace, pinned to its own core. "
              "onnxruntime 1 thread per node. Input 1x3x224x224, `zoo.build(\"resnet50\", 224)`.", "",
-             "| workload | link | median ms | p90 ms | throughput /s | bound ms | median/bound | throughput x bound |",
-             "|---|---|---|---|---|---|---|---|"]
-    med = {}
+             "| workload | link | median ms | p90 ms | throughput /s | bound ms | median/bound | throughput x bound "
+             "| schedule ms | median/schedule |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    med, sched = {}, {}
     for wl in WORKLOADS:
         for rate in rates:
             r = results["runs"].get(f"{wl}/{rate}")
@@ -592,12 +600,20 @@ def write_doc(results, args) -> None:
             m = statistics.median(r["lat"])
             med[(wl, rate)] = (m, r["tput"])
             b = bound(results, wl, rate)
+            sched[(wl, rate)] = t = schedule_bound(results, args.work.resolve(), wl, rate)
             lines.append(f"| {LABEL[wl]} | {rate} | {m * 1e3:.1f} | {p90(r['lat']) * 1e3:.1f} | {r['tput']:.2f} | "
-                         f"{b * 1e3:.1f} | {m / b:.2f} | {r['tput'] * b:.2f} |")
+                         f"{b * 1e3:.1f} | {m / b:.2f} | {r['tput'] * b:.2f} | {t * 1e3:.1f} | {m / t:.2f} |")
     comp = results["compute"]
     lines += ["", "Bound = max(slowest node's compute alone, bytes in the busier direction / link rate); for the "
               "whole model, its compute alone. `throughput x bound` is the achieved fraction of the bound's "
-              "throughput (1/bound).", "",
+              "throughput (1/bound). Schedule = the latency the export's schedule allows with no runtime cost "
+              "(`disco_compile.timeline`): each node runs its stages in order, each stage taking its time measured "
+              "alone and starting once the messages it reads have arrived; each direction of the link carries one "
+              "message at a time, in the order sent, at the nominal rate (payload x 1514/1448), plus "
+              f"{one_way(results) * 1e3:.2f} ms per message (half the shortest unshaped message time below). It is "
+              "at least the bound, and above it where a node must wait for a message that could not have come "
+              "sooner; the measured latency's excess over it is the runtime (Python, ZeroMQ, the kernel's TCP "
+              "work on the nodes' own cores) and the two nodes slowing each other.", "",
               f"Compute alone (ms, median of {args.compute_reps}, one thread, core 1): whole "
               f"{comp['whole'] * 1e3:.1f}; " + "; ".join(
                   f"{LABEL[wl]}: node0 {comp[wl + '0'] * 1e3:.1f}, node1 {comp[wl + '1'] * 1e3:.1f} "
@@ -622,7 +638,10 @@ def write_doc(results, args) -> None:
               "Measured TCP bulk rate node0->node1 (one connection, Python sockets): " + ", ".join(
                   f"{r} {v / 1e6:.0f} Mbit/s" for r, v in results["link"].items()) + ".", "",
               *message_table(results),
-              "## Goals", ""]
+              "## Goals", "",
+              "Each goal's measured ratio, then the same ratio between the schedules (the Schedule column: what the "
+              "exports allow with no runtime cost): a goal the schedules miss cannot be met by a faster runtime "
+              "with these exports on this machine.", ""]
 
     def ratio(a, b, rate):
         if (a, rate) in med and (b, rate) in med:
@@ -641,11 +660,13 @@ def write_doc(results, args) -> None:
             r = ratio(a, b, rate)
             if r:
                 lines.append(f"- {how}: DISCO vs {'dense' if b == dense else b} at {rate}: latency {r[0]:.2f}x "
-                             f"faster, throughput {r[1]:.2f}x (goal {goal})")
+                             f"faster, throughput {r[1]:.2f}x (goal {goal}); the schedules alone "
+                             f"{sched[(b, rate)] / sched[(a, rate)]:.2f}x")
         for rate in rates:
             if (disco, rate) in med:
-                lines.append(f"- {how}: DISCO latency / bound at {rate}: "
-                             f"{med[(disco, rate)][0] / bound(results, disco, rate):.2f} (goal <= 1.3)")
+                b = bound(results, disco, rate)
+                lines.append(f"- {how}: DISCO latency / bound at {rate}: {med[(disco, rate)][0] / b:.2f} (goal <= 1.3); "
+                             f"the schedule alone {sched[(disco, rate)] / b:.2f}")
     lines += ["", "## Commands", "", "```", "sudo .venv/bin/python benchmarks/netbench.py " + " ".join(sys.argv[1:]),
               "```", "", "What it runs (namespaces discobench0/discobench1, veth dbveth0/dbveth1):", "", "```",
               "ip netns add discobench0; ip netns add discobench1",

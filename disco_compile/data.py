@@ -13,6 +13,7 @@ class: labelled) or a folder of images (unlabelled).
 """
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -20,10 +21,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from . import images
 from .errors import DataError
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 Batch = tuple[torch.Tensor, "torch.Tensor | None"]
 
@@ -56,10 +55,6 @@ def batches(data: Iterable, start: int = 0, rank: int = 0, world: int = 1) -> It
                             f"pass a list, a DataLoader or another re-iterable")
 
 
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
 class _Images(Dataset):
     """Images and optional class indices; a file that cannot be read is a DataError naming it."""
 
@@ -89,32 +84,36 @@ def _scan(path) -> tuple[list[Path], list[int] | None]:
     if classes:
         files, labels = [], []
         for k, c in enumerate(classes):
-            found = _images_in(folder / c)
+            found = images.images_in(folder / c)
             files += found
             labels += [k] * len(found)
     else:
-        files, labels = _images_in(folder), None
+        files, labels = images.images_in(folder), None
     if not files:
-        raise DataError(f"data folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}), neither directly "
+        raise DataError(f"data folder {folder} holds no images ({', '.join(images.IMAGE_SUFFIXES)}), neither directly "
                         f"nor in class subfolders")
     return files, labels
 
 
+def _prepared(image, image_size: tuple[int, int]) -> torch.Tensor:
+    return torch.from_numpy(images.prepare(image, image_size))
+
+
 def _transform(image_size: tuple[int, int], train: bool):
+    if not train:
+        return functools.partial(_prepared, image_size=tuple(image_size))
     from torchvision import transforms as T
-    h, w = image_size
-    norm = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    if train:
-        return T.Compose([T.RandomResizedCrop((h, w)), T.RandomHorizontalFlip(), *norm])
-    return T.Compose([T.Resize(round(min(h, w) * 8 / 7)), T.CenterCrop((h, w)), *norm])
+    return T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(),
+                      T.Normalize(images.IMAGENET_MEAN, images.IMAGENET_STD)])
 
 
 def image_folder(path, image_size: tuple[int, int], train: bool) -> _Images:
     """The images under `path` as a dataset (labelled when arranged in class subfolders).
 
     Training: RandomResizedCrop to image_size and horizontal flips; otherwise
-    resize the shorter side to 8/7 of the size and centre-crop. ImageNet
-    normalisation, as torchvision's pretrained models expect."""
+    `images.prepare` (resize the shorter side to 8/7 of the size and centre-crop,
+    as disco-run prepares a folder of images). ImageNet normalisation, as
+    torchvision's pretrained models expect."""
     files, labels = _scan(path)
     return _Images(files, labels, _transform(image_size, train))
 

@@ -79,12 +79,15 @@ def exchange_ratio(dm) -> float:
     return cost.exchange_bytes(dm.exchanges, dense=False) / dense if dense else 1.0
 
 
-def fingerprint(dm, method: str) -> dict:
-    """What a checkpoint must match to be resumed: partition, tensor names and shapes, method."""
+def fingerprint(dm, method: str, budget: float, allocation: str, align: int, compute_weight: float) -> dict:
+    """What a checkpoint must match to be resumed: partition, tensor names and shapes, method, and the settings
+    that decide which channels the budget keeps (budget, allocation, align, compute weight). The number of
+    steps may change: a resumed run can train for longer."""
     h = hashlib.sha256(dm.plan.owner_of.cpu().numpy().tobytes())
     for name, t in sorted(dm.state_dict().items()):
         h.update(f"{name}:{tuple(t.shape)}".encode())
-    return {"nodes": dm.nodes, "partition": h.hexdigest(), "method": method}
+    return {"nodes": dm.nodes, "partition": h.hexdigest(), "method": method, "budget": budget,
+            "allocation": allocation, "align": align, "compute_weight": compute_weight}
 
 
 @torch.no_grad()
@@ -183,9 +186,9 @@ class _Checkpoints:
         if found != self.expected:
             diff = ", ".join(f"{k}: checkpoint {None if found is None else found.get(k)!r} vs now {v!r}"
                              for k, v in self.expected.items() if found is None or found.get(k) != v)
-            raise CheckpointMismatch(f"checkpoint {self.path} was written for another model or partition "
-                                     f"({diff}); resume with the same model, nodes and method, or start afresh "
-                                     f"in another checkpoint folder")
+            raise CheckpointMismatch(f"checkpoint {self.path} was written for another model, partition or budget "
+                                     f"({diff}); resume with the same model, nodes, method, budget, allocation, "
+                                     f"align and compute weight, or start afresh in another checkpoint folder")
         return state
 
 
@@ -242,7 +245,8 @@ def finetune(dm, data: Iterable, *, budget: float, steps: int, teacher: nn.Modul
     student = dm if world == 1 else \
         nn.parallel.DistributedDataParallel(dm, device_ids=[dev.index] if dev.type == "cuda" else None)
 
-    ckpt = _Checkpoints(None if checkpoint_dir is None else Path(checkpoint_dir), fingerprint(dm, method))
+    ckpt = _Checkpoints(None if checkpoint_dir is None else Path(checkpoint_dir),
+                        fingerprint(dm, method, rho, allocation, align, compute_weight))
     start, history = 0, []
     saved = ckpt.load() if resume else None
     if saved is not None:

@@ -8,6 +8,7 @@ stops within it, naming the peer.
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import shutil
@@ -18,16 +19,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import skimage.data
 import torch
 import zmq
+from PIL import Image
 from click.testing import CliRunner
 from torch import nn
 
-from disco_compile import MessageError, PeerFailed, PeerTimeout, run_local, transform
+from disco_compile import MessageError, PeerFailed, PeerTimeout, images, run_local, transform
 from disco_compile.bundle import load_bundle
 from disco_compile.exporter import export
 from disco_compile.runtime.cli import main as disco_run
 from disco_compile.runtime.network import DiscoClient, free_ports, node_command
+from disco_compile.runtime.stream import read_arrays, write_arrays
 from disco_compile.runtime.zmq_transport import (HELLO, MSG, PROTOCOL, HandshakeError, NetworkConfigError,
                                                  ZmqTransport, keygen, load_keys, load_peers, manifest_hash)
 
@@ -132,6 +136,42 @@ def test_client_pipelined_requests_over_keys(exports, tmp_path, nodes):
     for n in nodes:
         assert n.wait(15) == 0, n.output()
         assert "served 6 request(s)" in n.output()
+
+
+def test_folder_of_images_over_processes(exports, tmp_path):
+    """--input FOLDER: the images in name order, prepared by images.prepare, run over TCP as one batch."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name, photo in (("b.png", skimage.data.coffee()), ("a.png", skimage.data.astronaut())):
+        Image.fromarray(photo).save(folder / name)
+    result = CliRunner().invoke(disco_run, [str(exports["n2"]), "--simulate", "--procs", "--insecure", "--input",
+                                            str(folder), "--output", str(tmp_path / "y.npy"), "--timeout", "10"])
+    assert result.exit_code == 0, result.output
+    assert "read 2 image(s) from" in result.stderr
+    files, batch = images.read_folder(folder, (8, 8))
+    assert [f.name for f in files] == ["a.png", "b.png"]
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), run_local(exports["n2"], batch)[0], strict=True)
+
+
+def test_stream_through_node0(exports, tmp_path, nodes):
+    """disco-run --node 0 --input - --output -: requests read from stdin as they come, several in flight,
+    each answered on stdout, in order, with exactly its run_local outputs."""
+    peers = write_peers(tmp_path / "peers.yaml", 2)
+    nodes.append(Node(tmp_path, exports["n2"], 1, peers))
+    xs = [sample(b, seed) for seed, b in enumerate((1, 2, 1, 3, 1))]
+    stdin = io.BytesIO()
+    write_arrays(stdin, xs)
+    cmd = node_command(exports["n2"], 0, peers, insecure=True, timeout=10.0, connect_timeout=CONNECT,
+                       extra=["--input", "-", "--output", "-"])
+    done = subprocess.run(cmd, input=stdin.getvalue(), capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    assert b"ran 5 request(s) from the stream" in done.stderr
+    records = list(read_arrays(io.BytesIO(done.stdout)))
+    assert len(records) == len(xs)
+    for x, got in zip(xs, records):
+        np.testing.assert_array_equal(got, run_local(exports["n2"], x)[0], strict=True)
+    assert nodes[0].wait(15) == 0, nodes[0].output()
+    assert "served 5 request(s)" in nodes[0].output()
 
 
 # ---------------------------------------------------------------- failures

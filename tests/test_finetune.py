@@ -169,6 +169,12 @@ def test_resume_continues_exactly(digits, tmp_path):
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), f"{name} differs after resume"
 
+    for change, text in (({"compute_weight": 0.1}, "compute_weight: checkpoint 0.0 vs now 0.1"),
+                         ({"budget": 0.3}, "budget: checkpoint 0.2 vs now 0.3"),
+                         ({"allocation": "uniform"}, "allocation: checkpoint 'global' vs now 'uniform'")):
+        with pytest.raises(CheckpointMismatch, match=text):
+            finetune(transform(model, 2, task.example), data, checkpoint_dir=tmp_path, resume=True,
+                     **(kwargs | change))
     other = transform(model, 3, task.example)
     with pytest.raises(CheckpointMismatch, match="nodes: checkpoint 2 vs now 3"):
         finetune(other, data, checkpoint_dir=tmp_path, resume=True, **kwargs)

@@ -17,11 +17,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import io
 import json
 import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +38,7 @@ from disco_compile import bundle as bundle_module
 from disco_compile.bundle import canonical_json, check_schedule, load_bundle, schedule_hash, write_bundle
 from disco_compile.runtime import InProcHub, NodeExecutor
 from disco_compile.runtime.cli import main as disco_run
+from disco_compile.runtime.stream import pipelined, read_arrays, write_arrays
 from disco_compile.schedule import Message, Schedule, Stage, StageInput, StageOutput, TensorSpec
 
 MODEL_HASH = hashlib.sha256(b"toy model").hexdigest()
@@ -516,6 +519,87 @@ def test_cli_errors_exit_2_without_traceback(two, tmp_path, extra, expected):
     result = CliRunner().invoke(disco_run, [str(two), *args])
     assert result.exit_code == 2, result.output
     assert expected in result.output and "Traceback" not in result.output
+
+
+def npy_stream(*arrays) -> bytes:
+    buf = io.BytesIO()
+    write_arrays(buf, arrays)
+    return buf.getvalue()
+
+
+def test_stream_reading_writing_and_pipelining():
+    arrays = [inputs(1), inputs(3), np.arange(5, dtype=np.int64)]
+    back = list(read_arrays(io.BytesIO(npy_stream(*arrays))))
+    assert len(back) == 3
+    for a, b in zip(arrays, back):
+        np.testing.assert_array_equal(a, b, strict=True)
+    assert list(read_arrays(io.BytesIO(b""))) == []
+    with pytest.raises(InputMismatch, match="record 2 of the input stream is not a .npy array"):
+        list(read_arrays(io.BytesIO(npy_stream(inputs(1)) + b"garbage, not numpy")))
+    with pytest.raises(InputMismatch, match="record 1 of the input stream"):
+        list(read_arrays(io.BytesIO(npy_stream(inputs(4))[:-3])))  # cut short
+
+    submitted, taken = [], []
+
+    def submit(request):
+        submitted.append(request)
+        future = Future()
+        future.set_result(request * 10)
+        return future
+
+    def requests():
+        for r in range(7):
+            assert len(submitted) - len(taken) <= 3  # never more than depth submitted and not yet taken
+            yield r
+    for result in pipelined(submit, requests(), depth=3):
+        taken.append(result)
+    assert taken == [r * 10 for r in range(7)]
+
+
+def test_cli_stream_on_stdin_and_stdout(three):
+    """--input - --output -: each record on stdin one request, each request's outputs records on stdout in order,
+    the messages on stderr; --output FILE.npz instead concatenates the requests."""
+    xs = [inputs(1), inputs(3), inputs(2)]
+    result = CliRunner().invoke(disco_run, [str(three), "--simulate", "--input", "-", "--output", "-"],
+                                input=npy_stream(*xs))
+    assert result.exit_code == 0, result.stderr
+    assert "ran 3 request(s) from the stream" in result.stderr
+    records = list(read_arrays(io.BytesIO(result.stdout_bytes)))
+    assert len(records) == 6
+    for k, x in enumerate(xs):
+        for got, ref in zip(records[2 * k:2 * k + 2], three_node_reference(x)):
+            np.testing.assert_allclose(got, ref, rtol=RTOL, atol=ATOL)
+
+
+def test_cli_stream_to_a_file(three, tmp_path):
+    xs = [inputs(1), inputs(3)]
+    result = CliRunner().invoke(disco_run, [str(three), "--simulate", "--input", "-", "--output",
+                                            str(tmp_path / "o.npz")], input=npy_stream(*xs))
+    assert result.exit_code == 0, result.output
+    saved = np.load(tmp_path / "o.npz")
+    for name, ref in zip(("y", "z"), three_node_reference(np.concatenate(xs))):
+        np.testing.assert_allclose(saved[name], ref, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("args, stdin, expected", [
+    (["--input", "-", "--output", "-"], "WIDE", "request 2 of the stream: input 'x': shape (2, 5), but the model"),
+    (["--input", "-"], "GARBAGE", "record 1 of the input stream is not a .npy array"),
+    (["--input", "-"], "", "the stream on stdin held no arrays"),
+    (["--input", "X", "--output", "-"], "", "--output - (a stream on stdout) goes with --input -"),
+    (["--input", "-", "--input", "X"], "", "--input - (a stream of .npy arrays on stdin) replaces the other"),
+    (["--input", "-", "--procs"], "", "--input - (a stream) runs with --simulate or --node 0"),
+    (["--input", "X", "--output", "y.txt"], "", "give a .npy file (one output), a .npz file, or - (with --input -)"),
+    (["--input", "FOLDER"], "", "a folder of images is for models with one float32 input (batch, 3, H, W); "
+                                "this one takes x float32 (batch, 6): give .npy files"),
+])
+def test_cli_stream_and_folder_errors(two, tmp_path, args, stdin, expected):
+    np.save(tmp_path / "x.npy", inputs(2))
+    (tmp_path / "folder").mkdir()
+    args = [{"X": str(tmp_path / "x.npy"), "FOLDER": str(tmp_path / "folder")}.get(a, a) for a in args]
+    data = {"WIDE": npy_stream(inputs(1), inputs(2, width=5)), "GARBAGE": b"not numpy at all"}.get(stdin, b"")
+    result = CliRunner().invoke(disco_run, [str(two), "--simulate", *args], input=data)
+    assert result.exit_code == 2, result.output
+    assert expected in result.stderr and "Traceback" not in result.output
 
 
 def test_cli_help_has_an_example():

@@ -14,14 +14,17 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+from concurrent.futures import Future
 from pathlib import Path
 
 import click
 import numpy as np
 
+from .. import images
 from ..bundle import load_bundle
-from ..errors import BundleError, DiscoError, InputMismatch
+from ..errors import BundleError, DataError, DiscoError, InputMismatch
 from .executor import DEFAULT_TIMEOUT, run_bundle
+from .stream import pipelined, read_arrays, write_arrays
 
 
 class CliError(click.ClickException):
@@ -38,13 +41,67 @@ class _Terminated(BaseException):
     """SIGTERM: stop, telling the peers."""
 
 
-def _load_input(path: Path) -> np.ndarray:
+STREAM = Path("-")
+
+
+def _load_input(path: Path, schedule) -> np.ndarray:
+    """One model input from a .npy file, or from a folder of images (images.py) for a model whose one input
+    is a float32 image batch (batch, 3, H, W)."""
+    if path.is_dir():
+        spec = schedule.inputs[0]
+        if len(schedule.inputs) != 1 or spec.dtype != "float32" or len(spec.shape) != 4 or spec.shape[1] != 3:
+            takes = ", ".join(f"{t.name} {t.dtype} ({', '.join(map(str, t.shape))})" for t in schedule.inputs)
+            raise CliError(f"--input {path}: a folder of images is for models with one float32 input (batch, 3, H, "
+                           f"W); this one takes {takes}: give .npy files")
+        try:
+            files, batch = images.read_folder(path, (int(spec.shape[2]), int(spec.shape[3])))
+        except DataError as exc:
+            raise CliError(f"--input {path}: {exc}") from exc
+        click.echo(f"read {len(files)} image(s) from {path} (in name order), resized and centre-cropped to "
+                   f"{spec.shape[2]}x{spec.shape[3]}, ImageNet normalisation", err=True)
+        return batch
     if path.suffix != ".npy":
-        raise CliError(f"--input {path}: give one .npy file per model input (numpy.save(path, array))")
+        raise CliError(f"--input {path}: give a .npy file per model input (numpy.save(path, array)), a folder of "
+                       f"images, or - for a stream of .npy arrays on stdin")
     try:
         return np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise CliError(f"--input {path}: cannot be read as a .npy array ({exc})") from exc
+
+
+def _check_stream(input_files: tuple[Path, ...], output_file: Path | None, schedule) -> bool:
+    """Whether the inputs are a stream (--input -); refuses a stream mixed with files, or for several inputs."""
+    if STREAM not in input_files:
+        if output_file == STREAM:
+            raise CliError("--output - (a stream on stdout) goes with --input - (a stream on stdin)")
+        return False
+    if len(input_files) != 1:
+        raise CliError("--input - (a stream of .npy arrays on stdin) replaces the other --input files: give it alone")
+    if len(schedule.inputs) != 1:
+        raise CliError(f"--input -: a stream carries one array per request, and this model takes "
+                       f"{len(schedule.inputs)} inputs; give one --input FILE.npy per input")
+    return True
+
+
+def _run_stream(submit, depth: int, names: list[str], output_file: Path | None) -> None:
+    """Run every array on stdin as a request (up to `depth` in flight); each request's outputs go to stdout
+    as they come (--output -), or are concatenated into --output FILE."""
+    out = sys.stdout.buffer if output_file == STREAM else None
+    collected, count = [], 0
+    try:
+        for outputs in pipelined(submit, ([a] for a in read_arrays(sys.stdin.buffer)), depth):
+            count += 1
+            if out is not None:
+                write_arrays(out, outputs)
+            else:
+                collected.append(outputs)
+    except InputMismatch as exc:
+        raise CliError(f"request {count + 1} of the stream: {exc}") from exc
+    click.echo(f"ran {count} request(s) from the stream", err=True)
+    if out is None:
+        if not collected:
+            raise CliError("--input -: the stream on stdin held no arrays")
+        _report(output_file, names, [np.concatenate([c[j] for c in collected]) for j in range(len(names))])
 
 
 def _save(path: Path, names: list[str], arrays: list[np.ndarray]) -> None:
@@ -95,12 +152,17 @@ class _DiscoRun(click.Command):
 @click.option("--bind", metavar="HOST:PORT", help="Listen here instead of at this node's address in --peers.")
 @click.option("--stay", is_flag=True, help="Nodes 1..N-1: keep serving after a failure (once the peers are back) "
                                            "and after node 0 leaves; stop with SIGTERM.")
-@click.option("--input", "input_files", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
-              metavar="FILE.npy", help="One per model input, in the model's input order (numpy.save files); on "
-                                       "node 0 only.")
-@click.option("--output", "output_file", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+@click.option("--input", "input_files", multiple=True, type=click.Path(path_type=Path, allow_dash=True),
+              metavar="FILE.npy|FOLDER|-",
+              help="One per model input, in the model's input order (numpy.save files); a folder of images for a "
+                   "model with one image input (resized and centre-cropped to the exported size, ImageNet "
+                   "normalisation; in name order); or - : a stream of .npy arrays on stdin, each one request, "
+                   "run as they come. On node 0 only.")
+@click.option("--output", "output_file", type=click.Path(dir_okay=False, path_type=Path, allow_dash=True),
+              metavar="FILE|-",
               help="Where to save the outputs: FILE.npy for a model with one output; FILE.npz (arrays named "
-                   "as the model outputs) for any number. Without it, the outputs' shapes are printed.")
+                   "as the model outputs) for any number; with --input -, also - : each request's outputs "
+                   "to stdout as .npy arrays, as they come. Without it, the outputs' shapes are printed.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Node 0: split the inputs into requests of this many samples, all in flight together.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_TIMEOUT, show_default=True,
@@ -126,11 +188,15 @@ def main(out: Path, simulate: bool, procs: bool, node: int | None, peers_file: P
       disco-run out/ --node 0 --peers peers.yaml --keys keys/ --input x.npy --output y.npy
 
     Each --input file holds one model input, batch first; the other dimensions
-    and the dtype must be those the model was exported with. A peers.yaml has
-    one line per node: '0: 10.0.0.1:5550'.
+    and the dtype must be those the model was exported with. A folder of
+    images is one batch for an image model; - reads requests from stdin:
+      disco-run out/ --node 0 --peers peers.yaml --keys keys/ --input photos/ --output y.npy
+      camera | disco-run out/ --node 0 --peers peers.yaml --keys keys/ --input - --output - | consumer
+    (each request one numpy.save record in, its outputs as records out). A
+    peers.yaml has one line per node: '0: 10.0.0.1:5550'.
     """
-    if output_file is not None and output_file.suffix not in (".npy", ".npz"):
-        raise CliError(f"--output {output_file}: give a .npy file (one output) or a .npz file")
+    if output_file is not None and output_file != STREAM and output_file.suffix not in (".npy", ".npz"):
+        raise CliError(f"--output {output_file}: give a .npy file (one output), a .npz file, or - (with --input -)")
     network = {"--peers": peers_file, "--keys": keys_dir, "--insecure": insecure or None, "--bind": bind,
                "--stay": stay or None}
     if simulate and node is not None:
@@ -157,7 +223,8 @@ def main(out: Path, simulate: bool, procs: bool, node: int | None, peers_file: P
         raise CliError("give --keys DIR (made with 'disco-run keygen DIR --nodes N') or, to run without "
                        "authentication and encryption, --insecure")
     if node == 0 and not input_files:
-        raise CliError("--node 0 takes the model inputs: give --input FILE.npy (one per model input)")
+        raise CliError("--node 0 takes the model inputs: give --input FILE.npy (one per model input), a folder "
+                       "of images, or - (a stream of .npy arrays on stdin)")
     if node != 0 and (input_files or output_file or batch_size):
         raise CliError(f"--input, --output and --batch-size are for node 0; node {node} gets its inputs from node 0")
     if node == 0 and stay:
@@ -205,7 +272,17 @@ def _simulate(out, procs, insecure, input_files, output_file, timeout, connect_t
         bundle = load_bundle(out)
         names = [t.name for t in bundle.schedule.outputs]
         _check_output_file(output_file, names)
-        inputs = [_load_input(p) for p in input_files]
+        if _check_stream(input_files, output_file, bundle.schedule):
+            if procs:
+                raise CliError("--input - (a stream) runs with --simulate or --node 0, not --simulate --procs")
+
+            def submit(inputs) -> Future:
+                done = Future()
+                done.set_result(run_bundle(bundle, inputs, timeout=timeout, threads=threads))
+                return done
+            _run_stream(submit, 1, names, output_file)
+            return
+        inputs = [_load_input(p, bundle.schedule) for p in input_files]
         if procs:
             from .executor import check_inputs
             from .network import run_processes
@@ -229,10 +306,17 @@ def _node0(out, peers_file, keys_dir, insecure, bind, input_files, output_file, 
     bundle = load_bundle(out)
     names = [t.name for t in bundle.schedule.outputs]
     _check_output_file(output_file, names)
-    inputs = [_load_input(p) for p in input_files]
-    check_inputs(bundle.schedule, inputs)
+    stream = _check_stream(input_files, output_file, bundle.schedule)
+    if stream and batch_size is not None:
+        raise CliError("--batch-size: a stream's arrays are requests already (--input -); leave it out")
+    inputs = [] if stream else [_load_input(p, bundle.schedule) for p in input_files]
+    if not stream:
+        check_inputs(bundle.schedule, inputs)
     with DiscoClient(bundle, peers_file, keys=keys_dir, insecure=insecure, timeout=timeout,
                      connect_timeout=connect_timeout, threads=threads, bind=bind) as client:
+        if stream:
+            _run_stream(client.submit, client.max_in_flight, names, output_file)
+            return
         total = inputs[0].shape[0]
         if batch_size is None or batch_size >= total:
             outputs = client(inputs)

@@ -139,6 +139,7 @@ class DiscoClient:
         self._transport = ZmqTransport(self.bundle, 0, peers, keys=_keys(keys, 0, self.bundle.schedule.nodes),
                                        insecure=insecure, timeout=timeout, bind=bind)
         self._pool = None
+        self.max_in_flight = max_in_flight
         try:
             self._executor = NodeExecutor(self.bundle, 0, self._transport, threads=threads, timeout=timeout)
             self._transport.wait_ready(connect_timeout)
