@@ -614,7 +614,8 @@ def write_doc(results, args) -> None:
               "at least the bound, and above it where a node must wait for a message that could not have come "
               "sooner; the measured latency's excess over it is the runtime (Python, ZeroMQ, the kernel's TCP "
               "work on the nodes' own cores) and the two nodes slowing each other.", "",
-              f"Compute alone (ms, median of {args.compute_reps}, one thread, core 1): whole "
+              f"Compute alone (ms; each stage's median over {args.compute_reps} interleaved passes, summed per node; "
+              f"one thread, core 1): whole "
               f"{comp['whole'] * 1e3:.1f}; " + "; ".join(
                   f"{LABEL[wl]}: node0 {comp[wl + '0'] * 1e3:.1f}, node1 {comp[wl + '1'] * 1e3:.1f} "
                   f"({comp[wl + '_stages'][0]} and {comp[wl + '_stages'][1]} stages; critical path of the stage "

@@ -38,6 +38,7 @@ from disco_compile import bundle as bundle_module
 from disco_compile.bundle import canonical_json, check_schedule, load_bundle, schedule_hash, write_bundle
 from disco_compile.runtime import InProcHub, NodeExecutor
 from disco_compile.runtime.cli import main as disco_run
+from disco_compile.runtime.estimate import WIRE, estimate, parse_rate, stage_times
 from disco_compile.runtime.stream import pipelined, read_arrays, write_arrays
 from disco_compile.schedule import Message, Schedule, Stage, StageInput, StageOutput, TensorSpec
 
@@ -600,6 +601,49 @@ def test_cli_stream_and_folder_errors(two, tmp_path, args, stdin, expected):
     result = CliRunner().invoke(disco_run, [str(two), "--simulate", *args], input=data)
     assert result.exit_code == 2, result.output
     assert expected in result.stderr and "Traceback" not in result.output
+
+
+def test_estimate_by_hand(two):
+    """Two nodes: node 0's stage 0 sends 12 bytes, node 1 answers with 16, node 0's stage 1 ends the run. At a
+    rate of R bytes/s and a delay d per message the latency is every stage once plus both messages."""
+    bundle = load_bundle(two)
+    seconds = stage_times(bundle, inputs(2), reps=3)
+    assert [len(s) for s in seconds] == [2, 1] and all(t > 0 for s in seconds for t in s)
+    unlimited, slow = estimate(bundle, seconds, [None, 1000.0], latency=0.01, batch=2)
+    stages = seconds[0][0] + seconds[1][0] + seconds[0][1]
+    assert unlimited.latency == pytest.approx(stages + 0.02)
+    assert slow.latency == pytest.approx(stages + 0.02 + (24 + 32) * WIRE / 1000.0)
+    assert slow.direction_bytes == {(0, 1): 24, (1, 0): 32}
+    assert slow.bound == pytest.approx(max(sum(seconds[0]), 32 / 1000.0))
+    assert unlimited.bound == pytest.approx(max(sum(seconds[0]), seconds[1][0]))
+    assert slow.waiting[1] == pytest.approx(seconds[0][0] + 0.01 + 24 * WIRE / 1000.0)
+
+
+@pytest.mark.parametrize("text, rate", [("100mbit", 12.5e6), ("1gbit", 1.25e8), ("2.5gbit", 3.125e8),
+                                        ("500kbit", 62500.0), ("8bit", 1.0), (" None ", None)])
+def test_link_rates(text, rate):
+    assert parse_rate(text) == rate
+
+
+@pytest.mark.parametrize("text", ["fast", "0mbit", "100mb", "1 gbps", ""])
+def test_bad_link_rates(text):
+    with pytest.raises(ValueError, match="write it as bits per second"):
+        parse_rate(text)
+
+
+def test_cli_estimate(two, tmp_path):
+    result = CliRunner().invoke(disco_run, ["estimate", str(two), "--link", "none", "--link", "1kbit",
+                                            "--latency-ms", "0", "--reps", "2"])
+    assert result.exit_code == 0, result.output
+    assert "node 0: 2 stages" in result.stdout and "0->1 0.00 MB, 1->0 0.00 MB" in result.stdout
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line.split()[:1] in (["none"],
+                                                                                                       ["1kbit"])}
+    # at 1 kbit/s the 12 + 16 bytes of one sample take (12 + 16) x 8 x WIRE ms on the wire
+    assert float(rows["1kbit"][1]) >= 28 * 8 * WIRE and float(rows["none"][1]) < float(rows["1kbit"][1])
+    bad = CliRunner().invoke(disco_run, ["estimate", str(two), "--link", "fast"])
+    assert bad.exit_code == 2 and "--link: link rate 'fast': write it as bits per second" in bad.output
+    missing = CliRunner().invoke(disco_run, ["estimate", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 2 and "Traceback" not in missing.output
 
 
 def test_cli_help_has_an_example():

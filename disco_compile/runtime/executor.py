@@ -124,7 +124,7 @@ class NodeExecutor:
         # (docs/performance.md) a node's peak memory falls from 0.61 to 0.29 of the whole model's
         _register_shared_arena()
         options.add_session_config_entry("session.use_env_allocators", "1")
-        self._sessions = [self._session(stage, options) for stage in self._stages]
+        self.sessions = [self._session(stage, options) for stage in self._stages]  # one per stage, in order
         # graph outputs to fetch per stage (one graph output may serve several roles)
         self._fetch = [list(dict.fromkeys(o.name for o in stage.outputs)) for stage in self._stages]
         # carried values to drop after each stage: after their last use, or at once if never used
@@ -169,7 +169,7 @@ class NodeExecutor:
         batch = next((a.shape[0] for a in model_inputs.values()), None)
         carried: dict[str, np.ndarray] = {}
         model_outputs: dict[str, np.ndarray] = {}
-        for stage, session, fetch, drop in zip(self._stages, self._sessions, self._fetch, self._drop_after):
+        for stage, session, fetch, drop in zip(self._stages, self.sessions, self._fetch, self._drop_after):
             feeds = {}
             for inp in stage.inputs:
                 if inp.source == "model_input":
@@ -231,11 +231,18 @@ def run_local(out_dir: str | os.PathLike, inputs, *, timeout: float = DEFAULT_TI
 
 def run_bundle(bundle: Bundle, inputs, *, timeout: float = DEFAULT_TIMEOUT, threads: int = 1) -> list[np.ndarray]:
     """`run_local` on an already loaded bundle."""
-    schedule = bundle.schedule
-    model_inputs = check_inputs(schedule, inputs)
-    hub = InProcHub(schedule.nodes)
+    model_inputs = check_inputs(bundle.schedule, inputs)
+    hub = InProcHub(bundle.schedule.nodes)
     executors = [NodeExecutor(bundle, k, hub.transport(k, bundle.schedule_hash), threads=threads, timeout=timeout)
-                 for k in range(schedule.nodes)]
+                 for k in range(bundle.schedule.nodes)]
+    return run_executors(executors, hub, model_inputs)
+
+
+def run_executors(executors: list[NodeExecutor], hub: InProcHub, model_inputs: dict[str, np.ndarray]
+                  ) -> list[np.ndarray]:
+    """Run one NodeExecutor per node (node k: executors[k], all on `hub`'s transports), each in a thread of this
+    process; the model outputs, in `schedule.outputs` order (`run_bundle`)."""
+    schedule, timeout = executors[0].bundle.schedule, executors[0].timeout
     results: dict[int, dict[str, np.ndarray] | None] = {}
     failures: list[tuple[int, BaseException]] = []  # in the order they happened
     lock = threading.Lock()
