@@ -133,8 +133,9 @@ scores). Runs share a 2-core machine with other jobs, one thread each: times var
 """
 TASKS = ("digits", "sr")
 # sections of docs/accuracy.md in order: digits_n4 is written by hand (a run with other options), compute_weight
-# by benchmarks/compute_weight.py; a run of this script rewrites the sections of its tasks and keeps the others
-SECTIONS = ("digits", "digits_n4", "sr", "compute_weight")
+# and compute_weight_ARCH by benchmarks/compute_weight.py (one per --arch); a run of this script rewrites the
+# sections of its tasks and keeps the others
+SECTIONS = ("digits", "digits_n4", "sr", "compute_weight", "compute_weight_mobilenet_v2")
 
 
 def _fmt(values: list[float]) -> str:

@@ -14,7 +14,10 @@ from the original plus the labels' cross-entropy, the budget annealed over the f
 --seeds seeds (data order). N=2, rho=0.2, align 8.
 
     python benchmarks/compute_weight.py                       # resnet50, W 0 and 0.1, 2 seeds: ~40 min
-    python benchmarks/compute_weight.py --arch resnet18 --weights 0,0.004,0.1
+    python benchmarks/compute_weight.py --arch mobilenet_v2 --weights 0,0.004,0.1 --seeds 3
+
+Writes the compute_weight section of docs/accuracy.md (resnet50) or compute_weight_ARCH (other archs, each
+listed in benchmarks/accuracy.py's SECTIONS).
 """
 from __future__ import annotations
 
@@ -61,6 +64,10 @@ def main() -> None:
     p.add_argument("--no-write", action="store_true", help="print only; leave docs/accuracy.md alone")
     args = p.parse_args()
     weights = [float(w) for w in args.weights.split(",")]
+    section = "compute_weight" if args.arch == "resnet50" else f"compute_weight_{args.arch}"
+    if not args.no_write and section not in SECTIONS:
+        p.error(f"docs/accuracy.md has no section for --arch {args.arch}: add {section!r} to SECTIONS in "
+                f"benchmarks/accuracy.py, or pass --no-write")
     cmd = _perfdoc.command()
     torch.set_num_threads(2)
     t_start = time.perf_counter()
@@ -107,7 +114,7 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_write:
-        _perfdoc.write_section("compute_weight", text, path=_perfdoc.ROOT / "docs" / "accuracy.md", header=HEADER,
+        _perfdoc.write_section(section, text, path=_perfdoc.ROOT / "docs" / "accuracy.md", header=HEADER,
                                names=SECTIONS)
 
 

@@ -666,8 +666,8 @@ def write_doc(results, args) -> None:
         for rate in rates:
             if (disco, rate) in med:
                 b = bound(results, disco, rate)
-                lines.append(f"- {how}: DISCO latency / bound at {rate}: {med[(disco, rate)][0] / b:.2f} (goal <= 1.3); "
-                             f"the schedule alone {sched[(disco, rate)] / b:.2f}")
+                lines.append(f"- {how}: DISCO latency / bound at {rate}: {med[(disco, rate)][0] / b:.2f} "
+                             f"(goal <= 1.3); the schedule alone {sched[(disco, rate)] / b:.2f}")
     lines += ["", "## Commands", "", "```", "sudo .venv/bin/python benchmarks/netbench.py " + " ".join(sys.argv[1:]),
               "```", "", "What it runs (namespaces discobench0/discobench1, veth dbveth0/dbveth1):", "", "```",
               "ip netns add discobench0; ip netns add discobench1",
