@@ -568,7 +568,8 @@ def main(model: str, nodes: int, budget: float | None, input_shape: tuple[int, .
             click.echo(f"\nwrote {out_dir}: manifest.json, schedule.json and {stages} ONNX stage graphs "
                        f"({', '.join(f'node {k}: {n}' for k, n in _stage_counts(manifest).items())})"
                        + (f" of submodule {submodule!r}; the rest of the model is not exported" if submodule else "")
-                       + f"\nrun it: disco-run {out_dir} --simulate --input x.npy --output y.npy")
+                       + f"\nrun it: disco-run {out_dir} --simulate --input x.npy --output y.npy"
+                       + f"\nits latency at your link: disco-run estimate {out_dir} --link 1gbit")
     except DiscoError as exc:
         hint = next((h for cls, h in _CLI_HINTS.items() if isinstance(exc, cls)), None)
         raise CliError(str(exc) + (f"\n  {hint}" if hint else "")) from None

@@ -175,6 +175,13 @@ def test_cli_exports_and_disco_run_reproduces(tmp_path):
                           "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "y.npy")],
                          capture_output=True, text=True)
     assert ran.returncode == 0, ran.stderr
+    assert f"disco-run estimate {out} --link 1gbit" in done.stdout
+    estimated = subprocess.run([sys.executable, "-m", "disco_compile.runtime.cli", "estimate", str(out), "--link",
+                                "1gbit", "--link", "10mbit", "--reps", "1"], capture_output=True, text=True)
+    assert estimated.returncode == 0, estimated.stderr
+    rows = {line.split()[0]: float(line.split()[1]) for line in estimated.stdout.splitlines()
+            if line.split()[:1] in (["1gbit"], ["10mbit"])}
+    assert rows["10mbit"] > rows["1gbit"] > 0
     model, _ = zoo.build("resnet18", size=64)
     dm = transform(model, 2, torch.from_numpy(x)).eval()
     dm.set_budget(0.2, "global", align=8)  # disco-compile's defaults --allocation global --align 8
