@@ -65,6 +65,7 @@ import sys
 import time
 from pathlib import Path
 
+from disco_compile.runtime.estimate import WIRE  # bytes tbf counts per payload byte of a full TCP segment
 from disco_compile.schedule import Schedule
 from disco_compile.timeline import timeline
 
@@ -79,7 +80,6 @@ MESSAGE_SIZES = (16 << 10, 64 << 10, 160 << 10, 512 << 10, 2 << 20)  # bytes; ne
 SHAPING = {"1gbit": (18000, 16384), "100mbit": (4000, 65536)}  # tbf bucket, gso_max_size (bytes); see above
 GSO_DEFAULT = 65536  # veth's own TSO packet cap
 PROBE_REPS = 20  # messages of each size in the message-time probe
-WIRE = 1514 / 1448  # bytes tbf counts per payload byte of a full-size TCP segment (Ethernet, IP, TCP headers)
 SPLITS = ("dense", "disco", "dense_no_overlap", "disco_no_overlap", "disco_uniform", "disco_uniform_no_overlap",
           "disco_cw", "disco_cw_no_overlap")
 COMPUTE_WEIGHT = 0.1  # bytes per MAC of the disco_cw workloads (--compute-weight; selection.py)

@@ -391,9 +391,9 @@ def estimate_main(out: Path, links: tuple[str, ...], latency_ms: float, input_fi
     order, each waiting for the messages it reads; each direction carries one
     message at a time at the rate (with Ethernet, IP and TCP headers), plus
     --latency-ms per message. Not counted: the runtime's own cost (Python,
-    ZeroMQ, TCP work on the nodes' cores: 15-30 ms per request measured for
-    ResNet-50 on 2 nodes with one core each) and any difference between
-    these cores and the target's.
+    ZeroMQ, TCP work on the nodes' cores: 20-50 ms per request measured for
+    ResNet-50 on 2 nodes with one core each, docs/latency.md) and any
+    difference between these cores and the target's.
     """
     from tqdm import tqdm
 

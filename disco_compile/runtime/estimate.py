@@ -9,8 +9,8 @@ and TCP headers of full-size segments), plus `latency` seconds per message. Besi
 max(the busiest node's compute, the bytes of the busiest direction / rate).
 
 What it leaves out: the runtime's own cost (Python, ZeroMQ and the kernel's TCP work, on the node's own
-core: 15-30 ms per request for ResNet-50 at N=2 with one core per node, docs/latency.md), and any
-difference between this machine's cores and the target's.
+core: 20-50 ms per request for ResNet-50 at N=2 with one core per node, measured on a 2-core VM,
+docs/latency.md), and any difference between this machine's cores and the target's.
 """
 from __future__ import annotations
 
