@@ -150,7 +150,10 @@ def test_folder_of_images_over_processes(exports, tmp_path):
     assert "read 2 image(s) from" in result.stderr
     files, batch = images.read_folder(folder, (8, 8))
     assert [f.name for f in files] == ["a.png", "b.png"]
-    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), run_local(exports["n2"], batch)[0], strict=True)
+    expected = run_local(exports["n2"], batch)[0]
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), expected, strict=True)
+    for name, row in zip(("a.png", "b.png"), expected):  # a (batch, classes) output: each image's top-1 class
+        assert f"{name}: top-1 class {int(row.argmax())} " in result.stdout
 
 
 def test_stream_through_node0(exports, tmp_path, nodes):

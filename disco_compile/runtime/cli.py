@@ -45,9 +45,15 @@ class _Terminated(BaseException):
 STREAM = Path("-")
 
 
-def _load_input(path: Path, schedule) -> np.ndarray:
+def _load_inputs(paths: tuple[Path, ...], schedule) -> tuple[list[np.ndarray], list[Path] | None]:
+    """The model inputs from --input paths, and the image files in batch order when the input is a folder."""
+    loaded = [_load_input(p, schedule) for p in paths]
+    return [a for a, _ in loaded], (loaded[0][1] if len(loaded) == 1 else None)
+
+
+def _load_input(path: Path, schedule) -> tuple[np.ndarray, list[Path] | None]:
     """One model input from a .npy file, or from a folder of images (images.py) for a model whose one input
-    is a float32 image batch (batch, 3, H, W)."""
+    is a float32 image batch (batch, 3, H, W); with the image files, in batch order, for a folder."""
     if path.is_dir():
         spec = schedule.inputs[0]
         if len(schedule.inputs) != 1 or spec.dtype != "float32" or len(spec.shape) != 4 or spec.shape[1] != 3:
@@ -60,12 +66,12 @@ def _load_input(path: Path, schedule) -> np.ndarray:
             raise CliError(f"--input {path}: {exc}") from exc
         click.echo(f"read {len(files)} image(s) from {path} (in name order), resized and centre-cropped to "
                    f"{spec.shape[2]}x{spec.shape[3]}, ImageNet normalisation", err=True)
-        return batch
+        return batch, files
     if path.suffix != ".npy":
         raise CliError(f"--input {path}: give a .npy file per model input (numpy.save(path, array)), a folder of "
                        f"images, or - for a stream of .npy arrays on stdin")
     try:
-        return np.load(path, allow_pickle=False)
+        return np.load(path, allow_pickle=False), None
     except (OSError, ValueError) as exc:
         raise CliError(f"--input {path}: cannot be read as a .npy array ({exc})") from exc
 
@@ -267,7 +273,13 @@ def _check_output_file(output_file: Path | None, names: list[str]) -> None:
                        f"give a .npz file to save them all")
 
 
-def _report(output_file: Path | None, names: list[str], outputs: list[np.ndarray]) -> None:
+def _report(output_file: Path | None, names: list[str], outputs: list[np.ndarray],
+            files: list[Path] | None = None) -> None:
+    """Save or describe the outputs; for a folder of images and a model with one (batch, classes) output, also
+    each image's top-1 class."""
+    if files is not None and len(outputs) == 1 and outputs[0].ndim == 2 and len(outputs[0]) == len(files):
+        for f, row in zip(files, outputs[0]):
+            click.echo(f"{f.name}: top-1 class {int(row.argmax())} ({names[0]} {float(row.max()):.4g})")
     if output_file is not None:
         _save(output_file, names, outputs)
         click.echo(f"wrote {len(outputs)} output(s) to {output_file}")
@@ -292,7 +304,7 @@ def _simulate(out, procs, insecure, input_files, output_file, timeout, connect_t
                 return done
             _run_stream(submit, 1, names, output_file)
             return
-        inputs = [_load_input(p, bundle.schedule) for p in input_files]
+        inputs, files = _load_inputs(input_files, bundle.schedule)
         if procs:
             from .executor import check_inputs
             from .network import run_processes
@@ -306,7 +318,7 @@ def _simulate(out, procs, insecure, input_files, output_file, timeout, connect_t
         raise CliError(f"{exc} (give one --input FILE.npy per model input, in order)") from exc
     except DiscoError as exc:
         raise (_fail(exc) if procs else CliError(str(exc))) from exc
-    _report(output_file, names, outputs)
+    _report(output_file, names, outputs, files)
 
 
 def _node0(out, peers_file, keys_dir, insecure, bind, input_files, output_file, batch_size, timeout,
@@ -319,7 +331,7 @@ def _node0(out, peers_file, keys_dir, insecure, bind, input_files, output_file, 
     stream = _check_stream(input_files, output_file, bundle.schedule)
     if stream and batch_size is not None:
         raise CliError("--batch-size: a stream's arrays are requests already (--input -); leave it out")
-    inputs = [] if stream else [_load_input(p, bundle.schedule) for p in input_files]
+    inputs, files = ([], None) if stream else _load_inputs(input_files, bundle.schedule)
     if not stream:
         check_inputs(bundle.schedule, inputs)
     with DiscoClient(bundle, peers_file, keys=keys_dir, insecure=insecure, timeout=timeout,
@@ -333,7 +345,7 @@ def _node0(out, peers_file, keys_dir, insecure, bind, input_files, output_file, 
         else:
             parts = client.map([[a[i:i + batch_size] for a in inputs] for i in range(0, total, batch_size)])
             outputs = [np.concatenate([p[j] for p in parts]) for j in range(len(names))]
-    _report(output_file, names, outputs)
+    _report(output_file, names, outputs, files)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -406,7 +418,7 @@ def estimate_main(out: Path, links: tuple[str, ...], latency_ms: float, input_fi
         bundle = load_bundle(out)
         schedule = bundle.schedule
         if input_files:
-            inputs = [_load_input(p, schedule) for p in input_files]
+            inputs, _ = _load_inputs(input_files, schedule)
         else:
             odd = [t.name for t in schedule.inputs if not t.dtype.startswith("float")]
             if odd:
