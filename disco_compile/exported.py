@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
 from .errors import ExportedProgramError
+from .passes.raise_attention import SDPA, raise_attention
 
 aten = torch.ops.aten
 
@@ -288,12 +289,14 @@ def to_module(ep: torch.export.ExportedProgram) -> fx.GraphModule:
     source = ep.run_decompositions({}).module()
     raiser = _Raiser(source)
     gm = raiser.run(ep.module_call_graph[0].signature.out_spec)
-    gm.kept_aten_ops = sorted(set(raiser.kept))
     gm.fixed_batch = None
+    kept = set(raiser.kept)
     shapes = example_shapes(ep)
     if all(s is not None for s in shapes):
         g = torch.Generator().manual_seed(0)
         inputs = [_random(s, v.dtype, g) for s, v in zip(shapes, vals)]
+        if raise_attention(gm, tuple(inputs)) and not any(n.target is SDPA for n in gm.graph.nodes):
+            kept.discard(str(SDPA))
         with torch.no_grad():
             want, got = ep.module()(*inputs), gm(*inputs)
         for a, b in zip(pytree.tree_leaves(want), pytree.tree_leaves(got)):
@@ -307,6 +310,7 @@ def to_module(ep: torch.export.ExportedProgram) -> fx.GraphModule:
                     gm(*(_random((2 * s[0], *s[1:]), v.dtype, g) for s, v in zip(shapes, vals)))
             except Exception:  # any failure at another batch size means the program fixed its batch
                 gm.fixed_batch = shapes[0][0]
+    gm.kept_aten_ops = sorted(kept)
     return gm
 
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from conftest import assert_close, assert_shards_match
 from disco_compile import ExportedProgramError, transform
 from disco_compile import exported
+from disco_compile.attention import heads_attention
 
 
 class ResNetLike(nn.Module):
@@ -78,6 +79,25 @@ class Cumulative(nn.Module):
         return self.b(torch.cumsum(self.a(x), dim=1))
 
 
+class AttentionNet(nn.Module):
+    """Tokens from a conv, LayerNorm, nn.MultiheadAttention self-attention (4 heads) with a residual, a head."""
+
+    def __init__(self, batch_first: bool):
+        super().__init__()
+        self.batch_first = batch_first
+        self.embed, self.norm = nn.Conv2d(3, 16, 4, stride=4), nn.LayerNorm(16)
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=batch_first)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).permute(0, 2, 1)
+        if not self.batch_first:
+            t = t.transpose(0, 1)
+        n = self.norm(t)
+        t = t + self.attn(n, n, n, need_weights=False)[0]
+        return self.head(t.mean(1 if self.batch_first else 0))
+
+
 NETS = [(ResNetLike, (1, 3, 32, 32)), (TokenNet, (2, 3, 16, 16)), (GroupNormNet, (1, 4, 12)),
         (Upsampling, (1, 3, 8, 8))]
 
@@ -132,6 +152,42 @@ def test_an_op_without_a_rule_stays_aten_and_is_replicated():
     assert [op.target for op in dm.cost().replicated_ops] == ["cumsum.default"]
     with torch.no_grad():
         assert_close(dm(x), model(x), what="DISCO model with a replicated op")
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("nodes", [2, 4])
+def test_program_attention_is_split_by_heads(batch_first, nodes):
+    """torch.export writes nn.MultiheadAttention as reshapes around aten.scaled_dot_product_attention;
+    raised back to heads_attention (passes/raise_attention.py) the program splits by heads as the module
+    does: no ATen op kept, nothing replicated, the model's outputs."""
+    torch.manual_seed(0)
+    model = AttentionNet(batch_first).eval()
+    x = torch.randn(2, 3, 16, 16)
+    program = torch.export.export(model, (x,))
+    raised = exported.to_module(program)
+    assert raised.kept_aten_ops == []
+    assert sum(n.target is heads_attention for n in raised.graph.nodes) == 1
+    dm = transform(program, nodes, x)
+    assert dm.cost().replicated_ops == []
+    with torch.no_grad():
+        assert_close(dm(x), model(x), what=f"DISCO model of the attention program, N={nodes}")
+
+
+def test_attention_with_a_mask_stays_aten():
+    """A causal mask is not the plain self-attention heads_attention computes: the op is kept (replicated)."""
+
+    class Causal(AttentionNet):
+        def forward(self, x):
+            t = self.norm(self.embed(x).flatten(2).permute(0, 2, 1))
+            return self.head(self.attn(t, t, t, need_weights=False, is_causal=True,
+                                       attn_mask=nn.Transformer.generate_square_subsequent_mask(16))[0].mean(1))
+    torch.manual_seed(0)
+    model = Causal(True).eval()
+    x = torch.randn(1, 3, 16, 16)
+    program = torch.export.export(model, (x,))
+    assert exported.to_module(program).kept_aten_ops == ["aten.scaled_dot_product_attention.default"]
+    with torch.no_grad():
+        assert_close(transform(program, 2, x)(x), model(x), what="DISCO model with a masked attention")
 
 
 def test_program_through_onnx_shards(tmp_path):
