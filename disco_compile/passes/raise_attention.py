@@ -14,7 +14,7 @@ and puts in front of T, as passes/expand_attention.py writes the module,
 
     q, k, v = S.chunk(3, -1);  o = heads_attention(q, k, v, H, batch_first);  o.reshape(T's shape)
 
-keeping the rewrite only where it computes T exactly as before on the example inputs (both layouts are
+keeping the rewrite only where it computes T as before on the example inputs (to 1e-5; both layouts are
 tried). Anything else stays as it was: replicated on every node, named in the cost report.
 """
 from __future__ import annotations
