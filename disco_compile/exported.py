@@ -17,6 +17,8 @@ and everything else as torch-level functions. `to_module` functionalises the pro
     aten.upsample_{nearest,bilinear,bicubic}2d(x, size, [align,] scale) -> F.interpolate
     aten.select(x, d, i), aten.slice(x, d, start, end, step)           -> x[..., i], x[..., start:end:step]
     aten.clone(x), aten.alias(x)                                        -> x (a graph without mutation)
+    aten.scaled_dot_product_attention(q, k, v) cut from one packed in_proj and read by an out_proj
+                                                                        -> heads_attention (passes/raise_attention.py)
 
 A module takes the name of the attribute its weight had (`layer1.0.conv1.weight` -> `layer1.0.conv1`),
 so reports name the layers as the source model did. Any other ATen call stays as it is: it computes the
