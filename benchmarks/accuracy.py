@@ -119,8 +119,8 @@ HEADER = """\
 
 Written by `benchmarks/accuracy.py`, one section per task (each run rewrites only the sections of
 the tasks it ran); the N=4 digits run below was copied by hand and the compute weight sections (one
-per network) are written by `benchmarks/compute_weight.py`. For each task an original model is trained once (seed 0);
-for N in {2, 4} and each budget rho the DISCO model is fine-tuned with the same schedule and steps
+per network) are written by `benchmarks/compute_weight.py`. For each task an original model is trained
+once (seed 0); for N in {2, 4} and each budget rho the DISCO model is fine-tuned with the same schedule and steps
 by each selection method: learned (scores from weight magnitudes trained through the
 straight-through mask), magnitude + ft (fixed one-shot magnitude scores), random + ft (a fixed
 random order); rho = 0 sends nothing (no communication, the same for every method) and at rho = 1

@@ -65,7 +65,7 @@ import sys
 import time
 from pathlib import Path
 
-from disco_compile.runtime.estimate import WIRE  # bytes tbf counts per payload byte of a full TCP segment
+from disco_compile.runtime.estimate import WIRE, estimate  # WIRE: bytes tbf counts per payload byte
 from disco_compile.schedule import Schedule
 from disco_compile.timeline import timeline
 
@@ -546,14 +546,15 @@ def one_way(results) -> float:
 
 
 def schedule_bound(results, work: Path, wl, rate) -> float:
-    """The latency the export's schedule allows at this link: disco_compile.timeline with every stage's time
-    measured alone, each direction at the link's nominal rate (payload x WIRE) and `one_way` per message."""
+    """The latency the export's schedule allows at this link (disco_compile.runtime.estimate, as `disco-run
+    estimate` computes it): every stage's time measured alone, each direction at the link's nominal rate and
+    `one_way` per message."""
     if wl == "whole":
         return results["compute"]["whole"]
     sched = Schedule.from_json(json.loads((work / wl / "schedule.json").read_text()))
     bps = link_bps(rate)
-    return timeline(sched, results["compute"][f"{wl}_stage_times"], rate=None if bps is None else bps / 8,
-                    latency=one_way(results), wire=WIRE).latency
+    return estimate(sched, results["compute"][f"{wl}_stage_times"], [None if bps is None else bps / 8],
+                    latency=one_way(results))[0].latency
 
 
 def message_table(results) -> list[str]:

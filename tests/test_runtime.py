@@ -609,7 +609,7 @@ def test_estimate_by_hand(two):
     bundle = load_bundle(two)
     seconds = stage_times(bundle, inputs(2), reps=3)
     assert [len(s) for s in seconds] == [2, 1] and all(t > 0 for s in seconds for t in s)
-    unlimited, slow = estimate(bundle, seconds, [None, 1000.0], latency=0.01, batch=2)
+    unlimited, slow = estimate(bundle.schedule, seconds, [None, 1000.0], latency=0.01, batch=2)
     stages = seconds[0][0] + seconds[1][0] + seconds[0][1]
     assert unlimited.latency == pytest.approx(stages + 0.02)
     assert slow.latency == pytest.approx(stages + 0.02 + (24 + 32) * WIRE / 1000.0)

@@ -108,7 +108,12 @@ def _run_stream(submit, depth: int, names: list[str], output_file: Path | None) 
     if out is None:
         if not collected:
             raise CliError("--input -: the stream on stdin held no arrays")
-        _report(output_file, names, [np.concatenate([c[j] for c in collected]) for j in range(len(names))])
+        _report(output_file, names, _joined(collected))
+
+
+def _joined(requests: list[list[np.ndarray]]) -> list[np.ndarray]:
+    """The outputs of several requests as one batch: each output concatenated over the requests, in order."""
+    return [np.concatenate(parts) for parts in zip(*requests)]
 
 
 def _save(path: Path, names: list[str], arrays: list[np.ndarray]) -> None:
@@ -344,7 +349,7 @@ def _node0(out, peers_file, keys_dir, insecure, bind, input_files, output_file, 
             outputs = client(inputs)
         else:
             parts = client.map([[a[i:i + batch_size] for a in inputs] for i in range(0, total, batch_size)])
-            outputs = [np.concatenate([p[j] for p in parts]) for j in range(len(names))]
+            outputs = _joined(parts)
     _report(output_file, names, outputs, files)
 
 
@@ -411,7 +416,8 @@ def estimate_main(out: Path, links: tuple[str, ...], latency_ms: float, input_fi
 
     from .estimate import estimate, parse_rate, stage_times
     try:
-        rates = [parse_rate(t) for t in (links or DEFAULT_LINKS)]
+        links = links or DEFAULT_LINKS
+        rates = [parse_rate(t) for t in links]
     except ValueError as exc:
         raise CliError(f"--link: {exc}") from exc
     try:
@@ -430,7 +436,7 @@ def estimate_main(out: Path, links: tuple[str, ...], latency_ms: float, input_fi
         with tqdm(total=reps + 1, desc="timing stages", unit="pass", leave=False) as bar:
             seconds = stage_times(bundle, inputs, reps=reps, threads=threads,
                                   progress=lambda done, total: bar.update(done - bar.n))
-        results = estimate(bundle, seconds, rates, latency=latency_ms / 1e3, batch=batch)
+        results = estimate(schedule, seconds, rates, latency=latency_ms / 1e3, batch=batch)
     except InputMismatch as exc:
         raise CliError(f"{exc} (give one --input FILE.npy per model input, in order)") from exc
     except DiscoError as exc:
@@ -442,7 +448,7 @@ def estimate_main(out: Path, links: tuple[str, ...], latency_ms: float, input_fi
                                 for k, (p, c) in enumerate(zip(schedule.programs, results[0].compute))))
     click.echo(f"  messages per inference: {mb or 'none'}")
     click.echo(f"{'link':>10} {'latency ms':>11} {'bound ms':>9} {'latency/bound':>14}  waiting per node ms")
-    for text, r in zip(links or DEFAULT_LINKS, results):
+    for text, r in zip(links, results):
         waits = ", ".join(f"{w * 1e3:.1f}" for w in r.waiting)
         click.echo(f"{text:>10} {r.latency * 1e3:>11.1f} {r.bound * 1e3:>9.1f} {r.latency / r.bound:>14.2f}  {waits}")
     click.echo("bound: max(busiest node's compute, busiest direction's bytes / rate). Not counted: the runtime's "

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 
 from ..bundle import Bundle
+from ..schedule import Schedule
 from ..timeline import timeline
 from .executor import NodeExecutor, check_inputs, run_executors
 from .transport import InProcHub
@@ -91,11 +92,10 @@ class Estimate:
     direction_bytes: dict[tuple[int, int], int]  # (src, dst) -> payload bytes per inference
 
 
-def estimate(bundle: Bundle, seconds: list[list[float]], rates: list[float | None], *, latency: float = 1e-4,
-             batch: int = 1) -> list[Estimate]:
-    """The schedule of `bundle` with stage times `seconds` laid out at each rate (bytes per second; None: no
-    limit), `latency` seconds per message besides its time on the wire, `batch` samples per inference."""
-    schedule = bundle.schedule
+def estimate(schedule: Schedule, seconds: list[list[float]], rates: list[float | None], *,
+             latency: float = 1e-4, batch: int = 1) -> list[Estimate]:
+    """`schedule` with stage times `seconds` laid out at each rate (bytes per second; None: no limit),
+    `latency` seconds per message besides its time on the wire, `batch` samples per inference."""
     by_direction: dict[tuple[int, int], int] = {}
     for m in schedule.messages:
         by_direction[(m.src, m.dst)] = by_direction.get((m.src, m.dst), 0) + m.bytes * batch
