@@ -4,7 +4,7 @@ For each task (digits classification, x4 super-resolution) an original model is 
 once (seed 0), then for N in {2, 4} and rho in {1, 0.5, 0.2, 0.1, 0} the DISCO model is
 fine-tuned with the same schedule and steps by each selection method:
 
-  learned    scores from weight magnitudes, trained through the straight-through mask
+  learned    a running mean of minus the loss gradient per candidate (straight-through mask)
   magnitude  fixed weight-column magnitude scores (one-shot selection)
   random     a fixed random order
   no comm    rho = 0: nothing exchanged (the same for every method)
@@ -121,9 +121,9 @@ Written by `benchmarks/accuracy.py`, one section per task (each run rewrites onl
 the tasks it ran); the N=4 digits run below was copied by hand and the compute weight sections (one
 per network) are written by `benchmarks/compute_weight.py`. For each task an original model is trained
 once (seed 0); for N in {2, 4} and each budget rho the DISCO model is fine-tuned with the same schedule and steps
-by each selection method: learned (scores from weight magnitudes trained through the
-straight-through mask), magnitude + ft (fixed one-shot magnitude scores), random + ft (a fixed
-random order); rho = 0 sends nothing (no communication, the same for every method) and at rho = 1
+by each selection method: learned (each candidate's score is a running mean of minus the loss
+gradient with respect to its mask entry, from the straight-through mask: finetuning.py), magnitude
++ ft (fixed one-shot magnitude scores), random + ft (a fixed random order); rho = 0 sends nothing (no communication, the same for every method) and at rho = 1
 every candidate is sent (the methods coincide; one run per seed stands for all three). "one-shot" is
 the magnitude selection before any fine-tuning, with its exchange ratio (kept / dense exchange
 bytes). The budget is annealed from 1 to rho over the first half of the steps, then held; the loss

@@ -10,10 +10,20 @@ Step t of T trains at budget
 (from every channel down to the target over the first `anneal` part, then
 held). Whenever rho_t changes, and at every step while it anneals for
 learned scores, the selection is made at rho_t (selection.py); once at rho it
-is held, so the weights adapt to one fixed selection. Scores: "learned"
-(initialised from weight-column magnitudes, normalised to mean 1 per
-exchange, trained through the straight-through mask with their own learning
-rate), "magnitude" (fixed) or "random" (a fixed random order).
+is held, so the weights adapt to one fixed selection. Scores: "learned",
+"magnitude" (fixed) or "random" (a fixed random order).
+
+Learned scores estimate each candidate's usefulness from the loss. With g the
+straight-through gradient dL/dm of a candidate's mask entry (modules.py), -g
+is to first order how much the loss rises when a sent candidate is dropped,
+or falls when an unsent one is added (its Taylor importance). After update
+t = 1, 2, ... (one per step) the score is the bias-corrected exponential mean
+
+    s_t = s_(t-1) + (1 - beta) / (1 - beta^t) * (-g_t - s_(t-1))
+
+over roughly the last 1 / (1 - beta) steps (beta = `score_decay`, 0.9), so
+the selection follows the weights as they adapt; the weight-magnitude scores
+order the candidates until the first gradient replaces them (s_1 = -g_1).
 Weights and gate values train with Adam on the distillation loss, plus the
 task loss when batches carry targets (distill.py). After the last step the
 scores are dropped and BatchNorm statistics
@@ -79,15 +89,26 @@ def exchange_ratio(dm) -> float:
     return cost.exchange_bytes(dm.exchanges, dense=False) / dense if dense else 1.0
 
 
-def fingerprint(dm, method: str, budget: float, allocation: str, align: int, compute_weight: float) -> dict:
+def fingerprint(dm, method: str, budget: float, allocation: str, align: int, compute_weight: float,
+                score_decay: float | None) -> dict:
     """What a checkpoint must match to be resumed: partition, tensor names and shapes, method, and the settings
-    that decide which channels the budget keeps (budget, allocation, align, compute weight). The number of
-    steps may change: a resumed run can train for longer."""
+    that decide which channels the budget keeps (budget, allocation, align, compute weight, score decay). The
+    number of steps may change: a resumed run can train for longer."""
     h = hashlib.sha256(dm.plan.owner_of.cpu().numpy().tobytes())
     for name, t in sorted(dm.state_dict().items()):
         h.update(f"{name}:{tuple(t.shape)}".encode())
     return {"nodes": dm.nodes, "partition": h.hexdigest(), "method": method, "budget": budget,
-            "allocation": allocation, "align": align, "compute_weight": compute_weight}
+            "allocation": allocation, "align": align, "compute_weight": compute_weight, "score_decay": score_decay}
+
+
+@torch.no_grad()
+def update_scores(scores: Iterable[nn.Parameter], decay: float, t: int) -> None:
+    """Update t (1, 2, ...) of the learned scores from their gradients (module docstring); clears the gradients."""
+    rate = (1.0 - decay) / (1.0 - decay ** t)
+    for s in scores:
+        if s.grad is not None:
+            s.add_(s.grad.neg() - s, alpha=rate)
+            s.grad = None
 
 
 @torch.no_grad()
@@ -194,7 +215,7 @@ class _Checkpoints:
 
 def finetune(dm, data: Iterable, *, budget: float, steps: int, teacher: nn.Module | None = None,
              val_data: Iterable | None = None, method: str = "learned", allocation: str = "global",
-             align: int = 1, compute_weight: float = 0.0, lr: float = 1e-3, score_lr: float = 0.05,
+             align: int = 1, compute_weight: float = 0.0, lr: float = 1e-3, score_decay: float = 0.9,
              anneal: float = 0.5, loss: Loss | None = None, seed: int = 0, device: str = "cpu",
              checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 100, resume: bool = False,
              batchnorm_batches: int = 20, log_every: int = 10, progress: bool = True) -> FinetuneResult:
@@ -208,6 +229,7 @@ def finetune(dm, data: Iterable, *, budget: float, steps: int, teacher: nn.Modul
       message carries a multiple of that many channels; compute_weight: bytes per MAC in the global
       allocation's cost (selection.py).
     anneal: the part of the steps over which the budget goes from 1 to `budget`.
+    score_decay: beta of the learned scores' running mean of the loss gradient, in [0, 1) (module docstring).
     checkpoint_dir: where last.pt is written every `checkpoint_every` steps; resume=True continues from it.
     A NaN or infinite loss stops training, puts dm back at the last good state and raises TrainingDiverged.
     """
@@ -220,6 +242,8 @@ def finetune(dm, data: Iterable, *, budget: float, steps: int, teacher: nn.Modul
         raise ValueError(f"allocation must be one of {', '.join(selection.ALLOCATIONS)}, got {allocation!r}")
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
+    if not 0.0 <= score_decay < 1.0:
+        raise ValueError(f"score_decay must be in [0, 1) (0: each step's gradient alone), got {score_decay!r}")
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs checkpoint_dir: the folder the interrupted run wrote last.pt to")
     rank, world, dev = _rank_world(_check_device(device))
@@ -232,21 +256,18 @@ def finetune(dm, data: Iterable, *, budget: float, steps: int, teacher: nn.Modul
     scores = selection.random_scores(dm, seed) if method == "random" else selection.magnitude_scores(dm)
     if method == "learned":
         for name, ex in dm.exchanges.items():
-            s = scores[name]
-            ex.learn_selection(s / s[ex.remote].mean().clamp_min(1e-30) if ex.remote.any() else s)
+            ex.learn_selection(scores[name])
     dm.to(dev)
     teacher.to(dev)
     score_params = [ex.score for ex in dm.exchanges.values() if ex.score is not None]
     ids = {id(p) for p in score_params}
-    groups = [{"params": [p for p in dm.parameters() if id(p) not in ids and p.requires_grad], "lr": lr}]
-    if score_params:
-        groups.append({"params": score_params, "lr": score_lr})
-    opt = torch.optim.Adam(groups)
+    opt = torch.optim.Adam([p for p in dm.parameters() if id(p) not in ids and p.requires_grad], lr=lr)
     student = dm if world == 1 else \
         nn.parallel.DistributedDataParallel(dm, device_ids=[dev.index] if dev.type == "cuda" else None)
 
     ckpt = _Checkpoints(None if checkpoint_dir is None else Path(checkpoint_dir),
-                        fingerprint(dm, method, rho, allocation, align, compute_weight))
+                        fingerprint(dm, method, rho, allocation, align, compute_weight,
+                                    score_decay if method == "learned" else None))
     start, history = 0, []
     saved = ckpt.load() if resume else None
     if saved is not None:
@@ -293,6 +314,7 @@ def finetune(dm, data: Iterable, *, budget: float, steps: int, teacher: nn.Modul
         value.backward()
         opt.step()
         done = step + 1
+        update_scores(score_params, score_decay, done)
         if done % log_every == 0 or done == steps:
             history.append({"step": done, "loss": value.item(), "budget": rho_t, "exchange_ratio": exchange_ratio(dm)})
             bar.set_postfix(loss=f"{value.item():.4g}", rho=f"{rho_t:.3f}", comm=_bytes(dm))

@@ -35,10 +35,10 @@ compute (docs/performance.md). g = 1 is the allocation itself.
 
 Scores: `magnitude` is the squared norm of the weight columns the unit feeds,
 over the destination's rows of every consumer (`mixing.column_scores`);
-`random` is a seeded permutation. Learned scores start from magnitude and are
-trained with a straight-through estimator (see SparseExchange.masks): the
-forward pass uses the hard selection, the backward pass gives every candidate
-the gradient of the loss with respect to its mask entry.
+`random` is a seeded permutation. Learned scores (finetuning.py) are a running
+mean of minus the gradient of the loss with respect to each candidate's mask
+entry, which the straight-through estimator (SparseExchange.masks) hands every
+candidate, sent or not, while the forward pass uses the hard selection.
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from disco_compile import BudgetError, tasks, transform
 from disco_compile.data import batches, image_folder, image_split, loader
 from disco_compile.distill import Loss
 from disco_compile.errors import CheckpointMismatch, DataError, TrainingDiverged
-from disco_compile.finetuning import budget_at, evaluate, exchange_ratio, finetune
+from disco_compile.finetuning import budget_at, evaluate, exchange_ratio, finetune, update_scores
 from disco_compile.selection import magnitude_scores, select
 
 from conftest import assert_close, two_exchange_mlp
@@ -71,6 +71,40 @@ def test_straight_through_scores_change_gradients_not_outputs(digits):
         assert dropped.any()
         assert bool((ex.score.grad[dropped] != 0).any()), f"{name}: no gradient reaches unsent candidates"
         assert bool((ex.score.grad[~ex.remote] == 0).all())
+
+
+def test_learned_scores_are_the_running_mean_of_the_negative_gradient():
+    s = nn.Parameter(torch.tensor([5.0, -1.0]))
+    s.grad = torch.tensor([2.0, 0.5])
+    update_scores([s], 0.9, 1)  # the first gradient replaces the starting scores
+    assert torch.equal(s.detach(), torch.tensor([-2.0, -0.5])) and s.grad is None
+    s.grad = torch.tensor([-4.0, 0.5])
+    update_scores([s], 0.9, 2)  # bias-corrected mean of -g: (0.9 * 0.1 * g1 + 0.1 * g2) / (1 - 0.81), negated
+    assert_close(s.detach(), -(0.09 * torch.tensor([2.0, 0.5]) + 0.1 * torch.tensor([-4.0, 0.5])) / 0.19,
+                 what="second update")
+
+
+def test_learned_scores_follow_the_loss_not_the_weights():
+    """Features 0 and 4 are always zero but have the heaviest weight columns: magnitude sends them, the learned
+    scores send the features the output depends on most (1 and 5), weights frozen (lr=0). A dense output (MSE):
+    each output row's error is its own, so no other node's choice can offset a feature's loss gradient."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2, bias=False), nn.Unflatten(1, (2, 1))).eval()
+    with torch.no_grad():
+        model[0].bias.fill_(1.0)
+        model[0].weight[[0, 4]] = 0.0
+        model[0].bias[[0, 4]] = -1.0
+        model[2].weight.copy_(torch.tensor([10.0, 1.0, 0.1, 0.1]).repeat(2).expand(2, 8))
+    x = torch.randn(64, 4)
+    kept = {}
+    for method in ("magnitude", "learned"):
+        dm = transform(model, 2, x)
+        ex = dm.exchanges["_1"]
+        assert ex.owner.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]  # each node's half holds one dead, one useful feature
+        finetune(dm, list(x.split(16)), budget=0.25, steps=8, method=method, allocation="uniform", lr=0.0,
+                 progress=False)
+        kept[method] = [ex.keep[j].nonzero().flatten().tolist() for j in range(2)]
+    assert kept == {"magnitude": [[4], [0]], "learned": [[5], [1]]}
 
 
 def test_finetune_recovers_quality_and_reports(digits):
