@@ -205,7 +205,8 @@ def test_resume_continues_exactly(digits, tmp_path):
 
     for change, text in (({"compute_weight": 0.1}, "compute_weight: checkpoint 0.0 vs now 0.1"),
                          ({"budget": 0.3}, "budget: checkpoint 0.2 vs now 0.3"),
-                         ({"allocation": "uniform"}, "allocation: checkpoint 'global' vs now 'uniform'")):
+                         ({"allocation": "uniform"}, "allocation: checkpoint 'global' vs now 'uniform'"),
+                         ({"score_decay": 0.5}, "score_decay: checkpoint 0.9 vs now 0.5")):
         with pytest.raises(CheckpointMismatch, match=text):
             finetune(transform(model, 2, task.example), data, checkpoint_dir=tmp_path, resume=True,
                      **(kwargs | change))
@@ -253,6 +254,14 @@ def test_budget_outside_unit_interval(digits, budget):
     task, model = digits
     with pytest.raises(BudgetError, match=r"must be in \[0, 1\]"):
         finetune(transform(model, 2, task.example), [task.example], budget=budget, steps=1, progress=False)
+
+
+@pytest.mark.parametrize("decay", [-0.1, 1.0, float("nan")])
+def test_score_decay_outside_its_range(digits, decay):
+    task, model = digits
+    with pytest.raises(ValueError, match=r"score_decay must be in \[0, 1\)"):
+        finetune(transform(model, 2, task.example), [task.example], budget=0.2, steps=1, score_decay=decay,
+                 progress=False)
 
 
 def test_bad_data(digits, tmp_path):
