@@ -12,8 +12,9 @@ fine-tuned with the same schedule and steps by each selection method:
 each over several seeds (mean, sample standard deviation, min-max), plus the one-shot
 selection's quality before any fine-tuning. At rho = 1 every candidate is sent, so the
 methods coincide: it is run once per seed. The main table uses finetune's default
-allocation (global); a second table compares it with the uniform allocation at N=2. Finally one fine-tuned model per task is exported and run
-by run_local on the test set: the metric must match PyTorch's to 0.01.
+allocation (global); a second table compares it with the uniform allocation at N=2. Finally one
+fine-tuned model per task is exported and run by run_local on the test set: the metric must match
+PyTorch's to 0.01.
 
     python benchmarks/accuracy.py --tasks digits --steps 1500 --digits-width 8 --original-steps 1000  # 30 min, 2 jobs
     python benchmarks/accuracy.py --tasks sr --steps 200       # about 30 min
@@ -117,19 +118,20 @@ def export_check(name: str, model) -> dict:
 HEADER = """\
 # Accuracy against communication budget
 
-Written by `benchmarks/accuracy.py`, one section per task (each run rewrites only the sections of
-the tasks it ran); the N=4 digits run below was copied by hand and the compute weight sections (one
+Written by `benchmarks/accuracy.py`, one section per task (each run rewrites only the sections of the
+tasks it ran); the five-seed digits runs below were copied by hand and the compute weight sections (one
 per network) are written by `benchmarks/compute_weight.py`. For each task an original model is trained
-once (seed 0); for N in {2, 4} and each budget rho the DISCO model is fine-tuned with the same schedule and steps
-by each selection method: learned (each candidate's score is a running mean of minus the loss
-gradient with respect to its mask entry, from the straight-through mask: finetuning.py), magnitude
-+ ft (fixed one-shot magnitude scores), random + ft (a fixed random order); rho = 0 sends nothing (no communication, the same for every method) and at rho = 1
-every candidate is sent (the methods coincide; one run per seed stands for all three). "one-shot" is
-the magnitude selection before any fine-tuning, with its exchange ratio (kept / dense exchange
-bytes). The budget is annealed from 1 to rho over the first half of the steps, then held; the loss
-is distillation from the original plus the task loss; BatchNorm statistics are re-estimated after
-training. Cells: mean ± sample standard deviation (min–max) over seeds (data order and random
-scores). Runs share a 2-core machine with other jobs, one thread each: times vary, results do not.
+once (seed 0); for N in {2, 4} and each budget rho the DISCO model is fine-tuned with the same schedule
+and steps by each selection method: learned (each candidate's score is a running mean of minus the loss
+gradient with respect to its mask entry, from the straight-through mask: finetuning.py), magnitude + ft
+(fixed one-shot magnitude scores), random + ft (a fixed random order); rho = 0 sends nothing (no
+communication, the same for every method) and at rho = 1 every candidate is sent (the methods coincide;
+one run per seed stands for all three). "one-shot" is the magnitude selection before any fine-tuning,
+with its exchange ratio (kept / dense exchange bytes). The budget is annealed from 1 to rho over the
+first half of the steps, then held; the loss is distillation from the original plus the task loss;
+BatchNorm statistics are re-estimated after training. Cells: mean ± sample standard deviation (min–max)
+over seeds (data order and random scores). Runs share a 2-core machine with other jobs, one thread each:
+times vary, results do not.
 """
 TASKS = ("digits", "sr")
 # sections of docs/accuracy.md in order: digits_n4 is written by hand (a run with other options), compute_weight
