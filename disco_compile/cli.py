@@ -477,14 +477,15 @@ def _finetune(disco, loaded: Loaded, data_dir: str, val_dir: str | None, budget:
                    "links), or the channels ranked over the whole model by score per byte (global: exchanges whose "
                    "channels rank low send nothing, so fewer layers wait for messages: best on fast links; see "
                    "docs/latency.md). Used by the one-shot selection and by fine-tuning.")
-@click.option("--compute-weight", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="W",
+@click.option("--compute-weight", type=click.FloatRange(min=0), default=None, metavar="W",
               help="With --allocation global: rank channels by score per (bytes + W x the multiply-accumulates "
                    "a received channel costs its destination), so the budget's bytes go to channels that are "
-                   "cheaper to compute (ResNet-50 at --budget 0.2, W 0.1: the slowest node takes 0.36 of the "
-                   "model's time instead of 0.45; docs/performance.md). W is bytes per MAC: your link's bytes per "
-                   "second over a node's MACs per second (1 Gbit/s against 30 GMAC/s: 0.004). 0 ranks by bytes "
-                   "alone. Measured quality after fine-tuning (ResNet-50 and MobileNetV2 on the digits, "
-                   "docs/accuracy.md): W 0.004 lost nothing, W 0.1 about one point.")
+                   "cheaper to compute. W is bytes per MAC: your link's bytes per second over a node's MACs per "
+                   f"second. Default {selection.DEFAULT_COMPUTE_WEIGHT:g} (1 Gbit/s against 30 GMAC/s; ResNet-50 "
+                   "at --budget 0.2: the slowest node takes 0.39-0.41 of the whole model's time instead of "
+                   "0.43-0.45 at 0, with quality after fine-tuning level with 0 on ResNet-50 and MobileNetV2, "
+                   "docs/accuracy.md); 0 ranks by bytes alone; 0.1 leaves 0.34-0.36, and cost MobileNetV2 about "
+                   "one point. docs/performance.md.")
 @click.option("--use-labels", is_flag=True,
               help="Add the cross-entropy against the class subfolders of --data (their sorted order must be "
                    "the model's class order) to the distillation loss, and report accuracy.")
@@ -536,6 +537,8 @@ def main(model: str, nodes: int, budget: float | None, input_shape: tuple[int, .
         if train["compute_weight"] and train["allocation"] != "global":
             raise CliError("--compute-weight prices MACs in the global allocation's ranking: use it with "
                            "--allocation global (the default)")
+        if train["compute_weight"] is None:
+            train["compute_weight"] = selection.DEFAULT_COMPUTE_WEIGHT if train["allocation"] == "global" else 0.0
         if submodule is not None and data_dir is not None:
             raise CliError("--data (fine-tuning) is not supported with --submodule yet")
         loaded = _load(model, arch, trust_pickle, input_shape)

@@ -23,6 +23,7 @@ candidate (higher = more useful), two allocations:
   bytes alone. A larger w keeps the same bytes where received channels cost
   fewer MACs per byte (early, high-resolution layers rather than late ones
   whose channels feed many output rows), so the nodes compute less.
+  disco-compile's default is DEFAULT_COMPUTE_WEIGHT = 0.004 (the API's, 0).
 
 Alignment `align` = g > 1: every pair keeps a multiple of g of its
 candidates (or all n of them): the count c the allocation asks for becomes
@@ -51,6 +52,9 @@ from . import mixing
 from .errors import BudgetError
 
 ALLOCATIONS = ("uniform", "global")
+# bytes per MAC of a 1 Gbit/s link against a node doing 30 GMAC/s: disco-compile's default with global
+# (docs/architecture.md: quality level with 0 on two networks, each node 0.39-0.41 of the whole model)
+DEFAULT_COMPUTE_WEIGHT = 0.004
 
 
 def _as_float(value) -> float:
