@@ -482,10 +482,10 @@ def _finetune(disco, loaded: Loaded, data_dir: str, val_dir: str | None, budget:
                    "a received channel costs its destination), so the budget's bytes go to channels that are "
                    "cheaper to compute. W is bytes per MAC: your link's bytes per second over a node's MACs per "
                    f"second. Default {selection.DEFAULT_COMPUTE_WEIGHT:g} (1 Gbit/s against 30 GMAC/s; ResNet-50 "
-                   "at --budget 0.2: the slowest node takes 0.39-0.41 of the whole model's time instead of "
-                   "0.43-0.45 at 0, with quality after fine-tuning level with 0 on ResNet-50 and MobileNetV2, "
-                   "docs/accuracy.md); 0 ranks by bytes alone; 0.1 leaves 0.34-0.36, and cost MobileNetV2 about "
-                   "one point. docs/performance.md.")
+                   "at --budget 0.2: the slowest node takes 0.39 of the whole model's time instead of 0.43 at 0, "
+                   "with quality after fine-tuning level with 0 on ResNet-50 and MobileNetV2, docs/accuracy.md); "
+                   "0 ranks by bytes alone; 0.1 leaves 0.34 and cost MobileNetV2 about one point. "
+                   "docs/performance.md.")
 @click.option("--use-labels", is_flag=True,
               help="Add the cross-entropy against the class subfolders of --data (their sorted order must be "
                    "the model's class order) to the distillation loss, and report accuracy.")

@@ -53,7 +53,7 @@ from .errors import BudgetError
 
 ALLOCATIONS = ("uniform", "global")
 # bytes per MAC of a 1 Gbit/s link against a node doing 30 GMAC/s: disco-compile's default with global
-# (docs/architecture.md: quality level with 0 on two networks, each node 0.39-0.41 of the whole model)
+# (docs/architecture.md: quality level with 0 on two networks; ResNet-50's slowest node 0.39 of the model)
 DEFAULT_COMPUTE_WEIGHT = 0.004
 
 
