@@ -24,6 +24,7 @@ from disco_compile import run_local, transform, zoo
 from disco_compile.exporter import export
 from disco_compile.harden import harden_and_lower
 from disco_compile.lower import adaptive_pool_matrix, pool_by_matrices
+from disco_compile.selection import DEFAULT_COMPUTE_WEIGHT
 from disco_compile.stages import cut_all, run_python
 from test_equivalence_zoo import MODELS
 from test_small_models import OddNet, ScaledSoftmax
@@ -184,7 +185,8 @@ def test_cli_exports_and_disco_run_reproduces(tmp_path):
     assert rows["10mbit"] > rows["1gbit"] > 0
     model, _ = zoo.build("resnet18", size=64)
     dm = transform(model, 2, torch.from_numpy(x)).eval()
-    dm.set_budget(0.2, "global", align=8)  # disco-compile's defaults --allocation global --align 8
+    # disco-compile's defaults: --allocation global --align 8 --compute-weight 0.004
+    dm.set_budget(0.2, "global", align=8, compute_weight=DEFAULT_COMPUTE_WEIGHT)
     with torch.no_grad():
         assert_close(torch.from_numpy(np.load(tmp_path / "y.npy")), dm(torch.from_numpy(x)))
     schedule = json.loads((out / "schedule.json").read_text())
