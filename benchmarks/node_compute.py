@@ -587,9 +587,9 @@ def main() -> None:
                                                              "as disco-compile)")
     parser.add_argument("--allocation", choices=("uniform", "global"), default="global",
                         help="budget allocation (default global, as disco-compile)")
-    parser.add_argument("--compute-weight", type=float, default=0.004,
-                        help="bytes per MAC in the global allocation's ranking (default 0.004, as disco-compile; "
-                             "0: bytes alone)")
+    parser.add_argument("--compute-weight", type=float, default=None,
+                        help="bytes per MAC in the global allocation's ranking (default as disco-compile: 0.004 "
+                             "with global, 0 with uniform; 0: bytes alone)")
     parser.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=True,
                         help="export with overlap of compute and messages (default: --overlap, as disco-compile)")
     parser.add_argument("--reps", type=int, default=21, help="timed passes of each target (default 21)")
@@ -608,6 +608,9 @@ def main() -> None:
     if args.child == "mem":
         return child_mem(args)
 
+    if args.compute_weight is None:  # here, not at parsing: the children must not import torch
+        from disco_compile.selection import default_compute_weight
+        args.compute_weight = default_compute_weight(args.allocation)
     cmd = _perfdoc.command()
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=True)

@@ -538,7 +538,7 @@ def main(model: str, nodes: int, budget: float | None, input_shape: tuple[int, .
             raise CliError("--compute-weight prices MACs in the global allocation's ranking: use it with "
                            "--allocation global (the default)")
         if train["compute_weight"] is None:
-            train["compute_weight"] = selection.DEFAULT_COMPUTE_WEIGHT if train["allocation"] == "global" else 0.0
+            train["compute_weight"] = selection.default_compute_weight(train["allocation"])
         if submodule is not None and data_dir is not None:
             raise CliError("--data (fine-tuning) is not supported with --submodule yet")
         loaded = _load(model, arch, trust_pickle, input_shape)

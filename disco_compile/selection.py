@@ -57,6 +57,12 @@ ALLOCATIONS = ("uniform", "global")
 DEFAULT_COMPUTE_WEIGHT = 0.004
 
 
+def default_compute_weight(allocation: str) -> float:
+    """disco-compile's compute weight when none is given: DEFAULT_COMPUTE_WEIGHT for the global allocation,
+    0 for uniform (which does not rank across exchanges)."""
+    return DEFAULT_COMPUTE_WEIGHT if allocation == "global" else 0.0
+
+
 def _as_float(value) -> float:
     """float(value), or NaN where it is not a number (so the range checks below refuse it)."""
     try:

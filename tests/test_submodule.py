@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import tempfile
+import warnings
 
 import pytest
 import torch
@@ -132,8 +133,6 @@ def test_detector_with_split_backbone_gives_the_original_detections(name, nodes)
 def onnx_export_error(module: nn.Module, inputs: tuple) -> list[float]:
     """Per output of `module` (a dict), the largest difference between torch and onnxruntime after
     torch.onnx.export: the fp32 rounding that exporting costs a network whose maths is unchanged."""
-    import warnings
-
     import onnxruntime as ort
 
     class Outputs(nn.Module):
