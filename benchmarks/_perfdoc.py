@@ -31,7 +31,7 @@ How to read these figures:
   jobs share that machine now and then (each section gives the load average), so both sides of
   every ratio are measured in the same run, interleaved; ratios are more trustworthy than
   absolute times, which can grow several-fold while other jobs run.
-- Weights are random (BatchNorm-calibrated, `disco_compile.zoo`). Timings do not depend on the
+- Weights are random (BatchNorm-calibrated, `disco_compile.frontend.zoo`). Timings do not depend on the
   weight values; which channels the budget keeps does, but compute depends only on how many.
 - Node compute is pure compute: each stage is fed pre-made inputs (captured from one run of
   the export), so no time is spent waiting for messages and no transport is involved. A real

@@ -35,11 +35,12 @@ from pathlib import Path
 
 import torch
 
-from disco_compile import tasks, transform
-from disco_compile.data import loader
-from disco_compile.distill import Loss
-from disco_compile.finetuning import evaluate, evaluate_bundle, exchange_ratio, finetune
-from disco_compile.selection import ALLOCATIONS
+from disco_compile.budget import tasks
+from disco_compile import transform
+from disco_compile.budget.data import loader
+from disco_compile.budget.distill import Loss
+from disco_compile.budget.finetuning import evaluate, evaluate_bundle, exchange_ratio, finetune
+from disco_compile.budget.selection import ALLOCATIONS
 
 import _perfdoc
 

@@ -40,10 +40,10 @@ def child(args) -> None:
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
 
-    import disco_compile.bundle as bundle_mod
-    import disco_compile.exporter as export_mod
+    import disco_compile.artifact.bundle as bundle_mod
+    import disco_compile.backend.exporter as export_mod
     import disco_compile.model as model_mod
-    from disco_compile import zoo
+    from disco_compile.frontend import zoo
     t_import = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -32,9 +32,10 @@ import torch.nn.functional as F
 import torchvision
 from torch.utils.data import TensorDataset
 
-from disco_compile import tasks, transform
-from disco_compile.data import loader
-from disco_compile.finetuning import evaluate, finetune
+from disco_compile.budget import tasks
+from disco_compile import transform
+from disco_compile.budget.data import loader
+from disco_compile.budget.finetuning import evaluate, finetune
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _perfdoc  # noqa: E402

@@ -27,8 +27,9 @@ import torch
 from torch.utils import _pytree as pytree
 
 import _perfdoc
-from disco_compile import DiscoError, run_local, transform, zoo
-from disco_compile.exporter import export
+from disco_compile import DiscoError, run_local, transform
+from disco_compile.frontend import zoo
+from disco_compile.backend.exporter import export
 from zoo import SIZES
 
 MODELS = ["resnet18", "resnet50", "wide_resnet50_2", "resnext50_32x4d", "vgg11_bn", "mobilenet_v2",
@@ -43,7 +44,7 @@ HEADER = """# ONNX shards against the DISCO model
 Written by `benchmarks/export_zoo.py`, one section per model set (each run rewrites only its own).
 Each cell: equal/DIFFERS at fp32 rtol 1e-4, atol 1e-5 over every output; the largest absolute
 difference; the DISCO model's own fp32 error against float64 (own); export time. Random calibrated
-weights (`disco_compile.zoo`). The lowering itself is checked in float64 by the tests; the
+weights (`disco_compile.frontend.zoo`). The lowering itself is checked in float64 by the tests; the
 detectors' backbone shards at rho=0.2 (tests/test_submodule.py, examples/detection.py) and the
 super-resolution model's shards (tests/test_export.py) are checked there too.
 """

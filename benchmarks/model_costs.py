@@ -18,8 +18,9 @@ import time
 import torch
 
 import _perfdoc
-from disco_compile import transform, zoo
-from disco_compile.harden import exchange_messages
+from disco_compile import transform
+from disco_compile.frontend import zoo
+from disco_compile.backend.harden import exchange_messages
 
 
 def _mb(n: int) -> str:
@@ -48,7 +49,7 @@ def section(rows: list[dict], nodes: int, budget: float) -> str:
     lines = [f"## Cost per node: N={nodes}, rho={budget} (one-shot selection, align 8)", "",
              f"Command: `{_perfdoc.command()}`  ",
              f"Run: {_perfdoc.today()}; torch {torch.__version__}. Counted by `DiscoModel.cost()`, batch 1, random "
-             f"weights (`disco_compile.zoo.build`); exchange = gated channel messages plus ungated statistics "
+             f"weights (`disco_compile.frontend.zoo.build`); exchange = gated channel messages plus ungated statistics "
              f"(LayerNorm's per-token partial sums; the ungated part in brackets); io = the input sent from node 0 "
              f"and the outputs gathered on it; ratios are against the dense split (every gate on). allocation: "
              f"uniform keeps rho of every exchange; global (disco-compile's default) ranks the channels over the "

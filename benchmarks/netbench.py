@@ -39,7 +39,7 @@ latency of sequential requests after warm-up, and throughput with several reques
 Model bound per configuration: max(slowest node's compute time measured alone (all of its stages, one
 onnxruntime thread, no network, pre-captured inputs), bytes per inference in the busier direction
 (schedule.json, sum of message bytes by direction) / link rate). Unshaped: compute only. Schedule bound:
-the latency the export's schedule allows with no runtime cost (disco_compile.timeline: every stage taking
+the latency the export's schedule allows with no runtime cost (disco_compile.runtime.timeline: every stage taking
 its time measured alone, each node's stages in order, each waiting for the messages it reads, each link
 direction carrying one message at a time at the nominal rate); at least the model bound, above it where
 a node waits for a message that could not have come sooner.
@@ -65,9 +65,9 @@ import sys
 import time
 from pathlib import Path
 
-from disco_compile.runtime.estimate import WIRE, estimate  # WIRE: bytes tbf counts per payload byte
-from disco_compile.schedule import Schedule
-from disco_compile.timeline import timeline
+from disco_compile.runtime.estimate import WIRE, estimate
+from disco_compile.artifact.schedule import Schedule
+from disco_compile.runtime.timeline import timeline
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -121,8 +121,8 @@ def prepare(work: Path) -> None:
     import numpy as np
     import torch
     from disco_compile import transform
-    from disco_compile.exporter import export
-    from disco_compile.zoo import build
+    from disco_compile.backend.exporter import export
+    from disco_compile.frontend.zoo import build
     work.mkdir(parents=True, exist_ok=True)
     model, x = build("resnet50", 224)
     np.save(work / "x.npy", x.numpy())
@@ -161,7 +161,7 @@ def child_compute(work: Path, reps: int) -> None:
         for k, prog in enumerate(sched["programs"]):
             targets[f"{wl}{k}"] = [(s, _fetch(st), f) for s, st, f in zip(sessions[k], prog, feeds[k])]
     # each stage timed in every pass; a node's compute alone is the sum of its stages' medians, the stage times
-    # of the schedule's timeline (disco_compile.timeline; with no link its length is the critical path of the
+    # of the schedule's timeline (disco_compile.runtime.timeline; with no link its length is the critical path of the
     # stage graph), so the timeline is never shorter than the node's compute
     times = {t: [[] for _ in targets[t]] for t in targets}
     names = list(targets)
@@ -202,7 +202,7 @@ def child_whole(work: Path, reps: int, pipe: int) -> None:
 
 def child_client(out: Path, peers: Path, work: Path, reps: int, pipe: int, inflight: int) -> None:
     import numpy as np
-    from disco_compile.runtime.network import DiscoClient
+    from disco_compile.runtime.net.network import DiscoClient
     x = np.load(work / "x.npy")
     ref = np.load(work / "ref.npy")
     with DiscoClient(out, peers, insecure=True, timeout=TIMEOUT, connect_timeout=60, threads=1,
@@ -608,7 +608,7 @@ def write_doc(results, args) -> None:
     lines += ["", "Bound = max(slowest node's compute alone, bytes in the busier direction / link rate); for the "
               "whole model, its compute alone. `throughput x bound` is the achieved fraction of the bound's "
               "throughput (1/bound). Schedule = the latency the export's schedule allows with no runtime cost "
-              "(`disco_compile.timeline`): each node runs its stages in order, each stage taking its time measured "
+              "(`disco_compile.runtime.timeline`): each node runs its stages in order, each stage taking its time measured "
               "alone and starting once the messages it reads have arrived; each direction of the link carries one "
               "message at a time, in the order sent, at the nominal rate (payload x 1514/1448), plus "
               f"{one_way(results) * 1e3:.2f} ms per message (half the shortest unshaped message time below). It is "

@@ -445,8 +445,9 @@ def prepare(work: Path, args) -> dict:
     import numpy as np
     import torch
 
-    from disco_compile import transform, zoo
-    from disco_compile.exporter import export
+    from disco_compile import transform
+    from disco_compile.frontend import zoo
+    from disco_compile.backend.exporter import export
     model, x = zoo.build(args.model, size=args.size)
     dm = transform(model, args.nodes, x)
     dm.eval()
@@ -609,7 +610,7 @@ def main() -> None:
         return child_mem(args)
 
     if args.compute_weight is None:  # here, not at parsing: the children must not import torch
-        from disco_compile.selection import default_compute_weight
+        from disco_compile.budget.selection import default_compute_weight
         args.compute_weight = default_compute_weight(args.allocation)
     cmd = _perfdoc.command()
     if args.keep:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from disco_compile import transform, zoo
+from disco_compile import transform
+from disco_compile.frontend import zoo
 
 TARGETS = [  # (figure, limit, how the issue states it)
     ("exchange ratio", (0.19, 0.21), "0.2 +- 0.01"),

@@ -69,7 +69,7 @@ def _cache_stage_outputs() -> None:
 def _time_sends(records: list) -> None:
     """Append (payload bytes, wall s, thread CPU s) for every message (a MSG frame: not the handshakes, request
     announcements and heartbeats) ZmqTransport sends."""
-    from disco_compile.runtime import zmq_transport
+    from disco_compile.runtime.net import zmq_transport
 
     send = zmq_transport.ZmqTransport._send
 
@@ -86,7 +86,7 @@ def _peers(ports: str) -> dict[int, str]:
 
 
 def child_node1(out: str, ports: str, mode: str) -> None:
-    from disco_compile.runtime.network import serve
+    from disco_compile.runtime.net.network import serve
     if mode == "cached":
         _cache_stage_outputs()
     serve(out, 1, _peers(ports), insecure=True, timeout=60, connect_timeout=60)
@@ -95,7 +95,7 @@ def child_node1(out: str, ports: str, mode: str) -> None:
 def child_client(out: str, ports: str, mode: str, reps: int, x_path: str) -> None:
     import numpy as np
 
-    from disco_compile.runtime.network import DiscoClient
+    from disco_compile.runtime.net.network import DiscoClient
     records: list = []
     if mode == "cached":
         _cache_stage_outputs()
@@ -117,7 +117,7 @@ def child_client(out: str, ports: str, mode: str, reps: int, x_path: str) -> Non
 
 
 def one_run(work: Path, export: str, mode: str, reps: int) -> dict:
-    from disco_compile.runtime.network import free_ports
+    from disco_compile.runtime.net.network import free_ports
     ports = ",".join(map(str, free_ports(2)))
     me = [sys.executable, __file__]
     mode0, mode1 = MODES[mode]

@@ -6,7 +6,7 @@ segmentation model (`zoo.segmentation_models()`) and detection model
 (`zoo.detection_models()`, see below), and for N = 2 and N = 4
 nodes, this benchmark
 
-1. builds the model with calibrated random weights (`disco_compile.zoo.build`,
+1. builds the model with calibrated random weights (`disco_compile.frontend.zoo.build`,
    nothing is downloaded) and its example input (batch 1, smallest side the
    model accepts, see SIZES);
 2. runs `dm = disco_compile.transform(model, N, example)` and compares every
@@ -57,7 +57,7 @@ run yet get a row saying so).
 
 With --program each classification and segmentation model is first exported
 with `torch.export.export(model, (x,))` and raised back to modules
-(`disco_compile.exported.to_module`, as disco-compile reads a .pt2 file); the
+(`disco_compile.frontend.exported.to_module`, as disco-compile reads a .pt2 file); the
 check is the same, against the original model. Results go to
 benchmarks/results/zoo_program/ and docs/program_coverage.md.
 """
@@ -145,7 +145,7 @@ def _error(exc: BaseException) -> dict:
 
 
 def family(name: str) -> str:
-    from disco_compile import zoo
+    from disco_compile.frontend import zoo
     if name in zoo.detection_models():
         return "detection"
     return "segmentation" if name in zoo.segmentation_models() else "classification"
@@ -154,7 +154,7 @@ def family(name: str) -> str:
 def _build(name: str, size: int | None):
     """The model and its example input: zoo.build (segmentation models get weights_backbone=None there,
     and no auxiliary head, so the output is {"out": ...}), or zoo.build_detection (a list of one image)."""
-    from disco_compile import zoo
+    from disco_compile.frontend import zoo
     return (zoo.build_detection if family(name) == "detection" else zoo.build)(name, size)
 
 
@@ -226,8 +226,8 @@ def run_worker(name: str, nodes: list[int], out_path: Path, program: bool = Fals
     import torchvision
     from torch.utils import _pytree as pytree
     import disco_compile
-    from disco_compile.exported import to_module
-    from disco_compile.submodule import capture_inputs
+    from disco_compile.frontend.exported import to_module
+    from disco_compile.frontend.submodule import capture_inputs
 
     torch.set_num_threads(1)
     result: dict = {"model": name, "family": family(name), "nodes": nodes, "started": _now(),
@@ -377,7 +377,7 @@ def run_worker(name: str, nodes: list[int], out_path: Path, program: bool = Fals
 # ============================================================================ driver
 
 def all_models() -> list[tuple[str, str]]:
-    from disco_compile import zoo
+    from disco_compile.frontend import zoo
     return ([(m, "classification") for m in zoo.classification_models()]
             + [(m, "segmentation") for m in zoo.segmentation_models()]
             + [(m, "detection") for m in zoo.detection_models()])
@@ -385,7 +385,7 @@ def all_models() -> list[tuple[str, str]]:
 
 def _work_estimate(name: str) -> float:
     """Rough relative cost, to run small models first: parameters x input area."""
-    from disco_compile import zoo
+    from disco_compile.frontend import zoo
     params = _known_params(name) or 1e8
     side = SIZES.get(name) or getattr(zoo, "DEFAULT_SIZE", 128)
     return params * (side / 64) ** 2
@@ -636,7 +636,7 @@ def write_report(results: Path, report: Path, nodes: list[int], command: str, pr
         + ("." if command == base else f"; this report was last written by `{command}`."),
         "",
         *(["- Program: each model is exported with `torch.export.export(model, (x,))` and raised back "
-           "to modules by `disco_compile.exported.to_module` (as `disco-compile MODEL.pt2` reads it), "
+           "to modules by `disco_compile.frontend.exported.to_module` (as `disco-compile MODEL.pt2` reads it), "
            "then split and checked against the original model as in docs/coverage.md. ATen ops left as "
            "they are (no module or function to raise them to) are in the notes. Detection models are not "
            "included (disco-compile splits their backbone alone, a submodule a .pt2 does not keep)."]
@@ -645,9 +645,9 @@ def write_report(results: Path, report: Path, nodes: list[int], command: str, pr
         f"{dates[0][:16].replace('T', ' ') if dates else 'n/a'} to {dates[-1][:16].replace('T', ' ') if dates else 'n/a'}.",
         "- Compiler: " + _versions_line(versions) + ".",
         f"- Machine: {_machine()}; torch {torch.__version__}, torchvision {torchvision.__version__}.",
-        "- Models: `disco_compile.zoo.build(name)`, calibrated random weights, batch 1, eval mode; "
+        "- Models: `disco_compile.frontend.zoo.build(name)`, calibrated random weights, batch 1, eval mode; "
         "segmentation builders also get `weights_backbone=None` (no download) and no auxiliary head. "
-        "Detection models: `disco_compile.zoo.build_detection(name)` (no download; backbone BatchNorm "
+        "Detection models: `disco_compile.frontend.zoo.build_detection(name)` (no download; backbone BatchNorm "
         "calibrated; score threshold 0.001, since random-weight scores sit below the default 0.05), "
         "called with a list of one image in [0, 1].",
         "- Input sizes (side of the square RGB input): "

@@ -10,19 +10,20 @@ from typing import TYPE_CHECKING
 
 from ._lazy import lazy_attributes
 from .errors import (BudgetError, BundleError, CheckpointMismatch, DataError, DiscoError, ExampleInputError,
-                     ExportedProgramError, InputMismatch, MessageError, NodeFailure, PartitionError, PeerFailed,
-                     PeerTimeout, StageFailure, SubmoduleError, TraceFailure, TrainingDiverged)
+    ExportedProgramError, InputMismatch, MessageError, NodeFailure, PartitionError, PeerFailed, PeerTimeout,
+    StageFailure, SubmoduleError, TraceFailure, TrainingDiverged)
 
 if TYPE_CHECKING:
-    from .cost import CostReport
-    from .exporter import export
-    from .finetuning import FinetuneResult, finetune
+    from .budget.cost import CostReport
+    from .backend.exporter import export
+    from .budget.finetuning import FinetuneResult, finetune
     from .model import DiscoModel, transform
     from .runtime import run_local
-    from .submodule import DiscoSubmodel
+    from .frontend.submodule import DiscoSubmodel
 
-_LAZY = {"transform": "model", "DiscoModel": "model", "DiscoSubmodel": "submodule", "CostReport": "cost",
-         "run_local": "runtime", "finetune": "finetuning", "FinetuneResult": "finetuning", "export": "exporter"}
+_LAZY = {"transform": "model", "DiscoModel": "model", "DiscoSubmodel": "frontend.submodule", "CostReport": "budget.cost",
+         "run_local": "runtime", "finetune": "budget.finetuning", "FinetuneResult": "budget.finetuning",
+         "export": "backend.exporter"}
 
 __all__ = ["transform", "finetune", "export", "run_local", "DiscoModel", "DiscoSubmodel", "CostReport",
            "FinetuneResult", "DiscoError",

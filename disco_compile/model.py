@@ -12,19 +12,19 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from . import cost, selection
-from .capture import LeafSpec, trace
+from .budget import cost, selection
+from .frontend.capture import LeafSpec, trace
 from .errors import PartitionError
-from .exported import to_module
+from .frontend.exported import to_module
 from .ir import PartitionPlan
-from .modules import SparseExchange
+from .ops.modules import SparseExchange
 from .passes.channel_flow import analyse
 from .passes.expand_attention import expand_attention
 from .passes.expand_window_attention import MODULES as WINDOW_ATTENTION_MODULES
 from .passes.expand_window_attention import expand_window_attention
 from .passes.insert_exchanges import insert_exchanges
 from .passes.partition import assign_owners, check_weights
-from .submodule import DiscoSubmodel, capture_inputs, find_submodule
+from .frontend.submodule import DiscoSubmodel, capture_inputs, find_submodule
 
 
 class DiscoModel(nn.Module):

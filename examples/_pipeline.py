@@ -28,7 +28,7 @@ import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 from disco_compile import export, transform
-from disco_compile.submodule import BundleModule, capture_inputs, with_bundle
+from disco_compile.frontend.submodule import BundleModule, capture_inputs, with_bundle
 
 RANDOM_WEIGHTS = ("random weights (nothing is downloaded); to split a trained model, load its weights with "
                   "model.load_state_dict(...) before transform")

@@ -23,7 +23,7 @@ SSDlite resizes to its fixed 320 whatever the input side.
 import torch
 
 import _pipeline
-from disco_compile import zoo
+from disco_compile.frontend import zoo
 
 FAMILIES = ("fasterrcnn", "retinanet", "fcos", "ssdlite")
 

@@ -10,7 +10,7 @@ DISCO model's (_pipeline.py says each step).
     python examples/segmentation.py [--model deeplabv3_mobilenet_v3_large] [--nodes 2] [--budget 0.2] [--size 224]
 """
 import _pipeline
-from disco_compile import zoo
+from disco_compile.frontend import zoo
 
 
 def main(argv: list[str] | None = None) -> list[_pipeline.Comparison]:

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 
-from disco_compile import export, finetune, tasks, transform
-from disco_compile.data import loader
-from disco_compile.distill import Loss
-from disco_compile.finetuning import evaluate, evaluate_bundle
+from disco_compile import export, finetune, transform
+from disco_compile.budget import tasks
+from disco_compile.budget.data import loader
+from disco_compile.budget.distill import Loss
+from disco_compile.budget.finetuning import evaluate, evaluate_bundle
 
 
 def main() -> None:

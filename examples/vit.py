@@ -12,7 +12,7 @@ DISCO model's (_pipeline.py says each step). --size must be a multiple of the pa
     python examples/vit.py [--model vit_b_16] [--nodes 2] [--budget 0.2] [--size 224]
 """
 import _pipeline
-from disco_compile import zoo
+from disco_compile.frontend import zoo
 
 MODELS = ["vit_b_16", "vit_b_32"]
 

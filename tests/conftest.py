@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils import _pytree as pytree
 
-from disco_compile import zoo
+from disco_compile.frontend import zoo
 
 # DESIGN.md verification chain tolerances for fp32
 RTOL, ATOL = 1e-4, 1e-5

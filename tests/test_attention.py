@@ -6,9 +6,10 @@ import torch
 import torch.nn as nn
 
 from conftest import assert_close, assert_shards_match, assert_split_exact
-from disco_compile import transform, zoo
-from disco_compile.harden import harden_and_lower
-from disco_compile.stages import cut_all, run_python
+from disco_compile import transform
+from disco_compile.frontend import zoo
+from disco_compile.backend.harden import harden_and_lower
+from disco_compile.backend.stages import cut_all, run_python
 from torchvision.models import VisionTransformer
 
 

@@ -15,8 +15,9 @@ import torchvision
 from click.testing import CliRunner
 
 from conftest import assert_close
-from disco_compile import transform, zoo
-from disco_compile.cli import main
+from disco_compile import transform
+from disco_compile.frontend import zoo
+from disco_compile.cli.compile import main
 
 SMALL = ["--input-shape", "1,3,64,64"]  # resnet18 on 64x64 images: a whole torchvision model, fast on 2 cores
 SCRIPT = Path(sys.executable).with_name("disco-compile")

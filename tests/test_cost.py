@@ -5,7 +5,8 @@ import torch
 import torch.nn as nn
 
 from conftest import two_exchange_mlp
-from disco_compile import transform, zoo
+from disco_compile import transform
+from disco_compile.frontend import zoo
 
 
 def mlp():
@@ -70,7 +71,7 @@ def test_budget_ratio_tracks_rho():
 def test_aligned_budget_sends_multiples_of_align_within_the_budget(allocation):
     """align=8: every (exchange, source, destination) pair keeps a multiple of 8 of its candidates or all of
     them, each pair its best by score, the total within the budget and near it."""
-    from disco_compile.selection import _pairs, magnitude_scores
+    from disco_compile.budget.selection import _pairs, magnitude_scores
     model, x = zoo.build("resnet18", size=64)
     dm = transform(model, 2, x)
     scores = magnitude_scores(dm)
@@ -97,7 +98,7 @@ def test_compute_weight_prices_the_macs_a_channel_costs_its_destination():
     second 1 row (1 MAC). At rho = 0.25 (3 of 14 candidates) bytes alone rank the first exchange's strong
     columns first (2.45 x their pair's mean score per 4 bytes against 1 x per 4); priced at 10 bytes per MAC
     they cost 44 bytes against 14 and the second exchange wins."""
-    from disco_compile.selection import candidate_macs
+    from disco_compile.budget.selection import candidate_macs
     model = two_exchange_mlp()
     dm = transform(model, 2, torch.randn(1, 4))
     first, second = dm.exchanges["_1"], dm.exchanges["_3"]

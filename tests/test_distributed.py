@@ -26,14 +26,15 @@ from PIL import Image
 from click.testing import CliRunner
 from torch import nn
 
-from disco_compile import MessageError, PeerFailed, PeerTimeout, images, run_local, transform
-from disco_compile.bundle import load_bundle
-from disco_compile.exporter import export
-from disco_compile.runtime.cli import main as disco_run
-from disco_compile.runtime.network import DiscoClient, free_ports, node_command
+from disco_compile import MessageError, PeerFailed, PeerTimeout, run_local, transform
+from disco_compile.runtime import images
+from disco_compile.artifact.bundle import load_bundle
+from disco_compile.backend.exporter import export
+from disco_compile.cli.run import main as disco_run
+from disco_compile.runtime.net.network import DiscoClient, free_ports, node_command
 from disco_compile.runtime.stream import read_arrays, write_arrays
-from disco_compile.runtime.zmq_transport import (HELLO, MSG, PROTOCOL, HandshakeError, NetworkConfigError,
-                                                 ZmqTransport, keygen, load_keys, load_peers, manifest_hash)
+from disco_compile.runtime.net.zmq_transport import (HELLO, MSG, PROTOCOL, HandshakeError, NetworkConfigError,
+    ZmqTransport, keygen, load_keys, load_peers, manifest_hash)
 
 TIMEOUT = 3.0  # the short failure timeout of these tests
 CONNECT = 30.0  # start-up allowance: the processes import numpy, onnxruntime, zmq on 2 shared cores

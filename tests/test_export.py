@@ -20,12 +20,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import assert_close, assert_shards_match
-from disco_compile import run_local, transform, zoo
-from disco_compile.exporter import export
-from disco_compile.harden import harden_and_lower
-from disco_compile.lower import adaptive_pool_matrix, pool_by_matrices
-from disco_compile.selection import DEFAULT_COMPUTE_WEIGHT
-from disco_compile.stages import cut_all, run_python
+from disco_compile import run_local, transform
+from disco_compile.frontend import zoo
+from disco_compile.backend.exporter import export
+from disco_compile.backend.harden import harden_and_lower
+from disco_compile.backend.lower import adaptive_pool_matrix, pool_by_matrices
+from disco_compile.budget.selection import DEFAULT_COMPUTE_WEIGHT
+from disco_compile.backend.stages import cut_all, run_python
 from test_equivalence_zoo import MODELS
 from test_small_models import OddNet, ScaledSoftmax
 
@@ -167,17 +168,17 @@ def test_cli_exports_and_disco_run_reproduces(tmp_path):
     out = tmp_path / "shards"
     x = np.random.default_rng(0).standard_normal((1, 3, 64, 64)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
-    done = subprocess.run([sys.executable, "-m", "disco_compile.cli", "resnet18", "--nodes", "2", "--budget", "0.2",
+    done = subprocess.run([sys.executable, "-m", "disco_compile.cli.compile", "resnet18", "--nodes", "2", "--budget", "0.2",
                            "--input-shape", "1,3,64,64", "--no-overlap", "--out", str(out)], capture_output=True,
                           text=True)
     assert done.returncode == 0, done.stderr
     assert f"wrote {out}" in done.stdout and "run it: disco-run" in done.stdout
-    ran = subprocess.run([sys.executable, "-m", "disco_compile.runtime.cli", str(out), "--simulate",
+    ran = subprocess.run([sys.executable, "-m", "disco_compile.cli.run", str(out), "--simulate",
                           "--input", str(tmp_path / "x.npy"), "--output", str(tmp_path / "y.npy")],
                          capture_output=True, text=True)
     assert ran.returncode == 0, ran.stderr
     assert f"disco-run estimate {out} --link 1gbit" in done.stdout
-    estimated = subprocess.run([sys.executable, "-m", "disco_compile.runtime.cli", "estimate", str(out), "--link",
+    estimated = subprocess.run([sys.executable, "-m", "disco_compile.cli.run", "estimate", str(out), "--link",
                                 "1gbit", "--link", "10mbit", "--reps", "1"], capture_output=True, text=True)
     assert estimated.returncode == 0, estimated.stderr
     rows = {line.split()[0]: float(line.split()[1]) for line in estimated.stdout.splitlines()
@@ -191,13 +192,13 @@ def test_cli_exports_and_disco_run_reproduces(tmp_path):
         assert_close(torch.from_numpy(np.load(tmp_path / "y.npy")), dm(torch.from_numpy(x)))
     schedule = json.loads((out / "schedule.json").read_text())
     assert all(len(m["channels"]) % 8 == 0 for m in schedule["messages"] if m["kind"] == "exchange")
-    again = subprocess.run([sys.executable, "-m", "disco_compile.cli", "resnet18", "--nodes", "2",
+    again = subprocess.run([sys.executable, "-m", "disco_compile.cli.compile", "resnet18", "--nodes", "2",
                             "--input-shape", "1,3,64,64", "--out", str(out)], capture_output=True, text=True)
     assert again.returncode == 2 and "--force" in again.stderr and "Traceback" not in again.stderr
 
 
 def test_stage_torch_onnx_cannot_export_is_a_clear_error(tmp_path):
-    from disco_compile.exporter import ExportError
+    from disco_compile.backend.exporter import ExportError
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.AdaptiveMaxPool2d(3), nn.Flatten(), nn.Linear(72, 4)).eval()
     dm = transform(model, 2, torch.randn(1, 3, 4, 4)).eval()
@@ -304,7 +305,7 @@ def test_pixel_shuffle_super_resolution_shards(tmp_path, nodes, rho):
     """Shuffle-aligned ownership: every output colour lies whole on one node. At N=4 one node owns no
     colour, and at rho=0.2 nothing it computes for the last layer is sent: its dead work and the messages
     feeding it are pruned from the programs, and the shards still equal the DISCO model."""
-    from disco_compile.tasks import SRNet
+    from disco_compile.budget.tasks import SRNet
     torch.manual_seed(0)
     model = SRNet(scale=4, width=16).eval()
     x = torch.rand(2, 3, 12, 12)

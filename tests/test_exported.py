@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 from conftest import assert_close, assert_shards_match
 from disco_compile import ExportedProgramError, transform
-from disco_compile import exported
-from disco_compile.attention import heads_attention
+from disco_compile.frontend import exported
+from disco_compile.ops.attention import heads_attention
 
 
 class ResNetLike(nn.Module):

@@ -9,12 +9,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from disco_compile import BudgetError, tasks, transform
-from disco_compile.data import batches, image_folder, image_split, loader
-from disco_compile.distill import Loss
+from disco_compile import BudgetError, transform
+from disco_compile.budget import tasks
+from disco_compile.budget.data import batches, image_folder, image_split, loader
+from disco_compile.budget.distill import Loss
 from disco_compile.errors import CheckpointMismatch, DataError, TrainingDiverged
-from disco_compile.finetuning import budget_at, evaluate, exchange_ratio, finetune, update_scores
-from disco_compile.selection import magnitude_scores, select
+from disco_compile.budget.finetuning import budget_at, evaluate, exchange_ratio, finetune, update_scores
+from disco_compile.budget.selection import magnitude_scores, select
 
 from conftest import assert_close, two_exchange_mlp
 
@@ -288,8 +289,8 @@ def test_bad_data(digits, tmp_path):
 
 
 def test_finetuned_model_exports_with_the_same_quality(digits, tmp_path):
-    from disco_compile.exporter import export
-    from disco_compile.finetuning import evaluate_bundle
+    from disco_compile.backend.exporter import export
+    from disco_compile.budget.finetuning import evaluate_bundle
     task, model = digits
     dm = transform(model, 2, task.example)
     finetune(dm, _train(task), budget=0.2, steps=20, progress=False)

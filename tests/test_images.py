@@ -6,7 +6,7 @@ import skimage.data
 from PIL import Image
 from torchvision import transforms as T
 
-from disco_compile import images
+from disco_compile.runtime import images
 from disco_compile.errors import DataError
 
 PHOTOS = {"astronaut": skimage.data.astronaut(), "coffee": skimage.data.coffee(), "camera": skimage.data.camera(),

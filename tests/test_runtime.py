@@ -34,13 +34,13 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from disco_compile import BundleError, InputMismatch, MessageError, NodeFailure, PeerTimeout, run_local
-from disco_compile import bundle as bundle_module
-from disco_compile.bundle import canonical_json, check_schedule, load_bundle, schedule_hash, write_bundle
+from disco_compile.artifact import bundle as bundle_module
+from disco_compile.artifact.bundle import canonical_json, check_schedule, load_bundle, schedule_hash, write_bundle
 from disco_compile.runtime import InProcHub, NodeExecutor
-from disco_compile.runtime.cli import main as disco_run
+from disco_compile.cli.run import main as disco_run
 from disco_compile.runtime.estimate import WIRE, estimate, parse_rate, stage_times
 from disco_compile.runtime.stream import pipelined, read_arrays, write_arrays
-from disco_compile.schedule import Message, Schedule, Stage, StageInput, StageOutput, TensorSpec
+from disco_compile.artifact.schedule import Message, Schedule, Stage, StageInput, StageOutput, TensorSpec
 
 MODEL_HASH = hashlib.sha256(b"toy model").hexdigest()
 SCRIPT = Path(sys.executable).with_name("disco-run")
@@ -668,5 +668,5 @@ def test_disco_run_script(two, tmp_path):
 
 def test_runtime_does_not_import_torch():
     """Running an export needs onnxruntime only: disco-run starts in about a second, not torch's many."""
-    check = "import sys, disco_compile.runtime.cli; sys.exit('torch' in sys.modules)"
+    check = "import sys, disco_compile.cli.run; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", check], timeout=60).returncode == 0

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from conftest import assert_close, assert_split_exact
 from disco_compile import transform
-from disco_compile.modules import SparseExchange
+from disco_compile.ops.modules import SparseExchange
 
 
 class OddNet(nn.Module):

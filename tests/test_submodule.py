@@ -32,9 +32,10 @@ import torch
 import torch.nn as nn
 
 from conftest import assert_close
-from disco_compile import DiscoSubmodel, ExampleInputError, SubmoduleError, TraceFailure, transform, zoo
-from disco_compile.exporter import export
-from disco_compile.submodule import BundleModule, capture_inputs, with_bundle
+from disco_compile import DiscoSubmodel, ExampleInputError, SubmoduleError, TraceFailure, transform
+from disco_compile.frontend import zoo
+from disco_compile.backend.exporter import export
+from disco_compile.frontend.submodule import BundleModule, capture_inputs, with_bundle
 
 
 class Features(nn.Module):

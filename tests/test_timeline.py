@@ -7,9 +7,9 @@ from hypothesis import strategies as st
 
 from conftest import two_exchange_mlp
 from disco_compile import export, transform
-from disco_compile.bundle import load_bundle
-from disco_compile.schedule import Message, Schedule, Stage, StageInput, StageOutput
-from disco_compile.timeline import timeline
+from disco_compile.artifact.bundle import load_bundle
+from disco_compile.artifact.schedule import Message, Schedule, Stage, StageInput, StageOutput
+from disco_compile.runtime.timeline import timeline
 
 
 def _message(id_, src, dst, nbytes, src_stage, dst_stage):

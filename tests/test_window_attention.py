@@ -10,11 +10,12 @@ from torchvision.models import MaxVit, SwinTransformer
 from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformerBlockV2, shifted_window_attention
 
 from conftest import assert_close, assert_shards_match, assert_split_exact
-from disco_compile import transform, zoo
-from disco_compile.harden import harden_and_lower
-from disco_compile.stages import cut_all, run_python
-from disco_compile.window_attention import (shifted_window_mask, window_heads_attention, window_partition,
-                                            window_reverse)
+from disco_compile import transform
+from disco_compile.frontend import zoo
+from disco_compile.backend.harden import harden_and_lower
+from disco_compile.backend.stages import cut_all, run_python
+from disco_compile.ops.window_attention import (shifted_window_mask, window_heads_attention, window_partition,
+    window_reverse)
 
 KINDS = ["swin", "swin_v2", "maxvit"]
 

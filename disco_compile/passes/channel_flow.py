@@ -17,7 +17,7 @@ import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils import _pytree as pytree
 
-from .. import rules
+from ..ops import rules
 from ..errors import ExampleInputError
 from ..ir import ChannelUniverse, MixingLayer, Placement, ReplicatedOp, StatExchange
 

@@ -22,7 +22,7 @@ import operator
 import torch.fx as fx
 import torch.nn as nn
 
-from ..attention import forward_args, heads_attention, why_not_split
+from ..ops.attention import forward_args, heads_attention, why_not_split
 
 
 def _packed_in_proj(mha: nn.MultiheadAttention) -> nn.Linear:

@@ -36,8 +36,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torchvision.models.maxvit import RelativePositionalMultiHeadAttention
 from torchvision.models.swin_transformer import shifted_window_attention
 
-from ..window_attention import (relative_position_bias, shifted_window_mask, window_heads_attention, window_partition,
-                                window_reverse)
+from ..ops.window_attention import (relative_position_bias, shifted_window_mask, window_heads_attention,
+    window_partition, window_reverse)
 
 MODULES = (RelativePositionalMultiHeadAttention,)  # traced as leaves, then expanded here
 

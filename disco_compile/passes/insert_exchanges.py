@@ -15,9 +15,9 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .. import mixing
+from ..ops import mixing
 from ..ir import MixingLayer, Placement, owners
-from ..modules import SparseExchange, partitioned
+from ..ops.modules import SparseExchange, partitioned
 
 
 def _set_submodule(gm: fx.GraphModule, target: str, module: nn.Module) -> None:

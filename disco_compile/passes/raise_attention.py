@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..attention import heads_attention
+from ..ops.attention import heads_attention
 
 _SHAPE_OPS = {torch.reshape, torch.transpose, torch.permute, torch.unsqueeze, torch.squeeze, operator.getitem}
 SDPA = torch.ops.aten.scaled_dot_product_attention.default

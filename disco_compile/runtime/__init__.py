@@ -11,9 +11,9 @@ from .._lazy import lazy_attributes
 from .executor import DEFAULT_TIMEOUT, NodeExecutor, check_inputs, run_bundle, run_local
 from .transport import Header, InProcHub, InProcTransport, Transport, check_arrival
 
-_LAZY = {"ZmqTransport": "zmq_transport", "HandshakeError": "zmq_transport", "NetworkConfigError": "zmq_transport",
-         "keygen": "zmq_transport", "load_keys": "zmq_transport", "load_peers": "zmq_transport",
-         "DiscoClient": "network", "serve": "network", "run_processes": "network"}
+_LAZY = {"ZmqTransport": "net.zmq_transport", "HandshakeError": "net.zmq_transport", "NetworkConfigError": "net.zmq_transport",
+         "keygen": "net.zmq_transport", "load_keys": "net.zmq_transport", "load_peers": "net.zmq_transport",
+         "DiscoClient": "net.network", "serve": "net.network", "run_processes": "net.network"}
 
 __all__ = ["run_local", "run_bundle", "NodeExecutor", "check_inputs", "DEFAULT_TIMEOUT", "Transport", "InProcHub",
            "InProcTransport", "Header", "check_arrival", *_LAZY]

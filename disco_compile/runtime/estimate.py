@@ -2,7 +2,7 @@
 
 `stage_times` runs the export once in this process (every node a thread, as `run_local`) while recording
 each stage's inputs, then times every stage on them: `reps` passes over all stages, interleaved, the
-median per stage. `estimate` lays the schedule out in time at each link rate (disco_compile.timeline):
+median per stage. `estimate` lays the schedule out in time at each link rate (disco_compile.runtime.timeline):
 each node runs its stages in order, each waiting for the messages it reads; each direction between two
 nodes carries one message at a time at the rate, counting WIRE bytes per payload byte (Ethernet, IP
 and TCP headers of full-size segments), plus `latency` seconds per message. Beside it, the model bound:
@@ -19,9 +19,9 @@ import statistics
 import time
 from dataclasses import dataclass
 
-from ..bundle import Bundle
-from ..schedule import Schedule
-from ..timeline import timeline
+from ..artifact.bundle import Bundle
+from ..artifact.schedule import Schedule
+from .timeline import timeline
 from .executor import NodeExecutor, check_inputs, run_executors
 from .transport import InProcHub
 

@@ -24,9 +24,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from ..bundle import Bundle, load_bundle
+from ..artifact.bundle import Bundle, load_bundle
 from ..errors import BundleError, InputMismatch, MessageError, NodeFailure, PeerFailed, StageFailure
-from ..schedule import BATCH, Schedule, Stage
+from ..artifact.schedule import BATCH, Schedule, Stage
 from .transport import InProcHub, Transport
 
 DEFAULT_TIMEOUT = 10.0  # seconds a node waits for one message

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import MessageError, PeerFailed, PeerTimeout
-from ..schedule import BATCH, Message
+from ..artifact.schedule import BATCH, Message
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ import sys
 import torch
 
 from disco_compile import finetune, transform
-from disco_compile.distill import Loss
+from disco_compile.budget.distill import Loss
 
 
 def setup():

@@ -1,0 +1,107 @@
+"""Export: a DISCO model -> OUT/ with one ONNX graph per node per stage, the
+schedule of every message, and a manifest (bundle.py writes and checks them).
+
+    harden (harden.py) -> lower per node (lower.py) -> cut into stages (stages.py)
+      -> each stage to ONNX (torch.onnx, opset 17, batch dimension symbolic) -> write_bundle
+
+Stage graph inputs and outputs are named after what they carry: message ids
+("exchange12", "gather3", ...), model inputs and outputs, and carried values
+by the DISCO graph's tensor names; weights are named after their layer.
+
+A `DiscoSubmodel` (a model split on one submodule, submodule.py) exports its
+split submodule: the shards take the submodule's inputs and return its
+outputs; the rest of the model runs whole on node 0, outside the export.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import warnings
+from collections.abc import Callable
+
+import onnx
+import torch
+from torch.utils import _pytree as pytree
+
+from ..artifact.bundle import write_bundle
+from ..errors import DiscoError
+from .harden import harden_and_lower
+from .lower import Lowered
+from ..artifact.schedule import BATCH, FORMAT_VERSION, Manifest, Schedule, TensorSpec
+from .stages import StageModule, cut_all
+from ..frontend.submodule import DiscoSubmodel
+
+OPSET = 17
+
+
+class ExportError(DiscoError):
+    """A stage graph that torch.onnx cannot export."""
+
+
+def model_hash(dm) -> str:
+    """sha256 of the DISCO model's weights and gates (names, dtypes, shapes and bytes)."""
+    h = hashlib.sha256()
+    for name, t in sorted(dm.graph_module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def stage_onnx(sm: StageModule) -> bytes:
+    """One stage's GraphModule as an ONNX model with a symbolic batch dimension."""
+    names_in = [i.name for i in sm.stage.inputs]
+    names_out = [o.name for o in sm.stage.outputs]
+    buffer = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter announces its deprecation on every call
+            torch.onnx.export(sm.module, tuple(sm.example_inputs), buffer, dynamo=False, opset_version=OPSET,
+                              input_names=names_in, output_names=names_out,
+                              dynamic_axes={name: {0: BATCH} for name in names_in + names_out})
+    except Exception as exc:  # torch.onnx raises many types; all mean this stage has no ONNX form
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"{sm.stage.file}: torch.onnx cannot export this stage: {first_line}\n  what to do: "
+                          f"a different input size often helps (e.g. adaptive max pooling needs an output size that "
+                          f"divides the input: use 1x3x224x224 for ImageNet models)") from exc
+    model = onnx.load_from_string(buffer.getvalue())
+    model.graph.name = f"stage{sm.stage.index}"
+    return model.SerializeToString()
+
+
+def _spec(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> TensorSpec:
+    return TensorSpec(name, [BATCH, *shape[1:]], str(dtype).replace("torch.", ""))
+
+
+def build_schedule(lowered: Lowered, programs: list[list[StageModule]]) -> Schedule:
+    return Schedule(format_version=FORMAT_VERSION, nodes=len(programs),
+                    inputs=[_spec(*i) for i in lowered.inputs], outputs=[_spec(*o) for o in lowered.outputs],
+                    output_structure=pytree.treespec_dumps(lowered.output_spec), messages=lowered.messages,
+                    programs=[[sm.stage for sm in prog] for prog in programs])
+
+
+def export(dm, out_dir: str | os.PathLike, *, force: bool = False, overlap: bool = True,
+           progress: Callable[[int, int], None] | None = None) -> Manifest:
+    """Write `dm` (its current gate selection) as per-node ONNX stages to `out_dir`; for a DiscoSubmodel,
+    its split submodule.
+
+    overlap: each node computes its local partial sums while the messages it waits for are in flight (the
+    better choice on a slow link); False: it waits, then runs one product over its own and the received
+    channels (fewer, faster kernels and about half the stages: the better choice on a fast link). The outputs
+    are the same up to fp32 rounding.
+    progress(done, total) is called after each stage file is made.
+    """
+    if isinstance(dm, DiscoSubmodel):
+        dm = dm.disco
+    dm.eval()
+    lowered = harden_and_lower(dm, overlap=overlap)
+    programs = cut_all(lowered)
+    total = sum(len(p) for p in programs)
+    files = {}
+    for prog in programs:
+        for sm in prog:
+            files[sm.stage.file] = stage_onnx(sm)
+            if progress is not None:
+                progress(len(files), total)
+    return write_bundle(out_dir, build_schedule(lowered, programs), files, model_hash(dm), force=force)

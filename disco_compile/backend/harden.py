@@ -1,0 +1,51 @@
+"""Hardening: the gates of every SparseExchange become fixed index lists.
+
+For exchange e of tensor t and nodes i != j, message (t, i -> j) carries the
+units u with owner(u) = i that some consumer on j needs and the budget keeps
+(ex.remote[j, u] & ex.keep[j, u]), in ascending order. The gate values of the
+kept units stay with the destination: lowering folds them into its weights.
+"""
+from __future__ import annotations
+
+import torch
+
+from .lower import Lowered, lower
+from ..artifact.schedule import BATCH, Message
+
+
+def exchange_messages(dm) -> tuple[dict[str, list[Message]], dict[str, torch.Tensor]]:
+    messages: dict[str, list[Message]] = {}
+    gates: dict[str, torch.Tensor] = {}
+    by_name = {n.name: n for n in dm.graph_module.graph.nodes}
+    count = 0
+    for name, ex in dm.exchanges.items():
+        gates[name] = ex.gate.detach().clone()
+        meta = by_name[name].meta["tensor_meta"]
+        shape = list(meta.shape[1:])
+        axis = min(d for d, s in enumerate(ex.label_shape) if s > 1) - 1 if ex.owner.numel() > 1 else 0
+        for j in range(ex.nodes):
+            sent = ex.remote[j] & ex.keep[j]
+            for i in range(ex.nodes):
+                units = (sent & (ex.owner == i)).nonzero().flatten()
+                if i == j or units.numel() == 0:
+                    continue
+                payload = shape.copy()
+                payload[axis] = units.numel()
+                numel = 1
+                for s in payload:
+                    numel *= s
+                messages.setdefault(name, []).append(Message(
+                    id=f"exchange{count}", src=i, dst=j, kind="exchange", tensor=name, channels=units.tolist(),
+                    shape=[BATCH, *payload], dtype=str(meta.dtype).replace("torch.", ""),
+                    bytes=numel * meta.dtype.itemsize, src_stage=-1, dst_stage=-1))
+                count += 1
+    return messages, gates
+
+
+def harden_and_lower(dm, *, overlap: bool = True) -> Lowered:
+    """Per-node programs of `dm` for its current gate selection (the model must be in eval mode); `overlap`
+    as in `lower`."""
+    if dm.training:
+        raise ValueError("lowering needs the model in eval mode (BatchNorm statistics fixed): call dm.eval()")
+    messages, gates = exchange_messages(dm)
+    return lower(dm, messages, gates, overlap=overlap)

@@ -1,0 +1,1 @@
+"""Budget: what to send. The communication budget, cost model, one-shot selection, fine-tuning with distillation, and the data it trains on."""

@@ -1,0 +1,218 @@
+"""Cost model of a DISCO model, per sample (batch 1), in bytes of the traced dtypes.
+
+- exchange bytes: activations sent between nodes inside the model: the units
+  each SparseExchange sends (units owned by node i, needed and kept by node j),
+  plus ungated traffic: inputs gathered for replicated ops and per-row
+  statistics all-reduced for normalisations over split channels.
+- io bytes: the input sent from node 0 to the other nodes (unless it is present
+  on every node) and the output elements that node 0 does not own.
+- dense: the same partition with every gate on.
+- MACs: multiply-accumulates of the channel-mixing layers (Conv, Linear), the
+  usual measure; node j's share follows mixing.py. Replicated mixing layers
+  count whole on every node.
+- parameters per node: the weight entries a node uses (mixing.py), a node's
+  share of every per-channel parameter (one entry per channel of the tensor the
+  op reads: BatchNorm, LayerNorm, layer scales), and every other parameter whole.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.utils import _pytree as pytree
+
+from ..ops import mixing
+from ..ir import REPLICATED, MixingLayer, Placement, ReplicatedOp, StatExchange, owners, units_per_sample
+from ..ops.modules import SparseExchange
+
+
+@dataclass
+class CostReport:
+    nodes: int
+    exchange_bytes: int
+    dense_exchange_bytes: int
+    fixed_exchange_bytes: int
+    io_bytes: int
+    comm_bytes: int
+    dense_comm_bytes: int
+    macs_per_node: list[int]
+    params_per_node: list[int]
+    original_macs: int
+    original_params: int
+    replicated_ops: list[ReplicatedOp] = field(default_factory=list)
+
+    @property
+    def exchange_ratio(self) -> float:
+        return self.exchange_bytes / self.dense_exchange_bytes if self.dense_exchange_bytes else 1.0
+
+    @property
+    def comm_ratio(self) -> float:
+        return self.comm_bytes / self.dense_comm_bytes if self.dense_comm_bytes else 1.0
+
+    @property
+    def macs_ratio(self) -> float:
+        return sum(self.macs_per_node) / self.original_macs
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.update(exchange_ratio=self.exchange_ratio, comm_ratio=self.comm_ratio, macs_ratio=self.macs_ratio)
+        return d
+
+    def table(self) -> str:
+        lines = [
+            f"nodes           {self.nodes}",
+            f"exchange bytes  {_si(self.exchange_bytes, 'B'):>10}  (dense {_si(self.dense_exchange_bytes, 'B')}, "
+            f"ratio {self.exchange_ratio:.3f}; ungated {_si(self.fixed_exchange_bytes, 'B')})",
+            f"io bytes        {_si(self.io_bytes, 'B'):>10}",
+            f"comm bytes      {_si(self.comm_bytes, 'B'):>10}  (dense {_si(self.dense_comm_bytes, 'B')}, "
+            f"ratio {self.comm_ratio:.3f})",
+            f"MACs            original {_si(self.original_macs, '')}; all nodes {_ratio(sum(self.macs_per_node), self.original_macs)} of it",
+        ]
+        for k, (m, p) in enumerate(zip(self.macs_per_node, self.params_per_node)):
+            lines.append(f"  node {k}: MACs {_si(m, ''):>9} ({_ratio(m, self.original_macs)})   "
+                         f"params {_si(p, ''):>9} ({_ratio(p, self.original_params)})")
+        if self.replicated_ops:
+            lines.append(f"replicated ops ({len(self.replicated_ops)}): inputs gathered, run whole on every node")
+            lines += [f"  {r.node} [{r.target}]: {r.reason}" for r in self.replicated_ops]
+        else:
+            lines.append("replicated ops: none")
+        return "\n".join(lines)
+
+
+def _ratio(part: float, whole: float) -> str:
+    return f"{part / whole:.3f}" if whole else "-"
+
+
+def _si(value: float, unit: str) -> str:
+    """1234567 -> '1.235 M' + unit: decimal prefixes, so bytes read as kB/MB/GB."""
+    for factor, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.3f} {prefix}{unit}"
+    return f"{value:g} {unit}".rstrip()
+
+
+def _sample_elems(node: fx.Node, labels: torch.Tensor) -> int:
+    return units_per_sample(node.meta["tensor_meta"].shape, labels)
+
+
+def _owned_bytes(node: fx.Node, exclude: int | None = None) -> int:
+    """Bytes per sample of `node`'s value held by some node (not replicated), optionally not by `exclude`."""
+    p: Placement = node.meta["disco"]
+    if p.labels is None:
+        return 0
+    owned = (p.owner != REPLICATED) if exclude is None else (p.owner != REPLICATED) & (p.owner != exclude)
+    return int(owned.sum()) * _sample_elems(node, p.labels) * node.meta["tensor_meta"].dtype.itemsize
+
+
+def _holders(node: fx.Node) -> int:
+    p: Placement = node.meta["disco"]
+    if p.labels is None:
+        return 0
+    return len({int(o) for o in p.owner.unique() if o != REPLICATED})
+
+
+def fixed_exchange_bytes(gm: fx.GraphModule, nodes: int, replicated: list[ReplicatedOp],
+                         stats: list[StatExchange]) -> int:
+    by_name = {n.name: n for n in gm.graph.nodes}
+    total = 0
+    for op in replicated:  # gather: every element owned by one node goes to the N-1 others
+        total += sum(_owned_bytes(by_name[name]) for name in op.inputs) * (nodes - 1)
+    for s in stats:  # partial results all-reduced among the nodes holding the input
+        k = _holders(by_name[s.in_node])
+        receivers = nodes if s.to_all else k
+        total += s.values * s.itemsize * k * (receivers - 1) if k > 1 or s.to_all else 0
+    return total
+
+
+def io_bytes(gm: fx.GraphModule, nodes: int, batch: int, input_on_all_nodes: bool) -> int:
+    if nodes == 1:
+        return 0
+    total = 0
+    if not input_on_all_nodes:
+        for n in gm.graph.nodes:
+            if n.op == "placeholder" and isinstance(n.meta.get("tensor_meta"), torch.fx.passes.shape_prop.TensorMetadata):
+                meta = n.meta["tensor_meta"]
+                total += meta.shape.numel() // batch * meta.dtype.itemsize * (nodes - 1)
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    for leaf in pytree.tree_leaves(out_node.args[0], is_leaf=lambda x: isinstance(x, fx.Node)):
+        if isinstance(leaf, fx.Node) and "disco" in leaf.meta:
+            total += _owned_bytes(leaf, exclude=0)
+    return total
+
+
+def _per_channel_share(param: nn.Parameter, owner: torch.Tensor | None, nodes: int) -> list[int]:
+    if owner is not None and param.numel() == owner.numel() and owner.numel() > 1:
+        flat = owner.reshape(-1)
+        return [int(((flat == j) | (flat == REPLICATED)).sum()) for j in range(nodes)]
+    return [param.numel()] * nodes
+
+
+def params_per_node(gm: fx.GraphModule, nodes: int, layers: list[MixingLayer],
+                    exchanges: dict[str, SparseExchange], owner_of: torch.Tensor) -> list[int]:
+    per_node = [0] * nodes
+    counted = {id(p) for ex in exchanges.values() for p in ex.parameters()}  # gates, scores: training only
+    for layer in layers:
+        module = gm.get_submodule(layer.module)
+        for p in module.parameters(recurse=False):
+            counted.add(id(p))
+        out_owner = owner_of[layer.out_labels.reshape(-1)]
+        for j in range(nodes):
+            per_node[j] += mixing.weights_used(layer, out_owner, available(layer, exchanges, owner_of, j), j)
+            if module.bias is not None:
+                per_node[j] += int((out_owner == j).sum())
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            params = [p for p in gm.get_submodule(n.target).parameters(recurse=False) if id(p) not in counted]
+            placement = n.all_input_nodes[0].meta.get("disco") if n.all_input_nodes else None
+        elif n.op == "get_attr":
+            value = gm.get_parameter(n.target) if _is_param(gm, n.target) else None
+            params = [value] if value is not None and id(value) not in counted else []
+            placement = next((u.meta.get("disco") for u in n.users if u.meta.get("disco") is not None
+                              and u.meta["disco"].labels is not None), None)
+        else:
+            continue
+        owner = placement.owner if placement is not None else None
+        for p in params:
+            counted.add(id(p))
+            for j, share in enumerate(_per_channel_share(p, owner, nodes)):
+                per_node[j] += share
+    for p in gm.parameters():  # parameters used outside the graph's ops (none for traced models)
+        if id(p) not in counted:
+            counted.add(id(p))
+            per_node = [x + p.numel() for x in per_node]
+    return per_node
+
+
+def _is_param(gm: fx.GraphModule, target: str) -> bool:
+    try:
+        gm.get_parameter(target)
+        return True
+    except AttributeError:
+        return False
+
+
+def available(layer: MixingLayer, exchanges: dict[str, SparseExchange], owner_of: torch.Tensor, node: int) -> torch.Tensor:
+    """Input columns node `node` holds for this layer: local, replicated, and received."""
+    in_owner = owners(layer.in_labels, owner_of)
+    local = mixing.local_columns(None if in_owner is None else in_owner.reshape(-1), layer, node)
+    if layer.exchange is None:
+        return local
+    ex = exchanges[layer.exchange]
+    return local | (ex.remote[node] & ex.keep[node])
+
+
+def macs_per_node(layers: list[MixingLayer], exchanges: dict[str, SparseExchange], owner_of: torch.Tensor,
+                  nodes: int, replicated_macs: int) -> list[int]:
+    per_node = [replicated_macs] * nodes
+    for layer in layers:
+        out_owner = owner_of[layer.out_labels.reshape(-1)]
+        for j in range(nodes):
+            per_node[j] += mixing.weights_used(layer, out_owner, available(layer, exchanges, owner_of, j), j) \
+                * layer.out_positions
+    return per_node
+
+
+def exchange_bytes(exchanges: dict[str, SparseExchange], dense: bool) -> int:
+    return sum(int(ex.sent_units(dense).sum()) * ex.unit_bytes for ex in exchanges.values())

@@ -1,0 +1,1 @@
+"""Command lines: disco-compile (compile.py) and disco-run (run.py, torch-free)."""

@@ -1,0 +1,144 @@
+"""Partition-aware modules that make one process compute what N nodes compute.
+
+SparseExchange, for a tensor x whose channel units are owned by nodes, returns
+the N views of x that the N nodes hold after the exchange, stacked:
+
+    x_j = x * m_j,   m_j[u] = 1                              if node j holds u
+                             = gate[j, u] * keep[j, u]        if u is sent to j
+                             = 0                              otherwise
+
+(`gate` is learnable and starts at 1; `keep` is the hard selection made by a
+budget). While the selection is learned, each exchange also holds a `score`
+per candidate and the sent part of the mask becomes
+
+    keep[j, u] + s[j, u] - stopgrad(s[j, u])
+
+equal to `keep` in the forward pass, while the backward pass hands every
+candidate (kept or not) dL/dm_j[u]: the straight-through estimator.
+
+A partitioned Conv/Linear then computes on node j only its own output rows
+from x_j: y[T_j] = W[T_j] x_j, and reassembles y in channel order, so with
+every gate on the result equals the original layer.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..ir import REPLICATED
+
+
+class SparseExchange(nn.Module):
+    """The learnable exchange of one tensor: one gate vector per (source, destination) pair,
+    stored as `gate[dst, unit]` (the source of a unit is its owner)."""
+
+    def __init__(self, owner: torch.Tensor, needed: torch.Tensor, unit_bytes: int):
+        super().__init__()
+        nodes = needed.shape[0]
+        flat = owner.reshape(-1)
+        local = torch.stack([(flat == j) | (flat == REPLICATED) for j in range(nodes)])
+        self.label_shape = tuple(owner.shape)
+        self.unit_bytes = unit_bytes
+        self.register_buffer("owner", flat.clone())
+        self.register_buffer("local", local)
+        self.register_buffer("remote", needed & ~local)
+        self.register_buffer("keep", needed & ~local)
+        self.gate = nn.Parameter(torch.ones(nodes, flat.numel()))
+        self.score: nn.Parameter | None = None
+
+    @property
+    def nodes(self) -> int:
+        return self.gate.shape[0]
+
+    def masks(self) -> torch.Tensor:
+        sent = (self.remote & self.keep).to(self.gate.dtype)
+        if self.score is not None:
+            sent = sent + self.remote * (self.score - self.score.detach())
+        return self.local.to(self.gate.dtype) + sent * self.gate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.masks().reshape((self.nodes,) + self.label_shape)
+        return x.unsqueeze(0) * m.to(x.dtype)
+
+    def learn_selection(self, initial: torch.Tensor | None) -> None:
+        """Start (with initial scores) or stop (None) learning which candidates to send."""
+        self.score = None if initial is None else nn.Parameter(initial.to(self.gate))
+
+    def sent_units(self, dense: bool = False) -> torch.Tensor:
+        """Units sent to each destination: (nodes,)."""
+        return (self.remote if dense else self.remote & self.keep).sum(1)
+
+    def extra_repr(self) -> str:
+        return f"nodes={self.nodes}, units={self.owner.numel()}, unit_bytes={self.unit_bytes}"
+
+
+class _Partitioned(nn.Module):
+    """Shared reassembly: node j's output rows, concatenated, back in channel order."""
+
+    def _set_rows(self, out_owner: torch.Tensor, nodes: int) -> None:
+        rows = [(out_owner == j).nonzero().flatten() for j in range(nodes)]
+        self.rows = rows
+        self.register_buffer("inverse", torch.argsort(torch.cat(rows)), persistent=False)
+
+    def _assemble(self, parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+        return torch.cat(parts, dim).index_select(dim, self.inverse)
+
+    def _apply(self, fn, recurse=True):
+        self.rows = [fn(r) for r in self.rows]
+        return super()._apply(fn, recurse)
+
+
+class PartitionedConv(_Partitioned):
+    """A Conv1d/2d/3d split by output rows; forward takes the stacked per-node inputs."""
+
+    _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+    def __init__(self, conv: nn.modules.conv._ConvNd, out_owner: torch.Tensor, nodes: int):
+        super().__init__()
+        self.weight = conv.weight
+        self.bias = conv.bias
+        self.stride, self.dilation, self.groups = conv.stride, conv.dilation, conv.groups
+        self.padding, self.padding_mode = conv.padding, conv.padding_mode
+        self._reversed_padding_repeated_twice = conv._reversed_padding_repeated_twice
+        self._conv = self._CONV[conv.weight.dim() - 2]
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self._set_rows(out_owner, nodes)
+
+    def _node(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, groups: int) -> torch.Tensor:
+        if self.padding_mode != "zeros":
+            return self._conv(F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode), w, b, self.stride, 0, self.dilation, groups)
+        return self._conv(x, w, b, self.stride, self.padding, self.dilation, groups)
+
+    def forward(self, xs: torch.Tensor) -> torch.Tensor:
+        parts = []
+        for j, r in enumerate(self.rows):
+            if r.numel() == 0:
+                continue
+            if self.groups == 1:
+                parts.append(self._node(xs[j], self.weight[r], None if self.bias is None else self.bias[r], 1))
+            else:  # rows of a group split across nodes: compute the grouped conv, keep node j's rows
+                parts.append(self._node(xs[j], self.weight, self.bias, self.groups).index_select(1, r))
+        return self._assemble(parts, 1)
+
+
+class PartitionedLinear(_Partitioned):
+    """A Linear split by output features; forward takes the stacked per-node inputs."""
+
+    def __init__(self, linear: nn.Linear, out_owner: torch.Tensor, nodes: int):
+        super().__init__()
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self._set_rows(out_owner, nodes)
+
+    def forward(self, xs: torch.Tensor) -> torch.Tensor:
+        parts = [F.linear(xs[j], self.weight[r], None if self.bias is None else self.bias[r])
+                 for j, r in enumerate(self.rows) if r.numel()]
+        return self._assemble(parts, -1)
+
+
+def partitioned(module: nn.Module, out_owner: torch.Tensor, nodes: int) -> nn.Module:
+    if isinstance(module, nn.Linear):
+        return PartitionedLinear(module, out_owner, nodes)
+    return PartitionedConv(module, out_owner, nodes)
