@@ -26,15 +26,17 @@ from PIL import Image
 from click.testing import CliRunner
 from torch import nn
 
-from disco_compile import MessageError, PeerFailed, PeerTimeout, run_local, transform
+from disco_compile import Budget, MessageError, PeerFailed, PeerTimeout, run_local, transform
 from disco_compile.runtime import images
 from disco_compile.artifact.bundle import load_bundle
 from disco_compile.backend.exporter import export
 from disco_compile.cli.run import main as disco_run
 from disco_compile.runtime.net.network import DiscoClient, free_ports, node_command
 from disco_compile.runtime.stream import read_arrays, write_arrays
-from disco_compile.runtime.net.zmq_transport import (HELLO, MSG, PROTOCOL, HandshakeError, NetworkConfigError,
-    ZmqTransport, keygen, load_keys, load_peers, manifest_hash)
+from disco_compile.runtime.net.keys import keygen, load_keys
+from disco_compile.runtime.net.peers import NetworkConfigError, load_peers
+from disco_compile.runtime.net.protocol import HELLO, MSG, PROTOCOL, HandshakeError, manifest_hash
+from disco_compile.runtime.net.zmq_transport import ZmqTransport
 
 TIMEOUT = 3.0  # the short failure timeout of these tests
 CONNECT = 30.0  # start-up allowance: the processes import numpy, onnxruntime, zmq on 2 shared cores
@@ -53,7 +55,7 @@ def exports(tmp_path_factory) -> dict[str, Path]:
     for name, nodes, seed in (("n2", 2, 0), ("n3", 3, 0), ("n2_other", 2, 1)):
         torch.manual_seed(100 + seed)
         dm = transform(small_net(seed), nodes, torch.randn(1, 3, 8, 8))
-        dm.set_budget(0.5)
+        dm.set_budget(Budget(0.5, allocation="uniform", align=1))
         export(dm, root / name)
         out[name] = root / name
     return out

@@ -16,6 +16,7 @@ import logging
 import signal
 import sys
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -113,7 +114,7 @@ def _run_stream(submit, depth: int, names: list[str], output_file: Path | None) 
 
 def _joined(requests: list[list[np.ndarray]]) -> list[np.ndarray]:
     """The outputs of several requests as one batch: each output concatenated over the requests, in order."""
-    return [np.concatenate(parts) for parts in zip(*requests)]
+    return [np.concatenate(parts) for parts in zip(*requests, strict=True)]
 
 
 def _save(path: Path, names: list[str], arrays: list[np.ndarray]) -> None:
@@ -121,13 +122,13 @@ def _save(path: Path, names: list[str], arrays: list[np.ndarray]) -> None:
         if path.suffix == ".npy":
             np.save(path, arrays[0])
         else:
-            np.savez(path, **dict(zip(names, arrays)))
+            np.savez(path, **dict(zip(names, arrays, strict=True)))
     except OSError as exc:
         raise CliError(f"--output {path}: cannot be written ({exc})") from exc
 
 
 def _fail(exc: DiscoError) -> click.ClickException:
-    from ..runtime.net.zmq_transport import NetworkConfigError
+    from ..runtime.net.peers import NetworkConfigError
     if isinstance(exc, (BundleError, NetworkConfigError)):
         return CliError(str(exc))
     if isinstance(exc, InputMismatch):
@@ -216,55 +217,96 @@ def main(out: Path, simulate: bool, procs: bool, node: int | None, peers_file: P
 
     A peers.yaml has one line per node: '0: 10.0.0.1:5550'.
     """
+    run = _RunOptions(out=out, simulate=simulate, procs=procs, node=node, peers_file=peers_file, keys_dir=keys_dir,
+                      insecure=insecure, bind=bind, stay=stay, input_files=input_files, output_file=output_file,
+                      batch_size=batch_size, timeout=timeout, connect_timeout=connect_timeout, threads=threads)
+    _check_mode(run)
+    if simulate:
+        _check_simulate(run)
+        _simulate(run)
+    else:
+        _check_node(run)
+        _run_node(run)
+
+
+@dataclass(frozen=True)
+class _RunOptions:
+    """The options of `disco-run OUT ...` (see `main`)."""
+    out: Path
+    simulate: bool
+    procs: bool
+    node: int | None
+    peers_file: Path | None
+    keys_dir: Path | None
+    insecure: bool
+    bind: str | None
+    stay: bool
+    input_files: tuple[Path, ...]
+    output_file: Path | None
+    batch_size: int | None
+    timeout: float
+    connect_timeout: float
+    threads: int
+
+
+def _check_mode(run: _RunOptions) -> None:
+    """Refuse --output of another kind, and options that do not choose one mode: --simulate or --node K."""
+    output_file = run.output_file
     if output_file is not None and output_file != STREAM and output_file.suffix not in (".npy", ".npz"):
         raise CliError(f"--output {output_file}: give a .npy file (one output), a .npz file, or - (with --input -)")
-    network = {"--peers": peers_file, "--keys": keys_dir, "--insecure": insecure or None, "--bind": bind,
-               "--stay": stay or None}
-    if simulate and node is not None:
+    if run.simulate and run.node is not None:
         raise CliError("give --simulate (every node on this machine) or --node K (one node), not both")
-    if procs and not simulate:
+    if run.procs and not run.simulate:
         raise CliError("--procs goes with --simulate")
-    if not simulate and node is None:
+    if not run.simulate and run.node is None:
         raise CliError("give --simulate to run every node on this machine, or --node K --peers PEERS.yaml to run "
                        "node K of a run across machines")
-    if keys_dir is not None and insecure:
+    if run.keys_dir is not None and run.insecure:
         raise CliError("give --keys DIR or --insecure, not both")
-    if simulate:
-        given = [name for name, v in network.items() if v is not None and not (procs and name in ("--insecure",))]
-        if given:
-            raise CliError(f"{', '.join(given)}: only for runs over the network (--node K)"
-                           + ("" if procs else "; --simulate --procs takes --insecure"))
-        if batch_size is not None:
-            raise CliError("--batch-size: only with --node 0")
-        _simulate(out, procs, insecure, input_files, output_file, timeout, connect_timeout, threads)
-        return
-    if peers_file is None:
+
+
+def _check_simulate(run: _RunOptions) -> None:
+    """Refuse the options of runs over the network (but --insecure with --procs) and --batch-size."""
+    network = {"--peers": run.peers_file, "--keys": run.keys_dir, "--insecure": run.insecure or None,
+               "--bind": run.bind, "--stay": run.stay or None}
+    given = [name for name, v in network.items() if v is not None and not (run.procs and name in ("--insecure",))]
+    if given:
+        raise CliError(f"{', '.join(given)}: only for runs over the network (--node K)"
+                       + ("" if run.procs else "; --simulate --procs takes --insecure"))
+    if run.batch_size is not None:
+        raise CliError("--batch-size: only with --node 0")
+
+
+def _check_node(run: _RunOptions) -> None:
+    """Refuse --node K without a peers file or keys, and the options of the other nodes."""
+    node = run.node
+    if run.peers_file is None:
         raise CliError(f"--node {node}: give --peers PEERS.yaml (one line 'K: HOST:PORT' per node)")
-    if keys_dir is None and not insecure:
+    if run.keys_dir is None and not run.insecure:
         raise CliError("give --keys DIR (made with 'disco-run keygen DIR --nodes N') or, to run without "
                        "authentication and encryption, --insecure")
-    if node == 0 and not input_files:
+    if node == 0 and not run.input_files:
         raise CliError("--node 0 takes the model inputs: give --input FILE.npy (one per model input), a folder "
                        "of images, or - (a stream of .npy arrays on stdin)")
-    if node != 0 and (input_files or output_file or batch_size):
+    if node != 0 and (run.input_files or run.output_file or run.batch_size):
         raise CliError(f"--input, --output and --batch-size are for node 0; node {node} gets its inputs from node 0")
-    if node == 0 and stay:
+    if node == 0 and run.stay:
         raise CliError("--stay is for nodes 1..N-1 (node 0 runs its inputs and ends)")
+
+
+def _run_node(run: _RunOptions) -> None:
+    """--node K: node 0 runs the inputs (`_node0`), the others serve (`_serve`); SIGTERM stops either."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        if node == 0:
-            _node0(out, peers_file, keys_dir, insecure, bind, input_files, output_file, batch_size, timeout,
-                   connect_timeout, threads)
+        if run.node == 0:
+            _node0(run)
         else:
-            from ..runtime.net.network import serve
-            served = serve(out, node, peers_file, keys=keys_dir, insecure=insecure, timeout=timeout,
-                           connect_timeout=connect_timeout, threads=threads, stay=stay, bind=bind)
-            click.echo(f"node {node}: served {served} request(s)")
+            _serve(run)
     except DiscoError as exc:
         raise _fail(exc) from exc
     except _Terminated:
-        click.echo(f"node {node}: stopped by SIGTERM", err=True)
+        click.echo(f"node {run.node}: stopped by SIGTERM", err=True)
         sys.exit(143)
 
 
@@ -283,74 +325,95 @@ def _report(output_file: Path | None, names: list[str], outputs: list[np.ndarray
     """Save or describe the outputs; for a folder of images and a model with one (batch, classes) output, also
     each image's top-1 class."""
     if files is not None and len(outputs) == 1 and outputs[0].ndim == 2 and len(outputs[0]) == len(files):
-        for f, row in zip(files, outputs[0]):
+        for f, row in zip(files, outputs[0], strict=True):
             click.echo(f"{f.name}: top-1 class {int(row.argmax())} ({names[0]} {float(row.max()):.4g})")
     if output_file is not None:
         _save(output_file, names, outputs)
         click.echo(f"wrote {len(outputs)} output(s) to {output_file}")
     else:
-        for name, value in zip(names, outputs):
+        for name, value in zip(names, outputs, strict=True):
             click.echo(f"{name}: {value.dtype.name} {'x'.join(str(d) for d in value.shape)}")
         click.echo("(give --output FILE to save them)")
 
 
-def _simulate(out, procs, insecure, input_files, output_file, timeout, connect_timeout, threads) -> None:
+def _simulate(run: _RunOptions) -> None:
+    """--simulate: every node on this machine, as threads of this process or (--procs) as processes."""
     try:
-        bundle = load_bundle(out)
+        bundle = load_bundle(run.out)
         names = [t.name for t in bundle.schedule.outputs]
-        _check_output_file(output_file, names)
-        if _check_stream(input_files, output_file, bundle.schedule):
-            if procs:
+        _check_output_file(run.output_file, names)
+        if _check_stream(run.input_files, run.output_file, bundle.schedule):
+            if run.procs:
                 raise CliError("--input - (a stream) runs with --simulate or --node 0, not --simulate --procs")
-
-            def submit(inputs) -> Future:
-                done = Future()
-                done.set_result(run_bundle(bundle, inputs, timeout=timeout, threads=threads))
-                return done
-            _run_stream(submit, 1, names, output_file)
+            _simulate_stream(run, bundle, names)
             return
-        inputs, files = _load_inputs(input_files, bundle.schedule)
-        if procs:
-            from ..runtime.executor import check_inputs
-            from ..runtime.net.network import run_processes
-            check_inputs(bundle.schedule, inputs)  # refuse bad inputs before starting anything
-            by_name = run_processes(bundle, input_files, insecure=insecure, timeout=timeout,
-                                    connect_timeout=connect_timeout, threads=threads)
-            outputs = [by_name[n] for n in names]
+        inputs, files = _load_inputs(run.input_files, bundle.schedule)
+        if run.procs:
+            outputs = _procs(run, bundle, names, inputs)
         else:
-            outputs = run_bundle(bundle, inputs, timeout=timeout, threads=threads)
+            outputs = run_bundle(bundle, inputs, timeout=run.timeout, threads=run.threads)
     except InputMismatch as exc:
         raise CliError(f"{exc} (give one --input FILE.npy per model input, in order)") from exc
     except DiscoError as exc:
-        raise (_fail(exc) if procs else CliError(str(exc))) from exc
-    _report(output_file, names, outputs, files)
+        raise (_fail(exc) if run.procs else CliError(str(exc))) from exc
+    _report(run.output_file, names, outputs, files)
 
 
-def _node0(out, peers_file, keys_dir, insecure, bind, input_files, output_file, batch_size, timeout,
-           connect_timeout, threads) -> None:
+def _simulate_stream(run: _RunOptions, bundle, names: list[str]) -> None:
+    """--simulate --input -: every array on stdin a request, run in this process, one after another."""
+    def submit(inputs) -> Future:
+        done = Future()
+        done.set_result(run_bundle(bundle, inputs, timeout=run.timeout, threads=run.threads))
+        return done
+    _run_stream(submit, 1, names, run.output_file)
+
+
+def _procs(run: _RunOptions, bundle, names: list[str], inputs: list[np.ndarray]) -> list[np.ndarray]:
+    """--simulate --procs: every node as an OS process over TCP on 127.0.0.1; the outputs in `names` order."""
+    from ..runtime.executor import check_inputs
+    from ..runtime.net.network import run_processes
+    check_inputs(bundle.schedule, inputs)  # refuse bad inputs before starting anything
+    by_name = run_processes(bundle, run.input_files, insecure=run.insecure, timeout=run.timeout,
+                            connect_timeout=run.connect_timeout, threads=run.threads)
+    return [by_name[n] for n in names]
+
+
+def _node0(run: _RunOptions) -> None:
+    """--node 0: run the inputs (files, a folder of images, or a stream on stdin) as node 0 of the network."""
     from ..runtime.executor import check_inputs
     from ..runtime.net.network import DiscoClient
-    bundle = load_bundle(out)
+    bundle = load_bundle(run.out)
     names = [t.name for t in bundle.schedule.outputs]
-    _check_output_file(output_file, names)
-    stream = _check_stream(input_files, output_file, bundle.schedule)
-    if stream and batch_size is not None:
+    _check_output_file(run.output_file, names)
+    stream = _check_stream(run.input_files, run.output_file, bundle.schedule)
+    if stream and run.batch_size is not None:
         raise CliError("--batch-size: a stream's arrays are requests already (--input -); leave it out")
-    inputs, files = ([], None) if stream else _load_inputs(input_files, bundle.schedule)
+    inputs, files = ([], None) if stream else _load_inputs(run.input_files, bundle.schedule)
     if not stream:
         check_inputs(bundle.schedule, inputs)
-    with DiscoClient(bundle, peers_file, keys=keys_dir, insecure=insecure, timeout=timeout,
-                     connect_timeout=connect_timeout, threads=threads, bind=bind) as client:
+    with DiscoClient(bundle, run.peers_file, keys=run.keys_dir, insecure=run.insecure, timeout=run.timeout,
+                     connect_timeout=run.connect_timeout, threads=run.threads, bind=run.bind) as client:
         if stream:
-            _run_stream(client.submit, client.max_in_flight, names, output_file)
+            _run_stream(client.submit, client.max_in_flight, names, run.output_file)
             return
-        total = inputs[0].shape[0]
-        if batch_size is None or batch_size >= total:
-            outputs = client(inputs)
-        else:
-            parts = client.map([[a[i:i + batch_size] for a in inputs] for i in range(0, total, batch_size)])
-            outputs = _joined(parts)
-    _report(output_file, names, outputs, files)
+        outputs = _batched(client, inputs, run.batch_size)
+    _report(run.output_file, names, outputs, files)
+
+
+def _batched(client, inputs: list[np.ndarray], batch_size: int | None) -> list[np.ndarray]:
+    """The outputs of `inputs`: one request, or (--batch-size) requests of that many samples, all in flight."""
+    total = inputs[0].shape[0]
+    if batch_size is None or batch_size >= total:
+        return client(inputs)
+    return _joined(client.map([[a[i:i + batch_size] for a in inputs] for i in range(0, total, batch_size)]))
+
+
+def _serve(run: _RunOptions) -> None:
+    """--node K, K > 0: serve node 0's requests until it says goodbye (or, with --stay, until SIGTERM)."""
+    from ..runtime.net.network import serve
+    served = serve(run.out, run.node, run.peers_file, keys=run.keys_dir, insecure=run.insecure, timeout=run.timeout,
+                   connect_timeout=run.connect_timeout, threads=run.threads, stay=run.stay, bind=run.bind)
+    click.echo(f"node {run.node}: served {served} request(s)")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -367,7 +430,8 @@ def keygen_main(directory: Path, nodes: int, force: bool) -> None:
     secret: it is the node's identity), then run it with --keys DIRECTORY.
     A node accepts connections only from the keys in its public_keys folder.
     """
-    from ..runtime.net.zmq_transport import NetworkConfigError, keygen
+    from ..runtime.net.keys import keygen
+    from ..runtime.net.peers import NetworkConfigError
     try:
         keygen(directory, nodes, force=force)
     except NetworkConfigError as exc:
@@ -445,10 +509,10 @@ def estimate_main(out: Path, links: tuple[str, ...], latency_ms: float, input_fi
     click.echo(f"{out}: {schedule.nodes} nodes, batch {batch}; stages timed here ({threads} onnxruntime "
                f"thread(s), median of {reps}):")
     click.echo("  " + "; ".join(f"node {k}: {len(p)} stages, {c * 1e3:.1f} ms"
-                                for k, (p, c) in enumerate(zip(schedule.programs, results[0].compute))))
+                                for k, (p, c) in enumerate(zip(schedule.programs, results[0].compute, strict=True))))
     click.echo(f"  messages per inference: {mb or 'none'}")
     click.echo(f"{'link':>10} {'latency ms':>11} {'bound ms':>9} {'latency/bound':>14}  waiting per node ms")
-    for text, r in zip(links, results):
+    for text, r in zip(links, results, strict=True):
         waits = ", ".join(f"{w * 1e3:.1f}" for w in r.waiting)
         click.echo(f"{text:>10} {r.latency * 1e3:>11.1f} {r.bound * 1e3:>9.1f} {r.latency / r.bound:>14.2f}  {waits}")
     click.echo("bound: max(busiest node's compute, busiest direction's bytes / rate). Not counted: the runtime's "

@@ -3,16 +3,16 @@
 `run_local` runs every node in one process (threads, InProcTransport). Across
 machines, each node runs with a ZmqTransport (ZeroMQ over TCP, CURVE keys):
 `DiscoClient` is node 0 for applications, `serve` runs nodes 1..N-1, and
-`disco-run` wraps both (network.py, zmq_transport.py). The network names load
-on first use, so run_local does not import zmq.
+`disco-run` wraps both (net/network.py, net/zmq_transport.py). The network
+names load on first use, so run_local does not import zmq.
 """
 
 from .._lazy import lazy_attributes
 from .executor import DEFAULT_TIMEOUT, NodeExecutor, check_inputs, run_bundle, run_local
 from .transport import Header, InProcHub, InProcTransport, Transport, check_arrival
 
-_LAZY = {"ZmqTransport": "net.zmq_transport", "HandshakeError": "net.zmq_transport", "NetworkConfigError": "net.zmq_transport",
-         "keygen": "net.zmq_transport", "load_keys": "net.zmq_transport", "load_peers": "net.zmq_transport",
+_LAZY = {"ZmqTransport": "net.zmq_transport", "HandshakeError": "net.protocol", "NetworkConfigError": "net.peers",
+         "keygen": "net.keys", "load_keys": "net.keys", "load_peers": "net.peers",
          "DiscoClient": "net.network", "serve": "net.network", "run_processes": "net.network"}
 
 __all__ = ["run_local", "run_bundle", "NodeExecutor", "check_inputs", "DEFAULT_TIMEOUT", "Transport", "InProcHub",

@@ -62,7 +62,7 @@ def check_arrival(header: Header, payload: np.ndarray, msg: Message, schedule_ha
     if header.dtype != msg.dtype:
         problems.append(f"dtype {header.dtype}, the schedule says {msg.dtype}")
     if len(header.shape) != len(msg.shape) or any(
-            d != expected for d, expected in zip(header.shape[1:], msg.shape[1:])) or (
+            d != expected for d, expected in zip(header.shape[1:], msg.shape[1:], strict=True)) or (
             header.shape and header.shape[0] < 1):
         problems.append(f"shape {_fmt(header.shape)}, the schedule says {_fmt(msg.shape)} ({BATCH!r}: any batch)")
     if payload.dtype.name != header.dtype or tuple(payload.shape) != tuple(header.shape):
@@ -93,7 +93,7 @@ class Transport(ABC):
     def abort(self, reason: str) -> None:
         """Tell every peer that this node failed (`reason`), so they stop instead of waiting."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (not abstract: a transport that holds nothing needs no close)
         """Release what the transport holds (sockets, ...)."""
 
     def _check_ends(self, msg: Message, sending: bool) -> None:

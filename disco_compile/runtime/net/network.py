@@ -41,7 +41,10 @@ import numpy as np
 from ...artifact.bundle import Bundle, load_bundle
 from ...errors import DiscoError, PeerFailed
 from ..executor import DEFAULT_TIMEOUT, NodeExecutor, check_inputs
-from .zmq_transport import DEFAULT_CONNECT_TIMEOUT, NetworkConfigError, ZmqTransport, keygen, load_keys, log
+from . import log
+from .keys import keygen, load_keys
+from .peers import NetworkConfigError
+from .zmq_transport import DEFAULT_CONNECT_TIMEOUT, ZmqTransport
 
 
 def _bundle(out_dir) -> Bundle:
