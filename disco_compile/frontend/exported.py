@@ -1,7 +1,7 @@
-"""Reading torch.export programs (`.pt2`): an ATen graph raised back to the module-level ops the rules know.
+"""Reading torch.export programs (`.pt2`): an ATen graph raised back to the module-level ops the op families know.
 
 torch.export writes a model as a flat graph of ATen operators whose weights are graph attributes; the
-passes read layers as modules (nn.Conv2d, nn.Linear, nn.BatchNorm2d: rules.py, selection.py, lower.py)
+passes read layers as modules (nn.Conv2d, nn.Linear, nn.BatchNorm2d: ops/, budget/selection.py, backend/lower.py)
 and everything else as torch-level functions. `to_module` functionalises the program
 (`run_decompositions({})`: in-place ops become out-of-place ones, BatchNorm becomes
 `_native_batch_norm_legit_no_training`) and rewrites each ATen call:
@@ -40,25 +40,12 @@ import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 
 from ..errors import ExportedProgramError
+from ..ops import registry
 from ..passes.raise_attention import SDPA, raise_attention
 
 aten = torch.ops.aten
 
-_FUNCTIONS: dict[object, Callable] = {
-    aten.relu.default: torch.relu, aten.sigmoid.default: torch.sigmoid, aten.tanh.default: torch.tanh,
-    aten.hardtanh.default: F.hardtanh, aten.silu.default: F.silu, aten.gelu.default: F.gelu,
-    aten.hardswish.default: F.hardswish, aten.hardsigmoid.default: F.hardsigmoid,
-    aten.leaky_relu.default: F.leaky_relu, aten.dropout.default: F.dropout,
-    aten.add.Tensor: torch.add, aten.sub.Tensor: torch.sub, aten.mul.Tensor: torch.mul, aten.div.Tensor: torch.div,
-    aten.max_pool2d.default: F.max_pool2d, aten.avg_pool2d.default: F.avg_pool2d,
-    aten.adaptive_avg_pool2d.default: F.adaptive_avg_pool2d, aten.pixel_shuffle.default: F.pixel_shuffle,
-    aten.mean.dim: torch.mean, aten.sum.dim_IntList: torch.sum, aten.cat.default: torch.cat,
-    aten.view.default: torch.reshape, aten.reshape.default: torch.reshape, aten._unsafe_view.default: torch.reshape,
-    aten.flatten.using_ints: torch.flatten, aten.permute.default: torch.permute, aten.transpose.int: torch.transpose,
-    aten.split.Tensor: torch.split, aten.split_with_sizes.default: torch.split,
-    aten.unsqueeze.default: torch.unsqueeze, aten.squeeze.dim: torch.squeeze, aten.softmax.int: torch.softmax,
-    aten.pad.default: F.pad, aten.roll.default: torch.roll,
-}
+_FUNCTIONS = registry.aten_raising()  # each op family registers the ATen calls it raises (ops/)
 _METHODS = {aten.expand.default: "expand"}
 _RESIZES = {aten.upsample_nearest2d.vec: "nearest", aten.upsample_bilinear2d.vec: "bilinear",
             aten.upsample_bicubic2d.vec: "bicubic"}

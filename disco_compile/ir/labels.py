@@ -74,6 +74,11 @@ def compress(labels: torch.Tensor) -> torch.Tensor | None:
     return labels.contiguous()
 
 
+def left_padded(labels: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Labels with size-1 dims prepended up to `ndim`, as broadcasting aligns them to a tensor of ndim dims."""
+    return labels.reshape((1,) * (ndim - labels.dim()) + tuple(labels.shape))
+
+
 def channel_dims(labels: torch.Tensor | None) -> tuple[int, ...]:
     """Dimensions along which the channel identity changes."""
     if labels is None:

@@ -12,8 +12,11 @@ that depend on q_h and k_h alone. Once the 3d channels (q_h, k_h, v_h) of every
 head live on one node, that node computes o_h with no communication: the
 in_proj and out_proj are ordinary channel-mixing layers (exchanges before them),
 and `heads_attention` is the per-head core, run by each node on the heads it
-owns (passes/expand_attention.py rewrites the module into these ops; rules.py
-ties each head's channels).
+owns (passes/expand_attention.py rewrites the module into these ops).
+
+Rule: the 3d channels (q_h, k_h, v_h) of every head are tied to one node; the output's channels are v's.
+Lowering: node j runs the core on the whole heads it owns, with q, k and v aligned to one unit order.
+nn.MultiheadAttention calls that expand_attention left opaque are replicated, with the reason.
 """
 from __future__ import annotations
 
@@ -23,6 +26,12 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..backend.program import Local, LoweringError
+from ..ir import channel_dims
+from .registry import Fallback, Family, RuleContext
+
+ATTENTION = Family("attention")
 
 
 def heads_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
@@ -60,3 +69,53 @@ def why_not_split(node: fx.Node, module: nn.MultiheadAttention) -> str | None:
         if user.target is not operator.getitem or (user.args[1] != 0 and user.users):
             return "its attention weights are used"
     return None
+
+
+def tied_heads(ctx: RuleContext) -> torch.Tensor:
+    """Head h's output channels mix v_h over tokens with weights from q_h and k_h: the 3d channels
+    (q_h, k_h, v_h) of every head are tied to one node, which then needs nothing from the others."""
+    qkv = ctx.tensor_inputs()[:3]
+    heads = ctx.arg(3, "num_heads")
+    for t, lab in qkv:
+        if lab is None or channel_dims(lab) != (t.dim() - 1,):
+            raise Fallback("query, key or value not split along its last dim alone")
+    for head in zip(*(lab.reshape(-1).chunk(heads) for _, lab in qkv), strict=True):
+        ctx.universe.tie_all(torch.cat(head))
+    return qkv[2][1]
+
+
+ATTENTION.ops(heads_attention, rule=tied_heads)
+
+
+@ATTENTION.rule(nn.MultiheadAttention)
+def multihead_attention(ctx: RuleContext) -> torch.Tensor:
+    """Reached only for calls passes/expand_attention.py left opaque: say why."""
+    why = why_not_split(ctx.node, ctx.module) or "another call of this module is not"
+    raise Fallback(f"not split by heads: {why}")
+
+
+@ATTENTION.lowers
+def lower(b, n: fx.Node, module, op) -> None:
+    """The per-head core on the heads this node owns (whole heads: tied_heads ties them), with query, key and
+    value aligned to one unit order; per-head tensors of windowed attention (relative position bias, logit
+    scale: heads along dim -3) cut to those heads."""
+    lay = b.low.layout(n)
+    held = lay.held(b.j)
+    if held.numel() == 0:
+        b.env[n.name] = Local(None, held)
+        return
+    q, k, v, heads, *rest = n.args
+    width = lay.units // heads
+    blocks = held.reshape(-1, width) if held.numel() % width == 0 else None
+    if blocks is None or bool((blocks != blocks[:, :1] + torch.arange(width)).any() | (blocks[:, 0] % width).any()):
+        raise LoweringError(f"'{n.name}': node {b.j} holds part of an attention head")
+    mine = blocks[:, 0] // width
+
+    def per_head(a):
+        node = b.value(a)
+        return b.select(node, len(b.shapes[node.name]) - 3, mine) if isinstance(node, fx.Node) else node
+    args = (*(b.aligned(a, held) for a in (q, k, v)), mine.numel(),
+            *(per_head(a) if isinstance(a, fx.Node) else a for a in rest))
+    kwargs = {key: per_head(a) if key == "logit_scale" else b.value(a) if isinstance(a, fx.Node) else a
+              for key, a in n.kwargs.items()}
+    b.hold(n, b.call(n.target, args, kwargs, shape=lay.rep_shape(held.numel()), dtype=lay.dtype), held)

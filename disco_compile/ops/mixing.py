@@ -11,13 +11,35 @@ ones) and G_ij the columns it receives from node i. A column is *needed* by j
 when some row of T_j is connected to it. Node j's MACs are
 sum_{o in T_j} |available columns of o| * kernel * output positions, and its
 weight count the same without the output positions.
+
+Rule: Conv and Linear create a new channel space (one id per output channel, recorded as a MixingLayer);
+grouped convolutions with at least as many groups as nodes tie each input group to its output group, so no
+group straddles nodes.
+Lowering, on node j (a BatchNorm right after the conv folded into W and b by backend/lower.py):
+    y[T_j] = W[T_j, local] x_local + b[T_j]          first, while messages fly
+           + sum_i (W[T_j, G_ij] * gate_ij) x_ij      as each message arrives
+Each received term's Conv carries a zero bias, so onnxruntime fuses it with the Add and a following Relu.
+Without overlap (`lower(..., overlap=False)`) the node waits for all its messages and runs one Conv over the
+concatenation [x_local | x_ij ...] with the columns [W[T_j, local] | W[T_j, G_ij] * gate_ij ...]: the same sum
+in one kernel. Grouped convs whose groups stay on one node run on the node's groups alone; others rebuild the
+group inputs with zeros where nothing was sent.
 """
 from __future__ import annotations
 
-import torch
-import torch.nn as nn
+import operator
 
-from ..ir import REPLICATED, MixingLayer
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..backend.program import Local, LoweringError
+from ..ir import REPLICATED, MixingLayer, channel_dims, fits, units_per_sample
+from .modules import PartitionedConv, PartitionedLinear
+from .registry import Fallback, Family, RuleContext
+
+MIXING = Family("mixing")
+MIXING.ops(PartitionedConv, PartitionedLinear, rule=None)  # what insert_exchanges makes of the layers below
 
 
 def _column_group(layer: MixingLayer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,3 +103,165 @@ def local_columns(in_owner: torch.Tensor | None, layer: MixingLayer, node: int) 
 
 def full_macs(layer: MixingLayer) -> int:
     return layer.out_channels * (layer.in_channels // layer.groups) * layer.kernel_numel * layer.out_positions
+
+
+def _mixing_input(ctx: RuleContext, dim: int, size: int) -> torch.Tensor | None:
+    value, labels = ctx.tensor_inputs()[0]
+    if labels is None:
+        return None
+    dims = channel_dims(labels)
+    if dims and dims != (dim % value.dim(),):
+        raise Fallback(f"input channels vary along dims {dims}, expected only dim {dim}")
+    if not fits(labels, value.shape):
+        raise Fallback("input labels do not fit the input")
+    full = list(labels.shape)
+    full[dim % value.dim()] = size
+    return labels.expand(full).contiguous()  # one label position per weight column
+
+
+def _record_mixing(ctx: RuleContext, kind: str, dim: int, in_ch: int, out_ch: int, groups: int, kernel: int,
+                   in_labels: torch.Tensor | None) -> torch.Tensor:
+    value = ctx.tensor_inputs()[0][0]
+    out = ctx.out
+    ids = ctx.universe.new_space(ctx.node.name, out_ch)
+    shape = [1] * out.dim()
+    shape[dim % out.dim()] = out_ch
+    out_labels = ids.reshape(shape)
+    out_positions = out[0].numel() // out_ch if out.dim() > 1 else 1
+    in_unit = units_per_sample(value.shape, in_labels) if in_labels is not None else value[0].numel() // in_ch
+    ctx.mixing.append(MixingLayer(
+        node=ctx.node.name, module=str(ctx.node.target), kind=kind, in_node=ctx.node.all_input_nodes[0].name,
+        in_labels=in_labels, out_labels=out_labels, in_channels=in_ch, out_channels=out_ch, groups=groups,
+        kernel_numel=kernel, out_positions=out_positions, in_unit_elems=in_unit, itemsize=out.element_size()))
+    return out_labels
+
+
+@MIXING.rule(nn.Conv1d, nn.Conv2d, nn.Conv3d, creates_channels=True)
+def conv(ctx: RuleContext) -> torch.Tensor:
+    m = ctx.module
+    in_labels = _mixing_input(ctx, 1, m.in_channels)
+    out_labels = _record_mixing(ctx, "conv", 1, m.in_channels, m.out_channels, m.groups,
+                                m.weight[0, 0].numel(), in_labels)
+    if m.groups > 1 and in_labels is not None and m.groups >= ctx.nodes:
+        # group-aligned ownership: input group g and output group g live on one node
+        for gin, gout in zip(in_labels.reshape(-1).chunk(m.groups), out_labels.reshape(-1).chunk(m.groups)):
+            ctx.universe.tie_all(torch.cat([gin, gout]))
+    return out_labels
+
+
+@MIXING.rule(nn.Linear, creates_channels=True)
+def linear(ctx: RuleContext) -> torch.Tensor:
+    m = ctx.module
+    in_labels = _mixing_input(ctx, -1, m.in_features)
+    return _record_mixing(ctx, "linear", -1, m.in_features, m.out_features, 1, 1, in_labels)
+
+
+@MIXING.lowers
+def lower(b, n: fx.Node, module, op) -> None:
+    """Node j's output rows T_j: a block sum, or a grouped conv on whole groups or with zeros for what is not sent."""
+    layer = b.low.layers[n.name]
+    out_owner = b.low.owner_of[layer.out_labels.reshape(-1)]
+    rows = (out_owner == b.j).nonzero().flatten()
+    if rows.numel() == 0:
+        b.env[n.name] = Local(None, rows)
+        return
+    module = b.low.gm.get_submodule(layer.module)
+    weight, bias = b.low.weights(layer)
+    x_node = n.all_input_nodes[0]
+    source = x_node.all_input_nodes[0] if layer.exchange is not None else x_node
+    loc = b.env[x_node.name]
+    if layer.groups > 1 and layer.exchange is not None:
+        out = _grouped_with_exchange(b, n, module, layer, source, loc, weight, bias, rows)
+    elif layer.groups > 1:
+        out = _grouped_local(b, n, module, layer, source, weight[rows], None if bias is None else bias[rows], rows)
+    else:
+        out = _block_sum(b, n, module, layer, loc, weight[rows], None if bias is None else bias[rows], rows)
+    b.hold(n, out, rows)
+
+
+def _block_sum(b, n, module, layer, loc: Local, w_rows, b_rows, rows) -> fx.Node:
+    if loc.units is None:  # input held whole: every column is local
+        return _apply_weights(b, n, module, loc.node, w_rows, b_rows, rows)
+    parts = [(loc.node, w_rows[:, loc.units])] if loc.node is not None and loc.units.numel() else []
+    for msg, payload in loc.received:
+        cols = torch.tensor(msg.channels, dtype=torch.long)
+        gate = b.low.gates[layer.exchange][b.j, cols]
+        parts.append((payload, w_rows[:, cols] * gate.reshape((1, -1) + (1,) * (w_rows.dim() - 2))))
+    if not parts:
+        raise LoweringError(f"'{n.name}': node {b.j} owns output rows but holds and receives no input "
+                            f"channel at this budget")
+    if not b.low.overlap and len(parts) > 1:  # one product over [local | received] once all arrived
+        axis = b.low.layout(n.all_input_nodes[0]).axis
+        shape = list(b.shapes[parts[0][0].name])
+        shape[axis] = sum(w.shape[1] for _, w in parts)
+        x = b.call(torch.cat, ([x for x, _ in parts], axis), shape=tuple(shape))
+        return _apply_weights(b, n, module, x, torch.cat([w for _, w in parts], 1), b_rows, rows)
+    terms = []
+    for x, w in parts:
+        if not terms:
+            bias = b_rows
+        elif w.dim() > 2:  # zeros: onnxruntime fuses Conv + Add (+ Relu) only into a Conv with a bias input
+            bias = torch.zeros(w.shape[0], dtype=w.dtype)
+        else:
+            bias = None
+        terms.append(_apply_weights(b, n, module, x, w, bias, rows))
+    out = terms[0]
+    for t in terms[1:]:
+        out = b.call(operator.add, (out, t), shape=b.shapes[out.name])
+    return out
+
+
+def _apply_weights(b, n, module, x, w, bias, rows) -> fx.Node:
+    shape = b.low.layout(n).rep_shape(rows.numel())
+    wn, bn = b.const(f"{n.name}_w", w), None if bias is None else b.const(f"{n.name}_b", bias)
+    if isinstance(module, nn.Linear) or w.dim() == 2:
+        return b.call(F.linear, (x, wn, bn), shape=shape)
+    return _conv(b, module, x, wn, bn, 1, shape)
+
+
+def _conv(b, module, x, w, bias, groups, shape) -> fx.Node:
+    fn = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[len(shape)]
+    padding = module.padding
+    if module.padding_mode != "zeros":  # Conv2d and PartitionedConv both keep torch's padding tuple
+        x = b.call(F.pad, (x, module._reversed_padding_repeated_twice), {"mode": module.padding_mode})
+        padding = 0
+    return b.call(fn, (x, w, bias, module.stride, padding, module.dilation, groups), shape=shape)
+
+
+def _grouped_local(b, n, module, layer, source, w_rows, b_rows, rows) -> fx.Node:
+    per_in, per_out = layer.in_channels // layer.groups, layer.out_channels // layer.groups
+    groups = torch.unique(rows // per_out)
+    if not torch.equal(torch.sort(rows).values, (groups[:, None] * per_out + torch.arange(per_out)).flatten()):
+        raise LoweringError(f"'{n.name}': node {b.j} holds part of a group's output channels")
+    x = b.aligned(source, (groups[:, None] * per_in + torch.arange(per_in)).flatten())
+    shape = b.low.layout(n).rep_shape(rows.numel())
+    wn, bn = b.const(f"{n.name}_w", w_rows), None if b_rows is None else b.const(f"{n.name}_b", b_rows)
+    return _conv(b, module, x, wn, bn, groups.numel(), shape)
+
+
+def _grouped_with_exchange(b, n, module, layer, source, loc, weight, bias, rows) -> fx.Node:
+    """Groups split across nodes: the whole grouped conv on the input channels this node
+    holds or receives (zeros for the rest), keeping this node's rows."""
+    lay = b.low.layout(source)
+    parts, order = [], []
+    if loc.node is not None and loc.units.numel():
+        parts.append(loc.node)
+        order.append(loc.units)
+    for msg, payload in loc.received:
+        cols = torch.tensor(msg.channels, dtype=torch.long)
+        gate = b.low.gates[layer.exchange][b.j, cols].reshape((1, -1) + (1,) * (len(lay.shape) - 2))
+        parts.append(b.call(operator.mul, (payload, b.const("gate", gate)), shape=b.shapes[payload.name]))
+        order.append(cols)
+    have = torch.cat(order)
+    missing = torch.tensor(sorted(set(range(layer.in_channels)) - set(have.tolist())), dtype=torch.long)
+    if missing.numel():
+        one = b.select(parts[0], 1, torch.zeros(1, dtype=torch.long))
+        zero = b.call(torch.zeros_like, (one,), shape=b.shapes[one.name])
+        sizes = (-1, missing.numel(), *([-1] * (len(lay.shape) - 2)))
+        parts.append(b.method("expand", (zero, *sizes), lay.rep_shape(missing.numel()), lay.dtype))
+        have = torch.cat([have, missing])
+    x = b.call(torch.cat, (parts, 1), shape=lay.shape)
+    x = b.select(x, 1, torch.argsort(have))
+    full = b.low.layout(n).shape
+    wn, bn = b.const(f"{n.name}_w", weight), None if bias is None else b.const(f"{n.name}_b", bias)
+    return b.select(_conv(b, module, x, wn, bn, layer.groups, full), 1, rows)

@@ -17,8 +17,9 @@ moves tokens and never mixes channels. So, as for nn.MultiheadAttention
 that node computes o_h alone, given its heads' rows of B and t; the qkv and
 output projections are ordinary channel-mixing layers with exchanges before
 them. passes/expand_window_attention.py rewrites the models' calls into these
-ops; rules.py ties each head's channels; lower.py hands each node its heads'
-rows of the per-head tensors.
+ops; the attention family (ops/attention.py) ties each head's channels and hands each node its heads'
+rows of the per-head tensors. Window partition and reverse, and Swin's patch merging, move tokens of
+channels-last maps: in the movement family, their labels pass through along the last dim.
 """
 from __future__ import annotations
 
@@ -26,6 +27,12 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torchvision.models.swin_transformer import _patch_merging_pad
+
+from ..ir import channel_dims
+from .attention import ATTENTION, tied_heads
+from .movement import MOVEMENT
+from .registry import Fallback, RuleContext
 
 
 def window_partition(x: torch.Tensor, window: tuple[int, int], shift: tuple[int, int]) -> torch.Tensor:
@@ -95,3 +102,33 @@ def window_heads_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, nu
         attn = attn + mask.unsqueeze(1)
     out = F.softmax(attn, dim=-1) @ v
     return out.transpose(-2, -3).flatten(-2)
+
+
+@ATTENTION.rule(window_heads_attention)
+def window_attention(ctx: RuleContext) -> torch.Tensor:
+    """As `tied_heads`, for windowed attention: its per-head tensors (relative position bias, logit scale)
+    and the shift mask must be whole on every node, which then keeps its own heads' rows."""
+    if any(labels is not None for _, labels in ctx.tensor_inputs()[3:]):
+        raise Fallback("the attention's bias, mask or logit scale is split across nodes")
+    return tied_heads(ctx)
+
+
+def _channels_last(ctx: RuleContext) -> torch.Tensor:
+    value, labels = ctx.first_labelled()
+    if channel_dims(labels) not in ((), (value.dim() - 1,)):
+        raise Fallback("channels do not vary along the last dim alone")
+    return labels.reshape([1] * (ctx.out.dim() - 1) + [labels.size(-1)])
+
+
+@MOVEMENT.rule(window_partition, window_reverse)
+def windows(ctx: RuleContext) -> torch.Tensor:
+    """Tokens of a channels-last map moved into or out of windows: channel labels pass through."""
+    return _channels_last(ctx)
+
+
+@MOVEMENT.rule(_patch_merging_pad)
+def patch_merging(ctx: RuleContext) -> torch.Tensor:
+    """Swin's 2x2 patch merging: four strided token subsets side by side along channels, each with the
+    input's channel labels (relayout would run the op's zero padding on labels)."""
+    labels = _channels_last(ctx)
+    return torch.cat([labels] * 4, -1)

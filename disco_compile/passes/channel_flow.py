@@ -1,5 +1,5 @@
 """Channel-flow analysis: run the traced graph on the example inputs and label
-every tensor's channels (see ir.py), applying the op-rule registry (rules.py).
+every tensor's channels (see ir/labels.py), applying each op's channel rule (ops/registry.py).
 
 This is ShapeProp plus channel labels: each node gets `meta['tensor_meta']`
 and `meta['disco'] = Placement(labels)`. Ties between channels are collected
@@ -17,7 +17,7 @@ import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils import _pytree as pytree
 
-from ..ops import rules
+from ..ops import registry
 from ..errors import ExampleInputError
 from ..ir import ChannelUniverse, MixingLayer, Placement, ReplicatedOp, StatExchange
 
@@ -76,18 +76,18 @@ class _ChannelFlowInterpreter(ShapeProp):
             return None
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         label_args, label_kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: self.labels.get(a))
-        ctx = rules.RuleContext(n, module, args, kwargs, label_args, label_kwargs, result, self.universe,
+        ctx = registry.RuleContext(n, module, args, kwargs, label_args, label_kwargs, result, self.universe,
                                 self.nodes, self.mixing, self.stats)
-        if all(l is None for _, l in ctx.tensor_inputs()) and not rules.is_mixing(module):
+        op = registry.lookup(n, module)
+        if all(lab is None for _, lab in ctx.tensor_inputs()) and not (op and op.data.get("creates_channels")):
             return None  # computed whole on every node from replicated data
-        rule = rules.lookup(n, module)
-        if rule is None:
-            self.replicated.append(rules.replicated(ctx, "no channel rule for this op"))
+        if op is None or op.rule is None:
+            self.replicated.append(registry.replicated(ctx, "no channel rule for this op"))
             return None
         try:
-            return rule(ctx)
-        except rules.Fallback as why:
-            self.replicated.append(rules.replicated(ctx, str(why)))
+            return op.rule(ctx)
+        except registry.Fallback as why:
+            self.replicated.append(registry.replicated(ctx, str(why)))
             return None
 
 

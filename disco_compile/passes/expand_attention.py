@@ -11,7 +11,7 @@ dropped). The module at the attention's path becomes a plain container of
 in_proj and out_proj, so its packed parameters are named in_proj.weight and
 in_proj.bias (the same tensors as in_proj_weight and in_proj_bias). A module
 called from several places is expanded only if every call can be; the others
-stay opaque and are replicated, with the reason in the report (rules.py).
+stay opaque and are replicated, with the reason in the report (ops/attention.py).
 It runs right after tracing; the channel-flow analysis then gives every node,
 new ones included, its meta.
 """

@@ -1,0 +1,68 @@
+"""Pooling and resizing: max, average, adaptive and LP pooling, upsampling and interpolation. Each output
+channel is computed from the same input channel alone, so the rule is channelwise's (labels pass through).
+
+Lowering: the op on node j's local tensor. Adaptive average pooling between sizes that do not divide (which
+torch.onnx cannot export) becomes two matrix products, Y = R X C^T, where row i of R (and of C) averages
+inputs floor(i*in/out) .. ceil((i+1)*in/out) - 1 as adaptive pooling does.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..backend.program import Local
+from .channelwise import keeps_layout, run_local
+from .registry import Family
+
+POOLING = Family("pooling")
+aten = torch.ops.aten
+
+POOLING.ops(
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    nn.LPPool2d, nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.interpolate, F.upsample,
+    rule=keeps_layout,
+    aten={aten.max_pool2d.default: F.max_pool2d, aten.avg_pool2d.default: F.avg_pool2d,
+          aten.adaptive_avg_pool2d.default: F.adaptive_avg_pool2d})
+
+
+def adaptive_pool_matrix(size_in: int, size_out: int, dtype: torch.dtype) -> torch.Tensor:
+    """(size_out, size_in): row i averages inputs floor(i*in/out) .. ceil((i+1)*in/out) - 1."""
+    m = torch.zeros(size_out, size_in, dtype=dtype)
+    for i in range(size_out):
+        start, end = (i * size_in) // size_out, -((-(i + 1) * size_in) // size_out)
+        m[i, start:end] = 1.0 / (end - start)
+    return m
+
+
+def pool_by_matrices(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Adaptive average pooling of (..., H, W) as rows @ x @ cols^T."""
+    return rows @ x @ cols.transpose(0, 1)
+
+
+def _uneven_adaptive_avg_pool2d(n: fx.Node, module, in_shape, out_shape) -> bool:
+    if not (isinstance(module, nn.AdaptiveAvgPool2d) or n.target is F.adaptive_avg_pool2d):
+        return False
+    return len(in_shape) == 4 and any(i % o for i, o in zip(in_shape[-2:], out_shape[-2:], strict=True))
+
+
+@POOLING.lowers
+def lower(b, n: fx.Node, module, op) -> None:
+    loc = b.env[n.all_input_nodes[0].name]
+    if loc.node is None:
+        b.env[n.name] = Local(None, loc.units)
+        return
+    lay = b.low.layout(n)
+    shape = lay.rep_shape(None if loc.units is None else loc.units.numel())
+    in_shape = b.shapes[loc.node.name]
+    if not _uneven_adaptive_avg_pool2d(n, module, in_shape, shape):
+        return run_local(b, n, module)
+    rows, cols = (b.const(f"{n.name}_pool", adaptive_pool_matrix(i, o, lay.dtype))
+                  for i, o in zip(in_shape[-2:], shape[-2:], strict=True))
+    b.hold(n, b.call(pool_by_matrices, (loc.node, rows, cols), shape=shape, dtype=lay.dtype), loc.units)

@@ -1,0 +1,27 @@
+"""Replicate: the family of every op without a rule for its input's channel layout (no rule at all, or a rule
+that fell back). Always correct: every node gathers the op's split inputs whole (each owner sends its units to
+every other node, the `gather` messages, costed in the report) and runs the op whole, so its output is held
+whole (replicated) on every node.
+"""
+from __future__ import annotations
+
+import torch.fx as fx
+
+from ..backend.program import Local, is_tensor_meta
+from .registry import Family
+
+REPLICATE = Family("replicate")
+
+
+@REPLICATE.lowers
+def lower(b, n: fx.Node, module, op) -> None:
+    for a in n.all_input_nodes:
+        if b.env[a.name].units is not None:
+            b.send_owned(a, "gather", list(range(b.low.nodes)))
+    args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: b.gathered(a, "gather")
+                                   if b.env[a.name].units is not None else b.value(a))
+    if is_tensor_meta(n.meta.get("tensor_meta")):
+        lay = b.low.layout(n)
+        b.env[n.name] = Local(b.emit(n, module, args, kwargs, lay.shape, lay.dtype))
+    else:  # several values (Tensor.max with a dim): each is taken whole by its getitem
+        b.env[n.name] = Local(b.emit(n, module, args, kwargs))
