@@ -224,7 +224,7 @@ def test_torch_tensor_input_and_repeat_runs_agree(three):
     x = inputs(2)
     first = run_local(three, torch.from_numpy(x))
     second = run_local(three, (x,))
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -617,6 +617,26 @@ def test_estimate_by_hand(two):
     assert slow.bound == pytest.approx(max(sum(seconds[0]), 32 / 1000.0))
     assert unlimited.bound == pytest.approx(max(sum(seconds[0]), seconds[1][0]))
     assert slow.waiting[1] == pytest.approx(seconds[0][0] + 0.01 + 24 * WIRE / 1000.0)
+
+
+def test_on_stage_sees_each_stage_and_run_stage_repeats_it(two):
+    """NodeExecutor's on_stage hook: called once per stage, in order, with the stage's feeds and its seconds;
+    run_stage on those feeds gives the same outputs again."""
+    bundle = load_bundle(two)
+    calls = []
+    hub = InProcHub(2)
+    executors = [NodeExecutor(bundle, k, hub.transport(k, bundle.schedule_hash), timeout=5.0,
+                              on_stage=lambda *call: calls.append(call)) for k in range(2)]
+    worker = threading.Thread(target=executors[1].run, daemon=True)
+    worker.start()
+    x = inputs(2)
+    y = executors[0].run({"x": x})["y"]
+    worker.join(5)
+    assert sorted((node, stage) for node, stage, _, _ in calls) == [(0, 0), (0, 1), (1, 0)]
+    assert all(seconds > 0 for *_, seconds in calls)
+    (feeds,) = [f for node, stage, f, _ in calls if (node, stage) == (0, 1)]
+    assert set(feeds) == {"x_lo", "h"}
+    np.testing.assert_array_equal(executors[0].run_stage(1, feeds)["y"], y)
 
 
 @pytest.mark.parametrize("text, rate", [("100mbit", 12.5e6), ("1gbit", 1.25e8), ("2.5gbit", 3.125e8),

@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import two_exchange_mlp
-from disco_compile import export, transform
+from disco_compile import Budget, export, transform
 from disco_compile.artifact.bundle import load_bundle
 from disco_compile.artifact.schedule import Message, Schedule, Stage, StageInput, StageOutput
 from disco_compile.runtime.timeline import timeline
@@ -73,7 +73,7 @@ def test_refuses_what_cannot_run():
 def exported(tmp_path_factory):
     model = two_exchange_mlp()
     dm = transform(model, 2, torch.randn(1, 4)).eval()
-    dm.set_budget(0.5)
+    dm.set_budget(Budget(0.5, allocation="uniform", align=1))
     out = tmp_path_factory.mktemp("timeline") / "out"
     export(dm, out)
     return load_bundle(out).schedule

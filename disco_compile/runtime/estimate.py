@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 from ..artifact.bundle import Bundle
 from ..artifact.schedule import Schedule
-from .timeline import timeline
 from .executor import NodeExecutor, check_inputs, run_executors
+from .timeline import timeline
 from .transport import InProcHub
 
 WIRE = 1514 / 1448  # wire bytes per payload byte of a full-size TCP segment over Ethernet
@@ -42,17 +42,6 @@ def parse_rate(text: str) -> float | None:
     return float(m.group(1)) * _UNITS[m.group(2)] / 8
 
 
-class _Recorder:
-    """A stage session that remembers the inputs of its last run."""
-
-    def __init__(self, session):
-        self.session, self.fetch, self.feeds = session, None, None
-
-    def run(self, fetch, feeds):
-        self.fetch, self.feeds = fetch, dict(feeds)
-        return self.session.run(fetch, feeds)
-
-
 def stage_times(bundle: Bundle, inputs, *, reps: int = 5, threads: int = 1,
                 progress=None) -> list[list[float]]:
     """Seconds per stage, [node][stage]: the median of `reps` timed runs of each stage on the inputs it gets
@@ -61,20 +50,21 @@ def stage_times(bundle: Bundle, inputs, *, reps: int = 5, threads: int = 1,
         raise ValueError(f"reps must be at least 1, got {reps}")
     schedule = bundle.schedule
     model_inputs = check_inputs(schedule, inputs)
+    feeds: list[list[dict]] = [[{} for _ in program] for program in schedule.programs]
+
+    def record(node: int, stage: int, stage_feeds: dict, seconds: float) -> None:
+        feeds[node][stage] = stage_feeds
+
     hub = InProcHub(schedule.nodes)
-    executors = [NodeExecutor(bundle, k, hub.transport(k, bundle.schedule_hash), threads=threads)
+    executors = [NodeExecutor(bundle, k, hub.transport(k, bundle.schedule_hash), threads=threads, on_stage=record)
                  for k in range(schedule.nodes)]
-    recorders = []
-    for ex in executors:
-        ex.sessions = [_Recorder(s) for s in ex.sessions]
-        recorders.append(ex.sessions)
     run_executors(executors, hub, model_inputs)
-    times = [[[] for _ in node] for node in recorders]
+    times = [[[] for _ in node] for node in feeds]
     for rep in range(reps + 1):
-        for k, node in enumerate(recorders):
-            for i, r in enumerate(node):
+        for k, executor in enumerate(executors):
+            for i, stage_feeds in enumerate(feeds[k]):
                 t0 = time.perf_counter()
-                r.session.run(r.fetch, r.feeds)
+                executor.run_stage(i, stage_feeds)
                 if rep:
                     times[k][i].append(time.perf_counter() - t0)
         if progress is not None:

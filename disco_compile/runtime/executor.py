@@ -8,6 +8,9 @@ returns, carried values are dropped after their last use, and node 0 returns
 the model outputs. Every array produced for a message or model output is
 checked against the schedule before it leaves the stage. When a node fails it
 tells its peers through the transport, so they stop instead of waiting.
+`session_options` makes the onnxruntime options of those sessions; an
+`on_stage` hook sees each stage's inputs and time (runtime/estimate.py times
+stages with it).
 
 `run_local` runs every node in a thread of this process with an InProcTransport:
 the same messages, headers and checks as a run across machines.
@@ -19,14 +22,14 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import onnxruntime as ort
 
 from ..artifact.bundle import Bundle, load_bundle
 from ..errors import BundleError, InputMismatch, MessageError, NodeFailure, PeerFailed, StageFailure
-from ..artifact.schedule import BATCH, Schedule, Stage
+from ..artifact.schedule import BATCH, Schedule, Stage, TensorSpec
 from .transport import InProcHub, Transport
 
 DEFAULT_TIMEOUT = 10.0  # seconds a node waits for one message
@@ -51,21 +54,9 @@ def check_inputs(schedule: Schedule, inputs) -> dict[str, np.ndarray]:
     batch (the same in all inputs). `inputs`: one array or tensor, a sequence of them in the model's input order,
     or a mapping from input name."""
     specs = schedule.inputs
-    names = ", ".join(repr(t.name) for t in specs)
-    if isinstance(inputs, Mapping):
-        missing = [t.name for t in specs if t.name not in inputs]
-        unknown = [name for name in inputs if name not in {t.name for t in specs}]
-        if missing or unknown:
-            raise InputMismatch(f"the model's inputs are {names}; missing: {missing}, unknown: {unknown}")
-        given = [inputs[t.name] for t in specs]
-    elif isinstance(inputs, Sequence) and not isinstance(inputs, (str, bytes)):
-        given = list(inputs)
-    else:
-        given = [inputs]
-    if len(given) != len(specs):
-        raise InputMismatch(f"the model takes {len(specs)} input(s) ({names}), {len(given)} given")
+    given = _in_order(specs, inputs)
     arrays, batch = {}, None
-    for spec, value in zip(specs, given):
+    for spec, value in zip(specs, given, strict=True):
         what = f"input {spec.name!r}"
         a = _as_array(value, what)
         if a.dtype.name != spec.dtype:
@@ -82,6 +73,24 @@ def check_inputs(schedule: Schedule, inputs) -> dict[str, np.ndarray]:
     return arrays
 
 
+def _in_order(specs: list[TensorSpec], inputs) -> list:
+    """`inputs` (one value, a sequence, or a mapping from input name) as a list in the order of `specs`."""
+    names = ", ".join(repr(t.name) for t in specs)
+    if isinstance(inputs, Mapping):
+        missing = [t.name for t in specs if t.name not in inputs]
+        unknown = [name for name in inputs if name not in {t.name for t in specs}]
+        if missing or unknown:
+            raise InputMismatch(f"the model's inputs are {names}; missing: {missing}, unknown: {unknown}")
+        given = [inputs[t.name] for t in specs]
+    elif isinstance(inputs, Sequence) and not isinstance(inputs, (str, bytes)):
+        given = list(inputs)
+    else:
+        given = [inputs]
+    if len(given) != len(specs):
+        raise InputMismatch(f"the model takes {len(specs)} input(s) ({names}), {len(given)} given")
+    return given
+
+
 _ARENA_LOCK = threading.Lock()
 _ARENA_REGISTERED = False
 
@@ -96,41 +105,56 @@ def _register_shared_arena() -> None:
             _ARENA_REGISTERED = True
 
 
+def session_options(threads: int = 1, *, shared_arena: bool = True) -> ort.SessionOptions:
+    """The onnxruntime options of NodeExecutor's sessions: `threads` intra-op threads, one inter-op thread,
+    sequential execution, default graph optimisations, fatal log messages only (a failing stage raises
+    StageFailure with the same text). `shared_arena`: the session draws on one CPU arena registered for the
+    process (on first use) instead of an arena of its own."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 4
+    if shared_arena:
+        # one CPU arena for every stage session of the process, not one each: measured on ResNet-50 N=2
+        # (docs/performance.md) a node's peak memory falls from 0.61 to 0.29 of the whole model's
+        _register_shared_arena()
+        options.add_session_config_entry("session.use_env_allocators", "1")
+    return options
+
+
+# on_stage(node, stage index, the stage's inputs by graph input name, seconds the stage took)
+StageHook = Callable[[int, int, dict[str, np.ndarray], float], None]
+
+
 class NodeExecutor:
     """Runs node `node`'s stages of `bundle`, exchanging messages through `transport`.
 
     `threads`: onnxruntime intra-op threads per session; `timeout`: seconds to
-    wait for each message before PeerTimeout.
+    wait for each message before PeerTimeout. `on_stage`, if given, is called
+    after each stage of a `run` with the node, the stage's index, the arrays it
+    was fed (by graph input name) and the seconds the stage took; `run_stage`
+    runs a stage again on such feeds.
     """
 
     def __init__(self, bundle: Bundle, node: int, transport: Transport, *, threads: int = 1,
-                 timeout: float = DEFAULT_TIMEOUT):
+                 timeout: float = DEFAULT_TIMEOUT, on_stage: StageHook | None = None):
         if not 0 <= node < bundle.schedule.nodes:
             raise ValueError(f"node {node}: the export has nodes 0..{bundle.schedule.nodes - 1}")
         if threads < 1 or not timeout > 0:
             raise ValueError(f"threads must be at least 1 and timeout above 0, got threads={threads}, "
                              f"timeout={timeout}")
         self.bundle, self.node, self.transport, self.timeout = bundle, node, transport, timeout
+        self.on_stage = on_stage
         schedule = bundle.schedule
         self._stages = schedule.programs[node]
         self._messages = {m.id: m for m in schedule.messages}
         self._outputs = {t.name: t for t in schedule.outputs}
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.log_severity_level = 4  # fatal only: a failing stage raises StageFailure with the same text
-        # one CPU arena for every stage session of the process, not one each: measured on ResNet-50 N=2
-        # (docs/performance.md) a node's peak memory falls from 0.61 to 0.29 of the whole model's
-        _register_shared_arena()
-        options.add_session_config_entry("session.use_env_allocators", "1")
+        options = session_options(threads)
         self.sessions = [self._session(stage, options) for stage in self._stages]  # one per stage, in order
         # graph outputs to fetch per stage (one graph output may serve several roles)
         self._fetch = [list(dict.fromkeys(o.name for o in stage.outputs)) for stage in self._stages]
-        # carried values to drop after each stage: after their last use, or at once if never used
-        last_use = {o.ref: stage.index for stage in self._stages for o in stage.outputs if o.role == "carried"}
-        last_use |= {i.ref: stage.index for stage in self._stages for i in stage.inputs if i.source == "carried"}
-        self._drop_after = [[ref for ref, last in last_use.items() if last == stage.index] for stage in self._stages]
+        self._drop_after = _drop_after(self._stages)
 
     def _where(self, stage: Stage) -> str:
         return f"node {self.node} stage {stage.index} ({stage.file})"
@@ -165,46 +189,67 @@ class NodeExecutor:
             self.transport.abort(f"{type(exc).__name__}: {exc}")
             raise
 
+    def run_stage(self, index: int, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run stage `index` of this node alone on `feeds` (graph input name -> array); its graph outputs by
+        name. Receives, sends and checks nothing: `run` does that around it."""
+        fetch = self._fetch[index]
+        try:
+            values = self.sessions[index].run(fetch, feeds)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise StageFailure(f"{self._where(self._stages[index])}: onnxruntime failed: {exc}") from exc
+        return dict(zip(fetch, values, strict=True))
+
     def _run(self, model_inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
         batch = next((a.shape[0] for a in model_inputs.values()), None)
         carried: dict[str, np.ndarray] = {}
         model_outputs: dict[str, np.ndarray] = {}
-        for stage, session, fetch, drop in zip(self._stages, self.sessions, self._fetch, self._drop_after):
-            feeds = {}
-            for inp in stage.inputs:
-                if inp.source == "model_input":
-                    feeds[inp.name] = model_inputs[inp.ref]
-                elif inp.source == "carried":
-                    feeds[inp.name] = carried[inp.ref]
-                else:
-                    msg = self._messages[inp.ref]
-                    payload = self.transport.recv(msg, self.timeout)
-                    if batch is not None and payload.shape[0] != batch:
-                        raise MessageError(f"message {msg.id!r} from node {msg.src}: batch {payload.shape[0]}, "
-                                           f"but this run's batch is {batch}")
-                    batch = payload.shape[0]
-                    feeds[inp.name] = payload
-            try:
-                values = dict(zip(fetch, session.run(fetch, feeds)))
-            except Exception as exc:  # onnxruntime raises its own exception types
-                raise StageFailure(f"{self._where(stage)}: onnxruntime failed: {exc}") from exc
-            # messages first: the peers are waiting for them
-            for out in sorted(stage.outputs, key=lambda o: o.role != "message"):
-                value = values[out.name]
-                if out.role == "message":
-                    msg = self._messages[out.ref]
-                    self._check_produced(stage, out.name, value, f"message {msg.id!r}", msg.dtype, msg.shape, batch)
-                    self.transport.send(msg, value)
-                elif out.role == "carried":
-                    carried[out.ref] = value
-                else:
-                    spec = self._outputs[out.ref]
-                    self._check_produced(stage, out.name, value, f"model output {spec.name!r}", spec.dtype,
-                                         spec.shape, batch)
-                    model_outputs[out.ref] = value
+        for index, (stage, drop) in enumerate(zip(self._stages, self._drop_after, strict=True)):
+            feeds, batch = self._feeds(stage, model_inputs, carried, batch)
+            start = time.perf_counter()
+            values = self.run_stage(index, feeds)
+            seconds = time.perf_counter() - start
+            self._hand_out(stage, values, carried, model_outputs, batch)
+            if self.on_stage is not None:
+                self.on_stage(self.node, index, feeds, seconds)
             for ref in drop:
                 carried.pop(ref, None)
         return model_outputs if self.node == 0 else None
+
+    def _feeds(self, stage: Stage, model_inputs: dict[str, np.ndarray], carried: dict[str, np.ndarray],
+               batch: int | None) -> tuple[dict[str, np.ndarray], int | None]:
+        """The inputs of `stage` by graph input name (waiting for its messages), and the run's batch size."""
+        feeds = {}
+        for inp in stage.inputs:
+            if inp.source == "model_input":
+                feeds[inp.name] = model_inputs[inp.ref]
+            elif inp.source == "carried":
+                feeds[inp.name] = carried[inp.ref]
+            else:
+                msg = self._messages[inp.ref]
+                payload = self.transport.recv(msg, self.timeout)
+                if batch is not None and payload.shape[0] != batch:
+                    raise MessageError(f"message {msg.id!r} from node {msg.src}: batch {payload.shape[0]}, "
+                                       f"but this run's batch is {batch}")
+                batch = payload.shape[0]
+                feeds[inp.name] = payload
+        return feeds, batch
+
+    def _hand_out(self, stage: Stage, values: dict[str, np.ndarray], carried: dict[str, np.ndarray],
+                  model_outputs: dict[str, np.ndarray], batch: int | None) -> None:
+        """Send, carry or return each output of `stage`, messages first: the peers are waiting for them."""
+        for out in sorted(stage.outputs, key=lambda o: o.role != "message"):
+            value = values[out.name]
+            if out.role == "message":
+                msg = self._messages[out.ref]
+                self._check_produced(stage, out.name, value, f"message {msg.id!r}", msg.dtype, msg.shape, batch)
+                self.transport.send(msg, value)
+            elif out.role == "carried":
+                carried[out.ref] = value
+            else:
+                spec = self._outputs[out.ref]
+                self._check_produced(stage, out.name, value, f"model output {spec.name!r}", spec.dtype,
+                                     spec.shape, batch)
+                model_outputs[out.ref] = value
 
     def _check_produced(self, stage: Stage, name: str, value: np.ndarray, what: str, dtype: str, shape: list,
                         batch: int | None) -> None:
@@ -215,6 +260,13 @@ class NodeExecutor:
             raise BundleError(f"{self._where(stage)}: graph output {name!r} for {what} is {value.dtype.name} "
                               f"{_fmt(value.shape)}, but {dtype} {expected} is expected; the stage graph and "
                               f"schedule.json disagree: re-export")
+
+
+def _drop_after(stages: list[Stage]) -> list[list[str]]:
+    """The carried values to drop after each stage: after their last use, or at once if never used."""
+    last_use = {o.ref: stage.index for stage in stages for o in stage.outputs if o.role == "carried"}
+    last_use |= {i.ref: stage.index for stage in stages for i in stage.inputs if i.source == "carried"}
+    return [[ref for ref, last in last_use.items() if last == stage.index] for stage in stages]
 
 
 def run_local(out_dir: str | os.PathLike, inputs, *, timeout: float = DEFAULT_TIMEOUT,
@@ -259,14 +311,7 @@ def run_executors(executors: list[NodeExecutor], hub: InProcHub, model_inputs: d
     for t in threads_:
         t.start()
     try:
-        give_up = None
-        while any(t.is_alive() for t in threads_):
-            for t in threads_:
-                t.join(0.02)
-            if failures and give_up is None:
-                give_up = time.monotonic() + timeout + _STOP_GRACE
-            if give_up is not None and time.monotonic() > give_up:
-                break
+        _wait(threads_, failures, timeout)
     except BaseException:
         hub.abort(None, "the caller was interrupted")
         raise
@@ -278,3 +323,15 @@ def run_executors(executors: list[NodeExecutor], hub: InProcHub, model_inputs: d
         raise NodeFailure(f"node {node} failed: {cause}{note}", node) from cause
     outputs = results[0]
     return [outputs[t.name] for t in schedule.outputs]
+
+
+def _wait(threads: list[threading.Thread], failures: list, timeout: float) -> None:
+    """Until every thread has ended, or until `timeout` + _STOP_GRACE seconds after the first of `failures`."""
+    give_up = None
+    while any(t.is_alive() for t in threads):
+        for t in threads:
+            t.join(0.02)
+        if failures and give_up is None:
+            give_up = time.monotonic() + timeout + _STOP_GRACE
+        if give_up is not None and time.monotonic() > give_up:
+            return

@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..artifact.schedule import Schedule
+from ..artifact.schedule import Message, Schedule
 
 
 @dataclass(frozen=True)
@@ -49,40 +49,63 @@ def timeline(schedule: Schedule, stage_seconds: Sequence[Sequence[float]], *, ra
                          f"{[len(p) for p in programs]}")
     if rate is not None and not rate > 0:
         raise ValueError(f"rate must be above 0 bytes per second, got {rate}")
-    messages = {m.id: m for m in schedule.messages}
-    sent_by = {}  # (node, stage) -> its messages, in output order
-    for m in schedule.messages:
-        sent_by.setdefault((m.src, m.src_stage), []).append(m)
-    stage_end, arrival, link_free, link_busy = {}, {}, {}, {}
-    waiting = [0.0] * len(programs)
-    nxt = [0] * len(programs)
-    while any(nxt[k] < len(p) for k, p in enumerate(programs)):
-        progressed = False
-        for k, program in enumerate(programs):
-            while nxt[k] < len(program):
-                i = nxt[k]
-                reads = [inp.ref for inp in program[i].inputs if inp.source == "message"]
-                if any(ref not in arrival for ref in reads):
-                    break  # a message it needs is not laid out yet: another node first
-                ready = stage_end.get((k, i - 1), 0.0)
-                start = max([ready] + [arrival[ref] for ref in reads])
-                waiting[k] += start - ready
-                stage_end[(k, i)] = end = start + stage_seconds[k][i]
-                for m in sent_by.get((k, i), []):
-                    link = (m.src, m.dst)
-                    on_wire = 0.0 if rate is None else m.bytes * batch * wire / rate
-                    leaves = max(end, link_free.get(link, 0.0)) + on_wire
-                    link_free[link] = leaves
-                    link_busy[link] = link_busy.get(link, 0.0) + on_wire
-                    arrival[m.id] = leaves + latency
-                nxt[k] += 1
-                progressed = True
-        if not progressed:
-            stuck = {k: nxt[k] for k in range(len(programs)) if nxt[k] < len(programs[k])}
+    layout = _Layout(schedule, stage_seconds, rate, latency, wire, batch)
+    while any(layout.next[k] < len(p) for k, p in enumerate(programs)):
+        progressed = [layout.advance(k) for k in range(len(programs))]
+        if not any(progressed):
+            stuck = {k: layout.next[k] for k in range(len(programs)) if layout.next[k] < len(programs[k])}
             raise ValueError(f"the schedule cannot run: nodes {stuck} (node: stage) each wait for a message "
                              f"that no stage before them produces")
-    missing = [ref for ref in messages if ref not in arrival]
+    missing = [ref for ref in dict.fromkeys(m.id for m in schedule.messages) if ref not in layout.arrival]
     if missing:
         raise ValueError(f"messages {missing} are produced by no stage of the schedule")
-    return Timeline(latency=max(stage_end.values(), default=0.0), stage_end=stage_end, arrival=arrival,
-                    waiting=waiting, link_busy=link_busy)
+    return Timeline(latency=max(layout.stage_end.values(), default=0.0), stage_end=layout.stage_end,
+                    arrival=layout.arrival, waiting=layout.waiting, link_busy=layout.link_busy)
+
+
+class _Layout:
+    """The stages and messages laid out so far (module docstring): `next[k]`, node k's first stage not laid
+    out yet; when each stage ends and each message arrives; when each link is free again and how long it has
+    carried data; how long each node has waited."""
+
+    def __init__(self, schedule: Schedule, stage_seconds: Sequence[Sequence[float]], rate: float | None,
+                 latency: float, wire: float, batch: int):
+        self.programs, self.stage_seconds = schedule.programs, stage_seconds
+        self.rate, self.latency, self.wire, self.batch = rate, latency, wire, batch
+        self.sent_by: dict[tuple[int, int], list[Message]] = {}  # (node, stage) -> its messages, in output order
+        for m in schedule.messages:
+            self.sent_by.setdefault((m.src, m.src_stage), []).append(m)
+        self.next = [0] * len(self.programs)
+        self.stage_end: dict[tuple[int, int], float] = {}
+        self.arrival: dict[str, float] = {}
+        self.link_free: dict[tuple[int, int], float] = {}
+        self.link_busy: dict[tuple[int, int], float] = {}
+        self.waiting = [0.0] * len(self.programs)
+
+    def advance(self, k: int) -> bool:
+        """Lay out node k's next stages up to one that reads a message not laid out yet; whether any were."""
+        program = self.programs[k]
+        progressed = False
+        while self.next[k] < len(program):
+            i = self.next[k]
+            reads = [inp.ref for inp in program[i].inputs if inp.source == "message"]
+            if any(ref not in self.arrival for ref in reads):
+                break  # a message it needs is not laid out yet: another node first
+            ready = self.stage_end.get((k, i - 1), 0.0)
+            start = max([ready] + [self.arrival[ref] for ref in reads])
+            self.waiting[k] += start - ready
+            self.stage_end[(k, i)] = end = start + self.stage_seconds[k][i]
+            for m in self.sent_by.get((k, i), []):
+                self._send(m, end)
+            self.next[k] += 1
+            progressed = True
+        return progressed
+
+    def _send(self, m: Message, ready: float) -> None:
+        """Lay out message `m`, produced at time `ready`, on its link."""
+        link = (m.src, m.dst)
+        on_wire = 0.0 if self.rate is None else m.bytes * self.batch * self.wire / self.rate
+        leaves = max(ready, self.link_free.get(link, 0.0)) + on_wire
+        self.link_free[link] = leaves
+        self.link_busy[link] = self.link_busy.get(link, 0.0) + on_wire
+        self.arrival[m.id] = leaves + self.latency
