@@ -36,11 +36,11 @@ from pathlib import Path
 import torch
 
 from disco_compile.budget import tasks
-from disco_compile import transform
+from disco_compile import Budget, transform
 from disco_compile.budget.data import loader
 from disco_compile.budget.distill import Loss
 from disco_compile.budget.finetuning import evaluate, evaluate_bundle, exchange_ratio, finetune
-from disco_compile.budget.selection import ALLOCATIONS
+from disco_compile.budget.budget import ALLOCATIONS
 
 import _perfdoc
 
@@ -73,8 +73,9 @@ def one_run(job: tuple) -> dict:
     model = torch.load(model_path, weights_only=False)
     dm = transform(model, nodes, task.example)
     t0 = time.perf_counter()
-    res = finetune(dm, loader(task.train, batch, True, seed), budget=rho, steps=ARGS.steps, method=method,
-                   allocation=allocation, lr=ARGS.lr, loss=loss, seed=seed, progress=False)
+    res = finetune(dm, loader(task.train, batch, True, seed),
+                   budget=Budget(rho, allocation, align=1, compute_weight=0.0), steps=ARGS.steps, method=method,
+                   lr=ARGS.lr, loss=loss, seed=seed, progress=False)
     return {"task": name, "nodes": nodes, "rho": rho, "method": method, "allocation": allocation, "seed": seed,
             "metric": test_metric(dm, task), "exchange_ratio": res.exchange_ratio, "seconds": time.perf_counter() - t0}
 
@@ -97,7 +98,7 @@ def one_shot(name: str, model) -> list[dict]:
     rows = []
     for nodes, rho in itertools.product(ARGS.nodes, ARGS.rhos):
         dm = transform(model, nodes, task.example)
-        dm.set_budget(rho)
+        dm.set_budget(Budget(rho, allocation="uniform", align=1))
         rows.append({"task": name, "nodes": nodes, "rho": rho, "metric": test_metric(dm.eval(), task),
                      "exchange_ratio": exchange_ratio(dm)})
     return rows
@@ -108,8 +109,8 @@ def export_check(name: str, model) -> dict:
     from disco_compile import export
     task, _, loss, batch = build_task(name)
     dm = transform(model, 2, task.example)
-    finetune(dm, loader(task.train, batch, True, 0), budget=0.2, steps=ARGS.steps, lr=ARGS.lr, loss=loss,
-             progress=False)
+    finetune(dm, loader(task.train, batch, True, 0), budget=Budget(0.2, align=1, compute_weight=0.0), steps=ARGS.steps,
+             lr=ARGS.lr, loss=loss, progress=False)
     with tempfile.TemporaryDirectory() as tmp:
         export(dm, Path(tmp) / "shards")
         onnx_metric = evaluate_bundle(Path(tmp) / "shards", loader(task.test, 256, False, 0))[1]

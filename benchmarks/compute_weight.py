@@ -33,7 +33,7 @@ import torchvision
 from torch.utils.data import TensorDataset
 
 from disco_compile.budget import tasks
-from disco_compile import transform
+from disco_compile import Budget, transform
 from disco_compile.budget.data import loader
 from disco_compile.budget.finetuning import evaluate, finetune
 
@@ -82,15 +82,15 @@ def main() -> None:
     rows = []
     for w in weights:
         dm = transform(model, 2, task.example)
-        dm.set_budget(args.budget, "global", align=8, compute_weight=w)
+        dm.set_budget(Budget(args.budget, "global", align=8, compute_weight=w))
         cost = dm.cost()
         row = {"w": w, "macs": max(cost.macs_per_node) / cost.original_macs, "ratio": cost.exchange_ratio,
                "sending": sum(bool(ex.keep[ex.remote].any()) for ex in dm.exchanges.values()),
                "exchanges": len(dm.exchanges), "one_shot": evaluate(dm, test)[1], "tuned": []}
         for seed in range(args.seeds):
             dm = transform(model, 2, task.example)
-            finetune(dm, loader(task.train, 64, shuffle=True, seed=seed), budget=args.budget, steps=args.steps,
-                     align=8, compute_weight=w, seed=seed, progress=False)
+            finetune(dm, loader(task.train, 64, shuffle=True, seed=seed),
+                     budget=Budget(args.budget, align=8, compute_weight=w), steps=args.steps, seed=seed, progress=False)
             row["tuned"].append(evaluate(dm, test)[1])
             print(f"W={w:g} seed {seed}: {row['tuned'][-1]:.1f} % ({time.perf_counter() - t_start:.0f} s)", flush=True)
         rows.append(row)
@@ -100,9 +100,9 @@ def main() -> None:
              f"{(time.perf_counter() - t_start) / 60:.0f} min.  ",
              f"Original: torchvision {args.arch} (10 classes) trained {args.original_steps} steps on the digits "
              f"resized to {SIDE}x{SIDE} (3 channels): **{original:.1f} %** test accuracy (300 images). Each row: "
-             f"`set_budget({args.budget:g}, \"global\", align=8, compute_weight=W)` for the one-shot column and "
-             f"`finetune(..., budget={args.budget:g}, steps={args.steps}, align=8, compute_weight=W)` (learned "
-             f"scores) for the fine-tuned one, {args.seeds} seeds (mean, then each).", "",
+             f"`set_budget(Budget({args.budget:g}, \"global\", align=8, compute_weight=W))` for the one-shot column "
+             f"and `finetune(..., budget=Budget({args.budget:g}, align=8, compute_weight=W), steps={args.steps})` "
+             f"(learned scores) for the fine-tuned one, {args.seeds} seeds (mean, then each).", "",
              "| compute weight W | MACs, busier node / model | exchange ratio | exchanges sending | one-shot % | "
              "fine-tuned % |", "|---|---|---|---|---|---|"]
     for r in rows:

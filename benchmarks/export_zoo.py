@@ -27,7 +27,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 import _perfdoc
-from disco_compile import DiscoError, run_local, transform
+from disco_compile import Budget, DiscoError, run_local, transform
 from disco_compile.frontend import zoo
 from disco_compile.backend.exporter import export
 from zoo import SIZES
@@ -59,7 +59,7 @@ def row(name: str, size: int, configs) -> list[str]:
     cells = []
     for nodes, rho in configs:
         dm = transform(model, nodes, x).eval()
-        dm.set_budget(rho)
+        dm.set_budget(Budget(rho, allocation="uniform", align=1))
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
             try:

@@ -22,12 +22,12 @@ Workloads (ResNet-50, 1x3x224x224, zoo.build("resnet50", 224), N=2):
   whole   the original model exported with torch.onnx.export(dynamo=False, opset 17), timed with
           onnxruntime (1 thread) inside namespace 1, no network;
   dense   transform(model, 2, x) (rho=1), export;
-  disco   the same after set_budget(0.2, "global", align=8) (disco-compile --budget 0.2, whose
-          defaults are --allocation global --align 8), export;
-  disco_uniform   with set_budget(0.2, "uniform", align=8) instead (--allocation uniform: every
+  disco   the same after set_budget(Budget(0.2, "global", align=8, compute_weight=0)) (disco-compile
+          --budget 0.2 --compute-weight 0: its defaults are --allocation global --align 8), export;
+  disco_uniform   with Budget(0.2, "uniform", align=8) instead (--allocation uniform: every
           exchange cut by the budget, so every layer exchanges; global leaves out the exchanges whose
           channels rank low);
-  disco_cw   with set_budget(0.2, "global", align=8, compute_weight=0.1) (--compute-weight 0.1: the
+  disco_cw   with Budget(0.2, "global", align=8, compute_weight=0.1) (--compute-weight 0.1: the
           same bytes, channels ranked by score per (bytes + 0.1 x the MACs they cost their destination));
   dense_no_overlap, disco_no_overlap, disco_uniform_no_overlap, disco_cw_no_overlap   the same exported with
           overlap=False (disco-compile --no-overlap: a node waits for a layer's messages, then runs
@@ -120,7 +120,7 @@ def prepare(work: Path) -> None:
         return
     import numpy as np
     import torch
-    from disco_compile import transform
+    from disco_compile import Budget, transform
     from disco_compile.backend.exporter import export
     from disco_compile.frontend.zoo import build
     work.mkdir(parents=True, exist_ok=True)
@@ -133,7 +133,7 @@ def prepare(work: Path) -> None:
     t = time.time()
     for wl in missing:
         budget, overlap, allocation, weight = EXPORTS[wl]
-        dm.set_budget(budget, allocation, align=8, compute_weight=weight)
+        dm.set_budget(Budget(budget, allocation, align=8, compute_weight=weight))
         export(dm, work / wl, force=True, overlap=overlap)  # align 8: disco-compile's default
     print(f"exported {', '.join(missing)} in {time.time() - t:.0f} s", flush=True)
 

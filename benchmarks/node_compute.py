@@ -9,9 +9,11 @@ overlap (yes/no) x (align 1 global, align 8 uniform, align 8 global, align 8 glo
 weights 0.004 and 0.1), are also exported and their slowest node timed in the same passes (the export
 options table).
 
-Every onnxruntime session: intra_op_num_threads=1, inter_op_num_threads=1, ORT_SEQUENTIAL,
-CPUExecutionProvider, default graph optimisations, as NodeExecutor(threads=1); stage sessions draw on
-one CPU arena registered for the process, as NodeExecutor's do.
+Every onnxruntime session takes the runtime's options, as NodeExecutor(threads=1) (session_options in
+disco_compile/runtime/executor.py: intra_op_num_threads=1, inter_op_num_threads=1, ORT_SEQUENTIAL,
+default graph optimisations; stage sessions draw on one CPU arena registered for the process), and the
+CPUExecutionProvider. The memory processes (5.) import only numpy and onnxruntime, so they build the
+same options themselves; the timing process stops if those differ from the runtime's.
 
 1. Node time / whole-model time. Every stage's inputs are captured by running all stages once
    in schedule order (messages and carried values kept in dicts; the result is checked against
@@ -57,6 +59,8 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -69,30 +73,45 @@ GOAL_OVERHEAD = 0.05
 ALLOCS = ("shared", "arena", "none")  # memory children: one shared arena (NodeExecutor), one per session, none
 
 
-# ================================================================ children (numpy + onnxruntime only)
+# ================================================================ children (no torch; memory: numpy + onnxruntime only)
 
-def _register_shared_arena(ort) -> None:
-    """One arena allocator for the process, as NodeExecutor registers it (sessions opt in with `shared`)."""
-    info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-    ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
+_COMPARED_OPTIONS = ("intra_op_num_threads", "inter_op_num_threads", "execution_mode", "graph_optimization_level",
+                     "enable_cpu_mem_arena")
+_ENV_ALLOCATORS = "session.use_env_allocators"
 
 
-def _ort_options(ort, *, optimise: bool = True, arena: bool = True, shared: bool = False,
-                 profile: str | None = None):
+def _mem_options(ort, alloc: str):
+    """The memory children's session options with allocator `alloc` (ALLOCS). Those processes import only
+    numpy and onnxruntime, so they cannot call the runtime's session_options; the timing child checks that
+    these are the same (`_check_mem_options`)."""
     o = ort.SessionOptions()
     o.intra_op_num_threads = 1
     o.inter_op_num_threads = 1
     o.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     o.log_severity_level = 3
-    o.enable_cpu_mem_arena = arena
-    if shared:
-        o.add_session_config_entry("session.use_env_allocators", "1")
-    if not optimise:
-        o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    if profile is not None:
-        o.enable_profiling = True
-        o.profile_file_prefix = profile
+    o.enable_cpu_mem_arena = alloc != "none"
+    if alloc == "shared":
+        o.add_session_config_entry(_ENV_ALLOCATORS, "1")
     return o
+
+
+def _option_values(o) -> dict[str, str | None]:
+    try:
+        env = o.get_session_config_entry(_ENV_ALLOCATORS)
+    except RuntimeError:  # not set
+        env = None
+    return {name: str(getattr(o, name)) for name in _COMPARED_OPTIONS} | {_ENV_ALLOCATORS: env}
+
+
+def _check_mem_options(ort, session_options) -> None:
+    """Stop if the memory children's options differ from the runtime's (`session_options` of
+    disco_compile.runtime.executor): with one shared arena as NodeExecutor, and with an arena per session."""
+    for alloc, shared in (("shared", True), ("arena", False)):
+        ours = _option_values(_mem_options(ort, alloc))
+        runtime = _option_values(session_options(1, shared_arena=shared))
+        if ours != runtime:
+            raise RuntimeError(f"the memory children's session options ({alloc}) are {ours}, NodeExecutor's "
+                               f"{runtime}: make _mem_options build the runtime's")
 
 
 def _fetch(stage) -> list[str]:
@@ -121,7 +140,7 @@ def _capture(schedule, sessions, x):
                     for i in stage["inputs"]}
             feeds[k][nxt[k]] = feed
             fetch = _fetch(stage)
-            values = dict(zip(fetch, sessions[k][nxt[k]].run(fetch, feed)))
+            values = dict(zip(fetch, sessions[k][nxt[k]].run(fetch, feed), strict=True))
             for o in stage["outputs"]:
                 {"message": messages, "carried": carried[k], "model_output": outputs}[o["role"]][o["ref"]] = \
                     values[o["name"]]
@@ -136,149 +155,183 @@ def child_time(args) -> None:
     import numpy as np
     import onnxruntime as ort
 
-    work = Path(args.work)
-    bundle = work / "bundle"
-    schedule = json.loads((bundle / "schedule.json").read_text())
-    programs = schedule["programs"]
-    nodes = len(programs)
-    prov = ["CPUExecutionProvider"]
-    _register_shared_arena(ort)
-    opts = _ort_options(ort)
-    node_opts = _ort_options(ort, shared=True)
-    sessions = [[ort.InferenceSession(str(bundle / st["file"]), node_opts, providers=prov) for st in p]
-                for p in programs]
-    fetches = [[_fetch(st) for st in p] for p in programs]
-    mock_opts = _ort_options(ort, optimise=False, shared=True)
-    mocks = [[ort.InferenceSession(str(work / "mock" / st["file"]), mock_opts, providers=prov) for st in p]
-             for p in programs]
-    mock_fetches = [[[o.name for o in s.get_outputs()] for s in p] for p in mocks]
-    tinies = [[ort.InferenceSession(str(work / "tiny" / st["file"]), mock_opts, providers=prov) for st in p]
-              for p in programs]
-    merged = [ort.InferenceSession(str(work / f"merged{k}.onnx"), opts, providers=prov) for k in range(nodes)]
-    # diagnostic: the same stage sessions with an arena each (onnxruntime's default)
-    own = [[ort.InferenceSession(str(bundle / st["file"]), opts, providers=prov) for st in p] for p in programs]
-    whole = ort.InferenceSession(str(work / "whole.onnx"), opts, providers=prov)
-    whole_in = whole.get_inputs()[0].name
-    trivial = ort.InferenceSession(str(work / "trivial.onnx"), mock_opts, providers=prov)
-    tiny = {"a": np.zeros((1,), np.float32)}
-    x = np.load(work / "x.npy")
+    from disco_compile.runtime.executor import session_options  # torch-free; the memory children do without
 
-    feeds, messages, outputs = _capture(schedule, sessions, x)
-    variants = json.loads((work / "variants.json").read_text())
-    var_runs = []  # per variant, per node: (sessions, fetches, feeds) of its stages, as run_seq takes them
-    for v in variants:
-        vs = json.loads((work / v["dir"] / "schedule.json").read_text())
-        v_sessions = [[ort.InferenceSession(str(work / v["dir"] / st["file"]), node_opts, providers=prov) for st in p]
-                      for p in vs["programs"]]
-        v_feeds, _, _ = _capture(vs, v_sessions, x)
-        var_runs.append([(v_sessions[k], [_fetch(st) for st in p], v_feeds[k]) for k, p in enumerate(vs["programs"])])
-    (work / "msgs").mkdir(exist_ok=True)
-    for mid, payload in messages.items():
-        np.save(work / "msgs" / f"{mid}.npy", payload)
-    out_name = schedule["outputs"][0]["name"]
-    y_whole = whole.run(None, {whole_in: x})[0]
-    check = {"bundle_vs_torch_disco": float(np.abs(outputs[out_name] - np.load(work / "ref_disco.npy")).max()),
-             "whole_onnx_vs_torch": float(np.abs(y_whole - np.load(work / "ref_whole.npy")).max()),
-             "ref_scale": float(np.abs(y_whole).max())}
-    known = {**messages, **outputs, schedule["inputs"][0]["name"]: x}
-    merged_feeds = [{i.name: known[i.name] for i in m.get_inputs()} for m in merged]
-    check["merged_vs_stages"] = max(float(np.abs(v - known[o.name]).max())
-                                    for m, f in zip(merged, merged_feeds)
-                                    for o, v in zip(m.get_outputs(), m.run(None, f)))
+    _check_mem_options(ort, session_options)
+    timed = _Timed(ort, session_options, Path(args.work))
+    check = timed.capture()
+    times = timed.time_passes(args.warmup, args.reps)
+    profiles = timed.profiles(args.profile_reps)
+    print(json.dumps({"times": times, "check": check, "profiles": profiles, "ort": ort.__version__,
+                      "numpy": np.__version__}))
 
-    def run_seq(ss, fs, feeds_k):
-        t0 = time.perf_counter()
-        inner = 0.0
-        for s, f, feed in zip(ss, fs, feeds_k):
-            a = time.perf_counter()
-            s.run(f, feed)
-            inner += time.perf_counter() - a
-        return time.perf_counter() - t0, inner
 
-    def run_one(s, feed):
-        t0 = time.perf_counter()
-        s.run(None, feed)
-        return time.perf_counter() - t0
+def _run_seq(sessions, fetches, feeds) -> tuple[float, float]:
+    """Seconds to run `sessions` in turn, and the seconds inside their session.run calls."""
+    t0 = time.perf_counter()
+    inner = 0.0
+    for s, f, feed in zip(sessions, fetches, feeds, strict=True):
+        a = time.perf_counter()
+        s.run(f, feed)
+        inner += time.perf_counter() - a
+    return time.perf_counter() - t0, inner
 
-    def run_trivial(calls=200):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            trivial.run(["b"], tiny)
-        return (time.perf_counter() - t0) / calls
 
-    targets = (["whole"] + [f"node{k}" for k in range(nodes)] + [f"merged{k}" for k in range(nodes)]
-               + [f"own{k}" for k in range(nodes)] + [f"mock{k}" for k in range(nodes)] + ["trivial"]
-               + [f"tiny{k}" for k in range(nodes)]
-               + [f"var{i}_{k}" for i in range(len(variants)) for k in range(nodes)])
-    times = defaultdict(list)
-    for rep in range(args.warmup + args.reps):
-        order = targets[rep % len(targets):] + targets[:rep % len(targets)]
-        row = {}
-        for t in order:
-            if t == "whole":
-                row[t] = run_one(whole, {whole_in: x})
-            elif t == "trivial":
-                row[t] = run_trivial()
-            elif t.startswith("merged"):
-                k = int(t[6:])
-                row[t] = run_one(merged[k], merged_feeds[k])
-            elif t.startswith("node"):
-                k = int(t[4:])
-                row[t], row[f"calls{k}"] = run_seq(sessions[k], fetches[k], feeds[k])
-            elif t.startswith("var"):
-                i, k = map(int, t[3:].split("_"))
-                row[t], _ = run_seq(*var_runs[i][k])
-            elif t.startswith("tiny"):
-                k = int(t[4:])
-                row[t], _ = run_seq(tinies[k], mock_fetches[k], feeds[k])
-            elif t.startswith("own"):
-                k = int(t[3:])
-                row[t], _ = run_seq(own[k], fetches[k], feeds[k])
-            else:
-                k = int(t[4:])
-                row[t], _ = run_seq(mocks[k], mock_fetches[k], feeds[k])
-        if rep < args.warmup:
-            continue
-        for t, v in row.items():
-            times[t].append(v)
-        for k in range(nodes):  # per pass, so a slow spell on the machine hits both sides of a ratio
+def _run_one(session, feed) -> tuple[float, None]:
+    t0 = time.perf_counter()
+    session.run(None, feed)
+    return time.perf_counter() - t0, None
+
+
+def _run_trivial(session, feed, calls: int = 200) -> tuple[float, None]:
+    """Seconds per call of the one-element Identity graph, over `calls` calls."""
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        session.run(["b"], feed)
+    return (time.perf_counter() - t0) / calls, None
+
+
+class _Timed:
+    """The timing child's sessions (all with the runtime's `session_options`, as NodeExecutor(threads=1), but
+    for the diagnostics' differences), the inputs captured for each, the timing passes and the profiles."""
+
+    def __init__(self, ort, session_options, work: Path):
+        import numpy as np
+
+        self.ort, self.options, self.work = ort, session_options, work
+        bundle = work / "bundle"
+        self.schedule = json.loads((bundle / "schedule.json").read_text())
+        programs = self.schedule["programs"]
+        opts = session_options(1, shared_arena=False)
+        self.node_opts = session_options(1)
+        mock_opts = session_options(1)
+        mock_opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        self.sessions = [[self._load(bundle / st["file"], self.node_opts) for st in p] for p in programs]
+        self.fetches = [[_fetch(st) for st in p] for p in programs]
+        self.mocks = [[self._load(work / "mock" / st["file"], mock_opts) for st in p] for p in programs]
+        self.mock_fetches = [[[o.name for o in s.get_outputs()] for s in p] for p in self.mocks]
+        self.tinies = [[self._load(work / "tiny" / st["file"], mock_opts) for st in p] for p in programs]
+        self.merged = [self._load(work / f"merged{k}.onnx", opts) for k in range(len(programs))]
+        # diagnostic: the same stage sessions with an arena each (onnxruntime's default)
+        self.own = [[self._load(bundle / st["file"], opts) for st in p] for p in programs]
+        self.whole = self._load(work / "whole.onnx", opts)
+        self.trivial = self._load(work / "trivial.onnx", mock_opts)
+        self.tiny = {"a": np.zeros((1,), np.float32)}
+        self.x = np.load(work / "x.npy")
+        self.whole_feed = {self.whole.get_inputs()[0].name: self.x}
+
+    def _load(self, path: Path, options):
+        return self.ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def capture(self) -> dict[str, float]:
+        """Capture every stage's inputs (and each export option's), save the messages for the memory children;
+        the checks: outputs against torch and the merged graphs against the stages (max abs differences)."""
+        import numpy as np
+
+        work, schedule, x = self.work, self.schedule, self.x
+        self.feeds, messages, outputs = _capture(schedule, self.sessions, x)
+        self.variants = json.loads((work / "variants.json").read_text())
+        self.var_runs = [self._variant_run(v["dir"]) for v in self.variants]
+        (work / "msgs").mkdir(exist_ok=True)
+        for mid, payload in messages.items():
+            np.save(work / "msgs" / f"{mid}.npy", payload)
+        out_name = schedule["outputs"][0]["name"]
+        y_whole = self.whole.run(None, self.whole_feed)[0]
+        check = {"bundle_vs_torch_disco": float(np.abs(outputs[out_name] - np.load(work / "ref_disco.npy")).max()),
+                 "whole_onnx_vs_torch": float(np.abs(y_whole - np.load(work / "ref_whole.npy")).max()),
+                 "ref_scale": float(np.abs(y_whole).max())}
+        known = {**messages, **outputs, schedule["inputs"][0]["name"]: x}
+        self.merged_feeds = [{i.name: known[i.name] for i in m.get_inputs()} for m in self.merged]
+        check["merged_vs_stages"] = max(float(np.abs(v - known[o.name]).max())
+                                        for m, f in zip(self.merged, self.merged_feeds, strict=True)
+                                        for o, v in zip(m.get_outputs(), m.run(None, f), strict=True))
+        return check
+
+    def _variant_run(self, folder: str) -> list[tuple]:
+        """Per node of one export option: (sessions, fetches, feeds) of its stages, as _run_seq takes them."""
+        vs = json.loads((self.work / folder / "schedule.json").read_text())
+        sessions = [[self._load(self.work / folder / st["file"], self.node_opts) for st in p] for p in vs["programs"]]
+        feeds, _, _ = _capture(vs, sessions, self.x)
+        return [(sessions[k], [_fetch(st) for st in p], feeds[k]) for k, p in enumerate(vs["programs"])]
+
+    def _targets(self) -> dict:
+        """Every timed target, in the passes' base order: name -> a call that runs it once and returns
+        (seconds, seconds inside session.run or None)."""
+        nodes, feeds = range(len(self.sessions)), self.feeds
+        runs = {"whole": partial(_run_one, self.whole, self.whole_feed)}
+        runs |= {f"node{k}": partial(_run_seq, self.sessions[k], self.fetches[k], feeds[k]) for k in nodes}
+        runs |= {f"merged{k}": partial(_run_one, self.merged[k], self.merged_feeds[k]) for k in nodes}
+        runs |= {f"own{k}": partial(_run_seq, self.own[k], self.fetches[k], feeds[k]) for k in nodes}
+        runs |= {f"mock{k}": partial(_run_seq, self.mocks[k], self.mock_fetches[k], feeds[k]) for k in nodes}
+        runs["trivial"] = partial(_run_trivial, self.trivial, self.tiny)
+        runs |= {f"tiny{k}": partial(_run_seq, self.tinies[k], self.mock_fetches[k], feeds[k]) for k in nodes}
+        runs |= {f"var{i}_{k}": partial(_run_seq, *run) for i, var in enumerate(self.var_runs)
+                 for k, run in enumerate(var)}
+        return runs
+
+    def time_passes(self, warmup: int, reps: int) -> dict[str, list[float]]:
+        """`warmup` + `reps` passes over every target, in rotating order; per timed pass each target's seconds
+        (node k's seconds inside session.run as calls{k}) and the ratios taken within the pass."""
+        runs = self._targets()
+        targets = list(runs)
+        times = defaultdict(list)
+        for rep in range(warmup + reps):
+            order = targets[rep % len(targets):] + targets[:rep % len(targets)]
+            row = {}
+            for t in order:
+                row[t], inner = runs[t]()
+                if t.startswith("node"):
+                    row["calls" + t[4:]] = inner
+            if rep < warmup:
+                continue
+            for t, v in row.items():
+                times[t].append(v)
+            self._pass_ratios(times, row)
+        return times
+
+    def _pass_ratios(self, times: dict[str, list[float]], row: dict[str, float]) -> None:
+        """Ratios per pass, so a slow spell on the machine hits both sides of a ratio."""
+        nodes = range(len(self.sessions))
+        for k in nodes:
             times[f"ratio{k}"].append(row[f"node{k}"] / row["whole"])
             times[f"merged_ratio{k}"].append(row[f"merged{k}"] / row["whole"])
             times[f"own_ratio{k}"].append(row[f"own{k}"] / row["whole"])
             times[f"mock_share{k}"].append(row[f"mock{k}"] / row[f"node{k}"])
             times[f"tiny_share{k}"].append(row[f"tiny{k}"] / row[f"node{k}"])
             times[f"cut_share{k}"].append((row[f"node{k}"] - row[f"merged{k}"]) / row[f"node{k}"])
-        for i in range(len(variants)):
-            times[f"var_ratio{i}"].append(max(row[f"var{i}_{k}"] for k in range(nodes)) / row["whole"])
+        for i in range(len(self.variants)):
+            times[f"var_ratio{i}"].append(max(row[f"var{i}_{k}"] for k in nodes) / row["whole"])
 
-    # profiles, in fresh sessions; the first pass of each is a warm-up, skipped when reading them
-    prof = work / "prof"
-    prof.mkdir(exist_ok=True)
-    (work / "opt").mkdir(exist_ok=True)
-    profiles = {}
+    def _profiled(self, path: Path, tag: str, shared: bool = False):
+        o = self.options(1, shared_arena=shared)
+        o.enable_profiling = True
+        o.profile_file_prefix = str(self.work / "prof" / tag)
+        o.optimized_model_filepath = str(self.work / "opt" / f"{tag}.onnx")
+        return self._load(path, o)
 
-    def profiled(path: Path, tag: str, shared: bool = False):
-        o = _ort_options(ort, shared=shared, profile=str(prof / tag))
-        o.optimized_model_filepath = str(work / "opt" / f"{tag}.onnx")
-        return ort.InferenceSession(str(path), o, providers=prov)
-
-    for k in range(nodes):
-        ps = [profiled(bundle / st["file"], f"node{k}_{i:03d}", shared=True) for i, st in enumerate(programs[k])]
-        for _ in range(args.profile_reps + 1):
-            for s, f, feed in zip(ps, fetches[k], feeds[k]):
-                s.run(f, feed)
-        profiles[f"node{k}"] = [s.end_profiling() for s in ps]
-        ms = profiled(work / f"merged{k}.onnx", f"merged{k}")
-        for _ in range(args.profile_reps + 1):
-            ms.run(None, merged_feeds[k])
-        profiles[f"merged{k}"] = [ms.end_profiling()]
-    ws = profiled(work / "whole.onnx", "whole")
-    for _ in range(args.profile_reps + 1):
-        ws.run(None, {whole_in: x})
-    profiles["whole"] = [ws.end_profiling()]
-
-    print(json.dumps({"times": times, "check": check, "profiles": profiles, "ort": ort.__version__,
-                      "numpy": np.__version__}))
+    def profiles(self, reps: int) -> dict[str, list[str]]:
+        """Profile files per target from fresh sessions, `reps` passes after one warm-up pass (skipped when the
+        profiles are read)."""
+        work, programs = self.work, self.schedule["programs"]
+        (work / "prof").mkdir(exist_ok=True)
+        (work / "opt").mkdir(exist_ok=True)
+        profiles = {}
+        for k in range(len(programs)):
+            ps = [self._profiled(work / "bundle" / st["file"], f"node{k}_{i:03d}", shared=True)
+                  for i, st in enumerate(programs[k])]
+            for _ in range(reps + 1):
+                for s, f, feed in zip(ps, self.fetches[k], self.feeds[k], strict=True):
+                    s.run(f, feed)
+            profiles[f"node{k}"] = [s.end_profiling() for s in ps]
+            ms = self._profiled(work / f"merged{k}.onnx", f"merged{k}")
+            for _ in range(reps + 1):
+                ms.run(None, self.merged_feeds[k])
+            profiles[f"merged{k}"] = [ms.end_profiling()]
+        ws = self._profiled(work / "whole.onnx", "whole")
+        for _ in range(reps + 1):
+            ws.run(None, self.whole_feed)
+        profiles["whole"] = [ws.end_profiling()]
+        return profiles
 
 
 def _rss_kib(field: str) -> int:
@@ -286,6 +339,12 @@ def _rss_kib(field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     return -1
+
+
+def _register_shared_arena(ort) -> None:
+    """One arena allocator for the process, registered as the runtime's session_options registers it."""
+    info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
 
 
 def child_mem(args) -> None:
@@ -297,7 +356,7 @@ def child_mem(args) -> None:
     bundle = work / "bundle"
     if args.alloc == "shared":  # one arena for all of this process's sessions
         _register_shared_arena(ort)
-    opts = _ort_options(ort, arena=args.alloc != "none", shared=args.alloc == "shared")
+    opts = _mem_options(ort, args.alloc)
     prov = ["CPUExecutionProvider"]
     target = args.target
     loaded = {}
@@ -319,7 +378,7 @@ def child_mem(args) -> None:
         for _ in range(2):
             model_inputs = {schedule["inputs"][0]["name"]: np.load(work / "x.npy")} if k == 0 else {}
             carried = {}
-            for st, s in zip(stages, sessions):
+            for st, s in zip(stages, sessions, strict=True):
                 feed = {}
                 for i in st["inputs"]:
                     if i["source"] == "model_input":
@@ -329,7 +388,7 @@ def child_mem(args) -> None:
                     else:
                         feed[i["name"]] = np.load(work / "msgs" / f"{i['ref']}.npy")
                 fetch = _fetch(st)
-                values = dict(zip(fetch, s.run(fetch, feed)))
+                values = dict(zip(fetch, s.run(fetch, feed), strict=True))
                 for o in st["outputs"]:
                     if o["role"] == "carried":
                         carried[o["ref"]] = values[o["name"]]
@@ -445,7 +504,7 @@ def prepare(work: Path, args) -> dict:
     import numpy as np
     import torch
 
-    from disco_compile import transform
+    from disco_compile import Budget, transform
     from disco_compile.frontend import zoo
     from disco_compile.backend.exporter import export
     model, x = zoo.build(args.model, size=args.size)
@@ -454,7 +513,7 @@ def prepare(work: Path, args) -> dict:
     variants = []
     for overlap in (True, False):  # the export options side by side (the variants table)
         for align, allocation, weight in VARIANTS:
-            dm.set_budget(args.budget, allocation, align=align, compute_weight=weight)
+            dm.set_budget(Budget(args.budget, allocation, align, weight))
             name = f"variants/{overlap}_{align}_{allocation}_{weight:g}"
             export(dm, work / name, overlap=overlap)
             vs = json.loads((work / name / "schedule.json").read_text())
@@ -464,7 +523,7 @@ def prepare(work: Path, args) -> dict:
                              "messages": len(vs["messages"]), "exchange_ratio": cost.exchange_ratio,
                              "macs": max(cost.macs_per_node) / cost.original_macs})
     (work / "variants.json").write_text(json.dumps(variants))
-    dm.set_budget(args.budget, args.allocation, align=args.align, compute_weight=args.compute_weight)
+    dm.set_budget(Budget(args.budget, args.allocation, args.align, args.compute_weight))
     cost = dm.cost()
     export(dm, work / "bundle", overlap=args.overlap)
     with warnings.catch_warnings():
@@ -610,7 +669,7 @@ def main() -> None:
         return child_mem(args)
 
     if args.compute_weight is None:  # here, not at parsing: the children must not import torch
-        from disco_compile.budget.selection import default_compute_weight
+        from disco_compile.budget.budget import default_compute_weight
         args.compute_weight = default_compute_weight(args.allocation)
     cmd = _perfdoc.command()
     if args.keep:
@@ -641,27 +700,79 @@ def _child(work: Path, *extra: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@dataclass
+class _Memory:
+    """Peak memory of the memory children, MB by (target, allocator), medians over --mem-reps processes."""
+    targets: list[str]  # "bare" (the imports alone), "whole", then "node{k}"
+    peak: dict[tuple[str, str], float]  # VmHWM
+    after_load: dict[tuple[str, str], float]  # VmRSS after loading the graphs, before running them
+    py_alone: float  # the interpreter before importing numpy and onnxruntime
+    heavy: list[str]  # modules that should not have been loaded, but were
+
+    def ratio(self, k: int, alloc: str) -> float:
+        """Node k's peak over the whole model's, both above the imports-only process."""
+        bare = self.peak[("bare", alloc)]
+        return (self.peak[(f"node{k}", alloc)] - bare) / (self.peak[("whole", alloc)] - bare)
+
+
+@dataclass
+class _Figures:
+    """What the report is made of: the arguments, what prepare and the timing child returned, the medians of the
+    timed figures (`t`), the profiles by op kind, the memory figures and the load averages."""
+    args: argparse.Namespace
+    cmd: str
+    prep: dict
+    res: dict
+    t: dict[str, float]
+    prof: dict
+    mem: _Memory
+    load_start: str
+    load_end: str
+
+    @property
+    def node_ids(self) -> range:
+        return range(self.args.nodes)
+
+    @property
+    def mac_ratio(self) -> list[float]:
+        return [m / self.prep["original_macs"] for m in self.prep["macs_per_node"]]
+
+    @property
+    def slowest(self) -> int:
+        return max(self.node_ids, key=lambda k: self.t[f"ratio{k}"])
+
+
 def run(args, work: Path, cmd: str) -> None:
+    """Export, time, profile and measure memory, then print the report and rewrite the docs section."""
     load_start = _perfdoc.load()
+    prep, res, prof = _measure_compute(args, work)
+    mem = _measure_memory(args, work)
+    t = {name: _perfdoc.median(v) for name, v in res["times"].items()}
+    fig = _Figures(args, cmd, prep, res, t, prof, mem, load_start, _perfdoc.load())
+    sections = (_intro, _summary, _compute_table, _options_table, _compute_goal, _overhead_table, _profile_table,
+                _weights_table, _memory_table)
+    lines = [line for section in sections for line in section(fig)]
+    _perfdoc.publish("node_compute", "\n".join(lines), write=not args.no_write)
+
+
+def _measure_compute(args, work: Path) -> tuple[dict, dict, dict]:
+    """Export (`prepare`), time every target in the timing child and read its profiles: (prep, res, prof)."""
     print("exporting ...", flush=True)
     prep = prepare(work, args)
-    nodes = args.nodes
-    node_ids = range(nodes)
     schedule = json.loads((work / "bundle" / "schedule.json").read_text())
     print(f"exported: {prep['stages']} stages, {prep['messages']} messages; timing ...", flush=True)
     res = _child(work, "--child", "time", "--reps", str(args.reps), "--warmup", str(args.warmup),
                  "--profile-reps", str(args.profile_reps))
-    med = _perfdoc.median
-    times = res["times"]
-    t = {name: med(v) for name, v in times.items()}
-    mac_ratio = [m / prep["original_macs"] for m in prep["macs_per_node"]]
-    slowest = max(node_ids, key=lambda k: t[f"ratio{k}"])
     print("reading the profiles ...", flush=True)
-    prof = analyse_profiles(work, res["profiles"], schedule, args.profile_reps)
+    return prep, res, analyse_profiles(work, res["profiles"], schedule, args.profile_reps)
 
+
+def _measure_memory(args, work: Path) -> _Memory:
+    """--mem-reps memory children per target and allocator, interleaved."""
+    med = _perfdoc.median
     print("memory ...", flush=True)
     mem = defaultdict(list)
-    targets = ["bare", "whole"] + [f"node{k}" for k in node_ids]
+    targets = ["bare", "whole"] + [f"node{k}" for k in range(args.nodes)]
     for r in range(args.mem_reps):
         for alloc in ALLOCS:
             for target in targets[r % len(targets):] + targets[:r % len(targets)]:
@@ -671,152 +782,180 @@ def run(args, work: Path, cmd: str) -> None:
     after_load = {key: med([r["loaded_rss_kib"] for r in v]) / 1024 for key, v in mem.items()}
     py_alone = med([r["start_rss_kib"] for v in mem.values() for r in v]) / 1024
     print("peak RSS MB:", {f"{k[0]}/{k[1]}": round(v, 1) for k, v in peak.items()}, flush=True)
+    return _Memory(targets, peak, after_load, py_alone, heavy)
 
-    def mem_ratio(k: int, alloc: str) -> float:
-        bare = peak[("bare", alloc)]
-        return (peak[(f"node{k}", alloc)] - bare) / (peak[("whole", alloc)] - bare)
 
-    # ------------------------------------------------------------ report
-    load_end = _perfdoc.load()
-    w = prep["weights"]
-    chk = res["check"]
-    worst_a = max(t["trivial"] * prep["stages"][k] / t[f"node{k}"] for k in node_ids)  # per-call estimates
-    worst_b = max(t[f"mock_share{k}"] for k in node_ids)
-    worst_b2 = max(t[f"tiny_share{k}"] for k in node_ids)
-    worst_c = max(t[f"cut_share{k}"] for k in node_ids)
-    lines = [f"## Node compute: {args.model} 1x3x{args.size}x{args.size}, N={nodes}, rho={args.budget}", "",
-             f"Command: `{cmd}`  ",
-             f"Run: {_perfdoc.today()}; machine: {_perfdoc.machine()}; onnxruntime {res['ort']}, numpy "
-             f"{res['numpy']}, torch {prep['torch']} (export only); load average (1/5/15 min) {load_start} at the "
-             f"start, {load_end} at the end.  ",
-             f"Export: {sum(prep['stages'])} stage graphs ("
-             + ", ".join(f"node {k}: {n}" for k, n in enumerate(prep["stages"]))
-             + f"), {prep['messages']} messages, exchange ratio {prep['exchange_ratio']:.3f}; "
-             f"{'with' if args.overlap else 'without'} overlap, align {args.align}, {args.allocation} allocation"
-             + (f", compute weight {args.compute_weight:g}" if args.compute_weight else "") + " "
-             f"(export options: see the "
-             f"table below). Timings: median of "
-             f"{args.reps} interleaved passes after {args.warmup} warm-up passes, one thread.  ",
-             f"Checks: export output against the DISCO model in torch, max abs diff "
-             f"{chk['bundle_vs_torch_disco']:.1e}; "
-             f"whole-model ONNX against torch {chk['whole_onnx_vs_torch']:.1e} (outputs up to {chk['ref_scale']:.1f}); "
-             f"merged node graphs against the stages {chk['merged_vs_stages']:.1e}.", "",
-             "### Summary", "",
-             f"- Slowest node / whole model: **{t[f'ratio{slowest}']:.3f}** (goal at most {GOAL_RATIO:.2f}: "
-             f"{'met' if t[f'ratio{slowest}'] <= GOAL_RATIO else 'NOT met'}); its MAC share is "
-             f"{mac_ratio[slowest]:.3f}. The same node's ops merged into one graph: "
-             f"{t[f'merged_ratio{slowest}']:.3f}, so cutting them into {prep['stages'][slowest]} stages costs "
-             f"{t[f'ratio{slowest}'] - t[f'merged_ratio{slowest}']:.3f} of the whole model's time; the rest above "
-             f"the MAC share is the node's own op mix ("
-             + (f"remote convolutions on few received channels run at "
-                f"{_rate(prof, f'merged{slowest}', 'Conv, remote (input: received channels)'):.0f} GMAC/s against "
-                f"{_rate(prof, f'merged{slowest}', 'Conv, local'):.0f} for local ones, plus the Adds that join "
-                f"local and remote partial sums and " if args.overlap else
-                "the Concat of local and received channels before each convolution, and ")
-             + f"the layout conversions around them). With an arena per session "
-             f"(onnxruntime's default) instead of NodeExecutor's shared one: {t[f'own_ratio{slowest}']:.3f}.",
-             f"- Per-call overhead (b'), calling the stages with their inputs and outputs but without writing the "
-             f"output data: **{worst_b2:.1%}** of the node's time at worst (goal under {GOAL_OVERHEAD:.0%}: "
-             f"{'met' if worst_b2 < GOAL_OVERHEAD else 'NOT met'}); writing the output data too (b): {worst_b:.1%}; "
-             f"bare call cost alone {worst_a:.1%}; everything the cut costs {worst_c:.1%}.",
-             "- Weights on disk per node / whole model: "
-             + ", ".join(f"{w[f'node{k}']['total'] / w['whole']['total']:.3f}" for k in node_ids) + ".",
-             "- Peak memory per node / whole model, above the imports-only process: "
-             + ", ".join(f"{mem_ratio(k, 'shared'):.3f}" for k in node_ids) + " with one shared arena (as "
-             "NodeExecutor), " + ", ".join(f"{mem_ratio(k, 'arena'):.3f}" for k in node_ids)
-             + " with an arena per session.", "",
-             "### Compute per node against the whole model", "",
+def _intro(fig: _Figures) -> list[str]:
+    args, prep, res, chk = fig.args, fig.prep, fig.res, fig.res["check"]
+    return [f"## Node compute: {args.model} 1x3x{args.size}x{args.size}, N={args.nodes}, rho={args.budget}", "",
+            f"Command: `{fig.cmd}`  ",
+            f"Run: {_perfdoc.today()}; machine: {_perfdoc.machine()}; onnxruntime {res['ort']}, numpy "
+            f"{res['numpy']}, torch {prep['torch']} (export only); load average (1/5/15 min) {fig.load_start} at the "
+            f"start, {fig.load_end} at the end.  ",
+            f"Export: {sum(prep['stages'])} stage graphs ("
+            + ", ".join(f"node {k}: {n}" for k, n in enumerate(prep["stages"]))
+            + f"), {prep['messages']} messages, exchange ratio {prep['exchange_ratio']:.3f}; "
+            f"{'with' if args.overlap else 'without'} overlap, align {args.align}, {args.allocation} allocation"
+            + (f", compute weight {args.compute_weight:g}" if args.compute_weight else "") + " "
+            f"(export options: see the "
+            f"table below). Timings: median of "
+            f"{args.reps} interleaved passes after {args.warmup} warm-up passes, one thread.  ",
+            f"Checks: export output against the DISCO model in torch, max abs diff "
+            f"{chk['bundle_vs_torch_disco']:.1e}; "
+            f"whole-model ONNX against torch {chk['whole_onnx_vs_torch']:.1e} (outputs up to {chk['ref_scale']:.1f}); "
+            f"merged node graphs against the stages {chk['merged_vs_stages']:.1e}.", ""]
+
+
+def _summary(fig: _Figures) -> list[str]:
+    args, prep, t, prof, w = fig.args, fig.prep, fig.t, fig.prof, fig.prep["weights"]
+    slowest, mac_ratio, node_ids = fig.slowest, fig.mac_ratio, fig.node_ids
+    worst_a, worst_b, worst_b2, worst_c = _per_call_estimates(fig)
+    return ["### Summary", "",
+            f"- Slowest node / whole model: **{t[f'ratio{slowest}']:.3f}** (goal at most {GOAL_RATIO:.2f}: "
+            f"{'met' if t[f'ratio{slowest}'] <= GOAL_RATIO else 'NOT met'}); its MAC share is "
+            f"{mac_ratio[slowest]:.3f}. The same node's ops merged into one graph: "
+            f"{t[f'merged_ratio{slowest}']:.3f}, so cutting them into {prep['stages'][slowest]} stages costs "
+            f"{t[f'ratio{slowest}'] - t[f'merged_ratio{slowest}']:.3f} of the whole model's time; the rest above "
+            f"the MAC share is the node's own op mix ("
+            + (f"remote convolutions on few received channels run at "
+               f"{_rate(prof, f'merged{slowest}', 'Conv, remote (input: received channels)'):.0f} GMAC/s against "
+               f"{_rate(prof, f'merged{slowest}', 'Conv, local'):.0f} for local ones, plus the Adds that join "
+               f"local and remote partial sums and " if args.overlap else
+               "the Concat of local and received channels before each convolution, and ")
+            + f"the layout conversions around them). With an arena per session "
+            f"(onnxruntime's default) instead of NodeExecutor's shared one: {t[f'own_ratio{slowest}']:.3f}.",
+            f"- Per-call overhead (b'), calling the stages with their inputs and outputs but without writing the "
+            f"output data: **{worst_b2:.1%}** of the node's time at worst (goal under {GOAL_OVERHEAD:.0%}: "
+            f"{'met' if worst_b2 < GOAL_OVERHEAD else 'NOT met'}); writing the output data too (b): {worst_b:.1%}; "
+            f"bare call cost alone {worst_a:.1%}; everything the cut costs {worst_c:.1%}.",
+            "- Weights on disk per node / whole model: "
+            + ", ".join(f"{w[f'node{k}']['total'] / w['whole']['total']:.3f}" for k in node_ids) + ".",
+            "- Peak memory per node / whole model, above the imports-only process: "
+            + ", ".join(f"{fig.mem.ratio(k, 'shared'):.3f}" for k in node_ids) + " with one shared arena (as "
+            "NodeExecutor), " + ", ".join(f"{fig.mem.ratio(k, 'arena'):.3f}" for k in node_ids)
+            + " with an arena per session.", ""]
+
+
+def _per_call_estimates(fig: _Figures) -> tuple[float, float, float, float]:
+    """The worst node's per-call overhead by estimates (a), (b), (b') and (c), as shares of its time."""
+    t, stages, ids = fig.t, fig.prep["stages"], fig.node_ids
+    return (max(t["trivial"] * stages[k] / t[f"node{k}"] for k in ids), max(t[f"mock_share{k}"] for k in ids),
+            max(t[f"tiny_share{k}"] for k in ids), max(t[f"cut_share{k}"] for k in ids))
+
+
+def _compute_table(fig: _Figures) -> list[str]:
+    prep, t, mac_ratio = fig.prep, fig.t, fig.mac_ratio
+    lines = ["### Compute per node against the whole model", "",
              "| | time ms | / whole model | MACs / whole model (dm.cost) | time share / MAC share |",
              "|---|---|---|---|---|",
              f"| whole model (1 session) | {t['whole'] * 1e3:.1f} | 1 | 1 | |"]
-    for k in node_ids:
+    for k in fig.node_ids:
         lines.append(f"| **node {k}: its {prep['stages'][k]} stages** | {t[f'node{k}'] * 1e3:.1f} | "
                      f"**{t[f'ratio{k}']:.3f}** | {mac_ratio[k]:.3f} | {t[f'ratio{k}'] / mac_ratio[k]:.2f} |")
-    for k in node_ids:
+    for k in fig.node_ids:
         lines.append(f"| node {k}: its stages, an arena per session (diagnostic) | "
                      f"{t[f'own{k}'] * 1e3:.1f} | {t[f'own_ratio{k}']:.3f} | {mac_ratio[k]:.3f} | "
                      f"{t[f'own_ratio{k}'] / mac_ratio[k]:.2f} |")
-    for k in node_ids:
+    for k in fig.node_ids:
         lines.append(f"| node {k}: its stages merged into one graph (diagnostic) | {t[f'merged{k}'] * 1e3:.1f} | "
                      f"{t[f'merged_ratio{k}']:.3f} | {mac_ratio[k]:.3f} | {t[f'merged_ratio{k}'] / mac_ratio[k]:.2f} |")
-    lines += ["", "Export options, each exported from the same model and timed in the same passes (slowest node / "
-                  "whole model; the bold figures above are one of these rows, timed separately):", "",
-              "| overlap | align | allocation | compute weight | stages per node | messages | exchange ratio | "
-              "MACs of the busier node / whole model | slowest node / whole model |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    for i, v in enumerate(prep["variants"]):
+    return lines
+
+
+def _options_table(fig: _Figures) -> list[str]:
+    lines = ["", "Export options, each exported from the same model and timed in the same passes (slowest node / "
+                 "whole model; the bold figures above are one of these rows, timed separately):", "",
+             "| overlap | align | allocation | compute weight | stages per node | messages | exchange ratio | "
+             "MACs of the busier node / whole model | slowest node / whole model |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for i, v in enumerate(fig.prep["variants"]):
         lines.append(f"| {'yes' if v['overlap'] else 'no'} | {v['align']} | {v['allocation']} | "
                      f"{v['compute_weight']:g} | {', '.join(map(str, v['stages']))} | {v['messages']} | "
-                     f"{v['exchange_ratio']:.3f} | {v['macs']:.3f} | {t[f'var_ratio{i}']:.3f} |")
-    lines += ["", "overlap: each node computes its own channels' share of a layer while the other nodes' channels are "
-                  "in flight, then one convolution per received message and an Add; without: it waits, then runs one "
-                  "convolution over the concatenation of its own and the received channels (`export(..., "
-                  "overlap=False)`, `disco-compile --no-overlap`). align: each message's channel count is a multiple "
-                  "of it, within the budget (`set_budget(rho, align=8)`, `disco-compile --align 8`); onnxruntime's "
-                  "blocked (NCHWc) convolutions take inputs with a multiple of 8 channels on AVX2 CPUs "
-                  "(16 on AVX-512). "
-                  "allocation: uniform keeps rho of every exchange; global ranks the candidate channels over the "
-                  "whole model by weight magnitude per byte (`set_budget(rho, \"global\")`, disco-compile's "
-                  "default), so exchanges whose channels rank low send nothing and fewer layers wait for messages. "
-                  "compute weight W: the global ranking's cost is bytes + W x the MACs a channel costs its "
-                  "destination (`set_budget(rho, \"global\", compute_weight=W)`, `disco-compile --compute-weight W`; "
-                  "default 0.004; 0 ranks by bytes alone): the same bytes, channels that cost the receiver fewer MACs. "
-                  "Which channels it keeps changes the model's quality, which these timings do not measure."]
+                     f"{v['exchange_ratio']:.3f} | {v['macs']:.3f} | {fig.t[f'var_ratio{i}']:.3f} |")
+    return lines + ["", "overlap: each node computes its own channels' share of a layer while the other nodes' "
+                        "channels are in flight, then one convolution per received message and an Add; without: it "
+                        "waits, then runs one convolution over the concatenation of its own and the received channels "
+                        "(`export(..., overlap=False)`, `disco-compile --no-overlap`). align: each message's channel "
+                        "count is a "
+                        "multiple of it, within the budget (`Budget(rho, align=8)`, `disco-compile --align 8`); "
+                        "onnxruntime's blocked (NCHWc) convolutions take inputs with a multiple of 8 channels on AVX2 "
+                        "CPUs (16 on AVX-512). "
+                        "allocation: uniform keeps rho of every exchange; global ranks the candidate channels over the "
+                        "whole model by weight magnitude per byte (`Budget(rho, \"global\")`, disco-compile's "
+                        "default), so exchanges whose channels rank low send nothing and fewer layers wait for "
+                        "messages. compute weight W: the global ranking's cost is bytes + W x the MACs a channel costs "
+                        "its destination (`Budget(rho, \"global\", compute_weight=W)`, `disco-compile --compute-weight "
+                        "W`; default 0.004; 0 ranks by bytes alone): the same bytes, channels that cost the receiver "
+                        "fewer MACs. Which channels it keeps changes the model's quality, which these timings do not "
+                        "measure."]
+
+
+def _compute_goal(fig: _Figures) -> list[str]:
+    t, slowest, variants = fig.t, fig.slowest, fig.prep["variants"]
     met_ratio = t[f"ratio{slowest}"] <= GOAL_RATIO
-    lines += ["", "Ratios are medians of per-pass ratios (both sides timed in the same pass). Bold: the figure the "
-                  "goal is about (the stage graphs as exported, sessions as NodeExecutor makes them: all draw on one "
-                  "arena registered for the process, `create_and_register_allocator` + "
-                  "`session.use_env_allocators=1`). Diagnostics: \"an arena per session\" runs the same stage "
-                  "graphs with onnxruntime's default allocator, an arena each; the merged graph (built by this "
-                  "script, not by the export) has exactly the stages' "
-                  "ops with carried values as internal tensors and received messages as inputs: the node's compute "
-                  "without the cuts.", "",
-              f"**Goal: slowest node at most {GOAL_RATIO:.2f} of the whole model: "
-              f"{'met' if met_ratio else 'NOT met'}** (node {slowest}: {t[f'ratio{slowest}']:.3f}; its MAC share "
-              f"is {mac_ratio[slowest]:.3f}; merged into one graph it would be "
-              f"{t[f'merged_ratio{slowest}']:.3f}). Export options at or under it in the table above: "
-              + ("; ".join(_variant_name(v) + f" {t[f'var_ratio{i}']:.3f}" for i, v in enumerate(prep["variants"])
-                           if t[f"var_ratio{i}"] <= GOAL_RATIO) or "none") + ".", "",
-              "### Per-call overhead of the stages", "",
-              "Four estimates, each as a fraction of the node's time (medians of per-pass fractions):", "",
-              "- (a) fixed cost of a call: one `session.run` of a one-element Identity graph "
-              f"({t['trivial'] * 1e6:.1f} us) times the number of stages;",
-              "- (b) identity graphs with each stage's I/O: for every stage a graph with the same inputs (fed the "
-              "same arrays) and outputs of the same dtypes and shapes (Expand of a zero scalar, nothing folded), "
-              "timed in sequence: the cost of calling a stage, binding its inputs and materialising its outputs as "
-              "new numpy arrays, without its compute;",
-              "- (b') the same graphs with one-element outputs (same count, dtypes and rank): calling a stage, "
-              "binding its inputs and handing back its outputs, without writing the output data. A real stage "
-              "writes its outputs with its last kernel, as part of its compute (where the cut adds that writing, "
-              "a layout conversion, (c) holds it), so (b) counts that writing a second time; (b') is the per-call "
-              "overhead the goal is about;",
-              "- (c) the whole cost of the cut: stages minus the same node merged into one graph; besides (b) it "
-              "holds the NCHWc layout conversions onnxruntime adds at every stage's inputs and outputs and the "
-              "fusions a cut prevents.", "",
-              "| | node time ms | in session.run ms | (a) ms | (a) share | (b) ms | (b) share | (b') ms | (b') share "
-              "| (c) ms | (c) share |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for k in node_ids:
+    return ["", "Ratios are medians of per-pass ratios (both sides timed in the same pass). Bold: the figure the "
+                "goal is about (the stage graphs as exported, sessions as NodeExecutor makes them: all draw on one "
+                "arena registered for the process, `create_and_register_allocator` + "
+                "`session.use_env_allocators=1`). Diagnostics: \"an arena per session\" runs the same stage "
+                "graphs with onnxruntime's default allocator, an arena each; the merged graph (built by this "
+                "script, not by the export) has exactly the stages' "
+                "ops with carried values as internal tensors and received messages as inputs: the node's compute "
+                "without the cuts.", "",
+            f"**Goal: slowest node at most {GOAL_RATIO:.2f} of the whole model: "
+            f"{'met' if met_ratio else 'NOT met'}** (node {slowest}: {t[f'ratio{slowest}']:.3f}; its MAC share "
+            f"is {fig.mac_ratio[slowest]:.3f}; merged into one graph it would be "
+            f"{t[f'merged_ratio{slowest}']:.3f}). Export options at or under it in the table above: "
+            + ("; ".join(_variant_name(v) + f" {t[f'var_ratio{i}']:.3f}" for i, v in enumerate(variants)
+                         if t[f"var_ratio{i}"] <= GOAL_RATIO) or "none") + ".", ""]
+
+
+def _overhead_table(fig: _Figures) -> list[str]:
+    prep, t = fig.prep, fig.t
+    worst_a, worst_b, worst_b2, worst_c = _per_call_estimates(fig)
+    lines = ["### Per-call overhead of the stages", "",
+             "Four estimates, each as a fraction of the node's time (medians of per-pass fractions):", "",
+             "- (a) fixed cost of a call: one `session.run` of a one-element Identity graph "
+             f"({t['trivial'] * 1e6:.1f} us) times the number of stages;",
+             "- (b) identity graphs with each stage's I/O: for every stage a graph with the same inputs (fed the "
+             "same arrays) and outputs of the same dtypes and shapes (Expand of a zero scalar, nothing folded), "
+             "timed in sequence: the cost of calling a stage, binding its inputs and materialising its outputs as "
+             "new numpy arrays, without its compute;",
+             "- (b') the same graphs with one-element outputs (same count, dtypes and rank): calling a stage, "
+             "binding its inputs and handing back its outputs, without writing the output data. A real stage "
+             "writes its outputs with its last kernel, as part of its compute (where the cut adds that writing, "
+             "a layout conversion, (c) holds it), so (b) counts that writing a second time; (b') is the per-call "
+             "overhead the goal is about;",
+             "- (c) the whole cost of the cut: stages minus the same node merged into one graph; besides (b) it "
+             "holds the NCHWc layout conversions onnxruntime adds at every stage's inputs and outputs and the "
+             "fusions a cut prevents.", "",
+             "| | node time ms | in session.run ms | (a) ms | (a) share | (b) ms | (b) share | (b') ms | (b') share "
+             "| (c) ms | (c) share |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for k in fig.node_ids:
         n = prep["stages"][k]
         lines.append(f"| node {k} ({n} stages) | {t[f'node{k}'] * 1e3:.2f} | {t[f'calls{k}'] * 1e3:.2f} | "
                      f"{t['trivial'] * n * 1e3:.2f} | {t['trivial'] * n / t[f'node{k}']:.1%} | "
                      f"{t[f'mock{k}'] * 1e3:.2f} | {t[f'mock_share{k}']:.1%} | {t[f'tiny{k}'] * 1e3:.2f} | "
                      f"{t[f'tiny_share{k}']:.1%} | "
                      f"{(t[f'node{k}'] - t[f'merged{k}']) * 1e3:.2f} | {t[f'cut_share{k}']:.1%} |")
-    lines += ["", f"**Goal: per-call overhead under {GOAL_OVERHEAD:.0%} of the node's time: "
-                  f"{'met' if worst_b2 < GOAL_OVERHEAD else 'NOT met'}** by estimate (b'), worst node "
-                  f"{worst_b2:.1%}; writing the output data too, (b): {worst_b:.1%} "
-                  f"({'under' if worst_b < GOAL_OVERHEAD else 'over'} the goal); the bare call cost (a) alone is "
-                  f"{worst_a:.1%} "
-                  f"({'under' if worst_a < GOAL_OVERHEAD else 'over'} the goal), everything the cut costs (c) "
-                  f"{worst_c:.1%}.", "",
-              "### Where the time goes (onnxruntime profiler)", "",
-              f"Kernel time per pass, ms, from onnxruntime's profiler: {args.profile_reps} passes after one warm-up "
-              "pass, in sessions of their own (not those timed above). The profiler adds a little to every "
-              "kernel, so read the shares. onnxruntime fuses BatchNorm, Relu and the residual Add into Conv where "
-              "it can (the whole model has no separate Add or Relu); a FusedConv (a Conv with the Add of a partial sum "
-              "and the Relu after it, fused by onnxruntime) counts as a Conv. GMAC/s: convolution MACs / their kernel "
-              "time. Local convolutions read the node's own channels, remote ones the received channels.", ""]
+    return lines + ["", f"**Goal: per-call overhead under {GOAL_OVERHEAD:.0%} of the node's time: "
+                        f"{'met' if worst_b2 < GOAL_OVERHEAD else 'NOT met'}** by estimate (b'), worst node "
+                        f"{worst_b2:.1%}; writing the output data too, (b): {worst_b:.1%} "
+                        f"({'under' if worst_b < GOAL_OVERHEAD else 'over'} the goal); the bare call cost (a) alone is "
+                        f"{worst_a:.1%} "
+                        f"({'under' if worst_a < GOAL_OVERHEAD else 'over'} the goal), everything the cut costs (c) "
+                        f"{worst_c:.1%}.", ""]
+
+
+def _profile_table(fig: _Figures) -> list[str]:
+    prof, node_ids = fig.prof, fig.node_ids
+    lines = ["### Where the time goes (onnxruntime profiler)", "",
+             f"Kernel time per pass, ms, from onnxruntime's profiler: {fig.args.profile_reps} passes after one warm-up "
+             "pass, in sessions of their own (not those timed above). The profiler adds a little to every "
+             "kernel, so read the shares. onnxruntime fuses BatchNorm, Relu and the residual Add into Conv where "
+             "it can (the whole model has no separate Add or Relu); a FusedConv (a Conv with the Add of a partial sum "
+             "and the Relu after it, fused by onnxruntime) counts as a Conv. GMAC/s: convolution MACs / their kernel "
+             "time. Local convolutions read the node's own channels, remote ones the received channels.", ""]
     cols = ["whole"] + [f"node{k}" for k in node_ids] + [f"merged{k}" for k in node_ids]
     heads = ["whole model"] + [f"node {k} stages" for k in node_ids] + [f"node {k} merged" for k in node_ids]
     cats: list[str] = []
@@ -825,45 +964,57 @@ def run(args, work: Path, cmd: str) -> None:
             if c not in cats:
                 cats.append(c)
     lines += ["| op kind | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
-    for c in cats:
-        cells = []
-        for col in cols:
-            v = prof[col]["ms"].get(c)
-            if v is None:
-                cells.append("")
-                continue
-            cell = f"{v:.2f} ({prof[col]['count'][c]}x)"
-            if c in prof[col]["macs"] and v > 0:
-                cell += f", {prof[col]['macs'][c] / 1e6:.0f} MMAC, {prof[col]['macs'][c] / (v * 1e-3) / 1e9:.1f} GMAC/s"
-            cells.append(cell)
-        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    lines += [f"| {c} | " + " | ".join(_profile_cell(prof[col], c) for col in cols) + " |" for c in cats]
     lines.append("| all kernels | " + " | ".join(f"{prof[c]['kernels_ms']:.2f}" for c in cols) + " |")
     lines.append("| session runs (model_run events) | " + " | ".join(f"{prof[c]['model_run_ms']:.2f}" for c in cols)
                  + " |")
-    lines += ["", "### Weights on disk", "",
-              "| | initializer bytes MB | float MB | integer MB (Gather indices, shapes) | / whole model | "
-              "params / original (dm.cost) | files MB |", "|---|---|---|---|---|---|---|",
-              f"| whole model ONNX | {w['whole']['total'] / 1e6:.2f} | {w['whole']['float'] / 1e6:.2f} | "
-              f"{w['whole']['int'] / 1e6:.3f} | 1 | 1 | {w['whole']['file'] / 1e6:.2f} |"]
-    for k in node_ids:
+    return lines
+
+
+def _profile_cell(prof: dict, kind: str) -> str:
+    """One target's kernel ms per pass of op kind `kind`, its count and, for convolutions, MACs and MAC rate."""
+    v = prof["ms"].get(kind)
+    if v is None:
+        return ""
+    cell = f"{v:.2f} ({prof['count'][kind]}x)"
+    if kind in prof["macs"] and v > 0:
+        cell += f", {prof['macs'][kind] / 1e6:.0f} MMAC, {prof['macs'][kind] / (v * 1e-3) / 1e9:.1f} GMAC/s"
+    return cell
+
+
+def _weights_table(fig: _Figures) -> list[str]:
+    prep, w = fig.prep, fig.prep["weights"]
+    lines = ["", "### Weights on disk", "",
+             "| | initializer bytes MB | float MB | integer MB (Gather indices, shapes) | / whole model | "
+             "params / original (dm.cost) | files MB |", "|---|---|---|---|---|---|---|",
+             f"| whole model ONNX | {w['whole']['total'] / 1e6:.2f} | {w['whole']['float'] / 1e6:.2f} | "
+             f"{w['whole']['int'] / 1e6:.3f} | 1 | 1 | {w['whole']['file'] / 1e6:.2f} |"]
+    for k in fig.node_ids:
         wk = w[f"node{k}"]
         lines.append(f"| node {k} stages | {wk['total'] / 1e6:.2f} | {wk['float'] / 1e6:.2f} | {wk['int'] / 1e6:.3f} | "
                      f"**{wk['total'] / w['whole']['total']:.3f}** | "
                      f"{prep['params_per_node'][k] / prep['original_params']:.3f} | {wk['file'] / 1e6:.2f} |")
-    lines += ["", "### Peak memory", "",
-              f"Peak RSS (`VmHWM`) of a fresh process whose only imports beyond the standard library are numpy and "
-              f"onnxruntime ({'also loaded: ' + ', '.join(heavy) if heavy else 'checked: torch and onnx not loaded'}"
-              f"), median of {args.mem_reps} processes each. The interpreter alone, before those imports: "
-              f"{py_alone:.0f} MB. \"- imports\": minus the same process that only imports (first row). Columns by "
-              "onnxruntime CPU allocator: one arena shared by all sessions of the process (what NodeExecutor uses: "
-              "`create_and_register_allocator` + `session.use_env_allocators=1`), an arena per session "
-              "(onnxruntime's default), and no arena.", ""]
-    hdr = []
-    for alloc, label in zip(ALLOCS, ("one shared arena (NodeExecutor)", "per-session arena", "no arena")):
-        hdr += [f"{label}: peak MB", "- imports", "/ whole"]
+    return lines
+
+
+_ALLOC_LABELS = {"shared": "one shared arena (NodeExecutor)", "arena": "per-session arena", "none": "no arena"}
+
+
+def _memory_table(fig: _Figures) -> list[str]:
+    mem = fig.mem
+    heavy, peak = mem.heavy, mem.peak
+    lines = ["", "### Peak memory", "",
+             f"Peak RSS (`VmHWM`) of a fresh process whose only imports beyond the standard library are numpy and "
+             f"onnxruntime ({'also loaded: ' + ', '.join(heavy) if heavy else 'checked: torch and onnx not loaded'}"
+             f"), median of {fig.args.mem_reps} processes each. The interpreter alone, before those imports: "
+             f"{mem.py_alone:.0f} MB. \"- imports\": minus the same process that only imports (first row). Columns by "
+             "onnxruntime CPU allocator: one arena shared by all sessions of the process (what NodeExecutor uses: "
+             "`create_and_register_allocator` + `session.use_env_allocators=1`), an arena per session "
+             "(onnxruntime's default), and no arena.", ""]
+    hdr = [column for alloc in ALLOCS for column in (f"{_ALLOC_LABELS[alloc]}: peak MB", "- imports", "/ whole")]
     lines += ["| process | " + " | ".join(hdr) + " | after loading, before running, MB (shared arena) |",
               "|---" * (len(hdr) + 2) + "|"]
-    for target in targets:
+    for target in mem.targets:
         cells = []
         for alloc in ALLOCS:
             p, b = peak[(target, alloc)], peak[("bare", alloc)]
@@ -872,14 +1023,13 @@ def run(args, work: Path, cmd: str) -> None:
                       (f"**{(p - b) / base:.3f}**" if alloc == "shared" else f"{(p - b) / base:.3f}")]
         name = {"bare": "imports only (numpy + onnxruntime)", "whole": "whole model"}.get(target,
                                                                                         f"node {target[4:]} stages")
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {after_load[(target, 'shared')]:.0f} |")
-    lines += ["", "Each process loads its graphs from file bytes, as NodeExecutor does, runs them twice (node "
-                  "processes read each received message from an .npy file just before the stage that needs it, "
-                  "and drop carried values after their last use) and reports `VmHWM` from /proc/self/status. "
-                  "(Not `getrusage(RUSAGE_SELF).ru_maxrss`: on Linux a child started by fork+exec keeps the "
-                  "parent's high-water mark there, here the torch process that made the export.) No goal was set "
-                  "for memory.", ""]
-    _perfdoc.publish("node_compute", "\n".join(lines), write=not args.no_write)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {mem.after_load[(target, 'shared')]:.0f} |")
+    return lines + ["", "Each process loads its graphs from file bytes, as NodeExecutor does, runs them twice (node "
+                        "processes read each received message from an .npy file just before the stage that needs it, "
+                        "and drop carried values after their last use) and reports `VmHWM` from /proc/self/status. "
+                        "(Not `getrusage(RUSAGE_SELF).ru_maxrss`: on Linux a child started by fork+exec keeps the "
+                        "parent's high-water mark there, here the torch process that made the export.) No goal was "
+                        "set for memory.", ""]
 
 
 if __name__ == "__main__":

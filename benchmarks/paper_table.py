@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from disco_compile import transform
+from disco_compile import Budget, transform
 from disco_compile.frontend import zoo
 
 TARGETS = [  # (figure, limit, how the issue states it)
@@ -44,7 +44,7 @@ def main() -> None:
     dm = transform(model, args.nodes, x)
     rows = []
     for rho in (1.0, 0.5, 0.2, 0.1, 0.0):
-        dm.set_budget(rho)
+        dm.set_budget(Budget(rho, allocation="uniform", align=1))
         rows.append((rho, dm.cost()))
     headline = dict(rows)[0.2]
 

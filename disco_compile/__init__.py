@@ -10,25 +10,28 @@ from typing import TYPE_CHECKING
 
 from ._lazy import lazy_attributes
 from .errors import (BudgetError, BundleError, CheckpointMismatch, DataError, DiscoError, ExampleInputError,
-    ExportedProgramError, InputMismatch, MessageError, NodeFailure, PartitionError, PeerFailed, PeerTimeout,
-    StageFailure, SubmoduleError, TraceFailure, TrainingDiverged)
+                     ExportedProgramError, InputMismatch, MessageError, ModelLoadError, NodeFailure, PartitionError,
+                     PeerFailed, PeerTimeout, StageFailure, SubmoduleError, TraceFailure, TrainingDiverged)
 
 if TYPE_CHECKING:
-    from .budget.cost import CostReport
     from .backend.exporter import export
+    from .budget.budget import Budget
+    from .budget.cost import CostReport
     from .budget.finetuning import FinetuneResult, finetune
+    from .frontend.load import LoadedModel, load_model
+    from .frontend.submodule import DiscoSubmodel
     from .model import DiscoModel, transform
     from .runtime import run_local
-    from .frontend.submodule import DiscoSubmodel
 
-_LAZY = {"transform": "model", "DiscoModel": "model", "DiscoSubmodel": "frontend.submodule", "CostReport": "budget.cost",
-         "run_local": "runtime", "finetune": "budget.finetuning", "FinetuneResult": "budget.finetuning",
-         "export": "backend.exporter"}
+_LAZY = {"transform": "model", "DiscoModel": "model", "DiscoSubmodel": "frontend.submodule",
+         "CostReport": "budget.cost", "Budget": "budget.budget", "load_model": "frontend.load",
+         "LoadedModel": "frontend.load", "run_local": "runtime", "finetune": "budget.finetuning",
+         "FinetuneResult": "budget.finetuning", "export": "backend.exporter"}
 
-__all__ = ["transform", "finetune", "export", "run_local", "DiscoModel", "DiscoSubmodel", "CostReport",
-           "FinetuneResult", "DiscoError",
-           "TraceFailure", "ExampleInputError", "ExportedProgramError", "PartitionError", "BudgetError",
-           "BundleError", "InputMismatch",
+__all__ = ["transform", "load_model", "Budget", "finetune", "export", "run_local", "DiscoModel", "DiscoSubmodel",
+           "LoadedModel", "CostReport", "FinetuneResult", "DiscoError",
+           "TraceFailure", "ExampleInputError", "ExportedProgramError", "ModelLoadError", "PartitionError",
+           "BudgetError", "BundleError", "InputMismatch",
            "MessageError", "PeerTimeout", "PeerFailed", "StageFailure", "NodeFailure", "DataError",
            "CheckpointMismatch", "TrainingDiverged", "SubmoduleError"]
 

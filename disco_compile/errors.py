@@ -13,6 +13,11 @@ class SubmoduleError(DiscoError, ValueError):
     """A submodule name (transform's `submodule`) that the model does not have."""
 
 
+class ModelLoadError(DiscoError, ValueError):
+    """A model file or name that `load_model` cannot read or build: missing, unreadable, unsafe to unpickle
+    without trust, or weights that do not fit the architecture."""
+
+
 class ExportedProgramError(DiscoError, ValueError):
     """A torch.export program (.pt2) that cannot be read or raised to modules."""
 
@@ -26,7 +31,8 @@ class PartitionError(DiscoError, ValueError):
 
 
 class BudgetError(DiscoError, ValueError):
-    """A communication budget outside [0, 1]."""
+    """A communication budget (`Budget`) with a setting out of range: rho outside [0, 1], an unknown
+    allocation, an align below 1, a compute weight that is negative, not finite or given with uniform."""
 
 
 class DataError(DiscoError, ValueError):

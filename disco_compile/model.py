@@ -1,5 +1,5 @@
-"""`transform`: capture -> expand attention (multi-head, windowed) -> channel-flow analysis -> partition -> insert exchanges,
-returning a `DiscoModel`, an nn.Module that computes in one process exactly
+"""`transform`: capture -> expand attention (multi-head, windowed) -> channel-flow analysis -> partition ->
+insert exchanges, returning a `DiscoModel`, an nn.Module that computes in one process exactly
 what the N nodes compute together (see modules.py for the block equation).
 With `submodule=NAME`, only that submodule is split and the rest of the model
 runs whole on node 0 (a `DiscoSubmodel`, submodule.py).
@@ -13,6 +13,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .budget import cost, selection
+from .budget.budget import Budget
 from .frontend.capture import LeafSpec, trace
 from .errors import PartitionError
 from .frontend.exported import to_module
@@ -69,15 +70,11 @@ class DiscoModel(nn.Module):
             original_macs=plan.original_macs, original_params=plan.original_params,
             replicated_ops=list(plan.replicated))
 
-    def set_budget(self, rho: float, allocation: str = "uniform", align: int = 1,
-                   compute_weight: float = 0.0) -> None:
-        """One-shot selection at budget rho: the remote channels whose weight columns, over the
-        destination's output rows of every consumer, have the largest norm (selection.py). allocation:
-        "uniform" keeps rho of every exchange; "global" (the default of finetune and disco-compile) ranks the
-        channels over the whole model by score per cost, cost = bytes + compute_weight x the MACs the channel
-        costs its destination, so low-ranked exchanges send nothing. align: every message carries a multiple
-        of that many channels (8 suits onnxruntime on AVX2 CPUs)."""
-        selection.select(self, selection.magnitude_scores(self), rho, allocation, align, compute_weight)
+    def set_budget(self, budget: Budget | float) -> None:
+        """One-shot selection at `budget`, a Budget or a number rho meaning Budget(rho) (global allocation,
+        align 8, compute weight 0.004: disco-compile's defaults): the remote channels whose weight columns,
+        over the destination's output rows of every consumer, have the largest norm (selection.py)."""
+        selection.select(self, selection.magnitude_scores(self), budget)
 
 
 def _full_macs(gm: fx.GraphModule, node: fx.Node, batch: int) -> int:

@@ -4,9 +4,10 @@ classify_resnet50.py, vit.py, segmentation.py and detection.py each build a mode
 
 1. splits it across `nodes` with `transform` (with `submodule`, that submodule alone: the rest of the
    model runs whole on node 0);
-2. keeps a fraction `budget` of the exchanged channels with `set_budget`: a one-shot selection by
-   weight magnitude, without training, so the outputs move away from the original model's
-   (`finetune` recovers its quality: see finetune_digits.py);
+2. keeps a fraction `budget` of the exchanged channels of every link and layer with `set_budget`
+   (`Budget(budget, allocation="uniform", align=1)`): a one-shot selection by weight magnitude,
+   without training, so the outputs move away from the original model's (`finetune` recovers its
+   quality: see finetune_digits.py);
 3. prints the cost report: exchange and comm bytes with their ratio to dense, MACs and parameters
    per node;
 4. exports per-node ONNX shards to a temporary folder with `export` and runs them with onnxruntime,
@@ -27,7 +28,7 @@ import torch
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
-from disco_compile import export, transform
+from disco_compile import Budget, export, transform
 from disco_compile.frontend.submodule import BundleModule, capture_inputs, with_bundle
 
 RANDOM_WEIGHTS = ("random weights (nothing is downloaded); to split a trained model, load its weights with "
@@ -78,7 +79,7 @@ def run(name: str, model: nn.Module, example, args: argparse.Namespace,
     nodes, budget = args.nodes, args.budget
     start = time.perf_counter()
     dm = transform(model, nodes, example, submodule=submodule)
-    dm.set_budget(budget)
+    dm.set_budget(Budget(budget, allocation="uniform", align=1))
     part = f"its {submodule!r} submodule (the rest of the model on node 0)" if submodule else "it"
     print(f"transform: split {part} across {nodes} nodes, budget {budget:g} "
           f"(one-shot selection, no fine-tuning): {time.perf_counter() - start:.1f} s\n")

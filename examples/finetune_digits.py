@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from disco_compile import export, finetune, transform
+from disco_compile import Budget, export, finetune, transform
 from disco_compile.budget import tasks
 from disco_compile.budget.data import loader
 from disco_compile.budget.finetuning import evaluate, evaluate_bundle
@@ -31,12 +31,13 @@ def main() -> None:
     print(f"original model: test accuracy {evaluate(model, test)[1]:.2f} %")
 
     disco = transform(model, args.nodes, task.example)
-    disco.set_budget(args.budget)
+    disco.set_budget(Budget(args.budget, allocation="uniform", align=1))
     print(f"one-shot selection at budget {args.budget}: {evaluate(disco, test)[1]:.2f} %")
     print(disco.cost().table())
 
     disco = transform(model, args.nodes, task.example)
-    result = finetune(disco, loader(task.train, 64, shuffle=True, seed=0), budget=args.budget, steps=args.steps,
+    result = finetune(disco, loader(task.train, 64, shuffle=True, seed=0),
+                      budget=Budget(args.budget, align=1, compute_weight=0.0), steps=args.steps,
                       val_data=loader(task.val, 300, shuffle=False, seed=0))
     print(f"fine-tuned ({args.steps} steps, exchange ratio {result.exchange_ratio:.3f}): "
           f"test accuracy {evaluate(disco, test)[1]:.2f} %")

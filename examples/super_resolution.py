@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from disco_compile import export, finetune, transform
+from disco_compile import Budget, export, finetune, transform
 from disco_compile.budget import tasks
 from disco_compile.budget.data import loader
 from disco_compile.budget.distill import Loss
@@ -34,8 +34,8 @@ def main() -> None:
 
     disco = transform(model, args.nodes, task.example)
     print(disco.cost().table())
-    result = finetune(disco, loader(task.train, 32, shuffle=True, seed=0), budget=args.budget, steps=args.steps,
-                      loss=Loss(dense="l1"))
+    result = finetune(disco, loader(task.train, 32, shuffle=True, seed=0),
+                      budget=Budget(args.budget, align=1, compute_weight=0.0), steps=args.steps, loss=Loss(dense="l1"))
     print(f"fine-tuned ({args.steps} steps, exchange ratio {result.exchange_ratio:.3f}): "
           f"{evaluate(disco, test)[1]:.2f} dB")
 

@@ -54,8 +54,8 @@ def assert_split_exact(model, nodes, x, **kwargs):
 def assert_shards_match(dm, x, out_dir, rho: float, overlap: bool = True) -> None:
     """Set dm's budget to rho, export it to out_dir (with or without overlap) and check that its ONNX shards,
     run by run_local, give dm's output (verification link 3)."""
-    from disco_compile import export, run_local
-    dm.eval().set_budget(rho)
+    from disco_compile import Budget, export, run_local
+    dm.eval().set_budget(Budget(rho, allocation="uniform", align=1))
     export(dm, out_dir, overlap=overlap)
     with torch.no_grad():
         ref = dm(x)

@@ -15,7 +15,7 @@ import torchvision
 from click.testing import CliRunner
 
 from conftest import assert_close
-from disco_compile import transform
+from disco_compile import Budget, transform
 from disco_compile.frontend import zoo
 from disco_compile.cli.compile import main
 
@@ -82,7 +82,8 @@ def test_budget_json(resnet18_budget):
 
 def test_one_shot_budget_follows_allocation(tmp_path, resnet18_budget):
     """Without --data, --budget selects by weight magnitude with --allocation (default global): uniform keeps
-    rho of every exchange, as DiscoModel.set_budget(rho, "uniform") does; global ranks channels over the model."""
+    rho of every exchange, as DiscoModel.set_budget(Budget(rho, "uniform")) does; global ranks channels over the
+    model."""
     from disco_compile import transform
     _, global_report, _ = resnet18_budget
     out = tmp_path / "cost.json"
@@ -93,7 +94,7 @@ def test_one_shot_budget_follows_allocation(tmp_path, resnet18_budget):
     assert uniform_report["run"]["allocation"] == "uniform"
     model, x = zoo.build("resnet18", 64)
     dm = transform(model, 2, x)
-    dm.set_budget(0.2, "uniform", align=8)
+    dm.set_budget(Budget(0.2, "uniform", align=8))
     assert uniform_report["macs_per_node"] == dm.cost().macs_per_node
     assert global_report["macs_per_node"] != uniform_report["macs_per_node"]
 
@@ -109,9 +110,9 @@ def test_compute_weight_reaches_the_selection(tmp_path):
     assert report["run"]["compute_weight"] == 0.5
     model, x = zoo.build("resnet18", 64)
     dm = transform(model, 2, x)
-    dm.set_budget(0.2, "global", align=8, compute_weight=0.5)
+    dm.set_budget(Budget(0.2, "global", align=8, compute_weight=0.5))
     assert report["macs_per_node"] == dm.cost().macs_per_node
-    dm.set_budget(0.2, "global", align=8, compute_weight=0.0)
+    dm.set_budget(Budget(0.2, "global", align=8, compute_weight=0.0))
     assert max(report["macs_per_node"]) < max(dm.cost().macs_per_node)
     result = invoke("resnet18", "--nodes", 2, "--budget", 0.2, *SMALL, "--compute-weight", 0.5,
                     "--allocation", "uniform")
@@ -227,7 +228,7 @@ def test_exported_program_compiles_and_exports(tmp_path):
     assert "input    1x3x8x8" in result.stdout and "reading the torch.export program" in result.stderr
     x = torch.randn(1, 3, 8, 8)
     dm = transform(torch.export.load(path), 2, x).eval()
-    dm.set_budget(0.5, "global")
+    dm.set_budget(Budget(0.5, "global", align=1))  # the command's settings: --budget 0.5 --align 1
     with torch.no_grad():
         assert_close(torch.from_numpy(run_local(out, [x.numpy()])[0]), dm(x))
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from conftest import two_exchange_mlp
-from disco_compile import transform
+from disco_compile import Budget, transform
 from disco_compile.frontend import zoo
 
 
@@ -52,7 +52,7 @@ def test_budget_keeps_largest_weight_columns():
     with torch.no_grad():
         model[2].weight.copy_(torch.tensor([[1.0, 9.0, 2.0, 5.0, 1.0, 1.0], [3.0, 1.0, 2.0, 1.0, 8.0, 1.0]]))
     dm = transform(model, 2, torch.randn(1, 4))
-    dm.set_budget(1 / 3)  # one of the three candidate columns per direction
+    dm.set_budget(Budget(1 / 3, allocation="uniform", align=1))  # one of the three candidate columns per direction
     ex = dm.exchanges["_1"]
     # node 1 owns row 1 and reads node 0's columns 0..2: largest |W[1, c]| is column 0 (3.0)
     # node 0 owns row 0 and reads node 1's columns 3..5: largest is column 3 (5.0)
@@ -63,7 +63,7 @@ def test_budget_ratio_tracks_rho():
     model, x = zoo.build("resnet18", size=64)
     dm = transform(model, 3, x)
     for rho in (0.0, 0.1, 0.5, 1.0):
-        dm.set_budget(rho)
+        dm.set_budget(Budget(rho, allocation="uniform", align=1))
         assert dm.cost().exchange_ratio == pytest.approx(rho, abs=0.01)
 
 
@@ -76,7 +76,7 @@ def test_aligned_budget_sends_multiples_of_align_within_the_budget(allocation):
     dm = transform(model, 2, x)
     scores = magnitude_scores(dm)
     for rho in (0.1, 0.2, 0.5):
-        dm.set_budget(rho, allocation, align=8)
+        dm.set_budget(Budget(rho, allocation, align=8, compute_weight=0.0))
         ratio = dm.cost().exchange_ratio
         assert rho - 0.05 <= ratio <= rho + 1e-9, (rho, ratio)
         for name, ex in dm.exchanges.items():
@@ -87,10 +87,10 @@ def test_aligned_budget_sends_multiples_of_align_within_the_budget(allocation):
                 assert count % 8 == 0 or count == idx.numel(), (name, count, idx.numel())
                 if 0 < count < idx.numel():
                     assert flat_score[idx][kept].min() >= flat_score[idx][~kept].max()
-    dm.set_budget(0.2, allocation, align=1)
-    unaligned = {name: ex.keep.clone() for name, ex in dm.exchanges.items()}
-    dm.set_budget(0.2, allocation)
-    assert all(torch.equal(unaligned[name], ex.keep) for name, ex in dm.exchanges.items())
+    dm.set_budget(Budget(0.2, allocation, align=8, compute_weight=0.0))
+    aligned = {name: ex.keep.clone() for name, ex in dm.exchanges.items()}
+    dm.set_budget(Budget(0.2, allocation, compute_weight=0.0))  # align 8 is the default
+    assert all(torch.equal(aligned[name], ex.keep) for name, ex in dm.exchanges.items())
 
 
 def test_compute_weight_prices_the_macs_a_channel_costs_its_destination():
@@ -107,7 +107,7 @@ def test_compute_weight_prices_the_macs_a_channel_costs_its_destination():
     assert macs["_3"][second.remote].unique().tolist() == [1.0]
 
     def kept(weight):
-        dm.set_budget(0.25, "global", compute_weight=weight)
+        dm.set_budget(Budget(0.25, "global", align=1, compute_weight=weight))
         assert dm.cost().exchange_bytes == 12
         return int((first.keep & first.remote).sum()), int((second.keep & second.remote).sum())
 
@@ -121,7 +121,7 @@ def test_compute_weight_lowers_node_macs_within_the_budget():
     dm = transform(model, 2, x)
     macs = []
     for weight in (0.0, 0.1, 1.0):
-        dm.set_budget(0.2, "global", align=8, compute_weight=weight)
+        dm.set_budget(Budget(0.2, "global", align=8, compute_weight=weight))
         c = dm.cost()
         assert 0.15 <= c.exchange_ratio <= 0.2 + 1e-9
         macs.append(max(c.macs_per_node))
@@ -133,9 +133,9 @@ def test_compute_weight_must_be_a_finite_non_negative_number(weight):
     from disco_compile.errors import BudgetError
     dm = transform(mlp(), 2, torch.randn(1, 4))
     with pytest.raises(BudgetError, match="compute weight must be a finite number"):
-        dm.set_budget(0.5, "global", compute_weight=weight)
+        dm.set_budget(Budget(0.5, "global", compute_weight=weight))
     with pytest.raises(BudgetError, match="allocation='global'"):
-        dm.set_budget(0.5, "uniform", compute_weight=0.1)
+        dm.set_budget(Budget(0.5, "uniform", compute_weight=0.1))
 
 
 @pytest.mark.parametrize("align", [0, -8, 2.5, True])
@@ -143,7 +143,7 @@ def test_align_must_be_a_positive_whole_number(align):
     from disco_compile.errors import BudgetError
     dm = transform(mlp(), 2, torch.randn(1, 4))
     with pytest.raises(BudgetError, match="align must be a whole number"):
-        dm.set_budget(0.5, align=align)
+        dm.set_budget(Budget(0.5, align=align))
 
 
 def test_stat_exchange_for_layer_norm_over_split_channels():
@@ -174,7 +174,7 @@ def test_resnet50_paper_figures():
     """arXiv 2302.11180: 5x less communication, about half the computation and memory per node."""
     model, x = zoo.build("resnet50", size=224)
     dm = transform(model, 2, x)
-    dm.set_budget(0.2)
+    dm.set_budget(Budget(0.2, allocation="uniform", align=1))
     c = dm.cost()
     assert c.exchange_ratio == pytest.approx(0.2, abs=0.01)
     assert c.comm_ratio <= 0.22

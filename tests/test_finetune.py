@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn as nn
 
-from disco_compile import BudgetError, transform
+from disco_compile import Budget, BudgetError, transform
 from disco_compile.budget import tasks
 from disco_compile.budget.data import batches, image_folder, image_split, loader
 from disco_compile.budget.distill import Loss
@@ -46,7 +47,7 @@ def test_budget_schedule_anneals_then_holds():
 def test_selection_stays_within_budget(digits, allocation, rho):
     task, model = digits
     dm = transform(model, 3, task.example)
-    select(dm, magnitude_scores(dm), rho, allocation)
+    select(dm, magnitude_scores(dm), Budget(rho, allocation, align=1, compute_weight=0.0))
     ratio = exchange_ratio(dm)
     assert ratio <= rho + 1e-9
     assert ratio >= rho - 0.1, f"{allocation} at rho={rho} keeps only {ratio:.3f} of the dense bytes"
@@ -57,7 +58,7 @@ def test_selection_stays_within_budget(digits, allocation, rho):
 def test_straight_through_scores_change_gradients_not_outputs(digits):
     task, model = digits
     dm = transform(model, 2, task.example)
-    dm.set_budget(0.2)
+    dm.set_budget(Budget(0.2, allocation="uniform", align=1))
     x = task.train.tensors[0][:16]
     with torch.no_grad():
         before = dm(x)
@@ -102,8 +103,8 @@ def test_learned_scores_follow_the_loss_not_the_weights():
         dm = transform(model, 2, x)
         ex = dm.exchanges["_1"]
         assert ex.owner.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]  # each node's half holds one dead, one useful feature
-        finetune(dm, list(x.split(16)), budget=0.25, steps=8, method=method, allocation="uniform", lr=0.0,
-                 progress=False)
+        finetune(dm, list(x.split(16)), budget=Budget(0.25, allocation="uniform", align=1), steps=8, method=method,
+                 lr=0.0, progress=False)
         kept[method] = [ex.keep[j].nonzero().flatten().tolist() for j in range(2)]
     assert kept == {"magnitude": [[4], [0]], "learned": [[5], [1]]}
 
@@ -113,10 +114,11 @@ def test_finetune_recovers_quality_and_reports(digits):
     val = loader(task.val, 300, shuffle=False, seed=0)
     original = evaluate(model, val)[1]
     dm = transform(model, 2, task.example)
-    dm.set_budget(0.2)
+    dm.set_budget(Budget(0.2, allocation="uniform", align=1))
     one_shot = evaluate(dm, val)[1]
     dm = transform(model, 2, task.example)
-    res = finetune(dm, _train(task), budget=0.2, steps=120, val_data=val, progress=False)
+    res = finetune(dm, _train(task), budget=Budget(0.2, align=1, compute_weight=0.0), steps=120, val_data=val,
+                   progress=False)
     assert res.exchange_ratio <= 0.2 + 1e-9
     assert res.validation["metric"] == "accuracy %"
     assert res.validation["teacher"] == pytest.approx(original)
@@ -144,7 +146,8 @@ def test_unlabelled_dense_outputs_validate_against_the_teacher():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 3, padding=1)).eval()
     x = torch.rand(4, 3, 8, 8)
     dm = transform(model, 2, x)
-    res = finetune(dm, [x], budget=0.5, steps=2, val_data=(b for b in [x, x]), progress=False)
+    res = finetune(dm, [x], budget=Budget(0.5, align=1, compute_weight=0.0), steps=2, val_data=(b for b in [x, x]),
+                   progress=False)
     assert res.validation["metric"] == "PSNR dB against the teacher" and "teacher" not in res.validation
     assert res.validation["student"] > 10
 
@@ -169,7 +172,8 @@ def test_nested_outputs_distil_leaf_by_leaf():
     dm.set_budget(0.0)
     with torch.no_grad():
         before = loss.distill(dm(data[0]), teacher(data[0])).item()
-    res = finetune(dm, data, budget=0.0, steps=30, teacher=teacher, lr=3e-3, progress=False)
+    res = finetune(dm, data, budget=Budget(0.0, align=1, compute_weight=0.0), steps=30, teacher=teacher, lr=3e-3,
+                   progress=False)
     with torch.no_grad():
         after = loss.distill(dm(data[0]), teacher(data[0])).item()
     assert res.exchange_ratio == 0.0
@@ -191,7 +195,8 @@ def test_resume_continues_exactly(digits, tmp_path):
                 self.given += 1
                 yield b
 
-    kwargs = dict(budget=0.2, steps=16, checkpoint_every=5, progress=False, batchnorm_batches=3)
+    budget = Budget(0.2, align=1, compute_weight=0.0)
+    kwargs = dict(budget=budget, steps=16, checkpoint_every=5, progress=False, batchnorm_batches=3)
     whole = transform(model, 2, task.example)
     finetune(whole, data, **kwargs)
     resumed = transform(model, 2, task.example)
@@ -204,9 +209,10 @@ def test_resume_continues_exactly(digits, tmp_path):
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), f"{name} differs after resume"
 
-    for change, text in (({"compute_weight": 0.1}, "compute_weight: checkpoint 0.0 vs now 0.1"),
-                         ({"budget": 0.3}, "budget: checkpoint 0.2 vs now 0.3"),
-                         ({"allocation": "uniform"}, "allocation: checkpoint 'global' vs now 'uniform'"),
+    for change, text in (({"budget": replace(budget, compute_weight=0.1)}, "compute_weight: checkpoint 0.0 vs now 0.1"),
+                         ({"budget": replace(budget, rho=0.3)}, "budget: checkpoint 0.2 vs now 0.3"),
+                         ({"budget": replace(budget, allocation="uniform")},
+                          "allocation: checkpoint 'global' vs now 'uniform'"),
                          ({"score_decay": 0.5}, "score_decay: checkpoint 0.9 vs now 0.5")):
         with pytest.raises(CheckpointMismatch, match=text):
             finetune(transform(model, 2, task.example), data, checkpoint_dir=tmp_path, resume=True,
@@ -239,15 +245,15 @@ def test_finetune_selects_with_the_compute_weight():
     chosen = {}
     for weight in (0.0, 10.0):
         ref = transform(model, 2, data[0])
-        ref.set_budget(0.25, "global", compute_weight=weight)
+        ref.set_budget(Budget(0.25, "global", align=1, compute_weight=weight))
         chosen[weight] = {name: ex.keep.clone() for name, ex in ref.exchanges.items()}
     assert any(not torch.equal(chosen[0.0][n], chosen[10.0][n]) for n in chosen[0.0])
     dm = transform(model, 2, data[0])
-    finetune(dm, data, budget=0.25, steps=2, method="magnitude", compute_weight=10.0, progress=False)
+    finetune(dm, data, budget=Budget(0.25, align=1, compute_weight=10.0), steps=2, method="magnitude", progress=False)
     assert all(torch.equal(ex.keep, chosen[10.0][name]) for name, ex in dm.exchanges.items())
     with pytest.raises(BudgetError, match="allocation='global'"):
-        finetune(transform(model, 2, data[0]), data, budget=0.2, steps=1, allocation="uniform",
-                 compute_weight=1.0, progress=False)
+        finetune(transform(model, 2, data[0]), data, budget=Budget(0.2, allocation="uniform", compute_weight=1.0),
+                 steps=1, progress=False)
 
 
 @pytest.mark.parametrize("budget", [-0.1, 1.5, float("nan")])

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from conftest import assert_close
-from disco_compile import DiscoSubmodel, ExampleInputError, SubmoduleError, TraceFailure, transform
+from disco_compile import Budget, DiscoSubmodel, ExampleInputError, SubmoduleError, TraceFailure, transform
 from disco_compile.frontend import zoo
 from disco_compile.backend.exporter import export
 from disco_compile.frontend.submodule import BundleModule, capture_inputs, with_bundle
@@ -86,7 +86,7 @@ def test_untraceable_model_runs_with_split_submodule(nodes):
     report = sm.cost()
     assert (report.exchange_bytes, report.io_bytes, report.macs_per_node, report.original_params) == \
         (direct.exchange_bytes, direct.io_bytes, direct.macs_per_node, direct.original_params)
-    sm.set_budget(0.3)
+    sm.set_budget(Budget(0.3, allocation="uniform", align=1))
     assert sm.cost().exchange_ratio < 0.5
     assert sm.disco is not model.backbone and model.backbone.stem[0].weight.grad is None
 
@@ -159,7 +159,7 @@ def exported_backbone(out, nodes: int, rho: float):
     checks the ONNX shards' FPN levels against the DISCO backbone's. Returns the detector, images, reference."""
     model, images, ref = detector("fasterrcnn_mobilenet_v3_large_fpn")
     sm = transform(model, nodes, images, submodule="backbone")
-    sm.set_budget(rho)
+    sm.set_budget(Budget(rho, allocation="uniform", align=1))
     export(sm, out)
     inputs = capture_inputs(model, "backbone", images)
     with torch.no_grad():

@@ -35,7 +35,7 @@ def recalibrate(model: nn.Module, inputs: Iterable[torch.Tensor]) -> int:
                 model(x)
                 used += 1
         finally:
-            for m, mom in zip(layers, saved):
+            for m, mom in zip(layers, saved, strict=True):
                 m.momentum = mom
     model.eval()
     return used

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.fx.passes.shape_prop import TensorMetadata
 from torch.utils import _pytree as pytree
 
 from ..ops import mixing
@@ -68,9 +69,10 @@ class CostReport:
             f"io bytes        {_si(self.io_bytes, 'B'):>10}",
             f"comm bytes      {_si(self.comm_bytes, 'B'):>10}  (dense {_si(self.dense_comm_bytes, 'B')}, "
             f"ratio {self.comm_ratio:.3f})",
-            f"MACs            original {_si(self.original_macs, '')}; all nodes {_ratio(sum(self.macs_per_node), self.original_macs)} of it",
+            f"MACs            original {_si(self.original_macs, '')}; "
+            f"all nodes {_ratio(sum(self.macs_per_node), self.original_macs)} of it",
         ]
-        for k, (m, p) in enumerate(zip(self.macs_per_node, self.params_per_node)):
+        for k, (m, p) in enumerate(zip(self.macs_per_node, self.params_per_node, strict=True)):
             lines.append(f"  node {k}: MACs {_si(m, ''):>9} ({_ratio(m, self.original_macs)})   "
                          f"params {_si(p, ''):>9} ({_ratio(p, self.original_params)})")
         if self.replicated_ops:
@@ -132,7 +134,7 @@ def io_bytes(gm: fx.GraphModule, nodes: int, batch: int, input_on_all_nodes: boo
     total = 0
     if not input_on_all_nodes:
         for n in gm.graph.nodes:
-            if n.op == "placeholder" and isinstance(n.meta.get("tensor_meta"), torch.fx.passes.shape_prop.TensorMetadata):
+            if n.op == "placeholder" and isinstance(n.meta.get("tensor_meta"), TensorMetadata):
                 meta = n.meta["tensor_meta"]
                 total += meta.shape.numel() // batch * meta.dtype.itemsize * (nodes - 1)
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
@@ -155,24 +157,14 @@ def params_per_node(gm: fx.GraphModule, nodes: int, layers: list[MixingLayer],
     counted = {id(p) for ex in exchanges.values() for p in ex.parameters()}  # gates, scores: training only
     for layer in layers:
         module = gm.get_submodule(layer.module)
-        for p in module.parameters(recurse=False):
-            counted.add(id(p))
+        counted.update(id(p) for p in module.parameters(recurse=False))
         out_owner = owner_of[layer.out_labels.reshape(-1)]
         for j in range(nodes):
             per_node[j] += mixing.weights_used(layer, out_owner, available(layer, exchanges, owner_of, j), j)
             if module.bias is not None:
                 per_node[j] += int((out_owner == j).sum())
     for n in gm.graph.nodes:
-        if n.op == "call_module":
-            params = [p for p in gm.get_submodule(n.target).parameters(recurse=False) if id(p) not in counted]
-            placement = n.all_input_nodes[0].meta.get("disco") if n.all_input_nodes else None
-        elif n.op == "get_attr":
-            value = gm.get_parameter(n.target) if _is_param(gm, n.target) else None
-            params = [value] if value is not None and id(value) not in counted else []
-            placement = next((u.meta.get("disco") for u in n.users if u.meta.get("disco") is not None
-                              and u.meta["disco"].labels is not None), None)
-        else:
-            continue
+        params, placement = _node_params(gm, n, counted)
         owner = placement.owner if placement is not None else None
         for p in params:
             counted.add(id(p))
@@ -185,6 +177,20 @@ def params_per_node(gm: fx.GraphModule, nodes: int, layers: list[MixingLayer],
     return per_node
 
 
+def _node_params(gm: fx.GraphModule, n: fx.Node, counted: set[int]) -> tuple[list[nn.Parameter], Placement | None]:
+    """The parameters graph node `n` uses that are not counted yet, and the placement of the tensor they are
+    per-channel to (a module's input; a parameter's first labelled user)."""
+    if n.op == "call_module":
+        params = [p for p in gm.get_submodule(n.target).parameters(recurse=False) if id(p) not in counted]
+        return params, (n.all_input_nodes[0].meta.get("disco") if n.all_input_nodes else None)
+    if n.op == "get_attr":
+        value = gm.get_parameter(n.target) if _is_param(gm, n.target) else None
+        params = [value] if value is not None and id(value) not in counted else []
+        return params, next((u.meta.get("disco") for u in n.users if u.meta.get("disco") is not None
+                             and u.meta["disco"].labels is not None), None)
+    return [], None
+
+
 def _is_param(gm: fx.GraphModule, target: str) -> bool:
     try:
         gm.get_parameter(target)
@@ -193,7 +199,8 @@ def _is_param(gm: fx.GraphModule, target: str) -> bool:
         return False
 
 
-def available(layer: MixingLayer, exchanges: dict[str, SparseExchange], owner_of: torch.Tensor, node: int) -> torch.Tensor:
+def available(layer: MixingLayer, exchanges: dict[str, SparseExchange], owner_of: torch.Tensor,
+              node: int) -> torch.Tensor:
     """Input columns node `node` holds for this layer: local, replicated, and received."""
     in_owner = owners(layer.in_labels, owner_of)
     local = mixing.local_columns(None if in_owner is None else in_owner.reshape(-1), layer, node)

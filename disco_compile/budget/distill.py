@@ -49,7 +49,7 @@ class Loss:
             raise ValueError(f"student and teacher outputs differ in structure: {len(s_leaves)} vs "
                              f"{len(t_leaves)} floating-point tensors")
         total = s_leaves[0].new_zeros(())
-        for s, t in zip(s_leaves, t_leaves):
+        for s, t in zip(s_leaves, t_leaves, strict=True):
             if is_logits(s):
                 T = self.temperature
                 total = total + T * T * F.kl_div(F.log_softmax(s / T, 1), F.log_softmax(t.detach() / T, 1),

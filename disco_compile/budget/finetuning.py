@@ -3,14 +3,16 @@
 The student is the DISCO model; the teacher is frozen (by default, a copy of
 the DISCO model as finetune starts with every candidate channel sent: equal to
 the original model when the DISCO model comes straight from `transform`).
-Step t of T trains at budget
+With the target `Budget` (budget.py) at rho,
+step t of T trains at budget
 
     rho_t = rho + (1 - rho) * max(0, 1 - t / (anneal * T))
 
 (from every channel down to the target over the first `anneal` part, then
 held). Whenever rho_t changes, and at every step while it anneals for
-learned scores, the selection is made at rho_t (selection.py); once at rho it
-is held, so the weights adapt to one fixed selection. Scores: "learned",
+learned scores, the selection is made at rho_t with the target's allocation,
+align and compute weight (selection.py); once at rho it is held, so the
+weights adapt to one fixed selection. Scores: "learned",
 "magnitude" (fixed) or "random" (a fixed random order).
 
 Learned scores estimate each candidate's usefulness from the loss. With g the
@@ -26,8 +28,9 @@ the selection follows the weights as they adapt; the weight-magnitude scores
 order the candidates until the first gradient replaces them (s_1 = -g_1).
 Weights and gate values train with Adam on the distillation loss, plus the
 task loss when batches carry targets (distill.py). After the last step the
-scores are dropped and BatchNorm statistics
-are re-estimated on training batches (batchnorm.py).
+scores are dropped and BatchNorm statistics are re-estimated on training
+batches (batchnorm.py). In the code: `_setup` (devices, teacher, scores,
+optimiser, checkpoint or resume), one `_step` per step, `_finish`.
 
 Several processes (torchrun, DistributedDataParallel): when the
 torch.distributed environment is set (WORLD_SIZE > 1) every process takes
@@ -40,8 +43,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -49,7 +52,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from . import batchnorm, cost, selection
-from .data import batches, split_batch
+from .budget import Budget, as_budget
+from .data import Batch, batches, split_batch
 from .distill import Loss, Metric, is_logits, main_output
 from ..errors import CheckpointMismatch, DataError, TrainingDiverged
 
@@ -81,7 +85,7 @@ def dense_teacher(dm) -> nn.Module:
     for ex in teacher.exchanges.values():
         ex.learn_selection(None)
         ex.keep.copy_(ex.remote)
-    return teacher  # finetune freezes and puts in eval mode every teacher
+    return teacher  # finetune freezes every teacher (and puts one it is given in eval mode)
 
 
 def exchange_ratio(dm) -> float:
@@ -89,16 +93,15 @@ def exchange_ratio(dm) -> float:
     return cost.exchange_bytes(dm.exchanges, dense=False) / dense if dense else 1.0
 
 
-def fingerprint(dm, method: str, budget: float, allocation: str, align: int, compute_weight: float,
-                score_decay: float | None) -> dict:
+def fingerprint(dm, method: str, budget: Budget, score_decay: float | None) -> dict:
     """What a checkpoint must match to be resumed: partition, tensor names and shapes, method, and the settings
-    that decide which channels the budget keeps (budget, allocation, align, compute weight, score decay). The
-    number of steps may change: a resumed run can train for longer."""
+    that decide which channels the budget keeps (every field of the Budget, rho under "budget", and the score
+    decay). The number of steps may change: a resumed run can train for longer."""
     h = hashlib.sha256(dm.plan.owner_of.cpu().numpy().tobytes())
     for name, t in sorted(dm.state_dict().items()):
         h.update(f"{name}:{tuple(t.shape)}".encode())
-    return {"nodes": dm.nodes, "partition": h.hexdigest(), "method": method, "budget": budget,
-            "allocation": allocation, "align": align, "compute_weight": compute_weight, "score_decay": score_decay}
+    return {"nodes": dm.nodes, "partition": h.hexdigest(), "method": method, **budget.settings(),
+            "score_decay": score_decay}
 
 
 @torch.no_grad()
@@ -213,50 +216,93 @@ class _Checkpoints:
         return state
 
 
-def finetune(dm, data: Iterable, *, budget: float, steps: int, teacher: nn.Module | None = None,
-             val_data: Iterable | None = None, method: str = "learned", allocation: str = "global",
-             align: int = 1, compute_weight: float = 0.0, lr: float = 1e-3, score_decay: float = 0.9,
+def finetune(dm, data: Iterable, *, budget: Budget | float, steps: int, teacher: nn.Module | None = None,
+             val_data: Iterable | None = None, method: str = "learned", lr: float = 1e-3, score_decay: float = 0.9,
              anneal: float = 0.5, loss: Loss | None = None, seed: int = 0, device: str = "cpu",
              checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 100, resume: bool = False,
              batchnorm_batches: int = 20, log_every: int = 10, progress: bool = True) -> FinetuneResult:
-    """Fine-tune DISCO model `dm` in place to budget `budget` (the fraction of dense exchange bytes
-    kept) over `steps` optimiser steps on `data`, an iterable of batches (see data.py), cycled.
+    """Fine-tune DISCO model `dm` in place to `budget` over `steps` optimiser steps on `data`, an iterable of
+    batches (see data.py), cycled.
 
+    budget: a Budget (budget.py: the fraction rho of dense exchange bytes kept, the allocation, align, compute
+      weight), or a number rho meaning Budget(rho).
     teacher: the frozen model to distil from (default: dm as it is now, every channel sent).
     val_data: batches to measure quality on at the end: against their targets (and the teacher's
       quality beside it), or, unlabelled, as agreement with the teacher.
-    method: "learned" | "magnitude" | "random" channel scores; allocation: "uniform" | "global"; align: every
-      message carries a multiple of that many channels; compute_weight: bytes per MAC in the global
-      allocation's cost (selection.py).
-    anneal: the part of the steps over which the budget goes from 1 to `budget`.
+    method: "learned" | "magnitude" | "random" channel scores.
+    anneal: the part of the steps over which the budget goes from 1 to rho.
     score_decay: beta of the learned scores' running mean of the loss gradient, in [0, 1) (module docstring).
     checkpoint_dir: where last.pt is written every `checkpoint_every` steps; resume=True continues from it.
     A NaN or infinite loss stops training, puts dm back at the last good state and raises TrainingDiverged.
     """
-    rho = selection.check_budget(budget)
-    align = selection.check_align(align)
-    compute_weight = selection.check_compute_weight(compute_weight)
+    budget = as_budget(budget)
+    _check_settings(method, steps, score_decay, resume, checkpoint_dir)
+    run = _setup(dm, data, budget, steps, teacher=teacher, method=method, lr=lr, score_decay=score_decay,
+                 anneal=anneal, loss=loss, seed=seed, device=device, checkpoint_dir=checkpoint_dir, resume=resume)
+    with _progress(steps, run.start, progress and run.rank == 0) as bar:
+        for step in range(run.start, steps):
+            _step(run, step, bar, log_every, checkpoint_every)
+    return _finish(run, data, val_data, batchnorm_batches)
+
+
+def _check_settings(method: str, steps: int, score_decay: float, resume: bool, checkpoint_dir) -> None:
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    if allocation not in selection.ALLOCATIONS:
-        raise ValueError(f"allocation must be one of {', '.join(selection.ALLOCATIONS)}, got {allocation!r}")
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     if not 0.0 <= score_decay < 1.0:
         raise ValueError(f"score_decay must be in [0, 1) (0: each step's gradient alone), got {score_decay!r}")
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs checkpoint_dir: the folder the interrupted run wrote last.pt to")
-    rank, world, dev = _rank_world(_check_device(device))
-    loss_fn = loss or Loss()
-    torch.manual_seed(seed)
 
-    teacher = dense_teacher(dm) if teacher is None else teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    scores = selection.random_scores(dm, seed) if method == "random" else selection.magnitude_scores(dm)
-    if method == "learned":
-        for name, ex in dm.exchanges.items():
-            ex.learn_selection(scores[name])
+
+@dataclass
+class _Run:
+    """One fine-tuning run, from `_setup` through the steps to `_finish`."""
+
+    dm: nn.Module
+    student: nn.Module  # dm, or dm in DistributedDataParallel
+    teacher: nn.Module
+    budget: Budget
+    method: str
+    steps: int
+    anneal: float
+    score_decay: float
+    lr: float
+    loss: Loss
+    opt: torch.optim.Optimizer
+    ckpt: _Checkpoints
+    fixed_scores: dict[str, torch.Tensor]  # magnitude or random; learned scores live on the exchanges
+    score_params: list[nn.Parameter]  # the learned scores (none for fixed ones)
+    rank: int
+    world: int
+    dev: torch.device
+    stream: Iterator[Batch] | None = None
+    start: int = 0
+    history: list[dict] = field(default_factory=list)
+    current: float | None = None  # the budget of the exchanges' current selection (None: none made yet)
+
+    def select(self, rho: float) -> None:
+        """Every exchange's selection at `rho` with the run's other budget settings, by the current scores."""
+        scores = {name: ex.score for name, ex in self.dm.exchanges.items()} if self.method == "learned" \
+            else self.fixed_scores
+        selection.select(self.dm, scores, replace(self.budget, rho=rho))
+        self.current = rho
+
+    def state(self, step: int) -> dict:
+        return {"step": step, "model": self.dm.state_dict(), "optimizer": self.opt.state_dict(),
+                "history": list(self.history), "rng": torch.get_rng_state()}
+
+
+def _setup(dm, data: Iterable, budget: Budget, steps: int, *, teacher: nn.Module | None, method: str, lr: float,
+           score_decay: float, anneal: float, loss: Loss | None, seed: int, device: str,
+           checkpoint_dir: str | os.PathLike | None, resume: bool) -> _Run:
+    """Devices, frozen teacher, starting scores, optimiser and checkpoints, then the state of `resume`."""
+    rank, world, dev = _rank_world(_check_device(device))
+    loss = loss or Loss()
+    torch.manual_seed(seed)
+    teacher = _frozen(dense_teacher(dm) if teacher is None else teacher.eval())
+    scores = _starting_scores(dm, method, seed)
     dm.to(dev)
     teacher.to(dev)
     score_params = [ex.score for ex in dm.exchanges.values() if ex.score is not None]
@@ -264,76 +310,98 @@ def finetune(dm, data: Iterable, *, budget: float, steps: int, teacher: nn.Modul
     opt = torch.optim.Adam([p for p in dm.parameters() if id(p) not in ids and p.requires_grad], lr=lr)
     student = dm if world == 1 else \
         nn.parallel.DistributedDataParallel(dm, device_ids=[dev.index] if dev.type == "cuda" else None)
-
     ckpt = _Checkpoints(None if checkpoint_dir is None else Path(checkpoint_dir),
-                        fingerprint(dm, method, rho, allocation, align, compute_weight,
-                                    score_decay if method == "learned" else None))
-    start, history = 0, []
-    saved = ckpt.load() if resume else None
+                        fingerprint(dm, method, budget, score_decay if method == "learned" else None))
+    run = _Run(dm=dm, student=student, teacher=teacher, budget=budget, method=method, steps=steps, anneal=anneal,
+               score_decay=score_decay, lr=lr, loss=loss, opt=opt, ckpt=ckpt, fixed_scores=scores,
+               score_params=score_params, rank=rank, world=world, dev=dev)
+    _start(run, data, resume)
+    return run
+
+
+def _frozen(teacher: nn.Module) -> nn.Module:
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def _starting_scores(dm, method: str, seed: int) -> dict[str, torch.Tensor]:
+    """Random or magnitude scores; learned ones start from the magnitude scores, as parameters of the exchanges."""
+    scores = selection.random_scores(dm, seed) if method == "random" else selection.magnitude_scores(dm)
+    if method == "learned":
+        for name, ex in dm.exchanges.items():
+            ex.learn_selection(scores[name])
+    return scores
+
+
+def _start(run: _Run, data: Iterable, resume: bool) -> None:
+    """From step 0, or from the checkpoint when resuming: the step, history, selection, batches, random state."""
+    saved = run.ckpt.load() if resume else None
+    if resume and saved is None:
+        raise CheckpointMismatch(f"resume asked for but {run.ckpt.path} does not exist")
     if saved is not None:
-        dm.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
-        start, history = saved["step"], saved["history"]
-    elif resume:
-        raise CheckpointMismatch(f"resume asked for but {ckpt.path} does not exist")
-
-    def state(step: int) -> dict:
-        return {"step": step, "model": dm.state_dict(), "optimizer": opt.state_dict(), "history": list(history),
-                "rng": torch.get_rng_state()}
-
-    def current_scores():
-        if method == "learned":
-            return {name: ex.score for name, ex in dm.exchanges.items()}
-        return scores
-
-    stream = batches(data, start, rank, world)
+        run.dm.load_state_dict(saved["model"])
+        run.opt.load_state_dict(saved["optimizer"])
+        run.start, run.history = saved["step"], saved["history"]
+        run.current = budget_at(run.start - 1, run.steps, run.budget.rho, run.anneal)  # `keep` came with the state
+    run.stream = batches(data, run.start, run.rank, run.world)
     if saved is not None:
         torch.set_rng_state(saved["rng"])
-    ckpt.save(state(start), write=False)
-    bar = _progress(steps, start, progress and rank == 0)
-    dm.train()
-    current = None if saved is None else budget_at(start - 1, steps, rho, anneal)  # `keep` came with the state
-    for step in range(start, steps):
-        rho_t = budget_at(step, steps, rho, anneal)
-        if rho_t != current or (method == "learned" and rho_t > rho):
-            selection.select(dm, current_scores(), rho_t, allocation, align, compute_weight)
-            current = rho_t
-        x, y = next(stream)
-        x = x.to(dev)
-        with torch.no_grad():
-            target_out = teacher(x)
-        value = loss_fn(student(x), target_out, None if y is None else y.to(dev))
-        if not torch.isfinite(value):
-            dm.load_state_dict(ckpt.good["model"])
-            bar.close()
-            where = f"; it is saved in {ckpt.path}" if ckpt.path is not None and ckpt.path.exists() else ""
-            raise TrainingDiverged(f"the loss became {value.item()} at step {step + 1}; training stopped and the "
-                                   f"model is back at its last good state (step {ckpt.good['step']}){where}; "
-                                   f"lower the learning rate (now {lr}) or check the data for NaN or inf values")
-        opt.zero_grad()
-        value.backward()
-        opt.step()
-        done = step + 1
-        update_scores(score_params, score_decay, done)
-        if done % log_every == 0 or done == steps:
-            history.append({"step": done, "loss": value.item(), "budget": rho_t, "exchange_ratio": exchange_ratio(dm)})
-            bar.set_postfix(loss=f"{value.item():.4g}", rho=f"{rho_t:.3f}", comm=_bytes(dm))
-        bar.update(1)
-        if done % checkpoint_every == 0 or done == steps:
-            ckpt.save(state(done), write=rank == 0)
-    bar.close()
+    run.ckpt.save(run.state(run.start), write=False)
+    run.dm.train()
 
-    if current != rho:  # annealing took every step (anneal >= 1): settle at the target
-        selection.select(dm, current_scores(), rho, allocation, align, compute_weight)
+
+def _step(run: _Run, step: int, bar, log_every: int, checkpoint_every: int) -> None:
+    """Optimiser step `step` (from 0): the selection at its budget, the loss, the update, log and checkpoint."""
+    rho_t = budget_at(step, run.steps, run.budget.rho, run.anneal)
+    if rho_t != run.current or (run.method == "learned" and rho_t > run.budget.rho):
+        run.select(rho_t)
+    x, y = next(run.stream)
+    x = x.to(run.dev)
+    with torch.no_grad():
+        target_out = run.teacher(x)
+    value = run.loss(run.student(x), target_out, None if y is None else y.to(run.dev))
+    if not torch.isfinite(value):
+        _diverged(run, value, step)
+    run.opt.zero_grad()
+    value.backward()
+    run.opt.step()
+    done = step + 1
+    update_scores(run.score_params, run.score_decay, done)
+    if done % log_every == 0 or done == run.steps:
+        run.history.append({"step": done, "loss": value.item(), "budget": rho_t,
+                            "exchange_ratio": exchange_ratio(run.dm)})
+        bar.set_postfix(loss=f"{value.item():.4g}", rho=f"{rho_t:.3f}", comm=_bytes(run.dm))
+    bar.update(1)
+    if done % checkpoint_every == 0 or done == run.steps:
+        run.ckpt.save(run.state(done), write=run.rank == 0)
+
+
+def _diverged(run: _Run, value: torch.Tensor, step: int) -> None:
+    """Back to the last good state, then TrainingDiverged."""
+    good = run.ckpt.good
+    run.dm.load_state_dict(good["model"])
+    path = run.ckpt.path
+    where = f"; it is saved in {path}" if path is not None and path.exists() else ""
+    raise TrainingDiverged(f"the loss became {value.item()} at step {step + 1}; training stopped and the model is "
+                           f"back at its last good state (step {good['step']}){where}; lower the learning rate "
+                           f"(now {run.lr}) or check the data for NaN or inf values")
+
+
+def _finish(run: _Run, data: Iterable, val_data: Iterable | None, batchnorm_batches: int) -> FinetuneResult:
+    """Settle at the target budget, drop the scores, re-estimate BatchNorm statistics, validate."""
+    dm, rho = run.dm, run.budget.rho
+    if run.current != rho:  # annealing took every step (anneal >= 1): settle at the target
+        run.select(rho)
     for ex in dm.exchanges.values():
         ex.learn_selection(None)
-    used = batchnorm.recalibrate(dm, _inputs(data, batchnorm_batches, dev))
-    if world > 1:
-        _average_batchnorm(dm, world)
-    result = FinetuneResult(steps=steps, budget=rho, exchange_ratio=exchange_ratio(dm), history=history,
-                            checkpoint=ckpt.path, batchnorm_batches=used)
+    used = batchnorm.recalibrate(dm, _inputs(data, batchnorm_batches, run.dev))
+    if run.world > 1:
+        _average_batchnorm(dm, run.world)
+    result = FinetuneResult(steps=run.steps, budget=rho, exchange_ratio=exchange_ratio(dm), history=run.history,
+                            checkpoint=run.ckpt.path, batchnorm_batches=used)
     if val_data is not None:
-        name, value, teacher_value = _validate(dm, val_data, dev, reference=teacher, score_reference=True)
+        name, value, teacher_value = _validate(dm, val_data, run.dev, reference=run.teacher, score_reference=True)
         result.validation = {"metric": name, "student": value}
         if teacher_value is not None:
             result.validation["teacher"] = teacher_value

@@ -23,7 +23,6 @@ candidate (higher = more useful), two allocations:
   bytes alone. A larger w keeps the same bytes where received channels cost
   fewer MACs per byte (early, high-resolution layers rather than late ones
   whose channels feed many output rows), so the nodes compute less.
-  disco-compile's default is DEFAULT_COMPUTE_WEIGHT = 0.004 (the API's, 0).
 
 Alignment `align` = g > 1: every pair keeps a multiple of g of its
 candidates (or all n of them): the count c the allocation asks for becomes
@@ -33,6 +32,9 @@ each keeps its best. A received payload with a multiple of 8 channels lets
 onnxruntime's blocked (NCHWc) convolution kernels take it on AVX2 CPUs
 (16 on AVX-512), measured on ResNet-50 at N=2, rho=0.2 as about 7% less node
 compute (docs/performance.md). g = 1 is the allocation itself.
+
+rho, the allocation, g and w travel together as one `Budget` (budget.py), which checks them and holds
+their defaults (global, g = 8, w = 0.004).
 
 Scores: `magnitude` is the squared norm of the weight columns the unit feeds,
 over the destination's rows of every consumer (`mixing.column_scores`);
@@ -49,33 +51,7 @@ from collections.abc import Mapping
 import torch
 
 from ..ops import mixing
-from ..errors import BudgetError
-
-ALLOCATIONS = ("uniform", "global")
-# bytes per MAC of a 1 Gbit/s link against a node doing 30 GMAC/s: disco-compile's default with global
-# (docs/architecture.md: quality level with 0 on two networks; ResNet-50's slowest node 0.39 of the model)
-DEFAULT_COMPUTE_WEIGHT = 0.004
-
-
-def default_compute_weight(allocation: str) -> float:
-    """disco-compile's compute weight when none is given: DEFAULT_COMPUTE_WEIGHT for the global allocation,
-    0 for uniform (which does not rank across exchanges)."""
-    return DEFAULT_COMPUTE_WEIGHT if allocation == "global" else 0.0
-
-
-def _as_float(value) -> float:
-    """float(value), or NaN where it is not a number (so the range checks below refuse it)."""
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return float("nan")
-
-
-def check_budget(rho: float) -> float:
-    value = _as_float(rho)
-    if not 0.0 <= value <= 1.0:
-        raise BudgetError(f"budget rho must be in [0, 1] (the fraction of dense exchange bytes to keep), got {rho}")
-    return value
+from .budget import Budget, as_budget
 
 
 @torch.no_grad()
@@ -131,8 +107,9 @@ def _counts(pairs: list, share: list[float], rho: float, align: int) -> list[int
     step for the largest remainders while the kept bytes stay within rho x the bytes of every candidate."""
     sizes = [idx.numel() for _, idx, _ in pairs]
     unit_bytes = [b for _, _, b in pairs]
-    counts = [min(size, align * math.floor(x / align + 1e-9)) for x, size in zip(share, sizes)]
-    room = rho * sum(n * b for n, b in zip(sizes, unit_bytes)) - sum(k * b for k, b in zip(counts, unit_bytes))
+    counts = [min(size, align * math.floor(x / align + 1e-9)) for x, size in zip(share, sizes, strict=True)]
+    room = rho * sum(n * b for n, b in zip(sizes, unit_bytes, strict=True)) - \
+        sum(k * b for k, b in zip(counts, unit_bytes, strict=True))
     for p in sorted(range(len(share)), key=lambda p: counts[p] - share[p]):  # largest remainder first
         step = min(align, sizes[p] - counts[p])
         if share[p] - counts[p] > 1e-9 and step * unit_bytes[p] <= room * (1 + 1e-12):
@@ -143,7 +120,7 @@ def _counts(pairs: list, share: list[float], rho: float, align: int) -> list[int
 
 def _keep_counts(exchanges: Mapping, scores: Mapping[str, torch.Tensor], pairs: list, counts: list[int]):
     keep = {name: torch.zeros(ex.gate.numel(), dtype=torch.bool) for name, ex in exchanges.items()}
-    for (name, idx, _), k in zip(pairs, counts):
+    for (name, idx, _), k in zip(pairs, counts, strict=True):
         if k:
             keep[name][_top(scores[name].reshape(-1), idx, k)] = True
     return {name: keep[name].reshape(ex.gate.shape) for name, ex in exchanges.items()}
@@ -191,42 +168,20 @@ def _global(exchanges: Mapping, scores: Mapping[str, torch.Tensor], rho: float,
     return {name: keep[name].reshape(ex.gate.shape) for name, ex in exchanges.items()}
 
 
-def check_align(align: int) -> int:
-    if isinstance(align, bool) or not isinstance(align, int) or align < 1:
-        raise BudgetError(f"align must be a whole number of channels, at least 1 (1: no alignment), got {align!r}")
-    return align
-
-
-def check_compute_weight(weight: float) -> float:
-    value = _as_float(weight)
-    if not 0.0 <= value < math.inf:
-        raise BudgetError(f"compute weight must be a finite number of bytes per MAC, at least 0 (0: rank by bytes "
-                          f"alone), got {weight!r}")
-    return value
-
-
 @torch.no_grad()
-def select(dm, scores: Mapping[str, torch.Tensor], rho: float, allocation: str = "uniform", align: int = 1,
-           compute_weight: float = 0.0) -> None:
-    """Set every exchange's `keep` to the candidates chosen by `scores` at budget `rho`; `align`: each
-    message's channel count a multiple of it; `compute_weight`: bytes per MAC in the global ranking's cost
-    (module docstring)."""
-    rho = check_budget(rho)
-    align = check_align(align)
-    compute_weight = check_compute_weight(compute_weight)
-    if allocation not in ALLOCATIONS:
-        raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
-    if compute_weight and allocation != "global":
-        raise BudgetError(f"compute_weight prices MACs in the global allocation's ranking; the {allocation} "
-                          f"allocation does not rank across exchanges: use allocation='global' or compute_weight=0")
+def select(dm, scores: Mapping[str, torch.Tensor], budget: Budget | float) -> None:
+    """Set every exchange's `keep` to the candidates chosen by `scores` at `budget` (a Budget, or a number
+    rho meaning Budget(rho); module docstring)."""
+    budget = as_budget(budget)
+    rho, align, weight = budget.rho, budget.align, budget.compute_weight
     exchanges = dm.exchanges
     cpu = {name: s.detach().float().cpu() for name, s in scores.items()}
-    if allocation == "uniform":
+    if budget.allocation == "uniform":
         chosen = _uniform(exchanges, cpu, rho, align)
     else:
-        macs = candidate_macs(dm) if compute_weight else \
+        macs = candidate_macs(dm) if weight else \
             {name: torch.zeros(ex.gate.shape, dtype=torch.float64) for name, ex in exchanges.items()}
-        unit_cost = {name: ex.unit_bytes + compute_weight * macs[name] for name, ex in exchanges.items()}
+        unit_cost = {name: ex.unit_bytes + weight * macs[name] for name, ex in exchanges.items()}
         chosen = _global(exchanges, cpu, rho, unit_cost)
         if align > 1:
             chosen = _aligned(exchanges, cpu, chosen, rho, align)

@@ -1,10 +1,11 @@
 """`disco-compile`: the command line.
 
-Loads a model (a torchvision name built with random weights, a state_dict with
-an architecture name, a torch.export program, or a trusted pickled module),
-runs `transform`, applies `set_budget` when asked, and prints the cost report.
-Every user error is one message on stderr and exit code 2; nothing is
-downloaded.
+Loads a model (`load_model`: a torchvision name built with random weights, a
+state_dict with an architecture name, a torch.export program, or a trusted
+pickled module), runs `transform`, applies the `Budget` when asked (a one-shot
+selection, or fine-tuning with --data), prints the cost report and exports.
+`main` runs those steps in that order; each is a function below. Every user
+error is one message on stderr and exit code 2; nothing is downloaded.
 
 Torchvision detectors do not trace whole: `--submodule backbone` splits their
 backbone alone (the rest runs on node 0), and their example input is a list of
@@ -15,40 +16,31 @@ from __future__ import annotations
 import json
 import math
 import os
-import pickle
-import re
 import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import click
 import torch
-import torch.nn as nn
-import torchvision
 
 from tqdm import tqdm
 
-from ..budget import data, finetuning, selection
-from ..frontend import exported, zoo
+from ..budget import data, finetuning
+from ..budget.budget import ALLOCATIONS, DEFAULT_COMPUTE_WEIGHT, Budget
+from ..frontend import zoo
 
 from ..budget.cost import CostReport
 from ..errors import DiscoError, ExampleInputError, TraceFailure
 from ..artifact.bundle import refuse_existing
 from ..backend.exporter import export
 from ..budget.finetuning import FinetuneResult
+from ..frontend.load import LoadedModel, load_model, torchvision_name
 from ..model import transform
 from ..passes.partition import check_weights
-
-DEFAULT_SHAPE = (1, 3, 224, 224)
-LIST_MODELS = 'python -c "import torchvision; print(torchvision.models.list_models())"'
-RANDOM_WEIGHTS = "random weights (no pretrained weights are downloaded)"
-_FILE_SUFFIXES = (".pt", ".pt2", ".pth", ".pkl", ".bin", ".ckpt", ".tar")
-_SHOWN_KEYS = 8  # keys listed in a state_dict mismatch before "... and N more"
 
 # what a library error's advice means on the command line
 _CLI_HINTS = {TraceFailure: "on the command line, mark a submodule with --leaf-module NAME",
@@ -60,26 +52,13 @@ class CliError(click.ClickException):
     exit_code = 2
 
 
-@dataclass
-class Loaded:
-    model: nn.Module
-    description: str
-    shape: tuple[int, ...]
-    detector: bool = False  # a torchvision detection model: called with a list of images
-
-    def example(self):
-        g = torch.Generator().manual_seed(0)
-        return list(torch.rand(self.shape, generator=g)) if self.detector else torch.randn(self.shape, generator=g)
+def _cli_error(exc: DiscoError) -> CliError:
+    """A library error as the command line shows it, with the advice in command-line terms."""
+    hint = next((h for cls, h in _CLI_HINTS.items() if isinstance(exc, cls)), None)
+    return CliError(str(exc) + (f"\n  {hint}" if hint else ""))
 
 
 # ---------------------------------------------------------------- argument parsing
-
-def _torchvision_name(name: str, what: str) -> str:
-    """`name` if torchvision knows it; `what` says where the name came from."""
-    if name not in torchvision.models.list_models():
-        raise CliError(f"{what} is not a torchvision model name; to see the names: {LIST_MODELS}")
-    return name
-
 
 def _parse_shape(ctx, param, value: str | None) -> tuple[int, ...] | None:
     if value is None:
@@ -124,7 +103,10 @@ def _parse_arch(ctx, param, value: str | None) -> str | None:
     if source != "torchvision" or not name:
         raise click.BadParameter(f"expected torchvision:NAME (the only architecture source so far), "
                                  f"e.g. torchvision:resnet50; got {value!r}")
-    return _torchvision_name(name, f"--arch {value}: {name!r}")
+    try:
+        return torchvision_name(name, f"--arch {value}: {name!r}")
+    except DiscoError as exc:
+        raise _cli_error(exc) from None
 
 
 def _check_json_path(ctx, param, value: str | None) -> str | None:
@@ -138,7 +120,7 @@ def _check_json_path(ctx, param, value: str | None) -> str | None:
     return value
 
 
-# ---------------------------------------------------------------- loading models
+# ---------------------------------------------------------------- progress
 
 @contextmanager
 def _stage(what: str) -> Iterator[None]:
@@ -156,151 +138,6 @@ def _stage(what: str) -> Iterator[None]:
             click.echo(f"  warning: {w.category.__name__}: {w.message}", err=True)
 
 
-def _from_zoo(name: str, shape: tuple[int, ...] | None) -> Loaded:
-    shape = shape or DEFAULT_SHAPE
-    if len(shape) < 3:
-        raise CliError(f"--input-shape {','.join(map(str, shape))} has no height: a torchvision model takes "
-                       f"images, e.g. --input-shape 1,3,224,224")
-    detector = name in zoo.detection_models()
-    with _stage(f"building {name} with {RANDOM_WEIGHTS}"):
-        try:
-            model, _ = (zoo.build_detection if detector else zoo.build)(name, shape[-2])
-        except Exception as exc:  # any failure of a torchvision builder or its first forward pass
-            raise CliError(f"building {name} with random weights and calibrating it on {shape[-2]}x{shape[-2]} "
-                           f"images failed: {type(exc).__name__}: {exc}; disco-compile builds image models "
-                           f"taking N,3,H,W inputs; for another kind give a model file instead") from None
-    return Loaded(model, f"{name} (torchvision), {RANDOM_WEIGHTS}", shape, detector)
-
-
-def _first_sentence(text: str) -> str:
-    return re.split(r"(?<=[.:])\s", text.strip(), maxsplit=1)[0].rstrip(".:")
-
-
-def _load_file(path: str, trust_pickle: bool) -> object:
-    """The object in a torch.save file: weights-only loading first; full unpickling only if trusted."""
-    safer = ("save the weights with torch.save(model.state_dict(), 'model.pt') and give that file with "
-             "--arch torchvision:NAME")
-    try:
-        return torch.load(path, weights_only=True, map_location="cpu")
-    except pickle.UnpicklingError as exc:  # the file holds more than tensors, or is no pickle at all
-        if not trust_pickle:
-            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-            if found:
-                raise CliError(f"{path} holds a pickled {found.group(1)}, not just weights: loading it runs code "
-                               f"stored in the file. If you trust the file, pass --trust-pickle; otherwise "
-                               f"{safer}") from None
-            reason = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
-            raise CliError(f"{path} cannot be read as a state_dict (torch.load with weights_only=True: "
-                           f"{reason.group(1) if reason else _first_sentence(str(exc))}). If it is a pickled "
-                           f"whole module from a source you trust, pass --trust-pickle (loading it runs code "
-                           f"stored in the file); otherwise {safer}") from None
-    except Exception as exc:  # torch.load raises many types for files it cannot read
-        raise CliError(f"cannot read {path} as a PyTorch file saved with torch.save: {type(exc).__name__}: "
-                       f"{_first_sentence(str(exc))}; disco-compile reads a state_dict "
-                       f"(with --arch) or a pickled nn.Module (with --trust-pickle)") from None
-    try:
-        return torch.load(path, weights_only=False, map_location="cpu")
-    except Exception as exc:  # unpickling can fail in any way, e.g. a class that is not importable here
-        raise CliError(f"cannot read {path}, even unpickling it fully: {type(exc).__name__}: "
-                       f"{_first_sentence(str(exc))}; for a pickled module, the classes it was pickled with "
-                       f"must be importable here") from None
-
-
-def _key_list(keys: list[str]) -> str:
-    shown = ", ".join(keys[:_SHOWN_KEYS])
-    return shown + (f", ... and {len(keys) - _SHOWN_KEYS} more" if len(keys) > _SHOWN_KEYS else "")
-
-
-def _as_state_dict(obj: Mapping, path: str) -> dict[str, torch.Tensor]:
-    if not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        inner = next((k for k, v in obj.items() if isinstance(v, Mapping) and v
-                      and all(isinstance(t, torch.Tensor) for t in v.values())), None)
-        hint = (f"it looks like a training checkpoint; save its weights alone, e.g. "
-                f"torch.save(checkpoint[{inner!r}], 'model.pt')" if inner is not None
-                else "save model.state_dict() itself")
-        raise CliError(f"{path} holds a dict whose entries are not all tensors (keys: {_key_list(list(obj))}); "
-                       f"{hint}")
-    sd = dict(obj)
-    if sd and all(k.startswith("module.") for k in sd):  # saved from nn.DataParallel / DistributedDataParallel
-        sd = {k[len("module."):]: v for k, v in sd.items()}
-    return sd
-
-
-def _load_into(name: str, sd: dict[str, torch.Tensor], path: str) -> nn.Module:
-    """torchvision model `name` built with weights=None, then given the weights `sd` (all keys must match)."""
-    detection = {"weights_backbone": None} if name in zoo.detection_models() else {}  # else it downloads
-    model = torchvision.models.get_model_builder(name)(weights=None, **detection)
-    expected = model.state_dict()
-    wrong = [f"{k} (file {tuple(v.shape)}, {name} {tuple(expected[k].shape)})"
-             for k, v in sd.items() if k in expected and v.shape != expected[k].shape]
-    if wrong:
-        raise CliError(f"the weights in {path} do not fit torchvision {name}: shapes differ for "
-                       f"{_key_list(wrong)}; check --arch (and the number of classes the model was trained for)")
-    result = model.load_state_dict(sd, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        parts = [f"missing from the file: {_key_list(result.missing_keys)}" if result.missing_keys else "",
-                 f"unexpected in the file: {_key_list(result.unexpected_keys)}" if result.unexpected_keys else ""]
-        raise CliError(f"the keys in {path} do not match torchvision {name}: "
-                       f"{'; '.join(p for p in parts if p)}; check --arch")
-    return model
-
-
-def _from_program(path: str, arch: str | None, shape: tuple[int, ...] | None) -> Loaded:
-    """A torch.export program, its layers raised to modules (exported.py)."""
-    if arch is not None:
-        raise CliError(f"{path} is a torch.export program, which holds its architecture; --arch is only for "
-                       f"state_dict files: leave it out")
-    with _stage(f"reading the torch.export program {path}"):
-        program = exported.load(path)
-        shapes = exported.example_shapes(program)
-        if len(shapes) != 1:
-            raise CliError(f"{path} takes {len(shapes)} tensor inputs; on the command line a model takes one "
-                           f"(--input-shape); for more, call disco_compile.transform in Python")
-        if shape is not None and shapes[0] is not None and shape != shapes[0]:
-            raise CliError(f"{path} was exported for input shape {','.join(map(str, shapes[0]))}, not "
-                           f"--input-shape {','.join(map(str, shape))}: leave --input-shape out, or export the "
-                           f"program again with an input of that shape")
-        module = exported.to_module(program)
-    kept = module.kept_aten_ops
-    note = f"; ATen ops without a channel rule, run whole on every node: {', '.join(kept)}" if kept else ""
-    return Loaded(module, f"torch.export program {path}, layers raised to modules{note}",
-                  shape or exported.example_shapes(program, hinted=True)[0] or DEFAULT_SHAPE)
-
-
-def _from_file(path: str, arch: str | None, trust_pickle: bool, shape: tuple[int, ...] | None) -> Loaded:
-    if path.endswith(".pt2"):
-        return _from_program(path, arch, shape)
-    shape = shape or DEFAULT_SHAPE
-    with _stage(f"loading {path}"):
-        obj = _load_file(path, trust_pickle)
-        if isinstance(obj, nn.Module):
-            if arch is not None:
-                raise CliError(f"{path} holds a whole module ({type(obj).__name__}); --arch is only for "
-                               f"state_dict files: leave it out")
-            return Loaded(obj, f"{type(obj).__name__} pickled in {path} (loaded with --trust-pickle)", shape)
-        if not isinstance(obj, Mapping):
-            raise CliError(f"{path} holds a {type(obj).__name__}, neither a state_dict nor an nn.Module")
-        sd = _as_state_dict(obj, path)
-        if arch is None:
-            raise CliError(f"{path} holds a state_dict ({len(sd)} tensors: weights without the architecture); "
-                           f"say which model they belong to with --arch torchvision:NAME, e.g. "
-                           f"--arch torchvision:resnet50")
-        return Loaded(_load_into(arch, sd, path), f"{arch} (torchvision) with the state_dict in {path}", shape,
-                      arch in zoo.detection_models())
-
-
-def _load(model: str, arch: str | None, trust_pickle: bool, shape: tuple[int, ...] | None) -> Loaded:
-    if os.path.isfile(model):
-        return _from_file(model, arch, trust_pickle, shape)
-    if os.path.exists(model):
-        raise CliError(f"{model} is not a file; MODEL is a model file or a torchvision model name")
-    if os.sep in model or "/" in model or model.endswith(_FILE_SUFFIXES):
-        raise CliError(f"file not found: {model}")
-    if arch is not None:
-        raise CliError(f"--arch is only for state_dict files, but MODEL {model!r} is a name; leave --arch out")
-    return _from_zoo(_torchvision_name(model, f"MODEL {model!r} is not an existing file, and it"), shape)
-
-
 # ---------------------------------------------------------------- output
 
 def _stage_counts(manifest) -> dict[int, int]:
@@ -312,23 +149,45 @@ def _stage_counts(manifest) -> dict[int, int]:
     return dict(sorted(counts.items()))
 
 
-def _summary(loaded: Loaded, nodes: int, node_weights: list[float] | None, budget: float | None, align: int,
-             allocation: str, compute_weight: float, report: CostReport, submodule: str | None,
-             tuned: FinetuneResult | None = None) -> str:
+def _budget_text(budget: Budget | None) -> str:
+    """The report's budget line: None is no --budget."""
+    if budget is None:
+        return "none: every exchange gate on (rho = 1)"
+    weight = budget.compute_weight
+    per = f"(bytes + {weight:g} x MACs at the destination, --compute-weight)" if weight else "byte"
+    kept = ("each node keeps that fraction of the channels it could receive from each other node"
+            if budget.allocation == "uniform" else "that fraction of the bytes the nodes would exchange with every "
+            f"channel, the channels ranked over the whole model by score per {per} (--allocation global; score: "
+            "weight magnitude, or as learned by fine-tuning)")
+    return f"{budget.rho:g}: {kept}" + (f", in multiples of {budget.align} per message (--align)"
+                                        if budget.align > 1 else "")
+
+
+def _outcome_lines(budget: Budget | None, tuned: FinetuneResult | None) -> list[str]:
+    """After the figures: what fine-tuning reached, or the note that a one-shot budget is untrained."""
+    if tuned is not None:
+        v = tuned.validation
+        quality = "" if v is None else f"; validation {v['metric']}: {v['student']:.2f}" + \
+            (f" (original {v['teacher']:.2f})" if "teacher" in v else "")
+        return ["", f"fine-tuned {tuned.steps} steps at budget {tuned.budget:g}{quality}; "
+                    f"checkpoint {tuned.checkpoint}"]
+    if budget is not None and budget.rho < 1:
+        return ["", f"note: budget {budget.rho:g} is a one-shot selection of the exchanged channels by weight "
+                    f"magnitude, without training: the model's accuracy at this budget is not measured and "
+                    f"needs fine-tuning to recover: give --data DIR (images like the model's inputs)."]
+    return []
+
+
+def _summary(loaded: LoadedModel, nodes: int, node_weights: list[float] | None, budget: Budget | None,
+             report: CostReport, submodule: str | None, tuned: FinetuneResult | None = None) -> str:
+    """The printed report; `budget` None: no --budget."""
     shares = "equal shares" if node_weights is None else \
         "shares " + ", ".join(f"{w / sum(node_weights):.3f}" for w in node_weights)
-    per = f"(bytes + {compute_weight:g} x MACs at the destination, --compute-weight)" if compute_weight else "byte"
-    kept = ("each node keeps that fraction of the channels it could receive from each other node"
-            if allocation == "uniform" else "that fraction of the bytes the nodes would exchange with every channel, "
-            f"the channels ranked over the whole model by score per {per} (--allocation global; score: weight "
-            "magnitude, or as learned by fine-tuning)")
-    rho = "none: every exchange gate on (rho = 1)" if budget is None else \
-        f"{budget:g}: {kept}" + (f", in multiples of {align} per message (--align)" if align > 1 else "")
     lines = [f"model    {loaded.description}",
              f"input    {'x'.join(map(str, loaded.shape))}, "
              + ("a list of random images, uniform in [0, 1]" if loaded.detector else "random normal"),
              f"nodes    {nodes} ({shares})",
-             f"budget   {rho}"]
+             f"budget   {_budget_text(budget)}"]
     if submodule is not None:
         lines += [f"split    submodule {submodule!r} only; the rest of the model runs whole on node 0 and is not "
                   f"counted below (the figures are the submodule's)"]
@@ -339,18 +198,8 @@ def _summary(loaded: Loaded, nodes: int, node_weights: list[float] | None, budge
               f"comm ratio      {report.comm_ratio:.3f}  (exchange plus input/output bytes / with every gate on)",
               f"per node, as fractions of the original {'submodule' if submodule else 'model'}:"]
     lines += [f"  node {k}: MACs {m / report.original_macs:.3f}, parameters {p / report.original_params:.3f}"
-              for k, (m, p) in enumerate(zip(report.macs_per_node, report.params_per_node))]
-    if tuned is not None:
-        v = tuned.validation
-        quality = "" if v is None else f"; validation {v['metric']}: {v['student']:.2f}" + \
-            (f" (original {v['teacher']:.2f})" if "teacher" in v else "")
-        lines += ["", f"fine-tuned {tuned.steps} steps at budget {tuned.budget:g}{quality}; "
-                      f"checkpoint {tuned.checkpoint}"]
-    elif budget is not None and budget < 1:
-        lines += ["", f"note: budget {budget:g} is a one-shot selection of the exchanged channels by weight "
-                      f"magnitude, without training: the model's accuracy at this budget is not measured and "
-                      f"needs fine-tuning to recover: give --data DIR (images like the model's inputs)."]
-    return "\n".join(lines)
+              for k, (m, p) in enumerate(zip(report.macs_per_node, report.params_per_node, strict=True))]
+    return "\n".join(lines + _outcome_lines(budget, tuned))
 
 
 def _write_json(path: str, report: CostReport, run: dict) -> None:
@@ -378,10 +227,9 @@ def _write_json(path: str, report: CostReport, run: dict) -> None:
 
 # ---------------------------------------------------------------- fine-tuning
 
-def _finetune(disco, loaded: Loaded, data_dir: str, val_dir: str | None, budget: float, out_dir: str | None, *,
-              val_fraction: float, steps: int, batch_size: int, lr: float, method: str, allocation: str,
-              align: int, compute_weight: float, use_labels: bool, checkpoint_dir: str | None, resume: bool,
-              device: str, seed: int, workers: int) -> FinetuneResult:
+def _finetune(disco, loaded: LoadedModel, data_dir: str, val_dir: str | None, budget: Budget, out_dir: str | None,
+              *, val_fraction: float, steps: int, batch_size: int, lr: float, method: str, use_labels: bool,
+              checkpoint_dir: str | None, resume: bool, device: str, seed: int, workers: int) -> FinetuneResult:
     size = tuple(loaded.shape[-2:])
     fixed = getattr(loaded.model, "fixed_batch", None)
     if fixed is not None:
@@ -404,11 +252,66 @@ def _finetune(disco, loaded: Loaded, data_dir: str, val_dir: str | None, budget:
     train_loader = data.loader(train_set, batch_size, shuffle=True, seed=seed, workers=workers)
     val_loader = data.loader(val_set, batch_size, shuffle=False, seed=seed, workers=workers)
     click.echo(f"fine-tuning on {len(train_set)} images of {data_dir} ({len(val_set)} for validation), "
-               f"{steps} steps, budget {budget:g}, {method} selection, checkpoints in {checkpoint_dir}", err=True)
-    return finetuning.finetune(disco, train_loader, budget=budget, steps=steps, val_data=val_loader,
-                                 method=method, allocation=allocation, align=align,
-                                 compute_weight=compute_weight, lr=lr, seed=seed, device=device,
-                                 checkpoint_dir=checkpoint_dir, resume=resume)
+               f"{steps} steps, budget {budget.rho:g}, {method} selection, checkpoints in {checkpoint_dir}", err=True)
+    return finetuning.finetune(disco, train_loader, budget=budget, steps=steps, val_data=val_loader, method=method,
+                               lr=lr, seed=seed, device=device, checkpoint_dir=checkpoint_dir, resume=resume)
+
+
+# ---------------------------------------------------------------- steps of the command
+
+def _check_options(model: str, nodes: int, arch: str | None, node_weights: list[float] | None,
+                   submodule: str | None, out_dir: str | None, force: bool, data_dir: str | None,
+                   val_dir: str | None, resume: bool) -> None:
+    """What can be refused before the slow steps."""
+    if node_weights is not None:
+        check_weights(nodes, node_weights)
+    if out_dir is not None:
+        refuse_existing(Path(out_dir), force)
+    if data_dir is None and (val_dir is not None or resume):
+        raise CliError("--val-data and --resume belong to fine-tuning: give --data DIR as well")
+    if submodule is None and (arch or model) in zoo.detection_models():
+        raise CliError(f"{arch or model} is a detection model: its pre- and post-processing do not trace; "
+                       f"split its backbone with --submodule backbone")
+    if submodule is not None and data_dir is not None:
+        raise CliError("--data (fine-tuning) is not supported with --submodule yet")
+
+
+def _budget(rho: float | None, allocation: str, align: int, compute_weight: float | None) -> Budget:
+    """The Budget of the options (rho 1 without --budget: fine-tuning then keeps every channel)."""
+    if compute_weight and allocation != "global":
+        raise CliError("--compute-weight prices MACs in the global allocation's ranking: use it with "
+                       "--allocation global (the default)")
+    return Budget(1.0 if rho is None else rho, allocation, align, compute_weight)
+
+
+def _split(loaded: LoadedModel, nodes: int, node_weights: list[float] | None, leaf_modules: tuple[str, ...],
+           input_on_all_nodes: bool, submodule: str | None):
+    with _stage(f"tracing and splitting across {nodes} node{'s' if nodes > 1 else ''}"):
+        return transform(loaded.model, nodes, loaded.example(), node_weights=node_weights,
+                         leaf_modules=leaf_modules, input_on_all_nodes=input_on_all_nodes, submodule=submodule)
+
+
+def _other_process() -> bool:
+    """Under torchrun, whether this is a process other than 0."""
+    return torch.distributed.is_initialized() and torch.distributed.get_rank() != 0
+
+
+def _export(disco, out_dir: str, force: bool, overlap: bool, submodule: str | None, input_on_all_nodes: bool) -> None:
+    if input_on_all_nodes:
+        raise CliError("--input-on-all-nodes is not supported with --out yet: the export sends the input "
+                       "from node 0 to the other nodes")
+    disco.cpu()
+    with tqdm(desc="exporting stages to ONNX", unit="stage", file=sys.stderr) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+        manifest = export(disco, out_dir, force=force, overlap=overlap, progress=progress)
+    stages = len(manifest.files) - 1
+    click.echo(f"\nwrote {out_dir}: manifest.json, schedule.json and {stages} ONNX stage graphs "
+               f"({', '.join(f'node {k}: {n}' for k, n in _stage_counts(manifest).items())})"
+               + (f" of submodule {submodule!r}; the rest of the model is not exported" if submodule else "")
+               + f"\nrun it: disco-run {out_dir} --simulate --input x.npy --output y.npy"
+               + f"\nits latency at your link: disco-run estimate {out_dir} --link 1gbit")
 
 
 # ---------------------------------------------------------------- command
@@ -473,7 +376,7 @@ def _finetune(disco, loaded: Loaded, data_dir: str, val_dir: str | None, budget:
               help="Learning rate of the weights and gates (Adam).")
 @click.option("--method", type=click.Choice(finetuning.METHODS), default="learned", show_default=True,
               help="How exchanged channels are chosen: learned scores, fixed weight magnitude, or random.")
-@click.option("--allocation", type=click.Choice(selection.ALLOCATIONS), default="global", show_default=True,
+@click.option("--allocation", type=click.Choice(ALLOCATIONS), default="global", show_default=True,
               help="With --budget: the budget applied to every exchange alike (uniform: lighter nodes, best on slow "
                    "links), or the channels ranked over the whole model by score per byte (global: exchanges whose "
                    "channels rank low send nothing, so fewer layers wait for messages: best on fast links; see "
@@ -482,7 +385,7 @@ def _finetune(disco, loaded: Loaded, data_dir: str, val_dir: str | None, budget:
               help="With --allocation global: rank channels by score per (bytes + W x the multiply-accumulates "
                    "a received channel costs its destination), so the budget's bytes go to channels that are "
                    "cheaper to compute. W is bytes per MAC: your link's bytes per second over a node's MACs per "
-                   f"second. Default {selection.DEFAULT_COMPUTE_WEIGHT:g} (1 Gbit/s against 30 GMAC/s; ResNet-50 "
+                   f"second. Default {DEFAULT_COMPUTE_WEIGHT:g} (1 Gbit/s against 30 GMAC/s; ResNet-50 "
                    "at --budget 0.2: the slowest node takes 0.39 of the whole model's time instead of 0.43 at 0, "
                    "with quality after fine-tuning level with 0 on ResNet-50 and MobileNetV2, docs/accuracy.md); "
                    "0 ranks by bytes alone; 0.1 leaves 0.34 and cost MobileNetV2 about one point. "
@@ -502,7 +405,8 @@ def _finetune(disco, loaded: Loaded, data_dir: str, val_dir: str | None, budget:
 def main(model: str, nodes: int, budget: float | None, input_shape: tuple[int, ...] | None, arch: str | None,
          trust_pickle: bool, node_weights: list[float] | None, leaf_modules: tuple[str, ...],
          submodule: str | None, input_on_all_nodes: bool, json_path: str | None, out_dir: str | None,
-         overlap: bool, force: bool, data_dir: str | None, val_dir: str | None, **train) -> None:
+         overlap: bool, force: bool, data_dir: str | None, val_dir: str | None, allocation: str, align: int,
+         compute_weight: float | None, **train) -> None:
     """Split MODEL across NODES devices in DISCO form and report what it costs.
 
     Every Conv and Linear layer's output channels are divided among the nodes, and a
@@ -526,64 +430,31 @@ def main(model: str, nodes: int, budget: float | None, input_shape: tuple[int, .
       disco-compile retinanet_resnet50_fpn --submodule backbone --nodes 2 --input-shape 1,3,512,512
     """
     try:
-        if node_weights is not None:
-            check_weights(nodes, node_weights)  # before the slow steps
-        if out_dir is not None:
-            refuse_existing(Path(out_dir), force)
-        if data_dir is None and (val_dir is not None or train["resume"]):
-            raise CliError("--val-data and --resume belong to fine-tuning: give --data DIR as well")
-        if submodule is None and (arch or model) in zoo.detection_models():
-            raise CliError(f"{arch or model} is a detection model: its pre- and post-processing do not trace; "
-                           f"split its backbone with --submodule backbone")
-        if train["compute_weight"] and train["allocation"] != "global":
-            raise CliError("--compute-weight prices MACs in the global allocation's ranking: use it with "
-                           "--allocation global (the default)")
-        if train["compute_weight"] is None:
-            train["compute_weight"] = selection.default_compute_weight(train["allocation"])
-        if submodule is not None and data_dir is not None:
-            raise CliError("--data (fine-tuning) is not supported with --submodule yet")
-        loaded = _load(model, arch, trust_pickle, input_shape)
-        with _stage(f"tracing and splitting across {nodes} node{'s' if nodes > 1 else ''}"):
-            disco = transform(loaded.model, nodes, loaded.example(), node_weights=node_weights,
-                              leaf_modules=leaf_modules, input_on_all_nodes=input_on_all_nodes, submodule=submodule)
+        _check_options(model, nodes, arch, node_weights, submodule, out_dir, force, data_dir, val_dir,
+                       train["resume"])
+        settings = _budget(budget, allocation, align, compute_weight)
+        loaded = load_model(model, arch=arch, trust_pickle=trust_pickle, input_shape=input_shape, stage=_stage)
+        disco = _split(loaded, nodes, node_weights, leaf_modules, input_on_all_nodes, submodule)
         tuned = None
         if data_dir is not None:
-            tuned = _finetune(disco, loaded, data_dir, val_dir, 1.0 if budget is None else budget, out_dir, **train)
-            if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+            tuned = _finetune(disco, loaded, data_dir, val_dir, settings, out_dir, **train)
+            if _other_process():
                 return  # under torchrun, process 0 alone reports and exports
         elif budget is not None:
             with _stage(f"selecting exchanged channels for budget {budget:g}"):
-                disco.set_budget(budget, train["allocation"], align=train["align"],
-                                 compute_weight=train["compute_weight"])
+                disco.set_budget(settings)
         with _stage("computing the cost"):
             report = disco.cost()
-        click.echo(_summary(loaded, nodes, node_weights, budget, train["align"], train["allocation"],
-                            train["compute_weight"], report, submodule, tuned))
+        click.echo(_summary(loaded, nodes, node_weights, None if budget is None else settings, report, submodule,
+                            tuned))
         if out_dir is not None:
-            if input_on_all_nodes:
-                raise CliError("--input-on-all-nodes is not supported with --out yet: the export sends the input "
-                               "from node 0 to the other nodes")
-            disco.cpu()
-            with tqdm(desc="exporting stages to ONNX", unit="stage", file=sys.stderr) as bar:
-                def progress(done: int, total: int) -> None:
-                    bar.total = total
-                    bar.update(done - bar.n)
-                manifest = export(disco, out_dir, force=force, overlap=overlap, progress=progress)
-            stages = len(manifest.files) - 1
-            click.echo(f"\nwrote {out_dir}: manifest.json, schedule.json and {stages} ONNX stage graphs "
-                       f"({', '.join(f'node {k}: {n}' for k, n in _stage_counts(manifest).items())})"
-                       + (f" of submodule {submodule!r}; the rest of the model is not exported" if submodule else "")
-                       + f"\nrun it: disco-run {out_dir} --simulate --input x.npy --output y.npy"
-                       + f"\nits latency at your link: disco-run estimate {out_dir} --link 1gbit")
+            _export(disco, out_dir, force, overlap, submodule, input_on_all_nodes)
     except DiscoError as exc:
-        hint = next((h for cls, h in _CLI_HINTS.items() if isinstance(exc, cls)), None)
-        raise CliError(str(exc) + (f"\n  {hint}" if hint else "")) from None
+        raise _cli_error(exc) from None
     if json_path is not None:
         _write_json(json_path, report, {"model": loaded.description, "input_shape": list(loaded.shape),
-                                        "nodes": nodes, "node_weights": node_weights, "budget": budget,
-                                        "align": train["align"], "allocation": train["allocation"],
-                                        "compute_weight": train["compute_weight"],
-                                        "submodule": submodule})
+                                        "nodes": nodes, "node_weights": node_weights, **settings.settings(),
+                                        "budget": budget, "submodule": submodule})
         click.echo(f"cost report written to {json_path}", err=True)
 
 

@@ -40,6 +40,7 @@ from ..errors import ExampleInputError, SubmoduleError
 from ..runtime import run_bundle
 
 if TYPE_CHECKING:
+    from ..budget.budget import Budget
     from ..budget.cost import CostReport
     from ..model import DiscoModel
 
@@ -124,9 +125,9 @@ class DiscoSubmodel(nn.Module):
         """The split submodule's cost report (the rest of the model runs on node 0 and is not counted)."""
         return self.disco.cost()
 
-    def set_budget(self, rho: float, allocation: str = "uniform", align: int = 1,
-                   compute_weight: float = 0.0) -> None:
-        self.disco.set_budget(rho, allocation, align, compute_weight)
+    def set_budget(self, budget: Budget | float) -> None:
+        """The split submodule's one-shot selection (DiscoModel.set_budget)."""
+        self.disco.set_budget(budget)
 
 
 class BundleModule(nn.Module):
