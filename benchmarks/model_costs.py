@@ -18,9 +18,9 @@ import time
 import torch
 
 import _perfdoc
-from disco_compile import transform
+from disco_compile import Budget, transform
 from disco_compile.frontend import zoo
-from disco_compile.backend.harden import exchange_messages
+from disco_compile.backend.harden import harden
 
 
 def _mb(n: int) -> str:
@@ -37,8 +37,8 @@ def measure(name: str, size: int, nodes: int, budget: float) -> list[dict]:
     dm = transform(model, nodes, x)
     rows = []
     for allocation in ALLOCATIONS:
-        dm.set_budget(budget, allocation, align=8)
-        messages, _ = exchange_messages(dm)
+        dm.set_budget(Budget(budget, allocation, align=8, compute_weight=0.0))
+        messages, _ = harden(dm)
         sending = sum(1 for ms in messages.values() if any(m.channels for m in ms))
         rows.append({"name": name, "size": size, "allocation": allocation, "report": dm.cost(),
                      "sending": sending, "exchanges": len(dm.exchanges), "seconds": time.perf_counter() - start})

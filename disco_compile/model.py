@@ -128,8 +128,8 @@ def transform(model: nn.Module | torch.export.ExportedProgram, nodes: int, examp
     replicated_macs = sum(_full_macs(gm, n, flow.batch) for n in gm.graph.nodes
                           if n.op == "call_module" and n.name in replicated_names)
     original_params = sum(p.numel() for p in model.parameters())
-    insert_exchanges(gm, flow.mixing, owner_of, nodes, example_inputs)
+    layers = insert_exchanges(gm, flow.mixing, owner_of, nodes, example_inputs)
     return DiscoModel(gm, PartitionPlan(
-        nodes=nodes, node_weights=weights, owner_of=owner_of, layers=flow.mixing, stats=flow.stats,
+        nodes=nodes, node_weights=weights, owner_of=owner_of, layers=layers, stats=flow.stats,
         replicated=flow.replicated, batch=flow.batch, input_on_all_nodes=input_on_all_nodes,
         original_macs=original_macs, original_params=original_params, replicated_macs=replicated_macs))

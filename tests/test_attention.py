@@ -6,9 +6,9 @@ import torch
 import torch.nn as nn
 
 from conftest import assert_close, assert_shards_match, assert_split_exact
-from disco_compile import transform
+from disco_compile import Budget, transform
 from disco_compile.frontend import zoo
-from disco_compile.backend.harden import harden_and_lower
+from disco_compile.backend.lower import lower_model
 from disco_compile.backend.stages import cut_all, run_python
 from torchvision.models import VisionTransformer
 
@@ -65,7 +65,7 @@ def test_budget_and_gradients_reach_gates():
     model, x = small_vit()
     dm = transform(model, 2, x)
     dense = dm.cost()
-    dm.set_budget(0.2)
+    dm.set_budget(Budget(0.2, allocation="uniform", align=1))
     report = dm.cost()
     gated = report.exchange_bytes - report.fixed_exchange_bytes
     # floor(0.2 * n) of the n = 16 or 32 units of every exchange and pair, remainders filled up to 0.2 of the
@@ -121,7 +121,7 @@ def test_other_attention_forms(nodes):
 
 
 def lowered_outputs(dm, x):
-    lowered = harden_and_lower(dm)
+    lowered = lower_model(dm)
     return run_python(cut_all(lowered), lowered, [x])[0]
 
 
@@ -130,7 +130,7 @@ def test_small_vit_lowered_float64(nodes, rho):
     model, x = small_vit()
     model, x = model.double(), x.double()
     dm = transform(model, nodes, x).eval()
-    dm.set_budget(rho)
+    dm.set_budget(Budget(rho, allocation="uniform", align=1))
     with torch.no_grad():
         assert_close(lowered_outputs(dm, x), dm(x), rtol=1e-9, atol=1e-11, what=f"N={nodes} rho={rho}")
 
@@ -149,5 +149,5 @@ def test_vit_b_16(nodes):
     model, x = zoo.build("vit_b_16", size=32)  # 2x2 patches of 16 and the class token
     dm = assert_split_exact(model, nodes, x)
     assert dm.cost().replicated_ops == []
-    dm.set_budget(0.2)
+    dm.set_budget(Budget(0.2, allocation="uniform", align=1))
     assert dm.cost().exchange_ratio < 0.21

@@ -20,12 +20,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import assert_close, assert_shards_match
-from disco_compile import run_local, transform
+from disco_compile import Budget, run_local, transform
 from disco_compile.frontend import zoo
 from disco_compile.backend.exporter import export
-from disco_compile.backend.harden import harden_and_lower
-from disco_compile.backend.lower import adaptive_pool_matrix, pool_by_matrices
-from disco_compile.budget.selection import DEFAULT_COMPUTE_WEIGHT
+from disco_compile.backend.lower import lower_model
+from disco_compile.ops.pooling import adaptive_pool_matrix, pool_by_matrices
 from disco_compile.backend.stages import cut_all, run_python
 from test_equivalence_zoo import MODELS
 from test_small_models import OddNet, ScaledSoftmax
@@ -34,7 +33,7 @@ SIZE = 64
 
 
 def lowered_outputs(dm, x, overlap: bool = True):
-    lowered = harden_and_lower(dm, overlap=overlap)
+    lowered = lower_model(dm, overlap=overlap)
     return run_python(cut_all(lowered), lowered, [x])[0]
 
 
@@ -49,7 +48,7 @@ def test_lowered_programs_equal_disco_model_float64(name, nodes, rho):
     model, x = zoo.build(name, size=SIZE if name != "inception_v3" else 96)
     model, x = model.double(), x.double()
     dm = transform(model, nodes, x).eval()
-    dm.set_budget(rho)
+    dm.set_budget(Budget(rho, allocation="uniform", align=1))
     with torch.no_grad():
         assert_close(lowered_outputs(dm, x), dm(x), rtol=1e-9, atol=1e-11, what=f"{name} N={nodes} rho={rho}")
 
@@ -102,7 +101,7 @@ def test_small_models_through_onnx(tmp_path, net, shape, nodes, rho, overlap):
     model = net().eval()
     x = torch.randn(shape)
     dm = transform(model, nodes, x).eval()
-    dm.set_budget(rho)
+    dm.set_budget(Budget(rho, allocation="uniform", align=1))
     export(dm, tmp_path / "out", overlap=overlap)
     with torch.no_grad():
         ref = dm(x)
@@ -119,7 +118,7 @@ def test_small_models_through_onnx(tmp_path, net, shape, nodes, rho, overlap):
 def test_onnx_shards_equal_disco_model(tmp_path, name, nodes, rho):
     model, x = zoo.build(name, size=SIZE)
     dm = transform(model, nodes, x).eval()
-    dm.set_budget(rho)
+    dm.set_budget(Budget(rho, allocation="uniform", align=1))
     export(dm, tmp_path / "out")
     batch = torch.cat([x, torch.randn_like(x)])  # the exported batch dimension is symbolic
     with torch.no_grad():
@@ -135,7 +134,7 @@ def test_export_files_and_schedule(tmp_path):
     model = OddNet().eval()
     x = torch.randn(1, 3, 8, 8)
     dm = transform(model, 2, x).eval()
-    dm.set_budget(0.5)
+    dm.set_budget(Budget(0.5, allocation="uniform", align=1))
     export(dm, tmp_path / "out")
     schedule = json.loads((tmp_path / "out" / "schedule.json").read_text())
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
@@ -186,8 +185,8 @@ def test_cli_exports_and_disco_run_reproduces(tmp_path):
     assert rows["10mbit"] > rows["1gbit"] > 0
     model, _ = zoo.build("resnet18", size=64)
     dm = transform(model, 2, torch.from_numpy(x)).eval()
-    # disco-compile's defaults: --allocation global --align 8 --compute-weight 0.004
-    dm.set_budget(0.2, "global", align=8, compute_weight=DEFAULT_COMPUTE_WEIGHT)
+    # disco-compile's defaults, which are Budget's: --allocation global --align 8 --compute-weight 0.004
+    dm.set_budget(0.2)
     with torch.no_grad():
         assert_close(torch.from_numpy(np.load(tmp_path / "y.npy")), dm(torch.from_numpy(x)))
     schedule = json.loads((out / "schedule.json").read_text())
@@ -248,7 +247,7 @@ def test_after_each_wait_onnxruntime_runs_one_fused_conv(tmp_path):
     # 18 of a node's 36 channels sent: more than onnxruntime's NCHWc block (8 with AVX2, 16 with AVX-512) and no
     # multiple of it, so the Conv stays in NCHW, where onnxruntime fuses the Add and Relu into it. On an AVX-512 CPU
     # 10 and 20 channels took the blocked path, which leaves the Add and Relu apart; 18 and 26 fused.
-    dm.set_budget(0.5)
+    dm.set_budget(Budget(0.5, allocation="uniform", align=1))
     export(dm, tmp_path / "out")
     with torch.no_grad():
         assert_close(torch.from_numpy(run_local(tmp_path / "out", x.numpy())[0]), dm(x), what="onnx shards")
@@ -285,7 +284,7 @@ def test_without_overlap_each_layer_is_one_conv_over_local_and_received_channels
     model = ResidualBlock().eval()
     x = torch.randn(1, 40, 8, 8)
     dm = transform(model, 2, x).eval()
-    dm.set_budget(0.5)
+    dm.set_budget(Budget(0.5, allocation="uniform", align=1))
     for overlap in (True, False):
         export(dm, tmp_path / str(overlap), overlap=overlap)
         with torch.no_grad():
@@ -313,12 +312,12 @@ def test_pixel_shuffle_super_resolution_shards(tmp_path, nodes, rho):
     assert not dm.cost().replicated_ops
     with torch.no_grad():
         assert_close(dm(x), model(x), what="DISCO vs original")
-    dm.set_budget(rho)
+    dm.set_budget(Budget(rho, allocation="uniform", align=1))
     dm.eval()
     export(dm, tmp_path / "sr")
     with torch.no_grad():
         assert_close(torch.from_numpy(run_local(tmp_path / "sr", [x.numpy()])[0]), dm(x), what="shards vs DISCO")
-    lowered = harden_and_lower(dm)
+    lowered = lower_model(dm)
     for prog in lowered.programs:
         used = {n.args[0] for n in prog.graph.nodes if n.op == "call_function" and n.target.__name__ == "recv"}
         assert all(m.id in used for m in lowered.messages if m.dst == prog.node), "a message nobody uses"

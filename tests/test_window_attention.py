@@ -10,9 +10,9 @@ from torchvision.models import MaxVit, SwinTransformer
 from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformerBlockV2, shifted_window_attention
 
 from conftest import assert_close, assert_shards_match, assert_split_exact
-from disco_compile import transform
+from disco_compile import Budget, transform
 from disco_compile.frontend import zoo
-from disco_compile.backend.harden import harden_and_lower
+from disco_compile.backend.lower import lower_model
 from disco_compile.backend.stages import cut_all, run_python
 from disco_compile.ops.window_attention import (shifted_window_mask, window_heads_attention, window_partition,
     window_reverse)
@@ -75,8 +75,8 @@ def test_lowered_float64(kind, nodes, rho):
     model, x = small(kind)
     model, x = model.double(), x.double()
     dm = transform(model, nodes, x).eval()
-    dm.set_budget(rho)
-    lowered = harden_and_lower(dm)
+    dm.set_budget(Budget(rho, allocation="uniform", align=1))
+    lowered = lower_model(dm)
     with torch.no_grad():
         assert_close(run_python(cut_all(lowered), lowered, [x])[0], dm(x), rtol=1e-9, atol=1e-11,
                      what=f"{kind} N={nodes} rho={rho}")

@@ -42,8 +42,8 @@ class Message:
     shape: list[int | str]  # payload shape, "batch" first
     dtype: str  # numpy dtype name, e.g. "float32"
     bytes: int  # per sample
-    src_stage: int
-    dst_stage: int
+    src_stage: int | None = None  # None until backend/stages.py has cut the programs; set in every schedule
+    dst_stage: int | None = None
 
 
 @dataclass

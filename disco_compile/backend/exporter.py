@@ -26,10 +26,10 @@ from torch.utils import _pytree as pytree
 
 from ..artifact.bundle import write_bundle
 from ..errors import DiscoError
-from .harden import harden_and_lower
-from .lower import Lowered
+from .harden import harden
+from .lower import Lowered, lower
 from ..artifact.schedule import BATCH, FORMAT_VERSION, Manifest, Schedule, TensorSpec
-from .stages import StageModule, cut_all
+from .stages import StageModule, cut_all, staged
 from ..frontend.submodule import DiscoSubmodel
 
 OPSET = 17
@@ -77,7 +77,8 @@ def _spec(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> TensorSpec:
 def build_schedule(lowered: Lowered, programs: list[list[StageModule]]) -> Schedule:
     return Schedule(format_version=FORMAT_VERSION, nodes=len(programs),
                     inputs=[_spec(*i) for i in lowered.inputs], outputs=[_spec(*o) for o in lowered.outputs],
-                    output_structure=pytree.treespec_dumps(lowered.output_spec), messages=lowered.messages,
+                    output_structure=pytree.treespec_dumps(lowered.output_spec),
+                    messages=staged(lowered.messages, programs),
                     programs=[[sm.stage for sm in prog] for prog in programs])
 
 
@@ -95,7 +96,8 @@ def export(dm, out_dir: str | os.PathLike, *, force: bool = False, overlap: bool
     if isinstance(dm, DiscoSubmodel):
         dm = dm.disco
     dm.eval()
-    lowered = harden_and_lower(dm, overlap=overlap)
+    messages, gates = harden(dm)
+    lowered = lower(dm, messages, gates, overlap=overlap)
     programs = cut_all(lowered)
     total = sum(len(p) for p in programs)
     files = {}

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import torch
 
-from .lower import Lowered, lower
 from ..artifact.schedule import BATCH, Message
 
 
-def exchange_messages(dm) -> tuple[dict[str, list[Message]], dict[str, torch.Tensor]]:
+def harden(dm) -> tuple[dict[str, list[Message]], dict[str, torch.Tensor]]:
+    """The messages of every exchange (by source tensor) and the gate values, for `dm`'s current selection;
+    `dm` must be in eval mode (BatchNorm statistics fixed) as lowering expects."""
+    if dm.training:
+        raise ValueError("lowering needs the model in eval mode (BatchNorm statistics fixed): call dm.eval()")
     messages: dict[str, list[Message]] = {}
     gates: dict[str, torch.Tensor] = {}
     by_name = {n.name: n for n in dm.graph_module.graph.nodes}
@@ -37,15 +40,6 @@ def exchange_messages(dm) -> tuple[dict[str, list[Message]], dict[str, torch.Ten
                 messages.setdefault(name, []).append(Message(
                     id=f"exchange{count}", src=i, dst=j, kind="exchange", tensor=name, channels=units.tolist(),
                     shape=[BATCH, *payload], dtype=str(meta.dtype).replace("torch.", ""),
-                    bytes=numel * meta.dtype.itemsize, src_stage=-1, dst_stage=-1))
+                    bytes=numel * meta.dtype.itemsize))
                 count += 1
     return messages, gates
-
-
-def harden_and_lower(dm, *, overlap: bool = True) -> Lowered:
-    """Per-node programs of `dm` for its current gate selection (the model must be in eval mode); `overlap`
-    as in `lower`."""
-    if dm.training:
-        raise ValueError("lowering needs the model in eval mode (BatchNorm statistics fixed): call dm.eval()")
-    messages, gates = exchange_messages(dm)
-    return lower(dm, messages, gates, overlap=overlap)

@@ -30,6 +30,7 @@ from ..ops import registry
 from ..ops.registry import call_like
 from ..ops.movement import MOVEMENT
 from ..ops.replicate import REPLICATE
+from .harden import harden
 from .program import (Layout, Local, Lowered, LoweringError, NodeProgram, is_marker, is_tensor_meta, model_output,
                       mutable_output, recv, send)
 from .reassociate import local_terms_first
@@ -82,8 +83,7 @@ class Lowerer:
                 numel *= s
             msg = Message(id=f"{kind}{len(self.messages)}", src=src, dst=dst, kind=kind, tensor=tensor,
                           channels=[int(c) for c in channels], shape=[BATCH, *shape[1:]],
-                          dtype=str(dtype).replace("torch.", ""), bytes=numel * dtype.itemsize,
-                          src_stage=-1, dst_stage=-1)
+                          dtype=str(dtype).replace("torch.", ""), bytes=numel * dtype.itemsize)
             self.messages.append(msg)
             self._keyed[key] = msg
         return self._keyed[key]
@@ -237,6 +237,8 @@ class NodeBuilder:
                 return self.whole(n, module)
             return MOVEMENT.lowering(self, n, module, None)  # an element of a split/chunk
         op = registry.lookup(n, module)
+        if n.name in self.low.stats:  # statistics over split channels (of one value or several)
+            return op.lower(self, n, module)
         if not is_tensor_meta(n.meta.get("tensor_meta")):
             return self.structural(n, module)
         if self.low.layout(n).owner is None and all(self.env[a.name].units is None for a in n.all_input_nodes):
@@ -264,6 +266,14 @@ class NodeBuilder:
             msg = self.low.message("input", n.name, 0, self.j, torch.arange(0), lay.shape, lay.dtype)
             node = self.call(recv, (msg.id,), shape=lay.shape, dtype=lay.dtype)
         self.env[n.name] = Local(node)
+
+    def batch_of_inputs(self) -> fx.Node:
+        """(batch,) zeros, from the first model input (which node j holds or receives): a batch dimension
+        for values that depend on no input."""
+        first = next(n for n in self.low.gm.graph.nodes if n.op == "placeholder")
+        x = self.env[first.name].node
+        flat = self.method("flatten", (x, 1), shape=(1, int(torch.tensor(self.shapes[x.name][1:]).prod())))
+        return self.call(operator.getitem, (flat, (slice(None), 0)), shape=(1,), dtype=self.dtypes[x.name])
 
     def outputs(self) -> None:
         for k, leaf in enumerate(self.low.output_leaves):
@@ -370,6 +380,12 @@ def _prune(builders: list[NodeBuilder], messages: list[Message]) -> list[Message
         dropped |= set(unused)
 
 
+def lower_model(dm, *, overlap: bool = True) -> Lowered:
+    """harden, then lower: the per-node programs of `dm` (in eval mode) for its current gate selection."""
+    messages, gates = harden(dm)
+    return lower(dm, messages, gates, overlap=overlap)
+
+
 def lower(dm, exchange_messages: dict[str, list[Message]], gates: dict[str, torch.Tensor], *,
           overlap: bool = True) -> Lowered:
     """Per-node programs of `dm` (eval mode) for the hardened messages. `overlap`: compute local partial sums
@@ -387,5 +403,6 @@ def lower(dm, exchange_messages: dict[str, list[Message]], gates: dict[str, torc
         local_terms_first(b.program())
     placeholders = [n for n in dm.graph_module.graph.nodes if n.op == "placeholder"]
     inputs = [(n.name, low.layout(n).shape, low.layout(n).dtype) for n in placeholders]
-    outputs = [(f"output{k}", low.layout(leaf).shape, low.layout(leaf).dtype) for k, leaf in enumerate(low.output_leaves)]
+    outputs = [(f"output{k}", low.layout(leaf).shape, low.layout(leaf).dtype)
+               for k, leaf in enumerate(low.output_leaves)]
     return Lowered([b.program() for b in builders], messages, inputs, outputs, low.output_spec)

@@ -14,13 +14,14 @@ the reference for the ONNX export (verification link 2 of the design).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
-from .lower import Lowered, NodeProgram, model_output, recv, send
-from ..artifact.schedule import Stage, StageInput, StageOutput
+from ..artifact.schedule import Message, Stage, StageInput, StageOutput
+from .program import Lowered, NodeProgram, model_output, recv, send
 
 
 @dataclass
@@ -40,17 +41,14 @@ def _assign_stages(prog: NodeProgram) -> dict[fx.Node, int]:
     for node in prog.graph.nodes:
         if node.op in ("get_attr", "output") or _is(node, recv):
             continue  # placed with their first user
-        if _is(node, send) or _is(node, model_output):
-            stage_of[node] = stage
-            sent = sent or _is(node, send)
-            busy = True
-            continue
+        marker = _is(node, send) or _is(node, model_output)
         waits = [a for a in node.all_input_nodes if _is(a, recv) and a not in stage_of]
-        if busy and (sent or waits):
+        if busy and (waits or (sent and not marker)):  # a marker forwarding a payload waits for it too
             stage, busy, sent = stage + 1, False, False
         for a in waits:
             stage_of[a] = stage
         stage_of[node] = stage
+        sent = sent or _is(node, send)
         busy = True
     for node in prog.graph.nodes:  # payloads forwarded without compute: received where they are sent
         if _is(node, recv) and node not in stage_of:
@@ -63,10 +61,9 @@ def _structural(prog: NodeProgram, node: fx.Node) -> bool:
         _is(node, m) for m in (recv, send, model_output))
 
 
-def cut(prog: NodeProgram, lowered: Lowered) -> list[StageModule]:
+def cut(prog: NodeProgram) -> list[StageModule]:
     stage_of = _assign_stages(prog)
     count = max(stage_of.values(), default=-1) + 1
-    by_id = {m.id: m for m in lowered.messages}
     last_use: dict[fx.Node, int] = {}
 
     def use(a: fx.Node, s: int) -> None:
@@ -80,80 +77,94 @@ def cut(prog: NodeProgram, lowered: Lowered) -> list[StageModule]:
     for node, s in stage_of.items():
         for a in node.all_input_nodes:
             use(a, s)
-    stages = []
-    for s in range(count):
-        g = fx.Graph()
-        env: dict[fx.Node, fx.Node] = {}
-        stage = Stage(index=s, file=f"node{prog.node}/stage{s:03d}.onnx")
-        placeholders, examples = [], []
+    return [_StageCut(prog, s, stage_of, last_use).module() for s in range(count)]
+
+
+class _StageCut:
+    """Stage s of one node's program as a graph of its own."""
+
+    def __init__(self, prog: NodeProgram, s: int, stage_of: dict[fx.Node, int], last_use: dict[fx.Node, int]):
+        self.prog, self.s, self.stage_of, self.last_use = prog, s, stage_of, last_use
+        self.g = fx.Graph()
+        self.env: dict[fx.Node, fx.Node] = {}
+        self.stage = Stage(index=s, file=f"node{prog.node}/stage{s:03d}.onnx")
+        self.placeholders: list[fx.Node] = []
+        self.examples: list[torch.Tensor] = []
+
+    def placeholder(self, node: fx.Node, name: str, source: str, ref: str) -> fx.Node:
+        p = self.g.placeholder(name.replace(".", "_"))  # the ONNX input keeps `name`
+        self.placeholders.append(p)
+        self.stage.inputs.append(StageInput(name, source, ref))
+        self.examples.append(torch.zeros(self.prog.shapes[node.name], dtype=self.prog.dtypes[node.name]))
+        return p
+
+    def get(self, a: fx.Node) -> fx.Node:
+        if a in self.env:
+            return self.env[a]
+        here = self.stage_of.get(a) == self.s
+        if a.op == "get_attr":
+            self.env[a] = self.g.get_attr(a.target)
+        elif _structural(self.prog, a):
+            self.env[a] = self.g.node_copy(a, self.get)
+        elif here and _is(a, recv):
+            self.env[a] = self.placeholder(a, a.args[0], "message", a.args[0])
+        elif here and a.op == "placeholder":
+            self.env[a] = self.placeholder(a, a.target, "model_input", a.target)
+        else:
+            self.env[a] = self.placeholder(a, f"carry.{a.name}", "carried", a.name)
+        return self.env[a]
+
+    def module(self) -> StageModule:
         outputs = []
-
-        def placeholder(node: fx.Node, name: str, source: str, ref: str) -> fx.Node:
-            p = g.placeholder(name.replace(".", "_"))  # the ONNX input keeps `name`
-            placeholders.append(p)
-            stage.inputs.append(StageInput(name, source, ref))
-            examples.append(torch.zeros(prog.shapes[node.name], dtype=prog.dtypes[node.name]))
-            return p
-
-        def get(a: fx.Node) -> fx.Node:
-            if a in env:
-                return env[a]
-            if a.op == "get_attr":
-                env[a] = g.get_attr(a.target)
-            elif _structural(prog, a):
-                env[a] = g.node_copy(a, get)
-            elif stage_of.get(a) == s and _is(a, recv):
-                env[a] = placeholder(a, a.args[0], "message", a.args[0])
-            elif stage_of.get(a) == s and a.op == "placeholder":
-                env[a] = placeholder(a, a.target, "model_input", a.target)
-            else:
-                env[a] = placeholder(a, f"carry.{a.name}", "carried", a.name)
-            return env[a]
-
-        for node in prog.graph.nodes:
-            if stage_of.get(node) != s:
+        for node in self.prog.graph.nodes:
+            if self.stage_of.get(node) != self.s:
                 continue
             if _is(node, send):
-                msg = by_id[node.args[0]]
-                msg.src_stage = s
-                outputs.append((StageOutput(msg.id, "message", msg.id), get(node.args[1])))
+                outputs.append((StageOutput(node.args[0], "message", node.args[0]), self.get(node.args[1])))
             elif _is(node, model_output):
-                outputs.append((StageOutput(node.args[0], "model_output", node.args[0]), get(node.args[1])))
-            elif _is(node, recv):
-                by_id[node.args[0]].dst_stage = s
-                get(node)
-            elif node.op == "placeholder":
-                get(node)
+                outputs.append((StageOutput(node.args[0], "model_output", node.args[0]), self.get(node.args[1])))
+            elif _is(node, recv) or node.op == "placeholder":
+                self.get(node)
             else:
-                env[node] = g.node_copy(node, get)
-        for node, value in env.items():
-            if stage_of.get(node) == s and last_use.get(node, -1) > s and not _structural(prog, node) \
-                    and node.op != "get_attr":
+                self.env[node] = self.g.node_copy(node, self.get)
+        for node, value in self.env.items():
+            if self.stage_of.get(node) == self.s and self.last_use.get(node, -1) > self.s \
+                    and not _structural(self.prog, node) and node.op != "get_attr":
                 outputs.append((StageOutput(f"carry.{node.name}", "carried", node.name), value))
-        first = next((n for n in g.nodes if n.op != "placeholder"), None)
+        first = next((n for n in self.g.nodes if n.op != "placeholder"), None)
         if first is not None:
-            for p in placeholders:
+            for p in self.placeholders:
                 first.prepend(p)
-        stage.outputs = [o for o, _ in outputs]
-        g.output(tuple(v for _, v in outputs))
-        stages.append(StageModule(stage, fx.GraphModule(prog.root, g, f"node{prog.node}_stage{s}"), examples))
-    return stages
+        self.stage.outputs = [o for o, _ in outputs]
+        self.g.output(tuple(v for _, v in outputs))
+        gm = fx.GraphModule(self.prog.root, self.g, f"node{self.prog.node}_stage{self.s}")
+        return StageModule(self.stage, gm, self.examples)
 
 
 def cut_all(lowered: Lowered) -> list[list[StageModule]]:
-    return [cut(prog, lowered) for prog in lowered.programs]
+    return [cut(prog) for prog in lowered.programs]
+
+
+def staged(messages: list[Message], programs: list[list[StageModule]]) -> list[Message]:
+    """The messages with the stage that sends each (on its source node) and the stage that receives it."""
+    sent, received = {}, {}
+    for prog in programs:
+        for sm in prog:
+            sent.update((o.ref, sm.stage.index) for o in sm.stage.outputs if o.role == "message")
+            received.update((i.ref, sm.stage.index) for i in sm.stage.inputs if i.source == "message")
+    return [dataclasses.replace(m, src_stage=sent[m.id], dst_stage=received[m.id]) for m in messages]
 
 
 def run_python(programs: list[list[StageModule]], lowered: Lowered, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
     """Run every node's stages, passing messages through a dict (single thread, any ready node first)."""
     names = [name for name, _, _ in lowered.inputs]
-    model_inputs = dict(zip(names, inputs))
+    model_inputs = dict(zip(names, inputs, strict=False))
     messages: dict[str, torch.Tensor] = {}
     carried = [dict() for _ in programs]
     outputs: dict[str, torch.Tensor] = {}
     next_stage = [0] * len(programs)
     with torch.no_grad():
-        while any(k < len(p) for k, p in zip(next_stage, programs)):
+        while any(k < len(p) for k, p in zip(next_stage, programs, strict=False)):
             progressed = False
             for j, prog in enumerate(programs):
                 if next_stage[j] >= len(prog):
@@ -163,7 +174,7 @@ def run_python(programs: list[list[StageModule]], lowered: Lowered, inputs: list
                     continue
                 args = [model_inputs[i.ref] if i.source == "model_input" else
                         messages[i.ref] if i.source == "message" else carried[j][i.ref] for i in sm.stage.inputs]
-                for o, v in zip(sm.stage.outputs, sm.module(*args)):
+                for o, v in zip(sm.stage.outputs, sm.module(*args), strict=False):
                     if o.role == "message":
                         messages[o.ref] = v
                     elif o.role == "carried":

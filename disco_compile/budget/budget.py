@@ -22,8 +22,8 @@ from dataclasses import dataclass, fields
 from ..errors import BudgetError
 
 ALLOCATIONS = ("uniform", "global")
-# bytes per MAC of a 1 Gbit/s link against a node doing 30 GMAC/s: the default with global (docs/architecture.md:
-# quality level with 0 on two networks; ResNet-50's slowest node 0.39 of the model)
+# bytes per MAC of a 1 Gbit/s link against a node doing 30 GMAC/s: the default with global (quality level with 0 on
+# two networks; ResNet-50's slowest node 0.39 of the model: docs/decisions.md#default-compute-weight)
 DEFAULT_COMPUTE_WEIGHT = 0.004
 
 

@@ -31,7 +31,6 @@ import logging
 import operator
 import os
 import zipfile
-from collections.abc import Callable
 
 import torch
 import torch.fx as fx
@@ -45,7 +44,7 @@ from ..passes.raise_attention import SDPA, raise_attention
 
 aten = torch.ops.aten
 
-_FUNCTIONS = registry.aten_raising()  # each op family registers the ATen calls it raises (ops/)
+_FUNCTIONS = dict(registry.aten_raising())  # each op family registers the ATen calls it raises (ops/)
 _METHODS = {aten.expand.default: "expand"}
 _RESIZES = {aten.upsample_nearest2d.vec: "nearest", aten.upsample_bilinear2d.vec: "bilinear",
             aten.upsample_bicubic2d.vec: "bicubic"}
@@ -283,12 +282,12 @@ def to_module(ep: torch.export.ExportedProgram) -> fx.GraphModule:
     shapes = example_shapes(ep)
     if all(s is not None for s in shapes):
         g = torch.Generator().manual_seed(0)
-        inputs = [_random(s, v.dtype, g) for s, v in zip(shapes, vals)]
+        inputs = [_random(s, v.dtype, g) for s, v in zip(shapes, vals, strict=False)]
         if raise_attention(gm, tuple(inputs)) and not any(n.target is SDPA for n in gm.graph.nodes):
             kept.discard(str(SDPA))
         with torch.no_grad():
             want, got = ep.module()(*inputs), gm(*inputs)
-        for a, b in zip(pytree.tree_leaves(want), pytree.tree_leaves(got)):
+        for a, b in zip(pytree.tree_leaves(want), pytree.tree_leaves(got), strict=False):
             if isinstance(a, torch.Tensor) and not torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max())):
                 raise ExportedProgramError(f"raising the program to modules changed its output (max abs "
                                            f"difference {(a - b).abs().max().item():.3g}); please report this "
@@ -296,7 +295,7 @@ def to_module(ep: torch.export.ExportedProgram) -> fx.GraphModule:
         if all(len(s) > 0 for s in shapes):
             try:
                 with torch.no_grad():
-                    gm(*(_random((2 * s[0], *s[1:]), v.dtype, g) for s, v in zip(shapes, vals)))
+                    gm(*(_random((2 * s[0], *s[1:]), v.dtype, g) for s, v in zip(shapes, vals, strict=False)))
             except Exception:  # any failure at another batch size means the program fixed its batch
                 gm.fixed_batch = shapes[0][0]
     gm.kept_aten_ops = sorted(kept)

@@ -88,7 +88,7 @@ def channel_dims(labels: torch.Tensor | None) -> tuple[int, ...]:
 
 def fits(labels: torch.Tensor, shape: torch.Size) -> bool:
     """Whether `labels` is a valid (broadcast-form) labelling of a tensor of `shape`."""
-    return labels.dim() == len(shape) and all(l in (1, s) for l, s in zip(labels.shape, shape))
+    return labels.dim() == len(shape) and all(n in (1, s) for n, s in zip(labels.shape, shape, strict=False))
 
 
 def units_per_sample(shape: torch.Size, labels: torch.Tensor) -> int:

@@ -51,7 +51,7 @@ _FORWARD_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "a
 
 def forward_args(node: fx.Node) -> dict:
     """The arguments of a call of nn.MultiheadAttention, by name."""
-    return dict(zip(_FORWARD_ARGS, node.args), **node.kwargs)
+    return dict(zip(_FORWARD_ARGS, node.args, strict=False), **node.kwargs)
 
 
 def why_not_split(node: fx.Node, module: nn.MultiheadAttention) -> str | None:

@@ -40,7 +40,8 @@ CHANNELWISE.ops(
     nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
     nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm,
     F.relu, F.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.gelu, F.silu, F.mish, F.hardswish,
-    F.hardsigmoid, F.hardtanh, F.sigmoid, F.tanh, F.softplus, F.dropout, F.dropout2d, torch.relu, torch.relu_, torch.sigmoid, torch.tanh, torch.exp, torch.log, torch.sqrt,
+    F.hardsigmoid, F.hardtanh, F.sigmoid, F.tanh, F.softplus, F.dropout, F.dropout2d,
+    torch.relu, torch.relu_, torch.sigmoid, torch.tanh, torch.exp, torch.log, torch.sqrt,
     torch.rsqrt, torch.abs, torch.neg, torch.clamp, torch.clip, torch.erf, operator.neg,
     F.dropout1d, F.alpha_dropout,
     torchvision.ops.stochastic_depth,  # drops whole samples (or the batch), never single channels
@@ -62,8 +63,8 @@ CHANNELWISE.ops(F.prelu, torch.prelu, rule=keeps_layout, channel_args=((1, "weig
 @CHANNELWISE.rule(F.pad, aten={aten.pad.default: F.pad})
 def pad(ctx: RuleContext) -> torch.Tensor:
     _, labels = ctx.first_labelled()
-    padding = ctx.arg(1, "pad")
-    padded = range(labels.dim() - len(padding) // 2, labels.dim())
+    padding = ctx.arg(1, "pad")  # (last dim's left, right, the dim before's left, right, ...)
+    padded = [labels.dim() - 1 - k // 2 for k, p in enumerate(padding) if p]
     if any(labels.size(d) > 1 for d in padded):
         raise Fallback("padding along a channel dimension")
     return keeps_layout(ctx)
@@ -85,7 +86,13 @@ def sliced_module(n: fx.Node, module: nn.Module, units: torch.Tensor, channels: 
             setattr(owner, name, nn.Parameter(kept, requires_grad=False))
         else:
             owner.register_buffer(name, kept)
+    for attr in _CHANNEL_COUNTS:  # the count a module checks its input against (InstanceNorm's num_features)
+        if getattr(part, attr, None) == channels:
+            setattr(part, attr, units.numel())
     return part
+
+
+_CHANNEL_COUNTS = ("num_features", "num_parameters", "num_channels")
 
 
 def has_state(module: nn.Module | None) -> bool:
@@ -124,7 +131,8 @@ def run_local(b, n: fx.Node, module: nn.Module | None, op=None, *, per_channel: 
     sliced = _channel_args(b, n, op, loc, lay.units, lay.axis)
     args, kwargs = fx.node.map_arg((n.args, n.kwargs),
                                    lambda a: loc.node if a is x else sliced[a] if a in sliced else b.value(a))
-    if per_channel and has_state(module) and loc.units is not None:
+    counts = any(getattr(module, attr, None) == lay.units for attr in _CHANNEL_COUNTS)
+    if per_channel and (has_state(module) or counts) and loc.units is not None:
         part = sliced_module(n, module, loc.units, lay.units, lay.axis)
         node = b.submodule(n, part, args, kwargs, shape, lay.dtype)
     else:

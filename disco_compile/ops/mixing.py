@@ -144,7 +144,8 @@ def conv(ctx: RuleContext) -> torch.Tensor:
                                 m.weight[0, 0].numel(), in_labels)
     if m.groups > 1 and in_labels is not None and m.groups >= ctx.nodes:
         # group-aligned ownership: input group g and output group g live on one node
-        for gin, gout in zip(in_labels.reshape(-1).chunk(m.groups), out_labels.reshape(-1).chunk(m.groups)):
+        for gin, gout in zip(in_labels.reshape(-1).chunk(m.groups), out_labels.reshape(-1).chunk(m.groups),
+                             strict=True):
             ctx.universe.tie_all(torch.cat([gin, gout]))
     return out_labels
 
@@ -187,9 +188,12 @@ def _block_sum(b, n, module, layer, loc: Local, w_rows, b_rows, rows) -> fx.Node
         cols = torch.tensor(msg.channels, dtype=torch.long)
         gate = b.low.gates[layer.exchange][b.j, cols]
         parts.append((payload, w_rows[:, cols] * gate.reshape((1, -1) + (1,) * (w_rows.dim() - 2))))
-    if not parts:
-        raise LoweringError(f"'{n.name}': node {b.j} owns output rows but holds and receives no input "
-                            f"channel at this budget")
+    if not parts:  # nothing of the input here at this budget: the rows are their bias (or zero)
+        bias = torch.zeros(w_rows.shape[0], dtype=w_rows.dtype) if b_rows is None else b_rows
+        lay = b.low.layout(n)
+        shape = lay.rep_shape(rows.numel())
+        return b.call(constant_rows, (b.batch_of_inputs(), b.const(f"{n.name}_b", bias), shape[1:], lay.axis - 1),
+                      shape=shape)
     if not b.low.overlap and len(parts) > 1:  # one product over [local | received] once all arrived
         axis = b.low.layout(n.all_input_nodes[0]).axis
         shape = list(b.shapes[parts[0][0].name])
@@ -209,6 +213,13 @@ def _block_sum(b, n, module, layer, loc: Local, w_rows, b_rows, rows) -> fx.Node
     for t in terms[1:]:
         out = b.call(operator.add, (out, t), shape=b.shapes[out.name])
     return out
+
+
+def constant_rows(batch: torch.Tensor, bias: torch.Tensor, shape: tuple[int, ...], axis: int) -> torch.Tensor:
+    """(len(batch), *shape) holding bias[c] at position c of dim `axis` of `shape`: output rows that receive
+    no input channel."""
+    fill = bias.reshape([-1 if d == axis else 1 for d in range(len(shape))]).expand(shape)
+    return batch.reshape((-1,) + (1,) * len(shape)) * 0 + fill
 
 
 def _apply_weights(b, n, module, x, w, bias, rows) -> fx.Node:

@@ -107,7 +107,8 @@ class PartitionedConv(_Partitioned):
 
     def _node(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, groups: int) -> torch.Tensor:
         if self.padding_mode != "zeros":
-            return self._conv(F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode), w, b, self.stride, 0, self.dilation, groups)
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return self._conv(x, w, b, self.stride, 0, self.dilation, groups)
         return self._conv(x, w, b, self.stride, self.padding, self.dilation, groups)
 
     def forward(self, xs: torch.Tensor) -> torch.Tensor:

@@ -110,65 +110,116 @@ def lower(b, n: fx.Node, module, op) -> None:
     if held.numel() == 0:
         b.env[n.name] = Local(None, held)
         return
-    producer = n
-    if n.target is operator.getitem and not is_tensor_meta(n.args[0].meta.get("tensor_meta")):
-        producer = n.args[0]  # element `index` of a split/chunk
-    inputs = [a for a in producer.all_input_nodes if is_tensor_meta(a.meta.get("tensor_meta"))]
-    ids, offset = {}, 0
-    for a in inputs:
-        la = b.low.layout(a)
-        numel = int(torch.tensor(la.shape).prod())
-        ids[a.name] = torch.arange(offset, offset + numel).reshape(la.shape)
-        offset += numel
-
-    def run(arg_of):
-        args, kwargs = fx.node.map_arg((producer.args, producer.kwargs), arg_of)
-        module_ = b.low.gm.get_submodule(producer.target) if producer.op == "call_module" else None
-        out = call_like(producer, module_, args, kwargs)
-        return out[n.args[1]] if producer is not n else out
-
-    expected = lay.as_rep(run(lambda a: ids[a.name] if a.name in ids else b.env[a.name].full))
-    local_ids = {a.name: _local_ids(b, a, ids[a.name]) for a in inputs}
-    if producer is n and not (op is not None and op.data.get("as_gather")):  # candidate 1: the op itself on the local tensors (parts this node lacks left out of lists)
-        empty = {a.name for a in inputs if b.env[a.name].node is None}
-        # candidate 1b: the same with whole inputs first narrowed to the held units along the output's channel
-        # axis (a replicated class token concatenated beside split tokens takes their labels, the cat rule)
-        narrowable = [a for a in inputs if b.env[a.name].units is None and a.name not in empty
-                      and len(lay.dims) == 1 and len(b.low.layout(a).shape) == len(lay.shape)
-                      and b.low.layout(a).shape[lay.axis] == lay.units]
+    move = _Movement(b, n, module, lay, held)
+    if not (op is not None and op.data.get("as_gather")):
+        # candidate 1b: whole inputs first narrowed to the held units along the output's channel axis (a
+        # replicated class token concatenated beside split tokens takes their labels, the cat rule)
+        narrowable = move.narrowable() if move.producer is n else []
         for narrow in ([], narrowable) if narrowable else ([],):
-            ids_of = {**local_ids, **{a.name: ids[a.name].index_select(lay.axis, held) for a in narrow}}
-            try:
-                args, kwargs = _without(fx.node.map_arg((n.args, n.kwargs), lambda a: ids_of.get(a.name, b.env[a.name].value)
-                                                        if a.name not in empty else _EMPTY))
-                got = call_like(n, module, args, kwargs)
-                # units spanning several dims (a pixel shuffle's channels x positions) are held flattened
-                natural = isinstance(got, torch.Tensor) and got.dim() == len(lay.shape) != expected.dim()
-                units = _match_units(expected, got.reshape(expected.shape[:lay.axis] + (-1,)) if natural else got,
-                                     lay.axis)
-            except (RuntimeError, ValueError, IndexError, TypeError):  # the op rejects the local shapes
-                units = None
-            if units is not None and torch.equal(torch.sort(units).values, held):
-                nodes_of = {a.name: b.select(b.value(a), lay.axis, held) for a in narrow}
-                args, kwargs = _without(fx.node.map_arg((n.args, n.kwargs), lambda a: nodes_of.get(a.name, b.value(a))
-                                                        if a.name not in empty else _EMPTY))
-                node = b.emit(n, module, args, kwargs, shape=tuple(got.shape) if natural else None)
-                b.hold(n, b.reshape(node, lay.rep_shape(units.numel())) if natural else node, units)
+            if move.local_op(narrow):
                 return
-    if len(inputs) == 1 and b.low.layout(inputs[0]).axis is not None:  # candidate 2: a gather
-        src = inputs[0]
-        axis = b.low.layout(src).axis
-        pos = _gather_positions(expected, held, local_ids[src.name], axis, lay.axis)
-        if pos is not None:
-            node = b.select(b.env[src.name].node, axis, pos)
-            b.hold(n, b.reshape(node, lay.rep_shape(held.numel())), held)
-            return
-    raise LoweringError(f"'{n.name}' ({describe_target(producer, module)}): no local form of this data "
+    if len(move.inputs) == 1 and b.low.layout(move.inputs[0]).axis is not None and (move.gather() or move.reshaped()):
+        return
+    raise LoweringError(f"'{n.name}' ({describe_target(move.producer, module)}): no local form of this data "
                         f"movement on node {b.j}")
+
+
+class _Movement:
+    """One data-movement op on node j: element ids of its inputs, and what node j must hold of its output."""
+
+    def __init__(self, b, n: fx.Node, module, lay, held: torch.Tensor):
+        self.b, self.n, self.module, self.lay, self.held = b, n, module, lay, held
+        self.producer = n
+        if n.target is operator.getitem and not is_tensor_meta(n.args[0].meta.get("tensor_meta")):
+            self.producer = n.args[0]  # element `index` of a split/chunk
+        p = self.producer
+        self.producer_module = b.low.gm.get_submodule(p.target) if p.op == "call_module" else module
+        self.inputs = [a for a in self.producer.all_input_nodes if is_tensor_meta(a.meta.get("tensor_meta"))]
+        self.ids, offset = {}, 0
+        for a in self.inputs:
+            shape = b.low.layout(a).shape
+            numel = int(torch.tensor(shape).prod())
+            self.ids[a.name] = torch.arange(offset, offset + numel).reshape(shape)
+            offset += numel
+        self.expected = lay.as_rep(self._run(lambda a: self.ids[a.name] if a.name in self.ids else b.env[a.name].full))
+        self.local_ids = {a.name: _local_ids(b, a, self.ids[a.name]) for a in self.inputs}
+        self.empty = {a.name for a in self.inputs if b.env[a.name].node is None}
+
+    def _run(self, arg_of):
+        p = self.producer
+        return self._call(*fx.node.map_arg((p.args, p.kwargs), arg_of))
+
+    def narrowable(self) -> list[fx.Node]:
+        lay, low = self.lay, self.b.low
+        return [a for a in self.inputs if self.b.env[a.name].units is None and a.name not in self.empty
+                and len(lay.dims) == 1 and len(low.layout(a).shape) == len(lay.shape)
+                and low.layout(a).shape[lay.axis] == lay.units]
+
+    def _args(self, value_of):
+        """The producer's arguments with node j's values (parts it lacks left out of lists)."""
+        p = self.producer
+        return _without(fx.node.map_arg((p.args, p.kwargs),
+                                        lambda a: value_of(a) if a.name not in self.empty else _EMPTY))
+
+    def _call(self, args, kwargs):
+        """The op (or, for an element of a split, the producer and the element) on these arguments."""
+        out = call_like(self.producer, self.producer_module, args, kwargs)
+        return out if self.producer is self.n else out[self.n.args[1]]
+
+    def _emit(self, args, kwargs, shape) -> fx.Node:
+        b = self.b
+        if self.producer is self.n:
+            return b.emit(self.n, self.module, args, kwargs, shape=shape)
+        whole = b.emit(self.producer, self.producer_module, args, kwargs)
+        return b.call(operator.getitem, (whole, self.n.args[1]), shape=shape, dtype=self.lay.dtype)
+
+    def local_op(self, narrow: list[fx.Node]) -> bool:
+        """Candidate 1: the op itself on node j's local tensors, if that yields exactly the held units."""
+        b, lay, held = self.b, self.lay, self.held
+        ids_of = {**self.local_ids, **{a.name: self.ids[a.name].index_select(lay.axis, held) for a in narrow}}
+        try:
+            got = self._call(*self._args(lambda a: ids_of.get(a.name, b.env[a.name].value)))
+            # units spanning several dims (a pixel shuffle's channels x positions) are held flattened
+            natural = isinstance(got, torch.Tensor) and got.dim() == len(lay.shape) != self.expected.dim()
+            units = _match_units(self.expected, got.reshape(self.expected.shape[:lay.axis] + (-1,)) if natural
+                                 else got, lay.axis)
+        except (RuntimeError, ValueError, IndexError, TypeError):  # the op rejects the local shapes
+            return False
+        if units is None or not torch.equal(torch.sort(units).values, held):
+            return False
+        nodes_of = {a.name: b.select(b.value(a), lay.axis, held) for a in narrow}
+        node = self._emit(*self._args(lambda a: nodes_of.get(a.name, b.value(a))),
+                          shape=tuple(got.shape) if natural else None)
+        b.hold(self.n, b.reshape(node, lay.rep_shape(units.numel())) if natural else node, units)
+        return True
+
+    def gather(self) -> bool:
+        """Candidate 2: a gather along the local axis of the one input."""
+        b, src = self.b, self.inputs[0]
+        axis = b.low.layout(src).axis
+        pos = _gather_positions(self.expected, self.held, self.local_ids[src.name], axis, self.lay.axis)
+        if pos is None:
+            return False
+        node = b.select(b.env[src.name].node, axis, pos)
+        b.hold(self.n, b.reshape(node, self.lay.rep_shape(self.held.numel())), self.held)
+        return True
+
+    def reshaped(self) -> bool:
+        """Candidate 3: the one input's local tensor reshaped to the output's local shape (a reshape to sizes
+        that hold every channel, such as x.reshape(-1, C * H * W), is on node j that of its own channels)."""
+        b, src, lay, held = self.b, self.inputs[0], self.lay, self.held
+        shape = lay.rep_shape(held.numel())
+        local = self.local_ids[src.name]
+        want = self.expected if lay.axis is None else self.expected.index_select(lay.axis, held)
+        if local.numel() != want.numel() or not torch.equal(local.reshape(shape), want):
+            return False
+        b.hold(self.n, b.reshape(b.env[src.name].node, shape), held)
+        return True
+
 
 def _local_ids(b, a: fx.Node, full: torch.Tensor) -> torch.Tensor:
     loc = b.env[a.name]
-    if loc.units is None:
+    if loc.units is None or b.low.layout(a).axis is None:  # held whole, or a tensor of one unit
         return full
     lay = b.low.layout(a)
     return lay.as_rep(full).index_select(lay.axis, loc.units)
@@ -194,7 +245,9 @@ def _rows(t: torch.Tensor, axis: int) -> torch.Tensor:
 
 def _match_units(expected: torch.Tensor, got, axis: int | None) -> torch.Tensor | None:
     """If `got` is exactly some units of `expected` (both in representation form), those units in order."""
-    if not isinstance(got, torch.Tensor) or axis is None or got.dim() != expected.dim():
+    if isinstance(got, torch.Tensor) and axis is None:  # a tensor of one unit
+        return torch.arange(1) if got.shape == expected.shape and torch.equal(got, expected) else None
+    if not isinstance(got, torch.Tensor) or got.dim() != expected.dim():
         return None
     if got.shape[:axis] != expected.shape[:axis] or got.shape[axis + 1:] != expected.shape[axis + 1:]:
         return None
@@ -208,7 +261,7 @@ def _match_units(expected: torch.Tensor, got, axis: int | None) -> torch.Tensor 
 def _gather_positions(expected: torch.Tensor, held: torch.Tensor, src: torch.Tensor, src_axis: int,
                       out_axis: int) -> torch.Tensor | None:
     """Positions along the source's local axis whose slices are exactly the held output units."""
-    want = _rows(expected.index_select(out_axis, held), out_axis)
+    want = expected.reshape(1, -1) if out_axis is None else _rows(expected.index_select(out_axis, held), out_axis)
     rows = _rows(src, src_axis)
     if rows.shape[1] != want.shape[1]:
         return None

@@ -20,7 +20,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..backend.program import Layout, Local, LoweringError, recv, send
+from ..backend.program import Layout, Local, LoweringError, is_tensor_meta, recv, send
 from ..ir import REPLICATED, StatExchange, channel_dims
 from .channelwise import keeps_layout, run_local
 from .registry import Fallback, Family, RuleContext, describe_target, node_arg
@@ -60,6 +60,27 @@ STATISTICS.ops(torch.sum, "sum", rule=reduce, kind="sum", aten={aten.sum.dim_Int
 STATISTICS.ops(torch.mean, "mean", rule=reduce, kind="mean", aten={aten.mean.dim: torch.mean})
 STATISTICS.ops(torch.amax, "amax", rule=reduce, kind="amax", aten={aten.amax.default: torch.amax})
 STATISTICS.ops(torch.amin, "amin", rule=reduce, kind="amin", aten={aten.amin.default: torch.amin})
+
+
+def max_with_indices(ctx: RuleContext):
+    """torch.max(x) is amax over every dim; torch.max(x, dim) returns (values, indices): over the split channels,
+    each node sends its maxima with the global index of each, and every node keeps the largest (the first such
+    index on ties, as torch does)."""
+    dim = ctx.arg(1, "dim")
+    if isinstance(dim, torch.Tensor):
+        raise Fallback("torch.max of two tensors (elementwise: torch.maximum is split)")
+    if dim is None:
+        return reduce(ctx)
+    value, labels = ctx.first_labelled()
+    if channel_dims(labels) != (dim % value.dim(),):
+        raise Fallback("max with indices over dims other than the split channel dim alone")
+    values = ctx.out[0]
+    _stat_exchange(ctx, 2 * values.numel() // max(1, values.shape[0] if values.dim() else 1), values.element_size(),
+                   to_all=True)
+    return None
+
+
+STATISTICS.ops(torch.max, "max", rule=max_with_indices, kind="max")
 
 
 def _normalise(ctx: RuleContext, value: torch.Tensor, labels: torch.Tensor, dims: tuple[int, ...],
@@ -289,7 +310,8 @@ def group_merge(parts: list[torch.Tensor], counts: list[torch.Tensor]) -> torch.
 def group_normalised(x: torch.Tensor, stats: torch.Tensor, assign: torch.Tensor, eps: float, weight, bias):
     """GroupNorm of node j's channels from its groups' merged (mean, var), with the affine of its channels."""
     shape = x.shape[:2] + (1,) * (x.dim() - 2)
-    y = (x - (stats[..., 0] @ assign.t()).reshape(shape)) / torch.sqrt((stats[..., 1] @ assign.t()).reshape(shape) + eps)
+    mean, var = ((stats[..., k] @ assign.t()).reshape(shape) for k in (0, 1))
+    y = (x - mean) / torch.sqrt(var + eps)
     if weight is not None:
         y = y * weight.reshape((-1,) + (1,) * (x.dim() - 2))
     return y + bias.reshape((-1,) + (1,) * (x.dim() - 2)) if bias is not None else y
@@ -347,9 +369,48 @@ def _local_group_norm(b, n: fx.Node, module) -> None:
     b.hold(n, node, units)
 
 
+def max_partial(x: torch.Tensor, units: torch.Tensor, axis: int) -> torch.Tensor:
+    """(values, global index) of this node's maxima along `axis`, stacked on a new last dim."""
+    values, local = x.max(axis, keepdim=True)
+    index = torch.gather(units.reshape([-1 if d == axis else 1 for d in range(x.dim())]).expand_as(x), axis, local)
+    return torch.stack([values, index.to(values.dtype)], -1)
+
+
+def max_merge(parts: list[torch.Tensor]) -> torch.Tensor:
+    stacked = torch.stack(parts)
+    best = stacked[..., 0].amax(0)
+    first = torch.where(stacked[..., 0] == best, stacked[..., 1], torch.inf).amin(0)
+    return torch.stack([best, first], -1)
+
+
+def max_finish(merged: torch.Tensor, axis: int, keepdim: bool):
+    values, indices = merged[..., 0], merged[..., 1].to(torch.int64)
+    return (values, indices) if keepdim else (values.squeeze(axis), indices.squeeze(axis))
+
+
+def _split_max(b, n: fx.Node) -> None:
+    """torch.max(x, dim) over the split channels: every node merges every holder's (maximum, index)."""
+    x = n.all_input_nodes[0]
+    lay, loc = b.low.layout(x), b.env[x.name]
+    holders = [k for k in range(b.low.nodes) if lay.owned(k).numel()]
+    shape = tuple(1 if d == lay.axis else s for d, s in enumerate(lay.shape)) + (2,)
+    shapes = {k: shape for k in holders}
+    own = {}
+    if b.j in holders:
+        units = b.const(f"{n.name}_units", loc.units.to(lay.dtype))
+        own[b.j] = b.call(max_partial, (loc.node, units, lay.axis), shape=shape, dtype=lay.dtype)
+    parts = _exchange(b, n, own, shapes, holders, list(range(b.low.nodes)), lay.dtype)
+    merged = b.call(max_merge, (parts,), shape=shape, dtype=lay.dtype)
+    keepdim = bool(node_arg(n.args, n.kwargs, 2, "keepdim", False))
+    b.env[n.name] = Local(b.call(max_finish, (merged, lay.axis, keepdim)))
+
+
 @STATISTICS.lowers
 def lower(b, n: fx.Node, module, op) -> None:
     kind = op.data["kind"]
+    if kind == "max" and not is_tensor_meta(n.meta.get("tensor_meta")):
+        return _split_max(b, n)
+    kind = "amax" if kind == "max" else kind
     split = n.name in b.low.stats
     x = n.all_input_nodes[0]
     if split and bool((b.low.layout(x).owner == REPLICATED).any()):

@@ -79,7 +79,7 @@ def _expand_swin(gm: fx.GraphModule, n: fx.Node) -> bool:
     _, height, width, channels = n.args[0].meta["tensor_meta"].shape
     window = tuple(a["window_size"])
     padded = (height + -height % window[0], width + -width % window[1])
-    shift = tuple(0 if w >= p else s for w, p, s in zip(window, padded, a["shift_size"]))
+    shift = tuple(0 if w >= p else s for w, p, s in zip(window, padded, a["shift_size"], strict=False))
     heads = a["num_heads"]
     g = gm.graph
     kwargs = {}

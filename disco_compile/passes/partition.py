@@ -26,7 +26,7 @@ def quotas(size: int, weights: Sequence[float]) -> list[int]:
     for w in weights:
         cum.append(cum[-1] + w / total)
     bounds = [round(size * c) for c in cum]
-    return [b - a for a, b in zip(bounds, bounds[1:])]
+    return [b - a for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
 def check_weights(nodes: int, node_weights: Sequence[float] | None) -> list[float]:

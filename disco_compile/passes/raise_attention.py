@@ -71,7 +71,7 @@ _DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": N
 
 def _plain(n: fx.Node) -> bool:
     """An attention call with q, k, v alone: no mask, dropout, causal flag or scale."""
-    given = dict(zip(("attn_mask", "dropout_p", "is_causal"), n.args[3:])) | dict(n.kwargs)
+    given = dict(zip(("attn_mask", "dropout_p", "is_causal"), n.args[3:], strict=False)) | dict(n.kwargs)
     return len(n.args) >= 3 and all(k in _DEFAULTS and _DEFAULTS[k] == v for k, v in given.items())
 
 
