@@ -17,7 +17,7 @@ def assert_close(actual, expected, rtol: float = RTOL, atol: float = ATOL, what:
     a_leaves, a_spec = pytree.tree_flatten(actual)
     e_leaves, e_spec = pytree.tree_flatten(expected)
     assert a_spec == e_spec, f"{what}: structure differs: {a_spec} vs {e_spec}"
-    for k, (a, e) in enumerate(zip(a_leaves, e_leaves)):
+    for k, (a, e) in enumerate(zip(a_leaves, e_leaves, strict=True)):
         assert a.shape == e.shape, f"{what}[{k}]: shape {tuple(a.shape)} != {tuple(e.shape)}"
         bad = ~torch.isclose(a, e, rtol=rtol, atol=atol)
         if bad.any():

@@ -27,7 +27,8 @@ def small_vit() -> tuple[nn.Module, torch.Tensor]:
 
 def head_owners(dm, layer: int) -> list[list[int]]:
     """Owner of every in_proj row, per head: [q_h rows, k_h rows, v_h rows] flattened."""
-    in_proj = next(l for l in dm.plan.layers if l.module == f"encoder.layers.encoder_layer_{layer}.self_attention.in_proj")
+    name = f"encoder.layers.encoder_layer_{layer}.self_attention.in_proj"
+    in_proj = next(lay for lay in dm.plan.layers if lay.module == name)
     owner = dm.plan.owner_of[in_proj.out_labels.flatten()].reshape(3, 4, 8)  # (q|k|v, head, channel)
     return owner.permute(1, 0, 2).reshape(4, -1).tolist()
 
@@ -47,7 +48,8 @@ def test_small_vit_is_exact_with_no_replicated_op(nodes):
         heads = head_owners(dm, layer)
         assert all(len(set(h)) == 1 for h in heads)  # each head's q, k and v rows on one node
         assert sorted({h[0] for h in heads}) == list(range(min(nodes, 4)))
-        out_proj = next(l for l in dm.plan.layers if l.module == f"encoder.layers.encoder_layer_{layer}.self_attention.out_proj")
+        name = f"encoder.layers.encoder_layer_{layer}.self_attention.out_proj"
+        out_proj = next(lay for lay in dm.plan.layers if lay.module == name)
         out = nodes_by_name(dm)[out_proj.in_node].meta["disco"].owner.flatten().reshape(4, 8)
         assert out.tolist() == [[h[0]] * 8 for h in heads]  # the out_proj's input columns belong to the head's node
 

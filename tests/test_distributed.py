@@ -133,7 +133,7 @@ def test_client_pipelined_requests_over_keys(exports, tmp_path, nodes):
         futures = [client.submit(x) for x in batches]
         results = [f.result(timeout=60) for f in futures]
         again = client(batches[1])
-    for x, got in zip(batches, results):
+    for x, got in zip(batches, results, strict=False):
         np.testing.assert_array_equal(got[0], run_local(exports["n3"], x)[0], strict=True)
     np.testing.assert_array_equal(again[0], results[1][0], strict=True)
     for n in nodes:
@@ -155,7 +155,8 @@ def test_folder_of_images_over_processes(exports, tmp_path):
     assert [f.name for f in files] == ["a.png", "b.png"]
     expected = run_local(exports["n2"], batch)[0]
     np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), expected, strict=True)
-    for name, row in zip(("a.png", "b.png"), expected):  # a (batch, classes) output: each image's top-1 class
+    # a (batch, classes) output: each image's top-1 class
+    for name, row in zip(("a.png", "b.png"), expected, strict=False):
         assert f"{name}: top-1 class {int(row.argmax())} " in result.stdout
 
 
@@ -174,7 +175,7 @@ def test_stream_through_node0(exports, tmp_path, nodes):
     assert b"ran 5 request(s) from the stream" in done.stderr
     records = list(read_arrays(io.BytesIO(done.stdout)))
     assert len(records) == len(xs)
-    for x, got in zip(xs, records):
+    for x, got in zip(xs, records, strict=False):
         np.testing.assert_array_equal(got, run_local(exports["n2"], x)[0], strict=True)
     assert nodes[0].wait(15) == 0, nodes[0].output()
     assert "served 5 request(s)" in nodes[0].output()

@@ -112,9 +112,9 @@ def test_small_models_through_onnx(tmp_path, net, shape, nodes, rho, overlap):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, nodes, rho", [("resnet18", 2, 1.0), ("resnet18", 4, 0.2), ("mobilenet_v3_small", 2, 0.2),
-                                              ("shufflenet_v2_x1_0", 4, 1.0), ("convnext_tiny", 2, 0.2),
-                                              ("googlenet", 2, 0.2)])
+@pytest.mark.parametrize("name, nodes, rho", [("resnet18", 2, 1.0), ("resnet18", 4, 0.2),
+                                              ("mobilenet_v3_small", 2, 0.2), ("shufflenet_v2_x1_0", 4, 1.0),
+                                              ("convnext_tiny", 2, 0.2), ("googlenet", 2, 0.2)])
 def test_onnx_shards_equal_disco_model(tmp_path, name, nodes, rho):
     model, x = zoo.build(name, size=SIZE)
     dm = transform(model, nodes, x).eval()
@@ -123,7 +123,8 @@ def test_onnx_shards_equal_disco_model(tmp_path, name, nodes, rho):
     batch = torch.cat([x, torch.randn_like(x)])  # the exported batch dimension is symbolic
     with torch.no_grad():
         ref = dm(batch)
-    assert_close(torch.from_numpy(run_local(tmp_path / "out", batch.numpy())[0]), ref, what=f"{name} N={nodes} rho={rho}")
+    assert_close(torch.from_numpy(run_local(tmp_path / "out", batch.numpy())[0]), ref,
+                 what=f"{name} N={nodes} rho={rho}")
     if rho == 1.0:
         with torch.no_grad():
             assert_close(torch.from_numpy(run_local(tmp_path / "out", x.numpy())[0]), model(x), what="vs original")
@@ -142,7 +143,8 @@ def test_export_files_and_schedule(tmp_path):
     kinds = {m["kind"] for m in schedule["messages"]}
     assert {"input", "exchange", "output"} <= kinds
     exchanged = sum(m["bytes"] for m in schedule["messages"] if m["kind"] == "exchange")
-    assert exchanged == dm.cost().exchange_bytes - dm.cost().fixed_exchange_bytes  # the schedule sends what cost() counts
+    # the schedule sends what cost() counts
+    assert exchanged == dm.cost().exchange_bytes - dm.cost().fixed_exchange_bytes
     for m in schedule["messages"]:
         assert m["src_stage"] >= 0 and m["dst_stage"] >= 0 and m["src"] != m["dst"]
     files = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.onnx"))
@@ -167,9 +169,9 @@ def test_cli_exports_and_disco_run_reproduces(tmp_path):
     out = tmp_path / "shards"
     x = np.random.default_rng(0).standard_normal((1, 3, 64, 64)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
-    done = subprocess.run([sys.executable, "-m", "disco_compile.cli.compile", "resnet18", "--nodes", "2", "--budget", "0.2",
-                           "--input-shape", "1,3,64,64", "--no-overlap", "--out", str(out)], capture_output=True,
-                          text=True)
+    done = subprocess.run([sys.executable, "-m", "disco_compile.cli.compile", "resnet18", "--nodes", "2",
+                           "--budget", "0.2", "--input-shape", "1,3,64,64", "--no-overlap", "--out", str(out)],
+                          capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert f"wrote {out}" in done.stdout and "run it: disco-run" in done.stdout
     ran = subprocess.run([sys.executable, "-m", "disco_compile.cli.run", str(out), "--simulate",
@@ -201,7 +203,8 @@ def test_stage_torch_onnx_cannot_export_is_a_clear_error(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.AdaptiveMaxPool2d(3), nn.Flatten(), nn.Linear(72, 4)).eval()
     dm = transform(model, 2, torch.randn(1, 3, 4, 4)).eval()
-    with pytest.raises(ExportError, match=r"(?s)node\d/stage\d+\.onnx: torch.onnx cannot export this stage.*what to do"):
+    with pytest.raises(ExportError,
+                       match=r"(?s)node\d/stage\d+\.onnx: torch.onnx cannot export this stage.*what to do"):
         export(dm, tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing half-written
 

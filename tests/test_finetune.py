@@ -37,7 +37,7 @@ def _train(task, batch=64, seed=0):
 def test_budget_schedule_anneals_then_holds():
     values = [budget_at(t, 100, 0.2, 0.5) for t in range(100)]
     assert values[0] == 1.0
-    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
     assert values[50:] == [0.2] * 50
     assert math.isclose(values[25], 0.6)
 
@@ -206,7 +206,7 @@ def test_resume_continues_exactly(digits, tmp_path):
     resumed = transform(model, 2, task.example)
     res = finetune(resumed, data, checkpoint_dir=tmp_path, resume=True, **kwargs)
     assert res.steps == 16 and res.history[-1]["step"] == 16
-    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=False):
         assert torch.equal(a, b), f"{name} differs after resume"
 
     for change, text in (({"budget": replace(budget, compute_weight=0.1)}, "compute_weight: checkpoint 0.0 vs now 0.1"),

@@ -28,7 +28,8 @@ class RandomNet(nn.Module):
         self.head = nn.Linear(c, spec["classes"], bias=spec["head_bias"])
 
     def forward(self, x):
-        for conv, branch, residual, block in zip(self.convs, self.branches, self.residual, self.spec["blocks"]):
+        for conv, branch, residual, block in zip(self.convs, self.branches, self.residual, self.spec["blocks"],
+                                                 strict=False):
             y = F.relu(conv(x))
             if residual:
                 y = y + x

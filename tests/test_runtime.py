@@ -505,7 +505,7 @@ def test_cli_simulate_several_outputs_npz(three, tmp_path):
     result = CliRunner().invoke(disco_run, [*args, "--output", str(tmp_path / "o.npz")])
     assert result.exit_code == 0, result.output
     saved = np.load(tmp_path / "o.npz")
-    for name, ref in zip(("y", "z"), three_node_reference(x)):
+    for name, ref in zip(("y", "z"), three_node_reference(x), strict=False):
         np.testing.assert_allclose(saved[name], ref, rtol=RTOL, atol=ATOL)
 
 
@@ -532,7 +532,7 @@ def test_stream_reading_writing_and_pipelining():
     arrays = [inputs(1), inputs(3), np.arange(5, dtype=np.int64)]
     back = list(read_arrays(io.BytesIO(npy_stream(*arrays))))
     assert len(back) == 3
-    for a, b in zip(arrays, back):
+    for a, b in zip(arrays, back, strict=False):
         np.testing.assert_array_equal(a, b, strict=True)
     assert list(read_arrays(io.BytesIO(b""))) == []
     with pytest.raises(InputMismatch, match="record 2 of the input stream is not a .npy array"):
@@ -568,7 +568,7 @@ def test_cli_stream_on_stdin_and_stdout(three):
     records = list(read_arrays(io.BytesIO(result.stdout_bytes)))
     assert len(records) == 6
     for k, x in enumerate(xs):
-        for got, ref in zip(records[2 * k:2 * k + 2], three_node_reference(x)):
+        for got, ref in zip(records[2 * k:2 * k + 2], three_node_reference(x), strict=False):
             np.testing.assert_allclose(got, ref, rtol=RTOL, atol=ATOL)
 
 
@@ -578,7 +578,7 @@ def test_cli_stream_to_a_file(three, tmp_path):
                                             str(tmp_path / "o.npz")], input=npy_stream(*xs))
     assert result.exit_code == 0, result.output
     saved = np.load(tmp_path / "o.npz")
-    for name, ref in zip(("y", "z"), three_node_reference(np.concatenate(xs))):
+    for name, ref in zip(("y", "z"), three_node_reference(np.concatenate(xs)), strict=False):
         np.testing.assert_allclose(saved[name], ref, rtol=RTOL, atol=ATOL)
 
 

@@ -148,10 +148,10 @@ def onnx_export_error(module: nn.Module, inputs: tuple) -> list[float]:
         warnings.simplefilter("ignore")
         torch.onnx.export(Outputs().eval(), inputs, f"{tmp}/whole.onnx", dynamo=False, opset_version=17)
         session = ort.InferenceSession(f"{tmp}/whole.onnx", providers=["CPUExecutionProvider"])
-        got = session.run(None, {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs)})
+        got = session.run(None, {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs, strict=False)})
     with torch.no_grad():
         ref = Outputs()(*inputs)
-    return [float((torch.from_numpy(g) - r).abs().max()) for g, r in zip(got, ref)]
+    return [float((torch.from_numpy(g) - r).abs().max()) for g, r in zip(got, ref, strict=False)]
 
 
 def exported_backbone(out, nodes: int, rho: float):
@@ -165,7 +165,8 @@ def exported_backbone(out, nodes: int, rho: float):
     with torch.no_grad():
         shards, disco = BundleModule(out)(*inputs), sm.disco(*inputs)
     assert list(shards) == list(disco)
-    for (level, a), b, whole in zip(shards.items(), disco.values(), onnx_export_error(model.backbone, inputs)):
+    errors = onnx_export_error(model.backbone, inputs)
+    for (level, a), b, whole in zip(shards.items(), disco.values(), errors, strict=False):
         err = float((a - b).abs().max())
         assert err <= 2 * whole, (f"FPN level {level} N={nodes} rho={rho}: the shards differ from the DISCO backbone "
                                   f"by {err:.3g}, over twice what exporting the unsplit backbone costs ({whole:.3g})")

@@ -110,7 +110,7 @@ def test_windowing_matches_torchvision(height, width, wh, ww, heads, v2, data):
     want = shifted_window_attention(x, qkv.weight, proj.weight, bias, [wh, ww], heads, shift, qkv_bias=qkv.bias,
                                     proj_bias=proj.bias, logit_scale=logit_scale, training=False)
     padded = (height + -height % wh, width + -width % ww)
-    shift = tuple(0 if w >= p else s for w, p, s in zip((wh, ww), padded, shift))
+    shift = tuple(0 if w >= p else s for w, p, s in zip((wh, ww), padded, shift, strict=False))
     mask = shifted_window_mask(height, width, (wh, ww), shift, x.dtype) if any(shift) else None
     q, k, v = qkv(window_partition(x, (wh, ww), shift)).chunk(3, -1)
     o = window_heads_attention(q, k, v, heads, bias, scale=None if v2 else (c // heads) ** -0.5, mask=mask,

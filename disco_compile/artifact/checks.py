@@ -177,14 +177,7 @@ def _input_problems(uses: _Uses, where: str, node: int, stage: Stage, inp: Stage
             return [f"{where}: reads model input {inp.ref!r}, which is not a model input"]
         return []
     if inp.source == "message":
-        m = uses.index.messages.get(inp.ref)
-        if m is None:
-            return [f"{where}: receives message {inp.ref!r}, which is not in the messages"]
-        uses.received[m.id] += 1
-        if (m.dst, m.dst_stage) != (node, stage.index):
-            return [f"{where}: receives message {m.id!r}, which the messages send to "
-                    f"node {m.dst} stage {m.dst_stage}"]
-        return []
+        return _message_use(uses, where, inp.ref, node, stage, sending=False)
     if inp.source == "carried":
         if inp.ref not in carried_at:
             return [f"{where}: uses carried value {inp.ref!r} before any earlier stage of "
@@ -193,19 +186,26 @@ def _input_problems(uses: _Uses, where: str, node: int, stage: Stage, inp: Stage
     return [f"{where}: input {inp.name!r} has unknown source {inp.source!r}"]
 
 
+def _message_use(uses: _Uses, where: str, ref: str, node: int, stage: Stage, *, sending: bool) -> list[str]:
+    """Whether stage `stage` of `node` can send (or receive) message `ref`; counts the use."""
+    verb = "sends" if sending else "receives"
+    m = uses.index.messages.get(ref)
+    if m is None:
+        return [f"{where}: {verb} message {ref!r}, which is not in the messages"]
+    (uses.sent if sending else uses.received)[m.id] += 1
+    at = (m.src, m.src_stage) if sending else (m.dst, m.dst_stage)
+    if at != (node, stage.index):
+        said = "the messages say comes from" if sending else "the messages send to"
+        return [f"{where}: {verb} message {m.id!r}, which {said} node {at[0]} stage {at[1]}"]
+    return []
+
+
 def _output_problems(uses: _Uses, where: str, node: int, stage: Stage, out: StageOutput,
                      carried_at: dict[str, int]) -> list[str]:
     """Whether a stage can have output `out`; counts the message it sends or the model output it produces, and
     records the carried value it produces in `carried_at`."""
     if out.role == "message":
-        m = uses.index.messages.get(out.ref)
-        if m is None:
-            return [f"{where}: sends message {out.ref!r}, which is not in the messages"]
-        uses.sent[m.id] += 1
-        if (m.src, m.src_stage) != (node, stage.index):
-            return [f"{where}: sends message {m.id!r}, which the messages say comes from "
-                    f"node {m.src} stage {m.src_stage}"]
-        return []
+        return _message_use(uses, where, out.ref, node, stage, sending=True)
     if out.role == "carried":
         problems = []
         if out.ref in carried_at:

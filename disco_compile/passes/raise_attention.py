@@ -83,49 +83,63 @@ def _run(gm: fx.GraphModule, inputs: tuple, wanted: set[fx.Node]) -> dict[fx.Nod
     return values.values
 
 
-def raise_attention(gm: fx.GraphModule, inputs: tuple) -> int:
-    """Rewrite, in place, the attention calls of `gm` that fit (module docstring); returns how many."""
-    g = gm.graph
-    frames = {}  # attention call -> (S, T, heads)
-    calls = [n for n in g.nodes if n.op == "call_function" and n.target is SDPA and _plain(n)]
+def _frames(gm: fx.GraphModule, inputs: tuple) -> dict[fx.Node, tuple[fx.Node, fx.Node, int]]:
+    """The attention calls that fit: each -> (its packed in_proj output, the out_proj's input, heads)."""
+    calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is SDPA and _plain(n)]
     calls = [n for n in calls if _source(n.args[0]) is _source(n.args[1]) is _source(n.args[2])]
     values = _run(gm, inputs, {x for n in calls for x in (n.args[0], _source(n.args[0]))})
+    frames = {}
     for n in calls:
         q, s = values[n.args[0]], values[_source(n.args[0])]
         if q.dim() == 4 and s.dim() == 3 and s.shape[-1] == 3 * q.shape[1] * q.shape[3]:
             end = _out_proj_input(gm, n, q.shape[1] * q.shape[3])
             if end is not None:
                 frames[n] = (_source(n.args[0]), end, q.shape[1])
+    return frames
+
+
+def _raise_layout(gm: fx.GraphModule, inputs: tuple, frames: dict, batch_first: bool) -> list[fx.Node]:
+    """Try heads_attention with this layout for every frame; keep the ones that compute the same. Returns the
+    attention calls replaced (erased from the graph)."""
+    g = gm.graph
+    tried = {}
+    for n, (source, end, heads) in frames.items():
+        with g.inserting_before(next(iter(end.users))):
+            chunks = g.call_method("chunk", (source, 3, -1))
+            qkv = [g.call_function(operator.getitem, (chunks, i)) for i in range(3)]
+            tried[n] = (g.call_function(heads_attention, (*qkv, heads, batch_first)), [*qkv, chunks])
+    try:
+        values = _run(gm, inputs, {x for n in tried for x in (tried[n][0], frames[n][1])})
+    except RuntimeError:  # a guess that does not fit the shapes: none of this layout's guesses is kept
+        values = {}
+    fitted = []
+    for n, (o, made) in tried.items():
+        end = frames[n][1]
+        fits = o in values and values[o].numel() == values[end].numel() and torch.allclose(
+            values[o].reshape(values[end].shape), values[end], rtol=1e-5, atol=1e-6)
+        if fits:
+            with g.inserting_after(o):
+                new = g.call_function(torch.reshape, (o, list(values[end].shape)))
+            end.replace_all_uses_with(new)
+            fitted.append(n)
+        else:
+            for x in (o, *made):
+                g.erase_node(x)
+    g.eliminate_dead_code()  # from each replaced `end` back to its attention, which FX keeps (a seeded op) ...
+    for n in fitted:
+        g.erase_node(n)  # ... so it goes by hand (nothing uses it now), and then its inputs
+    return fitted
+
+
+def raise_attention(gm: fx.GraphModule, inputs: tuple) -> int:
+    """Rewrite, in place, the attention calls of `gm` that fit (module docstring); returns how many."""
+    frames = _frames(gm, inputs)
     done = 0
     for batch_first in (False, True):
-        tried = {}
-        for n, (source, end, heads) in frames.items():
-            with g.inserting_before(next(iter(end.users))):
-                chunks = g.call_method("chunk", (source, 3, -1))
-                qkv = [g.call_function(operator.getitem, (chunks, i)) for i in range(3)]
-                tried[n] = (g.call_function(heads_attention, (*qkv, heads, batch_first)), [*qkv, chunks])
-        try:
-            values = _run(gm, inputs, {x for n in tried for x in (tried[n][0], frames[n][1])})
-        except RuntimeError:  # a guess that does not fit the shapes: none of this layout's guesses is kept
-            values = {}
-        fitted = []
-        for n, (o, made) in tried.items():
-            end = frames[n][1]
-            fits = o in values and values[o].numel() == values[end].numel() and torch.allclose(
-                values[o].reshape(values[end].shape), values[end], rtol=1e-5, atol=1e-6)
-            if fits:
-                with g.inserting_after(o):
-                    new = g.call_function(torch.reshape, (o, list(values[end].shape)))
-                end.replace_all_uses_with(new)
-                fitted.append(n)
-            else:
-                for x in (o, *made):
-                    g.erase_node(x)
-        g.eliminate_dead_code()  # from each replaced `end` back to its attention, which FX keeps (a seeded op) ...
+        fitted = _raise_layout(gm, inputs, frames, batch_first)
         for n in fitted:
-            g.erase_node(n)  # ... so it goes by hand (nothing uses it now), and then its inputs
             del frames[n]
         done += len(fitted)
-    g.eliminate_dead_code()
+    gm.graph.eliminate_dead_code()
     gm.recompile()
     return done
