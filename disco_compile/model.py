@@ -73,7 +73,7 @@ class DiscoModel(nn.Module):
     def set_budget(self, budget: Budget | float) -> None:
         """One-shot selection at `budget`, a Budget or a number rho meaning Budget(rho) (global allocation,
         align 8, compute weight 0.004: disco-compile's defaults): the remote channels whose weight columns,
-        over the destination's output rows of every consumer, have the largest norm (selection.py)."""
+        over the destination's output rows of every consumer, have the largest norm (budget/selection.py)."""
         selection.select(self, selection.magnitude_scores(self), budget)
 
 
@@ -91,7 +91,7 @@ def transform(model: nn.Module | torch.export.ExportedProgram, nodes: int, examp
               input_on_all_nodes: bool = False, submodule: str | None = None) -> DiscoModel | DiscoSubmodel:
     """Rewrite `model` into a DISCO model over `nodes` nodes with every gate on.
 
-    model: an nn.Module, or a torch.export ExportedProgram (raised to modules first: exported.py).
+    model: an nn.Module, or a torch.export ExportedProgram (raised to modules first: frontend/exported.py).
     example_inputs: a tensor or tuple of tensors (batch first) used for tracing shapes.
     node_weights: relative speed of each node; a node gets that share of every layer's channels.
     leaf_modules: module classes or qualified names that are not traced into.
