@@ -177,8 +177,8 @@ def section(name: str, results, shots, original_value: float, check: dict, elaps
         lines.append(f"| {nodes} | {label} | {shot['exchange_ratio']:.3f} | {shot['metric']:.3f} | " +
                      " | ".join(_fmt(by[m]) for m in METHODS) + " |")
     if ARGS.allocation_rhos:
-        lines += ["", f"The table above uses the {ARGS.allocation} allocation. Allocation, N=2: uniform (every exchange "
-                      "and link cut by rho) against global (channels ranked by score per byte over the whole "
+        lines += ["", f"The table above uses the {ARGS.allocation} allocation. Allocation, N=2: uniform (every "
+                      "exchange and link cut by rho) against global (channels ranked by score per byte over the whole "
                       "model):", "",
                   "| rho | learned uniform | learned global | magnitude uniform | magnitude global |",
                   "|---|---|---|---|---|"]

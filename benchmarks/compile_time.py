@@ -70,9 +70,9 @@ def child(args) -> None:
                         ("assign_owners", "transform: partition"),
                         ("insert_exchanges", "transform: insert exchanges")):
         timed(model_mod, name, label)
-    for name, label in (("harden", "export: harden"), ("lower", "export: lower"), ("cut_all", "export: cut into stages"),
-                        ("stage_onnx", "export: stages to ONNX (torch.onnx)"), ("model_hash", "export: model hash"),
-                        ("write_bundle", "export: write_bundle (total)")):
+    for name, label in (("harden", "export: harden"), ("lower", "export: lower"),
+                        ("cut_all", "export: cut into stages"), ("stage_onnx", "export: stages to ONNX (torch.onnx)"),
+                        ("model_hash", "export: model hash"), ("write_bundle", "export: write_bundle (total)")):
         timed(export_mod, name, label)
     timed(bundle_mod, "load_bundle", "export: write_bundle: read back (load_bundle)")
 

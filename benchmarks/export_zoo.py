@@ -51,7 +51,8 @@ super-resolution model's shards (tests/test_export.py) are checked there too.
 
 
 def _max_abs(a, b) -> float:
-    return max(float((x - y).abs().max()) for x, y in zip(pytree.tree_leaves(a), pytree.tree_leaves(b)))
+    pairs = zip(pytree.tree_leaves(a), pytree.tree_leaves(b), strict=False)  # out and ref may differ in length
+    return max(float((x - y).abs().max()) for x, y in pairs)
 
 
 def row(name: str, size: int, configs) -> list[str]:
@@ -73,7 +74,8 @@ def row(name: str, size: int, configs) -> list[str]:
         with torch.no_grad():
             ref = pytree.tree_leaves(dm(x))
             own = _max_abs(ref, pytree.tree_map(lambda t: t.float(), dm.double()(x.double())))
-        ok = len(out) == len(ref) and all(torch.allclose(o, r, rtol=1e-4, atol=1e-5) for o, r in zip(out, ref))
+        ok = len(out) == len(ref) and all(torch.allclose(o, r, rtol=1e-4, atol=1e-5)
+                                          for o, r in zip(out, ref, strict=True))
         cells.append(f"{'equal' if ok else 'DIFFERS'} {_max_abs(out, ref):.1e} (own {own:.0e}, {seconds:.0f} s)")
         print(name, nodes, rho, cells[-1], flush=True)
     return [name] + cells

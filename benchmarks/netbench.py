@@ -159,7 +159,7 @@ def child_compute(work: Path, reps: int) -> None:
         y = outputs[sched["outputs"][0]["name"]]
         res[f"{wl}_maxdiff_vs_torch"] = float(np.abs(y - np.load(work / "ref.npy")).max())
         for k, prog in enumerate(sched["programs"]):
-            targets[f"{wl}{k}"] = [(s, _fetch(st), f) for s, st, f in zip(sessions[k], prog, feeds[k])]
+            targets[f"{wl}{k}"] = [(s, _fetch(st), f) for s, st, f in zip(sessions[k], prog, feeds[k], strict=True)]
     # each stage timed in every pass; a node's compute alone is the sum of its stages' medians, the stage times
     # of the schedule's timeline (disco_compile.runtime.timeline; with no link its length is the critical path of the
     # stage graph), so the timeline is never shorter than the node's compute
@@ -316,7 +316,7 @@ def setup_net() -> None:
     for ns in NS:
         sh(["ip", "netns", "add", ns])
     sh(["ip", "link", "add", VETH[0], "netns", NS[0], "type", "veth", "peer", "name", VETH[1], "netns", NS[1]])
-    for ns, dev, addr in zip(NS, VETH, ADDR):
+    for ns, dev, addr in zip(NS, VETH, ADDR, strict=True):
         sh(["ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev])
         sh(["ip", "-n", ns, "link", "set", dev, "up"])
         sh(["ip", "-n", ns, "link", "set", "lo", "up"])
@@ -340,7 +340,7 @@ def link_shaping(link: str) -> tuple[int, int]:
 def shape(link: str) -> list[str]:
     cmds = []
     burst, gso = link_shaping(link) if link_bps(link) is not None else (None, GSO_DEFAULT)
-    for ns, dev in zip(NS, VETH):
+    for ns, dev in zip(NS, VETH, strict=True):
         sh(["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", dev, "root"], check=False)
         cap = ["ip", "-n", ns, "link", "set", "dev", dev, "gso_max_size", str(gso)]
         sh(cap)
@@ -442,7 +442,7 @@ def schedule_bytes(work: Path, wl: str) -> dict:
     return by
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", type=Path, default=Path("/tmp/netbench"))
     ap.add_argument("--reps", type=int, default=30)
@@ -466,6 +466,11 @@ def main() -> None:
     unknown = set(args.workloads.split(",")) - set(WORKLOADS)
     if unknown:
         ap.error(f"--workloads: unknown {', '.join(sorted(unknown))}; choose from {', '.join(WORKLOADS)}")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root (network namespaces, tc)")
     work = args.work.resolve()
@@ -477,7 +482,8 @@ def main() -> None:
     signal.signal(signal.SIGHUP, on_signal)
 
     prepare(work)
-    (work / "peers.yaml").write_text("".join(f"{k}: {a}:{p}\n" for k, (a, p) in enumerate(zip(ADDR, PORTS))))
+    peers = enumerate(zip(ADDR, PORTS, strict=True))
+    (work / "peers.yaml").write_text("".join(f"{k}: {a}:{p}\n" for k, (a, p) in peers))
     print("compute alone ...", flush=True)
     comp = json.loads(sh(["taskset", "-c", "1", PY, __file__, "_compute", str(work), str(args.compute_reps)],
                          cwd=ROOT).stdout.strip().splitlines()[-1])
@@ -501,9 +507,8 @@ def main() -> None:
                     r = run_disco(work, wl, args)
                 r["wall_s"] = time.time() - t0
                 results["runs"][f"{wl}/{rate}"] = pooled(results["runs"].get(f"{wl}/{rate}"), r)
-                lat = sorted(r["lat"])
-                print(f"[{rate}] round {k + 1} {wl}: median {statistics.median(lat) * 1e3:.1f} ms, "
-                      f"p90 {lat[int(0.9 * (len(lat) - 1))] * 1e3:.1f} ms, {r['tput']:.2f}/s "
+                print(f"[{rate}] round {k + 1} {wl}: median {statistics.median(r['lat']) * 1e3:.1f} ms, "
+                      f"p90 {_p90(r['lat']) * 1e3:.1f} ms, {r['tput']:.2f}/s "
                       f"({r['wall_s']:.0f} s)", flush=True)
                 (work / "results.json").write_text(json.dumps(results, indent=1))
     finally:
@@ -517,6 +522,11 @@ def main() -> None:
         cleanup()
     (work / "results.json").write_text(json.dumps(results, indent=1))
     write_doc(results, args)
+
+
+def _p90(v):
+    v = sorted(v)
+    return v[int(0.9 * (len(v) - 1))]
 
 
 def pooled(before: dict | None, r: dict) -> dict:
@@ -564,7 +574,8 @@ def message_table(results) -> list[str]:
     shaped = [r for r in times if link_bps(r) is not None]
     lines = ["Message time (ms): a message sent after 20 ms of idle link until node 1 holds all of it and its "
              f"one-byte answer is back, median of {PROBE_REPS}. \"at rate\": the shortest unshaped time (the round "
-             "trip itself) plus the message on the wire (payload x 1514/1448 for the Ethernet, IP and TCP headers) at the link rate: "
+             "trip itself) plus the message on the wire (payload x 1514/1448 for the Ethernet, IP and TCP headers) "
+             "at the link rate: "
              "what a link that never sends faster than its rate takes. tbf bucket and TSO packet cap (bytes): "
              + "; ".join(
                  f"{r} {link_shaping(r)[0]}, {link_shaping(r)[1]}" for r in shaped) + ".", "",
@@ -579,17 +590,18 @@ def message_table(results) -> list[str]:
     return lines + [""]
 
 
-def write_doc(results, args) -> None:
-    def p90(v):
-        v = sorted(v)
-        return v[int(0.9 * (len(v) - 1))]
-    rates = [r for r in results["tc"] if any(k.endswith("/" + r) for k in results["runs"])]
-    lines = ["# Latency over a network: ResNet-50 on 2 nodes", "",
-             f"Measured {datetime.date.today().isoformat()} by `benchmarks/netbench.py` on {platform.node()}: "
-             f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
-             "both nodes on this one machine, each in its own network namespace, pinned to its own core. "
-             "onnxruntime 1 thread per node. Input 1x3x224x224, `zoo.build(\"resnet50\", 224)`.", "",
-             "| workload | link | median ms | p90 ms | throughput /s | bound ms | median/bound | throughput x bound "
+# (DISCO workload, the dense workload it is compared with, how they are exported) in the Goals section
+GOAL_PAIRS = (("disco", "dense", "with overlap"), ("disco_no_overlap", "dense_no_overlap", "without overlap"),
+              ("disco_uniform", "dense", "uniform allocation, with overlap"),
+              ("disco_uniform_no_overlap", "dense_no_overlap", "uniform allocation, without overlap"),
+              ("disco_cw", "dense", f"compute weight {COMPUTE_WEIGHT:g}, with overlap"),
+              ("disco_cw_no_overlap", "dense_no_overlap", f"compute weight {COMPUTE_WEIGHT:g}, without overlap"))
+
+
+def latency_table(results, args, rates) -> tuple[list[str], dict, dict]:
+    """The results table (a row per workload and link), the measured (median latency, throughput) and the
+    schedule's latency per (workload, link)."""
+    lines = ["| workload | link | median ms | p90 ms | throughput /s | bound ms | median/bound | throughput x bound "
              "| schedule ms | median/schedule |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     med, sched = {}, {}
@@ -602,90 +614,128 @@ def write_doc(results, args) -> None:
             med[(wl, rate)] = (m, r["tput"])
             b = bound(results, wl, rate)
             sched[(wl, rate)] = t = schedule_bound(results, args.work.resolve(), wl, rate)
-            lines.append(f"| {LABEL[wl]} | {rate} | {m * 1e3:.1f} | {p90(r['lat']) * 1e3:.1f} | {r['tput']:.2f} | "
+            lines.append(f"| {LABEL[wl]} | {rate} | {m * 1e3:.1f} | {_p90(r['lat']) * 1e3:.1f} | {r['tput']:.2f} | "
                          f"{b * 1e3:.1f} | {m / b:.2f} | {r['tput'] * b:.2f} | {t * 1e3:.1f} | {m / t:.2f} |")
-    comp = results["compute"]
-    lines += ["", "Bound = max(slowest node's compute alone, bytes in the busier direction / link rate); for the "
-              "whole model, its compute alone. `throughput x bound` is the achieved fraction of the bound's "
-              "throughput (1/bound). Schedule = the latency the export's schedule allows with no runtime cost "
-              "(`disco_compile.runtime.timeline`): each node runs its stages in order, each stage taking its time measured "
-              "alone and starting once the messages it reads have arrived; each direction of the link carries one "
-              "message at a time, in the order sent, at the nominal rate (payload x 1514/1448), plus "
-              f"{one_way(results) * 1e3:.2f} ms per message (half the shortest unshaped message time below). It is "
-              "at least the bound, and above it where a node must wait for a message that could not have come "
-              "sooner; the measured latency's excess over it is the runtime (Python, ZeroMQ, the kernel's TCP "
-              "work on the nodes' own cores) and the two nodes slowing each other.", "",
-              f"Compute alone (ms; each stage's median over {args.compute_reps} interleaved passes, summed per node; "
-              f"one thread, core 1): whole "
-              f"{comp['whole'] * 1e3:.1f}; " + "; ".join(
-                  f"{LABEL[wl]}: node0 {comp[wl + '0'] * 1e3:.1f}, node1 {comp[wl + '1'] * 1e3:.1f} "
-                  f"({comp[wl + '_stages'][0]} and {comp[wl + '_stages'][1]} stages; critical path of the stage "
-                  f"graph with every stage timed alone and zero communication cost "
-                  f"{comp[wl + '_critical_path'] * 1e3:.1f})" for wl in SPLITS) + ".",
-              "", "Without overlap a node waits for a layer's messages and runs the layer as one convolution over its "
-              "own and the received channels (about half the stages, faster kernels); with overlap it computes its "
-              "own channels' share while the messages are in flight. DISCO keeps channel counts that are multiples "
-              "of 8 (`--align 8`, disco-compile's default).",
-              "", "CPU seconds per inference during the pipelined phase (node 0: the client process's "
-              "process_time; node 1: utime+stime of the disco-run process from /proc), against the node's "
-              "onnxruntime compute alone:", "", "| workload | link | node 0 CPU ms | node 1 CPU ms | compute alone ms (n0/n1) |",
-              "|---|---|---|---|---|",
-              *[f"| {LABEL[wl]} | {rate} | {r['cpu0'] * 1e3:.1f} | {r['cpu1'] * 1e3:.1f} | "
-                f"{comp[wl + '0'] * 1e3:.1f} / {comp[wl + '1'] * 1e3:.1f} |"
-                for wl in SPLITS for rate in rates
-                for r in [results["runs"].get(f"{wl}/{rate}")] if r and "cpu1" in r], "",
-              "Bytes per inference (schedule.json): " + "; ".join(
-                  f"{wl} " + ", ".join(f"{d} {b / 1e6:.2f} MB" for d, b in sorted(results["bytes"][wl].items()))
-                  for wl in SPLITS) + ".", "",
-              "Measured TCP bulk rate node0->node1 (one connection, Python sockets): " + ", ".join(
-                  f"{r} {v / 1e6:.0f} Mbit/s" for r, v in results["link"].items()) + ".", "",
-              *message_table(results),
-              "## Goals", "",
-              "Each goal's measured ratio, then the same ratio between the schedules (the Schedule column: what the "
-              "exports allow with no runtime cost): a goal the schedules miss cannot be met by a faster runtime "
-              "with these exports on this machine.", ""]
+    return lines, med, sched
 
+
+def compute_lines(results, args) -> list[str]:
+    """What bound and schedule mean, and each node's compute alone."""
+    comp = results["compute"]
+    return [
+        "Bound = max(slowest node's compute alone, bytes in the busier direction / link rate); for the "
+        "whole model, its compute alone. `throughput x bound` is the achieved fraction of the bound's "
+        "throughput (1/bound). Schedule = the latency the export's schedule allows with no runtime cost "
+        "(`disco_compile.runtime.timeline`): each node runs its stages in order, each stage taking its time measured "
+        "alone and starting once the messages it reads have arrived; each direction of the link carries one "
+        "message at a time, in the order sent, at the nominal rate (payload x 1514/1448), plus "
+        f"{one_way(results) * 1e3:.2f} ms per message (half the shortest unshaped message time below). It is "
+        "at least the bound, and above it where a node must wait for a message that could not have come "
+        "sooner; the measured latency's excess over it is the runtime (Python, ZeroMQ, the kernel's TCP "
+        "work on the nodes' own cores) and the two nodes slowing each other.", "",
+        f"Compute alone (ms; each stage's median over {args.compute_reps} interleaved passes, summed per node; "
+        f"one thread, core 1): whole "
+        f"{comp['whole'] * 1e3:.1f}; " + "; ".join(
+            f"{LABEL[wl]}: node0 {comp[wl + '0'] * 1e3:.1f}, node1 {comp[wl + '1'] * 1e3:.1f} "
+            f"({comp[wl + '_stages'][0]} and {comp[wl + '_stages'][1]} stages; critical path of the stage "
+            f"graph with every stage timed alone and zero communication cost "
+            f"{comp[wl + '_critical_path'] * 1e3:.1f})" for wl in SPLITS) + ".",
+        "", "Without overlap a node waits for a layer's messages and runs the layer as one convolution over its "
+        "own and the received channels (about half the stages, faster kernels); with overlap it computes its "
+        "own channels' share while the messages are in flight. DISCO keeps channel counts that are multiples "
+        "of 8 (`--align 8`, disco-compile's default)."]
+
+
+def cpu_table(results, rates) -> list[str]:
+    """CPU seconds per inference on each node, pipelined, against its compute alone."""
+    comp = results["compute"]
+    return ["CPU seconds per inference during the pipelined phase (node 0: the client process's "
+            "process_time; node 1: utime+stime of the disco-run process from /proc), against the node's "
+            "onnxruntime compute alone:", "",
+            "| workload | link | node 0 CPU ms | node 1 CPU ms | compute alone ms (n0/n1) |",
+            "|---|---|---|---|---|",
+            *[f"| {LABEL[wl]} | {rate} | {r['cpu0'] * 1e3:.1f} | {r['cpu1'] * 1e3:.1f} | "
+              f"{comp[wl + '0'] * 1e3:.1f} / {comp[wl + '1'] * 1e3:.1f} |"
+              for wl in SPLITS for rate in rates
+              for r in [results["runs"].get(f"{wl}/{rate}")] if r and "cpu1" in r]]
+
+
+def transfer_lines(results) -> list[str]:
+    """Bytes per inference and the measured TCP bulk rates."""
+    return ["Bytes per inference (schedule.json): " + "; ".join(
+                f"{wl} " + ", ".join(f"{d} {b / 1e6:.2f} MB" for d, b in sorted(results["bytes"][wl].items()))
+                for wl in SPLITS) + ".", "",
+            "Measured TCP bulk rate node0->node1 (one connection, Python sockets): " + ", ".join(
+                f"{r} {v / 1e6:.0f} Mbit/s" for r, v in results["link"].items()) + "."]
+
+
+def goal_lines(results, rates, med: dict, sched: dict) -> list[str]:
+    """Each goal's measured ratio and the same ratio between the schedules."""
     def ratio(a, b, rate):
         if (a, rate) in med and (b, rate) in med:
             return med[(b, rate)][0] / med[(a, rate)][0], med[(a, rate)][1] / med[(b, rate)][1]
         return None
-    for disco, dense, how in (("disco", "dense", "with overlap"), ("disco_no_overlap", "dense_no_overlap",
-                              "without overlap"), ("disco_uniform", "dense", "uniform allocation, with overlap"),
-                              ("disco_uniform_no_overlap", "dense_no_overlap", "uniform allocation, without overlap"),
-                              ("disco_cw", "dense", f"compute weight {COMPUTE_WEIGHT:g}, with overlap"),
-                              ("disco_cw_no_overlap", "dense_no_overlap",
-                               f"compute weight {COMPUTE_WEIGHT:g}, without overlap")):
+    lines = []
+    for disco, dense, how in GOAL_PAIRS:
         goals = ((dense, "100mbit", ">= 4x"), (dense, "1gbit", ">= 4x"), ("whole", "1gbit", "> 1x (faster)"),
                  ("whole", "unshaped", ">= 1.8x"))
-        for a, b, rate, goal in ((disco, b, link, goal) for b, base, goal in goals for link in rates
-                                 if link.partition("@")[0] == base):
-            r = ratio(a, b, rate)
+        for b, rate, goal in ((b, link, goal) for b, base, goal in goals for link in rates
+                              if link.partition("@")[0] == base):
+            r = ratio(disco, b, rate)
             if r:
                 lines.append(f"- {how}: DISCO vs {'dense' if b == dense else b} at {rate}: latency {r[0]:.2f}x "
                              f"faster, throughput {r[1]:.2f}x (goal {goal}); the schedules alone "
-                             f"{sched[(b, rate)] / sched[(a, rate)]:.2f}x")
+                             f"{sched[(b, rate)] / sched[(disco, rate)]:.2f}x")
         for rate in rates:
             if (disco, rate) in med:
                 b = bound(results, disco, rate)
                 lines.append(f"- {how}: DISCO latency / bound at {rate}: {med[(disco, rate)][0] / b:.2f} "
                              f"(goal <= 1.3); the schedule alone {sched[(disco, rate)] / b:.2f}")
-    lines += ["", "## Commands", "", "```", "sudo .venv/bin/python benchmarks/netbench.py " + " ".join(sys.argv[1:]),
-              "```", "", "What it runs (namespaces discobench0/discobench1, veth dbveth0/dbveth1):", "", "```",
-              "ip netns add discobench0; ip netns add discobench1",
-              "ip link add dbveth0 netns discobench0 type veth peer name dbveth1 netns discobench1",
-              "ip -n discobench0 addr add 10.77.0.1/24 dev dbveth0; ip -n discobench1 addr add 10.77.0.2/24 dev dbveth1",
-              "ip -n discobench{0,1} link set dbveth{0,1} up",
-              *[line for link, cs in results["tc"].items() if cs for line in (f"# {link}", *cs)],
-              "# peers.yaml: 0: 10.77.0.1:47100 / 1: 10.77.0.2:47101",
-              f"ip netns exec discobench1 taskset -c 1 .venv/bin/disco-run OUT --node 1 --peers peers.yaml --insecure "
-              f"--timeout {TIMEOUT} --connect-timeout 60 --threads 1",
-              f"ip netns exec discobench0 taskset -c 0 python benchmarks/netbench.py _client OUT peers.yaml WORK "
-              f"{args.reps} {args.pipe} {args.inflight}   # DiscoClient(max_in_flight={args.inflight})",
-              f"ip netns exec discobench1 taskset -c 1 python benchmarks/netbench.py _whole WORK {args.reps} {args.pipe}",
-              "```", "", f"Latency: {args.reps} sequential requests after 5 warm-up; throughput: {args.pipe} requests "
-              f"submitted at once, {args.inflight} in flight (whole model: back to back)"
-              + (f"; each link's workloads run {args.rounds} times in turn, the latencies pooled and the "
-                 f"throughputs and CPU times averaged" if args.rounds > 1 else "") + ".", ""]
+    return lines
+
+
+def command_lines(results, args) -> list[str]:
+    """The benchmark's command and what it runs."""
+    return ["## Commands", "", "```", "sudo .venv/bin/python benchmarks/netbench.py " + " ".join(sys.argv[1:]),
+            "```", "", "What it runs (namespaces discobench0/discobench1, veth dbveth0/dbveth1):", "", "```",
+            "ip netns add discobench0; ip netns add discobench1",
+            "ip link add dbveth0 netns discobench0 type veth peer name dbveth1 netns discobench1",
+            "ip -n discobench0 addr add 10.77.0.1/24 dev dbveth0; "
+            "ip -n discobench1 addr add 10.77.0.2/24 dev dbveth1",
+            "ip -n discobench{0,1} link set dbveth{0,1} up",
+            *[line for link, cs in results["tc"].items() if cs for line in (f"# {link}", *cs)],
+            "# peers.yaml: 0: 10.77.0.1:47100 / 1: 10.77.0.2:47101",
+            f"ip netns exec discobench1 taskset -c 1 .venv/bin/disco-run OUT --node 1 --peers peers.yaml --insecure "
+            f"--timeout {TIMEOUT} --connect-timeout 60 --threads 1",
+            f"ip netns exec discobench0 taskset -c 0 python benchmarks/netbench.py _client OUT peers.yaml WORK "
+            f"{args.reps} {args.pipe} {args.inflight}   # DiscoClient(max_in_flight={args.inflight})",
+            f"ip netns exec discobench1 taskset -c 1 python benchmarks/netbench.py _whole WORK "
+            f"{args.reps} {args.pipe}",
+            "```", "", f"Latency: {args.reps} sequential requests after 5 warm-up; throughput: {args.pipe} requests "
+            f"submitted at once, {args.inflight} in flight (whole model: back to back)"
+            + (f"; each link's workloads run {args.rounds} times in turn, the latencies pooled and the "
+               f"throughputs and CPU times averaged" if args.rounds > 1 else "") + ".", ""]
+
+
+def write_doc(results, args) -> None:
+    rates = [r for r in results["tc"] if any(k.endswith("/" + r) for k in results["runs"])]
+    table, med, sched = latency_table(results, args, rates)
+    lines = ["# Latency over a network: ResNet-50 on 2 nodes", "",
+             f"Measured {datetime.date.today().isoformat()} by `benchmarks/netbench.py` on {platform.node()}: "
+             f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
+             "both nodes on this one machine, each in its own network namespace, pinned to its own core. "
+             "onnxruntime 1 thread per node. Input 1x3x224x224, `zoo.build(\"resnet50\", 224)`.", "",
+             *table, "",
+             *compute_lines(results, args), "",
+             *cpu_table(results, rates), "",
+             *transfer_lines(results), "",
+             *message_table(results),
+             "## Goals", "",
+             "Each goal's measured ratio, then the same ratio between the schedules (the Schedule column: what the "
+             "exports allow with no runtime cost): a goal the schedules miss cannot be met by a faster runtime "
+             "with these exports on this machine.", "",
+             *goal_lines(results, rates, med, sched), "",
+             *command_lines(results, args)]
     args.doc.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

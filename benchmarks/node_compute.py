@@ -360,46 +360,62 @@ def child_mem(args) -> None:
     prov = ["CPUExecutionProvider"]
     target = args.target
     loaded = {}
+    sessions = []  # held until the figures are printed
     if target == "whole":
-        sess = ort.InferenceSession((work / "whole.onnx").read_bytes(), opts, providers=prov)
+        sessions = [ort.InferenceSession((work / "whole.onnx").read_bytes(), opts, providers=prov)]
         loaded = {"rss": _rss_kib("VmRSS"), "hwm": _rss_kib("VmHWM")}
-        x = np.load(work / "x.npy")
-        name = sess.get_inputs()[0].name
-        for _ in range(2):
-            sess.run(None, {name: x})
+        _mem_run_whole(np, work, sessions[0])
     elif target.startswith("node"):
         k = int(target[4:])
         schedule = json.loads((bundle / "schedule.json").read_text())
-        stages = schedule["programs"][k]
-        sessions = [ort.InferenceSession((bundle / st["file"]).read_bytes(), opts, providers=prov) for st in stages]
+        sessions = [ort.InferenceSession((bundle / st["file"]).read_bytes(), opts, providers=prov)
+                    for st in schedule["programs"][k]]
         loaded = {"rss": _rss_kib("VmRSS"), "hwm": _rss_kib("VmHWM")}
-        last_use = {o["ref"]: st["index"] for st in stages for o in st["outputs"] if o["role"] == "carried"}
-        last_use |= {i["ref"]: st["index"] for st in stages for i in st["inputs"] if i["source"] == "carried"}
-        for _ in range(2):
-            model_inputs = {schedule["inputs"][0]["name"]: np.load(work / "x.npy")} if k == 0 else {}
-            carried = {}
-            for st, s in zip(stages, sessions, strict=True):
-                feed = {}
-                for i in st["inputs"]:
-                    if i["source"] == "model_input":
-                        feed[i["name"]] = model_inputs[i["ref"]]
-                    elif i["source"] == "carried":
-                        feed[i["name"]] = carried[i["ref"]]
-                    else:
-                        feed[i["name"]] = np.load(work / "msgs" / f"{i['ref']}.npy")
-                fetch = _fetch(st)
-                values = dict(zip(fetch, s.run(fetch, feed), strict=True))
-                for o in st["outputs"]:
-                    if o["role"] == "carried":
-                        carried[o["ref"]] = values[o["name"]]
-                del feed, values
-                for ref in [r for r, last in last_use.items() if last == st["index"]]:
-                    carried.pop(ref, None)
+        _mem_run_node(np, work, schedule, k, sessions)
     heavy = sorted(m for m in ("torch", "onnx", "disco_compile") if m in sys.modules)
     print(json.dumps({"maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                       "hwm_kib": _rss_kib("VmHWM"), "rss_kib": _rss_kib("VmRSS"), "start_rss_kib": start_rss,
                       "imported_rss_kib": imported_rss, "loaded_rss_kib": loaded.get("rss", imported_rss),
                       "loaded_hwm_kib": loaded.get("hwm", imported_rss), "heavy_modules": heavy}))
+
+
+def _mem_run_whole(np, work: Path, sess) -> None:
+    """Run the whole model twice."""
+    x = np.load(work / "x.npy")
+    name = sess.get_inputs()[0].name
+    for _ in range(2):
+        sess.run(None, {name: x})
+
+
+def _mem_run_node(np, work: Path, schedule: dict, k: int, sessions: list) -> None:
+    """Run node k's stages twice, in order, each carried value dropped after its last use."""
+    stages = schedule["programs"][k]
+    last_use = {o["ref"]: st["index"] for st in stages for o in st["outputs"] if o["role"] == "carried"}
+    last_use |= {i["ref"]: st["index"] for st in stages for i in st["inputs"] if i["source"] == "carried"}
+    for _ in range(2):
+        model_inputs = {schedule["inputs"][0]["name"]: np.load(work / "x.npy")} if k == 0 else {}
+        carried = {}
+        for st, s in zip(stages, sessions, strict=True):
+            _mem_run_stage(np, work, st, s, model_inputs, carried)
+            for ref in [r for r, last in last_use.items() if last == st["index"]]:
+                carried.pop(ref, None)
+
+
+def _mem_run_stage(np, work: Path, st: dict, session, model_inputs: dict, carried: dict) -> None:
+    """Run one stage, its messages read from .npy files; its carried outputs are added to `carried`."""
+    feed = {}
+    for i in st["inputs"]:
+        if i["source"] == "model_input":
+            feed[i["name"]] = model_inputs[i["ref"]]
+        elif i["source"] == "carried":
+            feed[i["name"]] = carried[i["ref"]]
+        else:
+            feed[i["name"]] = np.load(work / "msgs" / f"{i['ref']}.npy")
+    fetch = _fetch(st)
+    values = dict(zip(fetch, session.run(fetch, feed), strict=True))
+    for o in st["outputs"]:
+        if o["role"] == "carried":
+            carried[o["ref"]] = values[o["name"]]
 
 
 # ================================================================ parent (torch)
@@ -556,31 +572,39 @@ def _remote_convs(work: Path, schedule: dict, target: str) -> set[tuple[int, str
     """(file index, node name) of the convolutions, in onnxruntime's optimised graphs, whose input is a received
     payload (followed through ReorderInput/Identity/Reshape and through carried values across stages)."""
     import onnx
-    remote: set[tuple[int, str]] = set()
+
+    def graph(tag: str):
+        return onnx.load(str(work / "opt" / f"{tag}.onnx"), load_external_data=False).graph
     if target == "whole":
-        return remote
+        return set()
     k = int(target.replace("merged", "").replace("node", ""))
-    message_ids = {m["id"] for m in schedule["messages"]}
+    if target.startswith("merged"):
+        g = graph(f"merged{k}")
+        message_ids = {m["id"] for m in schedule["messages"]}
+        convs, _ = _received_convs(g, {vi.name for vi in g.input if vi.name in message_ids})
+        return {(0, name) for name in convs}
+    remote: set[tuple[int, str]] = set()
     derived_carried: set[str] = set()
-    files = ([f"merged{k}"] if target.startswith("merged")
-             else [f"node{k}_{i:03d}" for i in range(len(schedule["programs"][k]))])
-    for i, tag in enumerate(files):
-        g = onnx.load(str(work / "opt" / f"{tag}.onnx"), load_external_data=False).graph
-        if target.startswith("merged"):
-            derived = {vi.name for vi in g.input if vi.name in message_ids}
-        else:
-            st = schedule["programs"][k][i]
-            derived = {inp["name"] for inp in st["inputs"] if inp["source"] == "message"
-                       or (inp["source"] == "carried" and inp["ref"] in derived_carried)}
-        for n in g.node:  # topological order
-            if n.op_type in ("ReorderInput", "Identity", "Reshape") and n.input and n.input[0] in derived:
-                derived.update(n.output)
-            if n.op_type in ("Conv", "FusedConv") and n.input[0] in derived:
-                remote.add((i, n.name))
-        if not target.startswith("merged"):
-            derived_carried |= {o["ref"] for o in schedule["programs"][k][i]["outputs"]
-                                if o["role"] == "carried" and o["name"] in derived}
+    for i, st in enumerate(schedule["programs"][k]):
+        received = {inp["name"] for inp in st["inputs"] if inp["source"] == "message"
+                    or (inp["source"] == "carried" and inp["ref"] in derived_carried)}
+        convs, derived = _received_convs(graph(f"node{k}_{i:03d}"), received)
+        remote |= {(i, name) for name in convs}
+        derived_carried |= {o["ref"] for o in st["outputs"] if o["role"] == "carried" and o["name"] in derived}
     return remote
+
+
+def _received_convs(g, received: set[str]) -> tuple[list[str], set[str]]:
+    """The Conv/FusedConv nodes of graph g whose input derives from the `received` values (followed through
+    ReorderInput/Identity/Reshape), and every value so derived."""
+    derived = set(received)
+    convs = []
+    for n in g.node:  # topological order
+        if n.op_type in ("ReorderInput", "Identity", "Reshape") and n.input and n.input[0] in derived:
+            derived.update(n.output)
+        if n.op_type in ("Conv", "FusedConv") and n.input[0] in derived:
+            convs.append(n.name)
+    return convs, derived
 
 
 def analyse_profiles(work: Path, profiles: dict, schedule: dict, reps: int) -> dict:

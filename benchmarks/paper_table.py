@@ -50,17 +50,20 @@ def main() -> None:
 
     lines = [f"# ResNet-50, N={args.nodes}: cost against the budget", "",
              f"Command: `python benchmarks/paper_table.py --size {args.size} --nodes {args.nodes}`  ",
-             f"Run: {datetime.date.today()}, {platform.machine()} CPU, torch {torch.__version__}; input 1x3x{args.size}x{args.size}, "
+             f"Run: {datetime.date.today()}, {platform.machine()} CPU, torch {torch.__version__}; "
+             f"input 1x3x{args.size}x{args.size}, "
              "fp32, per sample. Selection: one-shot weight-column norms (`set_budget`).", "",
-             "| rho | exchange MB | dense exchange MB | io MB | exchange ratio | comm ratio | MACs all/orig | MACs max node/orig | params max node/orig |",
+             "| rho | exchange MB | dense exchange MB | io MB | exchange ratio | comm ratio | MACs all/orig "
+             "| MACs max node/orig | params max node/orig |",
              "|---|---|---|---|---|---|---|---|---|"]
     for rho, c in rows:
         f = figures(c)
-        lines.append(f"| {rho} | {c.exchange_bytes / 1e6:.2f} | {c.dense_exchange_bytes / 1e6:.2f} | {c.io_bytes / 1e6:.3f} | "
+        lines.append(f"| {rho} | {c.exchange_bytes / 1e6:.2f} | {c.dense_exchange_bytes / 1e6:.2f} | "
+                     f"{c.io_bytes / 1e6:.3f} | "
                      + " | ".join(f"{v:.3f}" for v in f) + " |")
     lines += ["", "## Targets at rho=0.2 (issue: the paper's headline figures)", "",
               "| figure | measured | target | met |", "|---|---|---|---|"]
-    for (name, (lo, hi), text), value in zip(TARGETS, figures(headline)):
+    for (name, (lo, hi), text), value in zip(TARGETS, figures(headline), strict=True):
         ok = (lo is None or value >= lo) and value <= hi
         lines.append(f"| {name} | {value:.3f} | {text} | {'yes' if ok else 'NO'} |")
     lines += ["", "Full report at rho=0.2:", "", "```", headline.table(), "```", ""]

@@ -155,8 +155,8 @@ def report(results: dict, args, cmd: str, load_start: str) -> str:
             runs = results[(export, mode)]
             lat = [v for r in runs for v in r["lat"]]
             lines.append(f"| {how} | {mode} | {med(lat) * 1e3:.1f} | {med([r['cpu0'] for r in runs]) * 1e3:.1f} |")
-    lines += ["", "Sends on node 0, neither node computing (every message of every timed request; wall: the call that hands "
-                  "the frames to ZeroMQ; CPU: the calling thread's):", "",
+    lines += ["", "Sends on node 0, neither node computing (every message of every timed request; wall: the call "
+                  "that hands the frames to ZeroMQ; CPU: the calling thread's):", "",
               "| export | payload bytes | sends per request | median wall us | median thread CPU us |",
               "|---|---|---|---|---|"]
     for export, how in EXPORTS.items():
@@ -170,7 +170,7 @@ def report(results: dict, args, cmd: str, load_start: str) -> str:
         for k in sorted(bins):
             hi = SIZE_BINS[k + 1]
             span = f"{SIZE_BINS[k]:,} - {hi:,}" if hi < SIZE_BINS[-1] else f"{SIZE_BINS[k]:,} and more"
-            walls, cpus = zip(*bins[k])
+            walls, cpus = zip(*bins[k], strict=True)
             lines.append(f"| {how} | {span} | {len(walls) / requests:.1f} | {med(walls) * 1e6:.0f} | "
                          f"{med(cpus) * 1e6:.0f} |")
     lines += ["", "Both nodes share this machine: on loopback the kernel's work for both ends of a TCP connection runs "

@@ -75,6 +75,7 @@ import sys
 import time
 import traceback
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -138,9 +139,14 @@ def _known_params(name: str) -> int | None:
         return None
 
 
-def _error(exc: BaseException) -> dict:
+def _first_line(exc: BaseException) -> str:
+    """The first line of the exception's message ("" if it has none)."""
     msg = str(exc).strip()
-    return {"type": type(exc).__name__, "message": msg.splitlines()[0] if msg else "",
+    return msg.splitlines()[0] if msg else ""
+
+
+def _error(exc: BaseException) -> dict:
+    return {"type": type(exc).__name__, "message": _first_line(exc),
             "traceback": "".join(traceback.format_exception(exc))[-6000:]}
 
 
@@ -179,7 +185,7 @@ def _compare(ref, out) -> dict:
     if ref_spec != out_spec:
         return {"close": False, "max_abs": None, "structure": f"output structure {out_spec} != {ref_spec}"}
     close, max_abs, max_ref = True, 0.0, 0.0
-    for a, b in zip(ref_leaves, out_leaves):
+    for a, b in zip(ref_leaves, out_leaves, strict=True):
         if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
             if a.shape != b.shape:
                 return {"close": False, "max_abs": None, "structure": f"shape {tuple(b.shape)} != {tuple(a.shape)}"}
@@ -220,155 +226,208 @@ def _replicated_summary(ops) -> list[dict]:
     return [{"target": t, "reason": r, "count": c, "example_node": first[(t, r)]} for (t, r), c in counts.items()]
 
 
-def run_worker(name: str, nodes: list[int], out_path: Path, program: bool = False) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    import torch
-    import torchvision
-    from torch.utils import _pytree as pytree
-    import disco_compile
-    from disco_compile.frontend.exported import to_module
-    from disco_compile.frontend.submodule import capture_inputs
+def _skeleton(name: str, nodes: list[int], **versions: str) -> dict:
+    """A model's result before anything ran (`versions`: the torch and torchvision versions, in the worker)."""
+    return {"model": name, "family": family(name), "nodes": nodes, "started": _now(), **versions,
+            "params": _known_params(name), "size": None, "runs": {}, "fp64": None, "notes": [], "state": "running"}
 
-    torch.set_num_threads(1)
-    result: dict = {"model": name, "family": family(name), "nodes": nodes, "started": _now(),
-                    "torch": torch.__version__, "torchvision": torchvision.__version__,
-                    "params": _known_params(name), "size": None, "runs": {}, "fp64": None, "notes": [],
-                    "state": "running"}
 
-    def save():
-        result["peak_rss_bytes"] = _peak_rss()
-        tmp = out_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        os.replace(tmp, out_path)
+def _save(result: dict, out_path: Path) -> None:
+    """Write the result so far; the parent reads what is there if the worker dies."""
+    result["peak_rss_bytes"] = _peak_rss()
+    tmp = out_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, out_path)
 
-    # memory guard: the model, its traced copy and its float64 copy (twice the size)
+
+def _too_large(result: dict) -> bool:
+    """Memory guard: whether the model and its traced copy (twice the size) would not fit; noted if so."""
     avail = _mem_available()
     params = result["params"]
-    if params and avail:
-        need = params * 4 * 2
-        if need > 0.9 * avail:
-            result["state"] = "too_large"
-            result["notes"].append(f"too large to build in memory: {params / 1e6:.0f} M parameters need ~"
-                                   f"{need / 2**30:.1f} GiB for the model and its traced copy, "
-                                   f"{avail / 2**30:.1f} GiB available")
-            return save()
-    save()
+    if not (params and avail):
+        return False
+    need = params * 4 * 2
+    if need <= 0.9 * avail:
+        return False
+    result["state"] = "too_large"
+    result["notes"].append(f"too large to build in memory: {params / 1e6:.0f} M parameters need ~"
+                           f"{need / 2**30:.1f} GiB for the model and its traced copy, "
+                           f"{avail / 2**30:.1f} GiB available")
+    return True
 
-    # build at the chosen side; if the forward pass fails, try larger sides
-    t0 = time.perf_counter()
+
+def _build_probing_sides(name: str, result: dict) -> tuple:
+    """(model, example input, model output) built at the chosen side or, if the forward pass fails, at the
+    first larger side that works (the sides that failed are noted); (None, None, None) if none works."""
+    import torch
     first_size = SIZES.get(name)
     tried = [first_size] + [s for s in FALLBACK_SIZES if first_size is None or s > first_size]
-    model = example = ref = None
+    built = (None, None, None)
     failures = []
     with torch.no_grad():
         for size in tried:
             try:
                 model, example = _build(name, size)
-                ref = model(example)
+                built = (model, example, model(example))
                 break
             except Exception as exc:  # a side the model does not accept
-                failures.append(f"side {size or 'default'}: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:120]}"
-                                if str(exc).strip() else f"side {size or 'default'}: {type(exc).__name__}")
-                model = example = ref = None
+                message = _first_line(exc)
+                failures.append(f"side {size or 'default'}: {type(exc).__name__}"
+                                + (f": {message[:120]}" if message else ""))
                 if "out of memory" in str(exc).lower() or isinstance(exc, MemoryError):
                     break
     if failures:
         result["notes"].append("size probe: " + "; ".join(failures))
-    if model is None:
+    if built[0] is None:
         result["state"] = "build_failed"
         result["build_error"] = failures[-1] if failures else "unknown"
+    return built
+
+
+def _as_program(model, example, result: dict):
+    """The model as disco-compile reads a .pt2 file (torch.export, raised back to modules), or None if that
+    fails (a build failure)."""
+    import torch
+    from disco_compile.frontend.exported import to_module
+    t = time.perf_counter()
+    try:
+        program = to_module(torch.export.export(model, (example,)))
+    except Exception as exc:
+        result["state"] = "build_failed"
+        result["build_error"] = f"torch.export or exported.to_module: {type(exc).__name__}: {_first_line(exc)[:200]}"
+        return None
+    result["program"] = {"kept_aten_ops": program.kept_aten_ops, "seconds": round(time.perf_counter() - t, 2)}
+    return program
+
+
+def _capture_backbone(model, example) -> tuple:
+    """A detector's backbone inputs (captured from the example) and the original backbone's outputs."""
+    import torch
+    from disco_compile.frontend.submodule import capture_inputs
+    with torch.no_grad():
+        inputs = capture_inputs(model, DETECTION_SUBMODULE, example)
+        return inputs, model.get_submodule(DETECTION_SUBMODULE)(*inputs)
+
+
+def _check(model, example, ref, n: int, backbone: tuple | None, run: dict) -> tuple:
+    """One N, recorded in `run`: transform, forward pass, every output leaf against `ref` (and a detector's
+    split backbone against its original `backbone`), replicated ops and status. Returns the DISCO output and,
+    when it is not close, the DISCO model (rerun in float64 later: is the difference fp32 rounding only?)."""
+    import torch
+    import disco_compile
+    split = {} if backbone is None else {"submodule": DETECTION_SUBMODULE}  # transform's keyword arguments
+    t = time.perf_counter()
+    dm = disco_compile.transform(model, n, example, **split)
+    run["transform_seconds"] = round(time.perf_counter() - t, 2)
+    with torch.no_grad():
+        t1 = time.perf_counter()
+        out = dm(example)
+        run["forward_seconds"] = round(time.perf_counter() - t1, 2)
+    cmp = _compare(ref, out)
+    run.update(max_abs_diff=cmp["max_abs"], max_abs_output=cmp.get("max_ref"), close=cmp["close"])
+    if backbone is not None:  # the split backbone alone: well-conditioned, unlike the detections after top-k and NMS
+        inputs, backbone_ref = backbone
+        with torch.no_grad():
+            features = _compare(backbone_ref, dm.disco(*inputs))
+        run.update(backbone_max_abs_diff=features["max_abs"], backbone_close=features["close"])
+    run.update({key: cmp[key] for key in ("structure", "container") if key in cmp})
+    report = dm.cost()
+    run["replicated_ops"] = _replicated_summary(report.replicated_ops)
+    run["dense_comm_bytes"] = report.dense_comm_bytes
+    run["macs_ratio"] = report.macs_ratio
+    if cmp["close"]:
+        run["status"] = "exact, with replicated ops" if report.replicated_ops else "exact"
+        return out, None
+    run["status"] = "MISMATCH"
+    return out, dm
+
+
+def _fp64_check(result: dict, model, example, ref, backbone: tuple | None, outputs: dict, mismatched: dict) -> None:
+    """The model's own fp32 error against float64 (converted in place: the fp32 model is no longer needed),
+    unless the float64 copy would not fit in memory or the evaluation fails (noted as skipped)."""
+    avail = _mem_available()
+    fp64_bytes = result["params"] * 8
+    if avail and fp64_bytes > 0.8 * avail:
+        result["fp64"] = {"skipped": f"float64 copy needs {fp64_bytes / 2**30:.1f} GiB, "
+                                     f"{avail / 2**30:.1f} GiB available"}
+        return
+    try:
+        _fp64_compare(result, model, example, ref, backbone, outputs, mismatched)
+    except Exception as exc:
+        result["fp64"] = {"skipped": f"float64 evaluation failed: {type(exc).__name__}: {_first_line(exc)}"}
+
+
+def _fp64_compare(result: dict, model, example, ref, backbone: tuple | None, outputs: dict, mismatched: dict) -> None:
+    """The float64 model against the fp32 model (and a detector's backbone alone), against every DISCO output
+    and against the mismatched DISCO models, themselves in float64."""
+    import torch
+    t = time.perf_counter()
+    with torch.no_grad():
+        model.double()
+        ref64 = model(_double(example))
+    own = _compare(ref64, ref)
+    fp64 = result["fp64"] = {"own_max_abs": own["max_abs"], "own_close": own["close"],
+                             "max_abs_output": own.get("max_ref"), "seconds": round(time.perf_counter() - t, 2)}
+    if "structure" in own:  # e.g. a detector returning another number of boxes in float64
+        fp64["own_structure"] = own["structure"]
+    if backbone is not None:
+        inputs, backbone_ref = backbone
+        with torch.no_grad():
+            backbone64 = model.get_submodule(DETECTION_SUBMODULE)(*_double(inputs))
+        fp64["backbone_own_max_abs"] = _compare(backbone64, backbone_ref)["max_abs"]
+    for n, out in outputs.items():
+        result["runs"][str(n)]["max_abs_vs_fp64"] = _compare(ref64, out)["max_abs"]
+    for n, dm in mismatched.items():  # the DISCO model itself in float64 against the float64 model
+        with torch.no_grad():
+            cmp64 = _compare(ref64, dm.double()(_double(example)))
+        result["runs"][str(n)]["fp64_disco_max_abs"] = cmp64["max_abs"]
+        result["runs"][str(n)]["fp64_disco_close"] = cmp64["close"]
+
+
+def run_worker(name: str, nodes: list[int], out_path: Path, program: bool = False) -> None:
+    """One model: build, check each N, then the float64 check; the result is saved to out_path after each step."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+    import torchvision
+    from torch.utils import _pytree as pytree
+
+    torch.set_num_threads(1)
+    result = _skeleton(name, nodes, torch=torch.__version__, torchvision=torchvision.__version__)
+    save = partial(_save, result, out_path)
+    if _too_large(result):
+        return save()
+    save()
+
+    t0 = time.perf_counter()
+    model, example, ref = _build_probing_sides(name, result)
+    if model is None:
         return save()
     result["size"] = int(pytree.tree_leaves(example)[0].shape[-1])
     result["params"] = sum(p.numel() for p in model.parameters())
     result["build_seconds"] = round(time.perf_counter() - t0, 2)
     if program:  # the model as disco-compile reads a .pt2 file; `ref` stays the original model's output
-        t = time.perf_counter()
-        try:
-            model = to_module(torch.export.export(model, (example,)))
-        except Exception as exc:
-            result["state"] = "build_failed"
-            result["build_error"] = f"torch.export or exported.to_module: {type(exc).__name__}: " \
-                                    f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
+        model = _as_program(model, example, result)
+        if model is None:
             return save()
-        result["program"] = {"kept_aten_ops": model.kept_aten_ops, "seconds": round(time.perf_counter() - t, 2)}
     save()
-    split = {}  # transform's keyword arguments
-    if result["family"] == "detection":
-        split = {"submodule": DETECTION_SUBMODULE}
-        with torch.no_grad():
-            backbone_inputs = capture_inputs(model, DETECTION_SUBMODULE, example)
-            backbone_ref = model.get_submodule(DETECTION_SUBMODULE)(*backbone_inputs)
 
+    backbone = _capture_backbone(model, example) if result["family"] == "detection" else None
     outputs, mismatched = {}, {}
     for n in nodes:
         run: dict = {"status": None}
         result["runs"][str(n)] = run
         t = time.perf_counter()
         try:
-            dm = disco_compile.transform(model, n, example, **split)
-            run["transform_seconds"] = round(time.perf_counter() - t, 2)
-            with torch.no_grad():
-                t1 = time.perf_counter()
-                out = dm(example)
-                run["forward_seconds"] = round(time.perf_counter() - t1, 2)
-            cmp = _compare(ref, out)
-            run.update(max_abs_diff=cmp["max_abs"], max_abs_output=cmp.get("max_ref"), close=cmp["close"])
-            if split:  # the split backbone alone: well-conditioned, unlike the detections after top-k and NMS
-                with torch.no_grad():
-                    features = _compare(backbone_ref, dm.disco(*backbone_inputs))
-                run.update(backbone_max_abs_diff=features["max_abs"], backbone_close=features["close"])
-            for key in ("structure", "container"):
-                if key in cmp:
-                    run[key] = cmp[key]
-            report = dm.cost()
-            run["replicated_ops"] = _replicated_summary(report.replicated_ops)
-            run["dense_comm_bytes"] = report.dense_comm_bytes
-            run["macs_ratio"] = report.macs_ratio
-            if cmp["close"]:
-                run["status"] = "exact, with replicated ops" if report.replicated_ops else "exact"
-            else:
-                run["status"] = "MISMATCH"
-            outputs[n] = out
-            if not cmp["close"]:
-                mismatched[n] = dm  # rerun in float64 below: is the difference fp32 rounding only?
-            del dm
+            outputs[n], dm = _check(model, example, ref, n, backbone, run)
+            if dm is not None:
+                mismatched[n] = dm
         except Exception as exc:
             run["status"] = "FAILED"
             run["error"] = _error(exc)
         run["seconds"] = round(time.perf_counter() - t, 2)
         save()
 
-    # the model's own fp32 error against float64 (in place: the fp32 model is no longer needed)
-    t = time.perf_counter()
-    avail = _mem_available()
-    fp64_bytes = result["params"] * 8
-    if avail and fp64_bytes > 0.8 * avail:
-        result["fp64"] = {"skipped": f"float64 copy needs {fp64_bytes / 2**30:.1f} GiB, "
-                                     f"{avail / 2**30:.1f} GiB available"}
-    else:
-        try:
-            with torch.no_grad():
-                model.double()
-                ref64 = model(_double(example))
-            own = _compare(ref64, ref)
-            result["fp64"] = {"own_max_abs": own["max_abs"], "own_close": own["close"],
-                              "max_abs_output": own.get("max_ref"), "seconds": round(time.perf_counter() - t, 2)}
-            if "structure" in own:  # e.g. a detector returning another number of boxes in float64
-                result["fp64"]["own_structure"] = own["structure"]
-            if split:
-                with torch.no_grad():
-                    backbone64 = model.get_submodule(DETECTION_SUBMODULE)(*_double(backbone_inputs))
-                result["fp64"]["backbone_own_max_abs"] = _compare(backbone64, backbone_ref)["max_abs"]
-            for n, out in outputs.items():
-                result["runs"][str(n)]["max_abs_vs_fp64"] = _compare(ref64, out)["max_abs"]
-            for n, dm in mismatched.items():  # the DISCO model itself in float64 against the float64 model
-                with torch.no_grad():
-                    cmp64 = _compare(ref64, dm.double()(_double(example)))
-                result["runs"][str(n)]["fp64_disco_max_abs"] = cmp64["max_abs"]
-                result["runs"][str(n)]["fp64_disco_close"] = cmp64["close"]
-        except Exception as exc:
-            result["fp64"] = {"skipped": f"float64 evaluation failed: {type(exc).__name__}: "
-                                         f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"}
+    _fp64_check(result, model, example, ref, backbone, outputs, mismatched)
     result["state"] = "complete"
     result["finished"] = _now()
     save()
@@ -415,11 +474,11 @@ def _compiler_version() -> str:
 
 def run_one(name: str, nodes: list[int], timeout: float, results: Path, program: bool = False) -> dict:
     final = results / f"{name}.json"
-    partial = results / f"{name}.partial.json"
+    partial_path = results / f"{name}.partial.json"
     log = results / f"{name}.log"
-    partial.unlink(missing_ok=True)
+    partial_path.unlink(missing_ok=True)
     compiler = _compiler_version()
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--worker-out", str(partial),
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--worker-out", str(partial_path),
            "--nodes", ",".join(map(str, nodes))] + (["--program"] if program else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     t = time.perf_counter()
@@ -435,10 +494,9 @@ def run_one(name: str, nodes: list[int], timeout: float, results: Path, program:
             timed_out = True
     elapsed = time.perf_counter() - t
     try:
-        data = json.loads(partial.read_text())
+        data = json.loads(partial_path.read_text())
     except (OSError, ValueError):
-        data = {"model": name, "family": family(name), "nodes": nodes, "started": _now(), "params": _known_params(name), "size": None, "runs": {},
-                "fp64": None, "notes": [], "state": "running"}
+        data = _skeleton(name, nodes)
     data["wall_seconds"] = round(elapsed, 1)
     data["compiler"] = compiler
     data["returncode"] = rc
@@ -449,30 +507,40 @@ def run_one(name: str, nodes: list[int], timeout: float, results: Path, program:
                                  + _where(data))
         elif data.get("state") != "too_large":
             data["state"] = "crashed"
-            why = (f"killed by signal {signal.Signals(-rc).name}" if rc < 0 else f"exit code {rc}")
-            if rc == -signal.SIGKILL:
-                why += " (likely the out-of-memory killer)"
-            tail = [l for l in log.read_text(errors="replace").splitlines() if l.strip()][-1:] if log.exists() else []
-            data["notes"].append(f"subprocess {why}" + _where(data) + (f"; last log line: {tail[0][:200]}" if tail else ""))
+            data["notes"].append(_crash_note(data, rc, log))
     data["finished"] = data.get("finished") or _now()
     final.write_text(json.dumps(data, indent=1))
-    partial.unlink(missing_ok=True)
+    partial_path.unlink(missing_ok=True)
     return data
+
+
+def _crash_note(data: dict, rc: int, log: Path) -> str:
+    """Why the worker stopped early: its exit code or signal, where it was, and the last line of its log."""
+    why = (f"killed by signal {signal.Signals(-rc).name}" if rc < 0 else f"exit code {rc}")
+    if rc == -signal.SIGKILL:
+        why += " (likely the out-of-memory killer)"
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()] if log.exists() else []
+    return f"subprocess {why}" + _where(data) + (f"; last log line: {lines[-1][:200]}" if lines else "")
 
 
 def _where(data: dict) -> str:
     if data.get("size") is None:
         return " while building the model"
-    pending = [n for n in data["nodes"] if (data["runs"].get(str(n)) or {}).get("status") is None]
+    pending = [n for n in data["nodes"] if _run(data, n).get("status") is None]
     return f" during N={pending[0]}" if pending else " during the float64 check"
 
 
 # ============================================================================ report
 
+def _run(data: dict | None, n: int) -> dict:
+    """The model's run at N (empty if it has none)."""
+    return (data or {}).get("runs", {}).get(str(n)) or {}
+
+
 def run_status(data: dict | None, n: int) -> str:
     if data is None:
         return "NOT RUN"
-    run = data.get("runs", {}).get(str(n)) or {}
+    run = _run(data, n)
     if run.get("status"):
         return run["status"]
     return {"timeout": "TIMEOUT", "crashed": "CRASHED", "too_large": "TOO LARGE",
@@ -485,7 +553,7 @@ def _fmt(x: float | None) -> str:
 
 def _cell(data: dict | None, n: int) -> str:
     status = run_status(data, n)
-    run = (data or {}).get("runs", {}).get(str(n)) or {}
+    run = _run(data, n)
     if status == "MISMATCH":
         text = f"MISMATCH (max abs {_fmt(run.get('max_abs_diff'))}"
         if run.get("max_abs_output"):
@@ -502,7 +570,7 @@ def _replicated_cell(data: dict | None, nodes: list[int]) -> str:
         return ""
     per_n = {}
     for n in nodes:
-        ops = (data.get("runs", {}).get(str(n)) or {}).get("replicated_ops") or []
+        ops = _run(data, n).get("replicated_ops") or []
         per_n[n] = "; ".join(f"{o['target']} ×{o['count']}: {o['reason']}" for o in ops)
     texts = set(per_n.values())
     if len(texts) == 1:
@@ -514,55 +582,68 @@ def _notes(data: dict | None, nodes: list[int]) -> str:
     if data is None:
         return "not run yet"
     notes = list(data.get("notes", []))
-    fp64 = data.get("fp64") or {}
-    own = fp64.get("own_max_abs")
-    mismatched = [n for n in nodes if run_status(data, n) == "MISMATCH"]
-    if mismatched:
-        if own is not None:
-            notes.append(f"own fp32 error vs fp64: {_fmt(own)}")
-            for n in mismatched:
-                run = data["runs"][str(n)]
-                d = run.get("max_abs_diff")
-                if d is None:
-                    continue
-                if d <= own:
-                    note = (f"N={n}: FLAG: DISCO error {_fmt(d)} is below the model's own fp32 error "
-                            f"(ill-conditioned random weights)")
-                else:
-                    note = f"N={n}: DISCO error {_fmt(d)} is {d / own:.1f}x the model's own fp32 error" if own \
-                        else f"N={n}: DISCO error {_fmt(d)}"
-                if run.get("fp64_disco_max_abs") is not None:
-                    note += f"; in float64 DISCO vs model differ by {_fmt(run['fp64_disco_max_abs'])}"
-                notes.append(note)
-        elif "skipped" in fp64:
-            notes.append(f"fp64 check skipped: {fp64['skipped']}")
-    elif own is not None and not fp64.get("own_close", True):
-        notes.append(f"model's own fp32 output is not allclose to fp64 (max abs {_fmt(own)})")
-    if fp64.get("own_structure"):
-        notes.append(f"model's own fp32 output vs fp64: {fp64['own_structure']}")
-    if data.get("family") == "segmentation":
-        notes.append("built with weights_backbone=None")
-    if data.get("program"):
-        kept = data["program"]["kept_aten_ops"]
-        notes.append(f"exported and raised in {data['program']['seconds']:.0f} s"
-                     + (f"; ATen ops kept: {', '.join(kept)}" if kept else ""))
+    notes += _fp64_notes(data, nodes)
+    notes += _build_notes(data)
     if data.get("family") == "detection":
         notes += _backbone_notes(data, nodes)
-    for n in nodes:
-        run = (data.get("runs", {}).get(str(n)) or {})
-        if run.get("structure"):
-            notes.append(f"N={n}: {run['structure']}")
-    containers = {(data.get("runs", {}).get(str(n)) or {}).get("container") for n in nodes} - {None}
-    notes += sorted(f"DISCO model returns {c}" for c in containers)
+    notes += _output_notes(data, nodes)
     secs = data.get("wall_seconds")
     if secs is not None:
         notes.append(f"{secs:.0f} s")
     return "; ".join(notes)
 
 
+def _fp64_notes(data: dict, nodes: list[int]) -> list[str]:
+    """The float64 check: for a MISMATCH, DISCO's error against the model's own fp32 error; otherwise whether
+    the model's own fp32 output is close to its float64 output."""
+    fp64 = data.get("fp64") or {}
+    own = fp64.get("own_max_abs")
+    notes = []
+    mismatched = [n for n in nodes if run_status(data, n) == "MISMATCH"]
+    if mismatched:
+        if own is not None:
+            notes.append(f"own fp32 error vs fp64: {_fmt(own)}")
+            runs = {n: data["runs"][str(n)] for n in mismatched}
+            notes += [_mismatch_note(n, run, own) for n, run in runs.items() if run.get("max_abs_diff") is not None]
+        elif "skipped" in fp64:
+            notes.append(f"fp64 check skipped: {fp64['skipped']}")
+    elif own is not None and not fp64.get("own_close", True):
+        notes.append(f"model's own fp32 output is not allclose to fp64 (max abs {_fmt(own)})")
+    if fp64.get("own_structure"):
+        notes.append(f"model's own fp32 output vs fp64: {fp64['own_structure']}")
+    return notes
+
+
+def _mismatch_note(n: int, run: dict, own: float) -> str:
+    """A MISMATCH at N against the model's own fp32 error `own`, flagged when below it."""
+    d = run["max_abs_diff"]
+    if d <= own:
+        note = (f"N={n}: FLAG: DISCO error {_fmt(d)} is below the model's own fp32 error "
+                f"(ill-conditioned random weights)")
+    elif own:
+        note = f"N={n}: DISCO error {_fmt(d)} is {d / own:.1f}x the model's own fp32 error"
+    else:
+        note = f"N={n}: DISCO error {_fmt(d)}"
+    if run.get("fp64_disco_max_abs") is not None:
+        note += f"; in float64 DISCO vs model differ by {_fmt(run['fp64_disco_max_abs'])}"
+    return note
+
+
+def _build_notes(data: dict) -> list[str]:
+    """How the model was built: a segmentation builder's arguments, a program's export and the ATen ops it kept."""
+    notes = []
+    if data.get("family") == "segmentation":
+        notes.append("built with weights_backbone=None")
+    if data.get("program"):
+        kept = data["program"]["kept_aten_ops"]
+        notes.append(f"exported and raised in {data['program']['seconds']:.0f} s"
+                     + (f"; ATen ops kept: {', '.join(kept)}" if kept else ""))
+    return notes
+
+
 def _backbone_notes(data: dict, nodes: list[int]) -> list[str]:
     """A detector's split backbone (its FPN levels) against the original backbone, per N run."""
-    runs = {n: data.get("runs", {}).get(str(n)) or {} for n in nodes}
+    runs = {n: _run(data, n) for n in nodes}
     cells = [f"N={n} {'allclose' if r['backbone_close'] else 'NOT allclose'} "
              f"(max abs {_fmt(r['backbone_max_abs_diff'])})" for n, r in runs.items() if "backbone_close" in r]
     if not cells:
@@ -571,6 +652,14 @@ def _backbone_notes(data: dict, nodes: list[int]) -> list[str]:
     noise = "" if own is None or all(r.get("backbone_close", True) for r in runs.values()) else \
         f"; the original backbone's own fp32 error vs fp64: {_fmt(own)}"
     return [f"split backbone vs original backbone: {', '.join(cells)}{noise}"]
+
+
+def _output_notes(data: dict, nodes: list[int]) -> list[str]:
+    """How the DISCO model's output differs in structure or in its container types from the original's."""
+    runs = {n: _run(data, n) for n in nodes}
+    notes = [f"N={n}: {run['structure']}" for n, run in runs.items() if run.get("structure")]
+    containers = {run.get("container") for run in runs.values()} - {None}
+    return notes + sorted(f"DISCO model returns {c}" for c in containers)
 
 
 def _md(text: str) -> str:
@@ -607,76 +696,117 @@ def _versions_line(versions: list[str]) -> str:
     return text
 
 
-def write_report(results: Path, report: Path, nodes: list[int], command: str, program: bool = False) -> Counter:
-    import torch
-    import torchvision
-    models = [(m, f) for m, f in all_models() if not (program and f == "detection")]
-    base = "python benchmarks/zoo.py" + (" --program" if program else "")
+# The report's fixed paragraphs.
+_PROGRAM_NOTE = (
+    "- Program: each model is exported with `torch.export.export(model, (x,))` and raised back "
+    "to modules by `disco_compile.frontend.exported.to_module` (as `disco-compile MODEL.pt2` reads it), "
+    "then split and checked against the original model as in docs/coverage.md. ATen ops left as "
+    "they are (no module or function to raise them to) are in the notes. Detection models are not "
+    "included (disco-compile splits their backbone alone, a submodule a .pt2 does not keep).")
+_MODELS_NOTE = (
+    "- Models: `disco_compile.frontend.zoo.build(name)`, calibrated random weights, batch 1, eval mode; "
+    "segmentation builders also get `weights_backbone=None` (no download) and no auxiliary head. "
+    "Detection models: `disco_compile.frontend.zoo.build_detection(name)` (no download; backbone BatchNorm "
+    "calibrated; score threshold 0.001, since random-weight scores sit below the default 0.05), "
+    "called with a list of one image in [0, 1].")
+_SIZES_NOTE = (
+    "CNNs and segmentation models use `zoo.build`'s default side; ViTs run at their standard 224 (built for "
+    "the side given; zoo.build redraws their zero-initialised class token and head); "
+    "maxvit_t needs 224 (each stage's map divisible by its 7x7 partition); swin runs at any multiple "
+    "of 32, but at 32 every feature map fits in one 7x7 window and the shifted windows are disabled, "
+    "so 64, the smallest side that exercises them. Detectors get images of `zoo.build_detection`'s "
+    "default side and resize to it (min_size = max_size = side), except SSD and SSDlite, which resize "
+    "to their fixed 300 or 320.")
+_CHECK_NOTE = (
+    f"- Check: `dm = disco_compile.transform(model, N, x)`; every output leaf of `dm(x)` vs `model(x)` "
+    f"with `torch.allclose(rtol={RTOL:g}, atol={ATOL:g})`. Replicated ops (no channel rule: inputs "
+    "gathered, op run whole on every node) are listed as `target ×count: reason` "
+    "(counts per model at that N). A MISMATCH is flagged as noise when DISCO's max abs error is below "
+    "the model's own fp32 error against a float64 evaluation of the same model.")
+_DETECTION_NOTE = (
+    f"- Detection models: `transform(model, N, images, submodule={DETECTION_SUBMODULE!r})` splits the "
+    "backbone with its FPN; the rest of the detector runs whole in PyTorch (on node 0). The outputs "
+    "compared are the whole detector's (boxes, scores, labels; masks, keypoints). With random weights "
+    "many boxes score alike, so top-k and NMS can turn a rounding-level difference into swapped or "
+    "different detections: the notes also give the split backbone's outputs (FPN levels, on the "
+    "backbone's inputs captured from the example) against the original backbone's, same tolerances.")
+
+
+def _load_results(results: Path, models: list[tuple[str, str]]) -> dict[str, dict | None]:
+    """Every model's cached result (None if it has none)."""
     data = {}
     for name, _ in models:
         try:
             data[name] = json.loads((results / f"{name}.json").read_text())
         except (OSError, ValueError):
             data[name] = None
-    per_n = {n: Counter(run_status(data[m], n) for m, _ in models) for n in nodes}
-    overall_counts = Counter(overall(data[m], nodes) for m, _ in models)
+    return data
+
+
+def _command_line(results: Path, command: str, program: bool) -> str:
+    base = "python benchmarks/zoo.py" + (" --program" if program else "")
+    cache = results.relative_to(ROOT) if results.is_relative_to(ROOT) else results
+    return (f"Command: `{base}` (per-model results cached in `{cache}`, rerun everything with `{base} --force`)"
+            + ("." if command == base else f"; this report was last written by `{command}`."))
+
+
+def _dates_line(data: dict[str, dict | None]) -> str:
+    dates = sorted(d[k] for d in data.values() if d for k in ("started", "finished") if d.get(k))
+    first, last = (dates[0], dates[-1]) if dates else ("n/a", "n/a")
+    return (f"- Date: report written {_dt.date.today().isoformat()}; results from "
+            f"{first[:16].replace('T', ' ')} to {last[:16].replace('T', ' ')}.")
+
+
+def _compiler_line(data: dict[str, dict | None]) -> str:
     versions = [d.get("compiler", "unknown") for d in sorted((d for d in data.values() if d),
                                                               key=lambda d: d.get("started", ""))]
-    dates = sorted(d[k] for d in data.values() if d for k in ("started", "finished") if d.get(k))
+    return "- Compiler: " + _versions_line(versions) + "."
+
+
+def _sizes_line(models: list[tuple[str, str]], data: dict[str, dict | None]) -> str:
     sizes: dict[int | None, list[str]] = {}
     for name, _ in models:
         sizes.setdefault((data[name] or {}).get("size"), []).append(name)
+    groups = sorted(sizes.items(), key=lambda kv: -len(kv[1]))
+    return ("- Input sizes (side of the square RGB input): "
+            + "; ".join(f"**{s}**: {', '.join(ns) if len(ns) <= 12 else f'{len(ns)} models (all others)'}"
+                        for s, ns in groups if s is not None)
+            + ". " + _SIZES_NOTE)
 
-    lines = [
+
+def _header(results: Path, command: str, program: bool, models: list[tuple[str, str]],
+            data: dict[str, dict | None]) -> list[str]:
+    """The title, the command and how the models were built and checked."""
+    import torch
+    import torchvision
+    return [
         "# DISCO coverage of the torchvision model zoo" + (", read as torch.export programs" if program else ""),
         "",
-        f"Command: `{base}` (per-model results cached in "
-        f"`{results.relative_to(ROOT) if results.is_relative_to(ROOT) else results}`, "
-        f"rerun everything with `{base} --force`)"
-        + ("." if command == base else f"; this report was last written by `{command}`."),
+        _command_line(results, command, program),
         "",
-        *(["- Program: each model is exported with `torch.export.export(model, (x,))` and raised back "
-           "to modules by `disco_compile.frontend.exported.to_module` (as `disco-compile MODEL.pt2` reads it), "
-           "then split and checked against the original model as in docs/coverage.md. ATen ops left as "
-           "they are (no module or function to raise them to) are in the notes. Detection models are not "
-           "included (disco-compile splits their backbone alone, a submodule a .pt2 does not keep)."]
-          if program else []),
-        f"- Date: report written {_dt.date.today().isoformat()}; results from "
-        f"{dates[0][:16].replace('T', ' ') if dates else 'n/a'} to {dates[-1][:16].replace('T', ' ') if dates else 'n/a'}.",
-        "- Compiler: " + _versions_line(versions) + ".",
+        *([_PROGRAM_NOTE] if program else []),
+        _dates_line(data),
+        _compiler_line(data),
         f"- Machine: {_machine()}; torch {torch.__version__}, torchvision {torchvision.__version__}.",
-        "- Models: `disco_compile.frontend.zoo.build(name)`, calibrated random weights, batch 1, eval mode; "
-        "segmentation builders also get `weights_backbone=None` (no download) and no auxiliary head. "
-        "Detection models: `disco_compile.frontend.zoo.build_detection(name)` (no download; backbone BatchNorm "
-        "calibrated; score threshold 0.001, since random-weight scores sit below the default 0.05), "
-        "called with a list of one image in [0, 1].",
-        "- Input sizes (side of the square RGB input): "
-        + "; ".join(f"**{s}**: {', '.join(ns) if len(ns) <= 12 else f'{len(ns)} models (all others)'}"
-                    for s, ns in sorted(sizes.items(), key=lambda kv: -len(kv[1])) if s is not None)
-        + ". CNNs and segmentation models use `zoo.build`'s default side; ViTs run at their standard 224 (built for the side given; "
-          "zoo.build redraws their zero-initialised class token and head); "
-          "maxvit_t needs 224 (each stage's map divisible by its 7x7 partition); swin runs at any multiple "
-          "of 32, but at 32 every feature map fits in one 7x7 window and the shifted windows are disabled, "
-          "so 64, the smallest side that exercises them. Detectors get images of `zoo.build_detection`'s "
-          "default side and resize to it (min_size = max_size = side), except SSD and SSDlite, which resize "
-          "to their fixed 300 or 320.",
-        f"- Check: `dm = disco_compile.transform(model, N, x)`; every output leaf of `dm(x)` vs `model(x)` "
-        f"with `torch.allclose(rtol={RTOL:g}, atol={ATOL:g})`. Replicated ops (no channel rule: inputs "
-        "gathered, op run whole on every node) are listed as `target ×count: reason` "
-        "(counts per model at that N). A MISMATCH is flagged as noise when DISCO's max abs error is below "
-        "the model's own fp32 error against a float64 evaluation of the same model.",
-        *([f"- Detection models: `transform(model, N, images, submodule={DETECTION_SUBMODULE!r})` splits the "
-           "backbone with its FPN; the rest of the detector runs whole in PyTorch (on node 0). The outputs "
-           "compared are the whole detector's (boxes, scores, labels; masks, keypoints). With random weights "
-           "many boxes score alike, so top-k and NMS can turn a rounding-level difference into swapped or "
-           "different detections: the notes also give the split backbone's outputs (FPN levels, on the "
-           "backbone's inputs captured from the example) against the original backbone's, same tolerances."] if not program else []),
+        _MODELS_NOTE,
+        _sizes_line(models, data),
+        _CHECK_NOTE,
+        *([] if program else [_DETECTION_NOTE]),
         "",
+    ]
+
+
+def _summary(models: list[tuple[str, str]], data: dict[str, dict | None],
+             nodes: list[int]) -> tuple[list[str], Counter]:
+    """The summary table (models per status at each N and at the worst N) and the counts at the worst N."""
+    per_n = {n: Counter(run_status(data[m], n) for m, _ in models) for n in nodes}
+    overall_counts = Counter(overall(data[m], nodes) for m, _ in models)
+    families = Counter(f for _, f in models)
+    lines = [
         "## Summary",
         "",
-        f"{len(models)} models ({sum(f == 'classification' for _, f in models)} classification, "
-        f"{sum(f == 'segmentation' for _, f in models)} segmentation, "
-        f"{sum(f == 'detection' for _, f in models)} detection).",
+        f"{len(models)} models ({families['classification']} classification, "
+        f"{families['segmentation']} segmentation, {families['detection']} detection).",
         "",
         "| status | " + " | ".join(f"N={n}" for n in nodes) + " | worst over N |",
         "|---|" + "---|" * (len(nodes) + 1),
@@ -685,15 +815,28 @@ def write_report(results: Path, report: Path, nodes: list[int], command: str, pr
         if any(per_n[n][status] for n in nodes) or overall_counts[status]:
             lines.append(f"| {status} | " + " | ".join(str(per_n[n][status]) for n in nodes)
                          + f" | {overall_counts[status]} |")
-    lines += ["", "## Models", "",
-              "| model | family | input | " + " | ".join(f"N={n}" for n in nodes) + " | replicated ops | notes |",
-              "|---|---|---|" + "---|" * len(nodes) + "---|---|"]
+    return lines, overall_counts
+
+
+def _model_table(models: list[tuple[str, str]], data: dict[str, dict | None], nodes: list[int]) -> list[str]:
+    """One row per model: its status at each N, its replicated ops and the notes."""
+    lines = ["## Models", "",
+             "| model | family | input | " + " | ".join(f"N={n}" for n in nodes) + " | replicated ops | notes |",
+             "|---|---|---|" + "---|" * len(nodes) + "---|---|"]
     for name, family in models:
         d = data[name]
         size = (d or {}).get("size")
         lines.append("| " + " | ".join(_md(c) for c in [
             name, family, f"{size}×{size}" if size else "–", *(_cell(d, n) for n in nodes),
             _replicated_cell(d, nodes), _notes(d, nodes)]) + " |")
+    return lines
+
+
+def write_report(results: Path, report: Path, nodes: list[int], command: str, program: bool = False) -> Counter:
+    models = [(m, f) for m, f in all_models() if not (program and f == "detection")]
+    data = _load_results(results, models)
+    summary, overall_counts = _summary(models, data, nodes)
+    lines = [*_header(results, command, program, models, data), *summary, "", *_model_table(models, data, nodes)]
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text("\n".join(lines) + "\n")
     return overall_counts
@@ -701,7 +844,7 @@ def write_report(results: Path, report: Path, nodes: list[int], command: str, pr
 
 # ============================================================================ main
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="See the module docstring (benchmarks/zoo.py) for what is measured.")
@@ -723,6 +866,48 @@ def main(argv: list[str] | None = None) -> int:
                         f"results in {PROGRAM_RESULTS.relative_to(ROOT)}, report {PROGRAM_REPORT.relative_to(ROOT)}")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
+    return p
+
+
+def _model_names(p: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """The models to run: --models (checked against the selected families) or every model of those families."""
+    known = [m for m, f in all_models() if (args.family is None or f in args.family)
+             and not (args.program and f == "detection")]
+    if not args.models:
+        return known
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in names if m not in known]
+    if unknown:
+        p.error(f"unknown model(s) {unknown}" + (f" in families {args.family}" if args.family else "")
+                + f"; choose from {known}")
+    return names
+
+
+def _command(argv: list[str] | None) -> str:
+    """This run's command line, as the report quotes it."""
+    if argv is None and len(sys.argv) == 1:
+        return "python benchmarks/zoo.py"
+    return "python benchmarks/zoo.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+
+
+def _run_models(names: list[str], nodes: list[int], args: argparse.Namespace, command: str) -> None:
+    """Run every model without a cached result (all with --force), rewriting the report after each."""
+    from tqdm import tqdm
+    todo = [m for m in names if args.force or _cached(args.results / f"{m}.json", nodes) is None]
+    if args.order == "size":
+        todo.sort(key=_work_estimate)
+    bar = tqdm(todo, desc="zoo", unit="model", dynamic_ncols=True)
+    for name in bar:
+        bar.set_postfix_str(name)
+        data = run_one(name, nodes, args.timeout, args.results, args.program)
+        bar.write(f"{name:32s} " + "  ".join(f"N={n}: {_cell(data, n)[:70]}" for n in nodes)
+                  + f"  ({data.get('wall_seconds', 0):.0f} s)")
+        write_report(args.results, args.report, nodes, command, args.program)  # partial results stay readable
+    bar.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _parser()
     args = p.parse_args(argv)
     nodes = [int(n) for n in args.nodes.split(",") if n.strip()]
     args.results = args.results or (PROGRAM_RESULTS if args.program else RESULTS)
@@ -732,32 +917,11 @@ def main(argv: list[str] | None = None) -> int:
         run_worker(args.worker, nodes, args.worker_out, args.program)
         return 0
 
-    from tqdm import tqdm
-    known = [m for m, f in all_models() if (args.family is None or f in args.family)
-             and not (args.program and f == "detection")]
-    if args.models:
-        names = [m.strip() for m in args.models.split(",") if m.strip()]
-        unknown = [m for m in names if m not in known]
-        if unknown:
-            p.error(f"unknown model(s) {unknown}" + (f" in families {args.family}" if args.family else "")
-                    + f"; choose from {known}")
-    else:
-        names = known
+    names = _model_names(p, args)
     args.results.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/zoo.py" + ("" if argv is None and len(sys.argv) == 1 else
-                                            " " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])))
+    command = _command(argv)
     if not args.report_only:
-        todo = [m for m in names if args.force or _cached(args.results / f"{m}.json", nodes) is None]
-        if args.order == "size":
-            todo.sort(key=_work_estimate)
-        bar = tqdm(todo, desc="zoo", unit="model", dynamic_ncols=True)
-        for name in bar:
-            bar.set_postfix_str(name)
-            data = run_one(name, nodes, args.timeout, args.results, args.program)
-            bar.write(f"{name:32s} " + "  ".join(f"N={n}: {_cell(data, n)[:70]}" for n in nodes)
-                      + f"  ({data.get('wall_seconds', 0):.0f} s)")
-            write_report(args.results, args.report, nodes, command, args.program)  # partial results stay readable
-        bar.close()
+        _run_models(names, nodes, args, command)
     counts = write_report(args.results, args.report, nodes, command, args.program)
     print(f"wrote {args.report}: " + ", ".join(f"{s}: {counts[s]}" for s in STATUS_ORDER if counts[s]))
     return 0

@@ -56,7 +56,7 @@ class Comparison:
 
     def max_abs(self) -> float | None:
         """The largest absolute difference over every output tensor; None if some shapes differ."""
-        pairs = list(zip(pytree.tree_leaves(self.shards), pytree.tree_leaves(self.disco)))
+        pairs = list(zip(pytree.tree_leaves(self.shards), pytree.tree_leaves(self.disco), strict=False))
         if any(a.shape != b.shape for a, b in pairs):
             return None
         return max((float((a.double() - b.double()).abs().max()) for a, b in pairs if a.numel()), default=0.0)
@@ -65,7 +65,8 @@ class Comparison:
         d = self.max_abs()
         if d is None:
             shapes = [(tuple(a.shape), tuple(b.shape)) for a, b in
-                      zip(pytree.tree_leaves(self.shards), pytree.tree_leaves(self.disco)) if a.shape != b.shape]
+                      zip(pytree.tree_leaves(self.shards), pytree.tree_leaves(self.disco), strict=False)
+                      if a.shape != b.shape]
             return f"{self.what}: shapes differ (shards, DISCO model): {shapes}"
         return f"{self.what}: max abs difference {d:.2g}"
 
