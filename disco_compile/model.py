@@ -1,8 +1,8 @@
-"""`transform`: capture -> expand attention (multi-head, windowed) -> channel-flow analysis -> partition ->
-insert exchanges, returning a `DiscoModel`, an nn.Module that computes in one process exactly
-what the N nodes compute together (see modules.py for the block equation).
+"""`transform`: capture -> raise functional layers -> expand attention (multi-head, windowed) -> channel-flow
+analysis -> partition -> insert exchanges, returning a `DiscoModel`, an nn.Module that computes in one process
+exactly what the N nodes compute together (see ops/modules.py for the block equation).
 With `submodule=NAME`, only that submodule is split and the rest of the model
-runs whole on node 0 (a `DiscoSubmodel`, submodule.py).
+runs whole on node 0 (a `DiscoSubmodel`, frontend/submodule.py).
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from .passes.expand_window_attention import MODULES as WINDOW_ATTENTION_MODULES
 from .passes.expand_window_attention import expand_window_attention
 from .passes.insert_exchanges import insert_exchanges
 from .passes.partition import assign_owners, check_weights
+from .passes.raise_functional import raise_functional
 from .frontend.submodule import DiscoSubmodel, capture_inputs, find_submodule
 
 
@@ -113,6 +114,7 @@ def transform(model: nn.Module | torch.export.ExportedProgram, nodes: int, examp
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
     gm = trace(model, (*leaf_modules, *WINDOW_ATTENTION_MODULES))
+    raise_functional(gm)
     expand_attention(gm)
     expand_window_attention(gm, example_inputs)
     flow = analyse(gm, example_inputs, nodes)

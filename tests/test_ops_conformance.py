@@ -446,6 +446,21 @@ class MaxIndices(nn.Module):
         return self.b(values + indices.float())
 
 
+class Functional(nn.Module):
+    """Layers written as F.conv2d and F.linear on the model's own parameters (passes/raise_functional.py)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1, self.b1 = nn.Parameter(torch.randn(12, 3, 3, 3) * 0.3), nn.Parameter(torch.randn(12) * 0.1)
+        self.w2 = nn.Parameter(torch.randn(12, 4, 3, 3) * 0.3)
+        self.w3, self.b3 = nn.Parameter(torch.randn(5, 12) * 0.3), nn.Parameter(torch.randn(5) * 0.1)
+
+    def forward(self, x):
+        h = F.relu(F.conv2d(x, self.w1, self.b1, padding=1))
+        h = F.relu(F.conv2d(h, self.w2, None, 1, 1, 1, 3))
+        return F.linear(h.mean((2, 3)), self.w3, self.b3)
+
+
 def _between(mid: nn.Module):
     return nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), mid, nn.Conv2d(12, 5, 1))
 
@@ -455,7 +470,8 @@ ISSUE_MODELS = {"cbam": CBAM, "shuffle_block": ShuffleBlock, "prelu_1": lambda: 
                 "prelu_c": lambda: _between(nn.PReLU(12)), "group_norm_1": lambda: _between(nn.GroupNorm(1, 12)),
                 "group_norm_2": lambda: _between(nn.GroupNorm(2, 12)),
                 "amax": lambda: _between(Fn(lambda h: h * h.amax(1, keepdim=True))),
-                "batchnorm_act": lambda: _between(BatchNormAct(12)), "max_indices": MaxIndices}
+                "batchnorm_act": lambda: _between(BatchNormAct(12)), "max_indices": MaxIndices,
+                "functional": Functional}
 
 
 @pytest.mark.parametrize("nodes", [2, 3, 4])
@@ -470,6 +486,7 @@ def test_issue_models_export(tmp_path, name, nodes):
                 m.running_var.uniform_(0.5, 2.0)
     x = torch.randn(2, 3, 8, 8)
     dm = transform(model, nodes, x).eval()
+    assert [r.target for r in dm.cost().replicated_ops] == (["mul"] if name == "cbam" else [])
     for rho in (1.0, 0.5):
         dm.set_budget(Budget(rho, allocation="uniform", align=1))
         export(dm, tmp_path / str(rho))
