@@ -138,6 +138,10 @@ def _method(name):
     return lambda a, b: getattr(a, name)(b)
 
 
+def _pooled(fn, shape, size):
+    return lambda h: fn(shape(h) if shape is not None else h, size)
+
+
 def _swapped_split(h):
     first, rest = torch.split(h, [1, 5], 1)
     return torch.cat([rest, first], 1)
@@ -282,18 +286,13 @@ SAMPLES: dict[object, list] = {
     nn.Upsample: [nn.Upsample(scale_factor=2)],
     nn.UpsamplingNearest2d: [nn.UpsamplingNearest2d(scale_factor=2)],
     nn.UpsamplingBilinear2d: [nn.UpsamplingBilinear2d(scale_factor=2)],
-    F.max_pool1d: [lambda h: F.max_pool1d(flat(h), 2)],
-    F.max_pool2d: [lambda h: F.max_pool2d(h, 2)],
-    F.max_pool3d: [lambda h: F.max_pool3d(volume(h), (1, 2, 2))],
-    F.avg_pool1d: [lambda h: F.avg_pool1d(flat(h), 2)],
-    F.avg_pool2d: [lambda h: F.avg_pool2d(h, 2)],
-    F.avg_pool3d: [lambda h: F.avg_pool3d(volume(h), (1, 2, 2))],
-    F.adaptive_avg_pool1d: [lambda h: F.adaptive_avg_pool1d(flat(h), 4)],
-    F.adaptive_avg_pool2d: [lambda h: F.adaptive_avg_pool2d(h, 3)],
-    F.adaptive_avg_pool3d: [lambda h: F.adaptive_avg_pool3d(volume(h), (1, 2, 2))],
-    F.adaptive_max_pool1d: [lambda h: F.adaptive_max_pool1d(flat(h), 4)],
-    F.adaptive_max_pool2d: [lambda h: F.adaptive_max_pool2d(h, 2)],
-    F.adaptive_max_pool3d: [lambda h: F.adaptive_max_pool3d(volume(h), (1, 2, 2))],
+    # functional pooling: (1-d on a signal, 2-d, 3-d on a volume) and the size argument of each
+    **{fn: [_pooled(fn, shape, size)] for fns, sizes in [
+        ((F.max_pool1d, F.max_pool2d, F.max_pool3d), (2, 2, (1, 2, 2))),
+        ((F.avg_pool1d, F.avg_pool2d, F.avg_pool3d), (2, 2, (1, 2, 2))),
+        ((F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d), (4, 3, (1, 2, 2))),
+        ((F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d), (4, 2, (1, 2, 2)))]
+       for fn, shape, size in zip(fns, (flat, None, volume), sizes, strict=True)},
     F.interpolate: [lambda h: F.interpolate(h, scale_factor=2, mode="bilinear")],
     F.upsample: [lambda h: F.upsample(h, scale_factor=2)],
     # statistics: over the split channels (exchanged) and over positions (local)
