@@ -186,7 +186,7 @@ def partial_stats(x: torch.Tensor, kind: str, dims: tuple[int, ...]) -> torch.Te
     return x.sum(dims, keepdim=True).unsqueeze(-1)
 
 
-def _mean_var(parts: list[torch.Tensor], counts: list) -> torch.Tensor:
+def merge_mean_var(parts: list[torch.Tensor], counts: list) -> torch.Tensor:
     """Chan et al.'s merge of (mean, M2) parts over `counts` (numbers, or tensors broadcasting to the means)."""
     total = sum(counts)
     mean = sum(p[..., 0] * c for p, c in zip(parts, counts, strict=True)) / total
@@ -197,7 +197,7 @@ def _mean_var(parts: list[torch.Tensor], counts: list) -> torch.Tensor:
 def merge_stats(parts: list[torch.Tensor], counts: list[int], kind: str) -> torch.Tensor:
     """Merge the nodes' partial statistics exactly (module docstring)."""
     if kind == "layer_norm":
-        return _mean_var(parts, [float(c) for c in counts])
+        return merge_mean_var(parts, [float(c) for c in counts])
     if kind in ("softmax", "log_softmax"):
         top = parts[0][..., 0]
         for p in parts[1:]:
@@ -303,10 +303,6 @@ def group_partial_stats(x: torch.Tensor, assign: torch.Tensor, counts: torch.Ten
     return torch.stack([mean, (centred ** 2).flatten(2).sum(-1) @ assign], -1)
 
 
-def group_merge(parts: list[torch.Tensor], counts: list[torch.Tensor]) -> torch.Tensor:
-    return _mean_var(parts, counts)
-
-
 def group_normalised(x: torch.Tensor, stats: torch.Tensor, assign: torch.Tensor, eps: float, weight, bias):
     """GroupNorm of node j's channels from its groups' merged (mean, var), with the affine of its channels."""
     shape = x.shape[:2] + (1,) * (x.dim() - 2)
@@ -341,13 +337,12 @@ def _split_group_norm(b, n: fx.Node, module) -> None:
     def assign(units: torch.Tensor) -> torch.Tensor:
         return one_hot[units // per_group]
     shapes = {k: (1, groups, 2) for k in holders}
-    counts = {k: assign(lay.owned(k)).sum(0) * positions for k in holders}
+    counts = {k: b.const(f"{n.name}_count", assign(lay.owned(k)).sum(0) * positions) for k in holders}
     mine = b.const(f"{n.name}_groups", assign(loc.units))
-    own = b.call(group_partial_stats, (loc.node, mine, b.const(f"{n.name}_count", counts[b.j])),
-                 shape=shapes[b.j], dtype=lay.dtype)
+    own = b.call(group_partial_stats, (loc.node, mine, counts[b.j]), shape=shapes[b.j], dtype=lay.dtype)
     parts = _exchange(b, n, {b.j: own}, shapes, holders, holders, lay.dtype)
-    merged = b.call(group_merge, (parts, [b.const(f"{n.name}_count", counts[k]) for k in sorted(counts)]),
-                    shape=shapes[b.j], dtype=lay.dtype)
+    merged = b.call(merge_mean_var, (parts, [counts[k] for k in sorted(counts)]), shape=shapes[b.j],
+                    dtype=lay.dtype)
     node = b.call(group_normalised, (loc.node, merged, mine, *_group_affine(b, n, module, loc.units)))
     b.hold(n, node, loc.units)
 
