@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import shutil
 import signal
 import subprocess
@@ -26,7 +27,7 @@ from PIL import Image
 from click.testing import CliRunner
 from torch import nn
 
-from disco_compile import Budget, MessageError, PeerFailed, PeerTimeout, run_local, transform
+from disco_compile import Budget, MessageError, PeerFailed, run_local, transform
 from disco_compile.runtime import images
 from disco_compile.artifact.bundle import load_bundle
 from disco_compile.backend.exporter import export
@@ -35,7 +36,7 @@ from disco_compile.runtime.net.network import DiscoClient, free_ports, node_comm
 from disco_compile.runtime.stream import read_arrays, write_arrays
 from disco_compile.runtime.net.keys import keygen, load_keys
 from disco_compile.runtime.net.peers import NetworkConfigError, load_peers
-from disco_compile.runtime.net.protocol import HELLO, MSG, PROTOCOL, HandshakeError, manifest_hash
+from disco_compile.runtime.net.protocol import BEGIN, HELLO, MSG, PROTOCOL, HandshakeError, manifest_hash
 from disco_compile.runtime.net.zmq_transport import ZmqTransport
 
 TIMEOUT = 3.0  # the short failure timeout of these tests
@@ -199,8 +200,10 @@ def test_dead_or_silent_peer_stops_every_node(exports, tmp_path, nodes, how, why
         assert time.monotonic() - stopped < TIMEOUT + 2, "node 2 did not stop within the timeout"
         assert f"Error: node 2 stopped: node 1 was lost: {why}" in nodes[1].output(), nodes[1].output()
         start = time.monotonic()
-        with pytest.raises(PeerFailed, match=f"node 0 cannot start request .*node 1 (at \\S+ )?was lost: {why}"):
+        with pytest.raises(PeerFailed, match=f"node 0 cannot start a request: node 1 (at \\S+ )?was lost: {why}") \
+                as failed:
             client(x)
+        assert "wait_ready" not in str(failed.value) and not re.search(r"\d{12}", str(failed.value)), failed.value
         assert time.monotonic() - start < 1.0
 
 
@@ -246,21 +249,18 @@ def test_mismatched_exports_are_refused_at_start(exports, tmp_path, nodes):
 
 
 def test_keys_from_another_keygen_are_refused(exports, tmp_path, nodes):
-    """Node 1 holds keys from another keygen: neither side completes the CURVE handshake, both stop
-    with an error naming the other node."""
+    """Node 1 holds keys from another keygen: neither side completes the CURVE handshake, both stop as soon
+    as it fails (not after the connect timeout) with an error naming the other node."""
     keygen(tmp_path / "keys", 2)
     keygen(tmp_path / "stranger", 2)
     np.save(tmp_path / "x.npy", sample(1))
     peers = write_peers(tmp_path / "peers.yaml", 2)
-    args = ["--connect-timeout", "3"]
-    nodes += [Node(tmp_path, exports["n2"], 0, peers, keys=tmp_path / "keys",
-                   extra=["--input", tmp_path / "x.npy", *args]),
-              Node(tmp_path, exports["n2"], 1, peers, keys=tmp_path / "stranger", extra=args)]
+    nodes += [Node(tmp_path, exports["n2"], 0, peers, keys=tmp_path / "keys", extra=["--input", tmp_path / "x.npy"]),
+              Node(tmp_path, exports["n2"], 1, peers, keys=tmp_path / "stranger")]
     for n in nodes:
-        assert n.wait(20) == 1, n.output()
-    assert "node 0 waited 3 s for its peers: node 1 at tcp://127.0.0.1:" in nodes[0].output()
-    assert "CURVE handshake" in nodes[0].output()
-    assert "node 1 waited 3 s for its peers: node 0 at" in nodes[1].output()
+        assert n.wait(CONNECT - 5) == 1, n.output()
+    assert "Error: node 1 failed the CURVE handshake with node 0" in nodes[0].output()
+    assert "Error: node 0 failed the CURVE handshake with node 1" in nodes[1].output()
 
 
 def test_unknown_key_is_denied_and_logged(exports, tmp_path, caplog):
@@ -284,11 +284,12 @@ def test_unknown_key_is_denied_and_logged(exports, tmp_path, caplog):
                                                  r"public_keys folder"):
             node1.wait_ready(10)
         assert time.monotonic() - start < 5
-        with pytest.raises(PeerTimeout, match=r"node 1 at \S+ never answered the handshake.*refused "
-                                              r"connections: node 0 refused a connection from 127.0.0.1: "
-                                              r"ZAP denied \(Unknown key\)"):
-            node0.wait_ready(1.0)
-        assert node0.peer_states()[1][0] == "waiting"
+        with pytest.raises(HandshakeError, match=r"node 1 failed the CURVE handshake with node 0 .*refused "
+                                                 r"connections: node 0 refused a connection from 127.0.0.1: "
+                                                 r"ZAP denied \(Unknown key\)"):
+            node0.wait_ready(10)
+        assert time.monotonic() - start < 5
+        assert node0.peer_states()[1][0] == "refused"
     rejected = (impostor / "public_keys" / "node1.key").read_text().split('public-key = "')[1].split('"')[0]
     denials = [r.getMessage() for r in caplog.records if "ZAP denied" in r.getMessage()]
     assert len(denials) == 1 and f"its public key {rejected} is not in the public_keys folder" in denials[0]
@@ -349,6 +350,9 @@ def test_hand_crafted_messages_are_checked(exports, tmp_path):
             fake.connect(peers[1])
             fake.send_multipart(hello(bundle, 0))
             node1.wait_ready(10)
+            for r in (1, 2, 3):  # node 0 announces a request before its messages
+                fake.send_multipart([BEGIN, json.dumps({"node": 0, "instance": "feedfacefeedface",
+                                                        "to": node1.instance, "request": r}).encode()])
             fake.send_multipart(fake_msg(node1, msg, np.ascontiguousarray(good[:, :2]), request=1))
             fake.send_multipart(fake_msg(node1, msg, good, request=2, schedule="f" * 64))
             fake.send_multipart(fake_msg(node1, msg, good, request=3))

@@ -44,7 +44,8 @@ class NodeKeys:
 def keygen(directory: str | os.PathLike, nodes: int, *, force: bool = False) -> list[Path]:
     """Make a CURVE key pair per node in `directory` (node{k}.key, node{k}.key_secret) and the folder
     `directory`/public_keys with every node's public key. Returns the files written. Existing keys are
-    refused unless `force`."""
+    refused unless `force`. A `directory` made here is mode 0700; an existing one keeps its mode (secret key
+    files are 0600 either way)."""
     if nodes < 1:
         raise NetworkConfigError(f"--nodes {nodes}: give at least 1 node")
     root = Path(directory)
@@ -56,8 +57,9 @@ def keygen(directory: str | os.PathLike, nodes: int, *, force: bool = False) -> 
     if force and public.is_dir():
         for p in public.glob("*.key"):
             p.unlink()
-    root.mkdir(parents=True, exist_ok=True)
-    os.chmod(root, 0o700)
+    if not root.exists():  # a folder keygen makes is private; an existing one keeps the mode its owner gave it
+        root.mkdir(parents=True)
+        os.chmod(root, 0o700)
     public.mkdir(exist_ok=True)
     written = []
     for k in range(nodes):

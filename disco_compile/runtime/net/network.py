@@ -93,7 +93,7 @@ def serve(out_dir, node: int, peers, *, keys=None, insecure: bool = False, timeo
                         if stay:
                             transport.wait_ready(timeout)
                         else:
-                            transport.require_ready(f"run request {request}")
+                            transport.require_ready("run a request")
                         executor.run(None)
                     except PeerFailed as exc:
                         transport.abort(str(exc))  # the others may not know yet: fail the request there too
@@ -185,7 +185,7 @@ class DiscoClient:
 
     def _run(self, request: int, model_inputs) -> list[np.ndarray]:
         transport = self._transport
-        transport.require_ready(f"start request {request}")
+        transport.require_ready("start a request")
         with transport.request(request):
             transport.begin(request)
             outputs = self._executor.run(model_inputs)

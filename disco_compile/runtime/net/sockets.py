@@ -17,7 +17,10 @@ thread that reads the PULL socket at a time (`reader`, see Threads in
 zmq_transport.py). With keys the PULL is a CURVE server behind the ZAP handler
 of keys.py and each PUSH a CURVE client expecting its peer's public key. The
 monitors report each PUSH's handshakes and disconnections, and the PULL's
-failed handshakes (a peer with a key or a protocol this node refuses).
+failed handshakes (a peer with a key or a protocol this node refuses). Every
+socket refuses frames above `max_frame` bytes (ZMQ_MAXMSGSIZE, set before it
+binds or connects, so it holds during the CURVE handshake too): ZeroMQ closes a
+connection whose next frame header announces more, before reading it.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ from .peers import NetworkConfigError
 
 _SEND_QUEUE = 10_000  # frames queued for one peer before a send fails (the peer is not taking them)
 _LINGER_MS = 1000  # how long closing waits to deliver what is queued (a goodbye, an abort)
+RECONNECT_MAX_MS = 1000  # the longest a PUSH waits between tries to connect (from 100 ms, doubling)
 _PULL_EVENTS = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 _PUSH_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
                 | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
@@ -41,10 +45,13 @@ _PUSH_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVE
 class NodeSockets:
     """Node `node`'s PULL socket bound at `bind` and a PUSH socket connected to each of `peers` (node index ->
     endpoint), with CURVE when `keys` are given. `on_denied(text)` hears of every connection the ZAP handler
-    refuses. Binding failures are a NetworkConfigError; `close` releases everything."""
+    refuses; `max_frame`: the largest frame any socket takes. Binding failures are a NetworkConfigError; `close`
+    releases everything."""
 
-    def __init__(self, node: int, bind: str, peers: dict[int, str], keys: NodeKeys | None, on_denied):
+    def __init__(self, node: int, bind: str, peers: dict[int, str], keys: NodeKeys | None, on_denied, *,
+                 max_frame: int):
         self.node = node
+        self.max_frame = max_frame
         self.reader = threading.Lock()  # held by the one thread reading the PULL socket
         self._send_locks = {k: threading.Lock() for k in peers}
         self._ctx = zmq.Context()
@@ -67,6 +74,7 @@ class NodeSockets:
 
     def _socket(self, kind: int, endpoint: str) -> zmq.Socket:
         s = self._ctx.socket(kind)
+        s.maxmsgsize = self.max_frame
         if "[" in endpoint:
             s.ipv6 = True
         return s
@@ -95,7 +103,7 @@ class NodeSockets:
         s.linger = _LINGER_MS
         s.sndhwm = _SEND_QUEUE
         s.reconnect_ivl = 100
-        s.reconnect_ivl_max = 1000
+        s.reconnect_ivl_max = RECONNECT_MAX_MS
         if keys is not None:
             s.curve_publickey, s.curve_secretkey = keys.public, keys.secret
             s.curve_serverkey = keys.peers[peer]

@@ -31,7 +31,12 @@ a request sends ABORT for that request, which fails it everywhere. Frames from
 an earlier process of a node, or addressed to an earlier process of this node
 (queued while a peer was down), are dropped, so a node that rejoins starts
 clean. A restarted node rejoins by starting again with the same address: the
-others keep their sockets and take it back when its HELLO arrives.
+others keep their sockets and take it back when its HELLO arrives. A failed CURVE
+handshake (another key, or no keys) refuses the peer at once, not at the connect timeout.
+
+Hostile frames. A frame with fields its kind does not carry (protocol.py), from a
+node not in the export or with another node's key, or for a request this node
+does not keep (requests.py) is dropped and logged (protocol.Drops), never raised.
 """
 from __future__ import annotations
 
@@ -50,15 +55,17 @@ from ..transport import Transport, check_arrival
 from . import log
 from .keys import NodeKeys
 from .peers import NetworkConfigError, Peer, PeerState, load_peers
-from .protocol import (ABORT, BEGIN, BYE, HELLO, MSG, PING, Arrival, HandshakeError, Identity, manifest_hash,
-                       message_header, message_key, message_payload, read_arrival)
+from .protocol import (ABORT, BEGIN, BYE, HELLO, MSG, PING, Arrival, Drops, FrameError, HandshakeError, Identity,
+                       Limits, manifest_hash, message_header, message_payload, read_arrival)
 from .requests import Requests
-from .sockets import NodeSockets
+from .sockets import RECONNECT_MAX_MS, NodeSockets
 
 DEFAULT_CONNECT_TIMEOUT = 60.0  # seconds a node waits at start for every peer's handshake
 _POLL_MS = 50
 _SIDE_POLL_MS = 20  # the pump's poll while waiting threads read the socket themselves
 _READER_IDLE = 0.1  # seconds without a waiting thread after which the pump reads the socket again
+_REFUSED_STAY = 1.5 * RECONNECT_MAX_MS / 1000  # s wait_ready keeps the sockets after a refusal: the peer's next
+# try (at most RECONNECT_MAX_MS apart) fails too, so it reports the refusal at once as well
 
 
 def _check_options(nodes: int, node: int, keys: NodeKeys | None, insecure: bool, timeout: float) -> None:
@@ -109,7 +116,9 @@ class ZmqTransport(Transport):
         self._cv = threading.Condition()
         self._waiting = 0  # threads waiting for an arrival (under _cv)
         self._last_wait = 0.0  # when a thread last waited for an arrival (monotonic)
-        self._requests = Requests()
+        self._requests = Requests(node)
+        self.limits = Limits.of(schedule.messages)
+        self._drop = Drops(node, self._key_owner if keys else None)
         self._bye = False  # node 0 said goodbye
         self._denials: list[str] = []  # connections this node refused
         self._fatal: DiscoError | None = None  # the pump itself failed
@@ -119,7 +128,7 @@ class ZmqTransport(Transport):
         self._begin_lock = threading.Lock()
 
         self._sockets = NodeSockets(node, self.endpoint, {k: p.endpoint for k, p in self._peers.items()}, keys,
-                                    self._denied)
+                                    self._denied, max_frame=self.limits.frame)
         self._stop = threading.Event()
         self._pump = threading.Thread(target=self._pump_main, name=f"disco-net-node{node}", daemon=True)
         for k in self._peers:
@@ -156,9 +165,7 @@ class ZmqTransport(Transport):
     def request(self, request: int):
         """Run request `request` in this thread: sends are tagged with it, receives look for it."""
         with self._cv:
-            if request in self._requests.open:
-                raise ValueError(f"request {request} is running already on node {self.node}")
-            self._requests.open.add(request)
+            self._requests.start(request)
         previous = getattr(self._local, "request", None)
         self._local.request = request
         try:
@@ -178,7 +185,8 @@ class ZmqTransport(Transport):
         with self._cv:
             self._raise_if_failed(request, f"before sending message {msg.id!r} to node {msg.dst}")
         data = np.ascontiguousarray(payload)
-        self._send(msg.dst, self._identity.message(self._peers[msg.dst].instance, msg, data, request), strict=True)
+        self._send(msg.dst, self._identity.message(self._peers[msg.dst].instance, msg, data, request, self.limits),
+                   strict=True)
 
     def recv(self, msg: Message, timeout: float) -> np.ndarray:
         self._check_ends(msg, sending=False)
@@ -268,7 +276,7 @@ class ZmqTransport(Transport):
         """Wait until every peer has answered the handshake with the same export and is alive.
         HandshakeError if a peer holds another export or refused this node's key; PeerTimeout naming
         the peers still missing (and what went wrong connecting to them) after `timeout` seconds."""
-        deadline = time.monotonic() + timeout
+        deadline, refused_at = time.monotonic() + timeout, None
         with self._cv:
             while True:
                 if self._closed:
@@ -276,8 +284,9 @@ class ZmqTransport(Transport):
                 if self._fatal is not None:
                     raise self._fatal
                 refused = [p for p in self._peers.values() if p.state is PeerState.REFUSED]
-                if refused:
-                    raise HandshakeError(f"node {refused[0].node} {refused[0].problem}")
+                refused_at = (refused_at or time.monotonic()) if refused else None
+                if refused and time.monotonic() - refused_at >= _REFUSED_STAY:
+                    raise HandshakeError(f"node {refused[0].node} {refused[0].problem}" + self._denials_text())
                 missing = [p for p in self._peers.values() if p.state is not PeerState.READY]
                 if not missing:
                     return
@@ -299,7 +308,7 @@ class ZmqTransport(Transport):
                 cls = HandshakeError if any(p.state is PeerState.REFUSED for p in missing) else PeerFailed
                 raise cls(f"node {self.node} cannot {doing}: " + "; ".join(
                     f"node {p.node} at {p.endpoint} {p.problem or 'has not answered the handshake'}" for p in missing)
-                    + "; once it runs again (same command), it rejoins: wait_ready() waits for it")
+                    + "; once it runs again (same command), it rejoins and the next request runs")
 
     def _missing_text(self, missing: list[Peer], timeout: float) -> str:
         parts = []
@@ -309,11 +318,13 @@ class ZmqTransport(Transport):
                              + (f" ({p.problem})" if p.problem else ""))
             else:
                 parts.append(f"node {p.node} at {p.endpoint} {p.problem}")
-        text = f"node {self.node} waited {timeout:g} s for its peers: " + "; ".join(parts)
-        if self._denials:
-            text += "; refused connections: " + "; ".join(self._denials[-3:])
+        text = f"node {self.node} waited {timeout:g} s for its peers: " + "; ".join(parts) + self._denials_text()
         return text + ("; start every node with the same export, peers file and keys (or all with --insecure), "
                        "and check that the addresses are reachable")
+
+    def _denials_text(self) -> str:
+        """(holding the lock) The last connections this node refused, as a clause for an error ('' if none)."""
+        return "; refused connections: " + "; ".join(self._denials[-3:]) if self._denials else ""
 
     def begin(self, request: int) -> None:
         """Node 0: announce request `request` to every peer (before any of its messages)."""
@@ -411,6 +422,7 @@ class ZmqTransport(Transport):
 
     def _check_liveness(self, now: float) -> None:
         with self._cv:
+            self._requests.expire(now - self.timeout)
             for p in self._peers.values():
                 if p.state is not PeerState.READY:
                     continue
@@ -452,19 +464,26 @@ class ZmqTransport(Transport):
                 self._lose(p, f"refused this node's key (ZAP status {value} at {where}): node {self.node}'s "
                               f"public key is not in node {peer}'s public_keys folder", state=PeerState.REFUSED)
             else:
-                p.problem = (f"the CURVE handshake with it failed ({zmq.Event(kind).name}): it holds another key "
-                             f"than public_keys/node{peer}.key, or runs without keys (--insecure)"
-                             if self.keys else
-                             f"the handshake with it failed ({zmq.Event(kind).name}): it runs with keys; "
-                             f"give every node --keys, or every node --insecure")
+                self._handshake_failed(p, zmq.Event(kind).name, where)
+
+    def _handshake_failed(self, p: Peer, event: str, where: str) -> None:
+        """(holding the lock) This node's handshake with `p` failed (`event`): `p` is refused at once. A wrong key
+        fails every retry; a peer that died inside a handshake (the other cause) is taken back by its next HELLO."""
+        problem = (f"failed the CURVE handshake with node {self.node} ({event} at {where}): it holds another key "
+                   f"than public_keys/node{p.node}.key, or runs without keys (--insecure)" if self.keys else
+                   f"failed the handshake with node {self.node} ({event} at {where}): it runs with keys; give "
+                   f"every node --keys, or every node --insecure")
+        if p.state is not PeerState.LEFT:
+            self._lose(p, problem, state=PeerState.REFUSED)
 
     # ------------------------------------------------------------ arrivals
 
     def _arrive(self, frames: list[zmq.Frame]) -> None:
         """(holding the reader lock, not the lock) Check where `frames` come from, then take them in."""
-        arrival = read_arrival(frames)
-        if arrival is None:
-            log.warning("node %d: dropped a malformed frame (kind %r)", self.node, frames[0].bytes[:16])
+        try:
+            arrival = read_arrival(frames)
+        except FrameError as exc:
+            self._drop(exc.what, str(exc), frames)
             return
         if not self._authentic(arrival):
             return
@@ -511,16 +530,16 @@ class ZmqTransport(Transport):
         if kind == MSG:
             self._on_message(p.node, arrival)
         elif kind == BEGIN:
-            if p.node == 0:
-                self._requests.announced.append(int(meta["request"]))
+            refused = ("only node 0 announces requests, to the other nodes" if p.node != 0 or self.node == 0
+                       else self._requests.announce(meta["request"]))
+            if refused:
+                self._drop("BEGIN refused", f"a BEGIN of request {meta['request']} from node {p.node}: {refused}")
         elif kind == ABORT:
-            reason = str(meta.get("reason"))
-            if meta.get("request") is None:
+            reason, request = meta.get("reason", "no reason given"), meta.get("request")
+            if request is None:
                 self._lose(p, f"stopped ({reason})")
-            else:
-                r = int(meta["request"])
-                if not self._requests.finished(r):
-                    self._requests.fail(r, PeerFailed(f"node {p.node} failed ({reason})"))
+            elif self._admitted("an ABORT", request, p.node):
+                self._requests.fail(request, PeerFailed(f"node {p.node} failed ({reason})"))
         elif kind == BYE:
             p.state, p.problem = PeerState.LEFT, "left (said goodbye)"
             if p.node == 0:
@@ -547,31 +566,31 @@ class ZmqTransport(Transport):
 
     def _on_message(self, sender: int, arrival: Arrival) -> None:
         """(holding the lock) A MSG frame: checked against the schedule, then filed by (request, id)."""
-        key = message_key(arrival.meta)
-        if key is None:
-            log.warning("node %d: dropped a message without request or id from node %d", self.node, sender)
+        request, message_id = arrival.meta["request"], arrival.meta["id"]
+        if not self._admitted(f"message {message_id!r}", request, sender):
             return
-        request, message_id = key
-        if self._requests.finished(request):
-            return  # a late message of a request that ended (failed) here
         msg = self._messages.get(message_id)
         if msg is None or msg.dst != self.node:
             self._requests.fail(request, MessageError(
                 f"message {message_id!r} from node {sender} (request {request}) arrived wrong: this node's schedule "
                 f"has no such message for node {self.node}; the nodes hold different exports"))
             return
-        try:
-            header = message_header(arrival.meta, sender)
-        except (KeyError, TypeError, ValueError):
-            self._requests.fail(request, MessageError(
-                f"message {message_id!r} ({msg.kind}, node {msg.src} -> node {msg.dst}) arrived wrong: its header "
-                f"is incomplete: {arrival.meta}"))
-            return
-        payload = message_payload(arrival, header)
+        header = message_header(arrival.meta, sender)
+        payload = message_payload(arrival, header, msg.dtype)
         try:
             check_arrival(header, payload, msg, self.schedule_hash)
         except MessageError as exc:
             log.error("node %d: %s", self.node, exc)
             self._requests.fail(request, exc)
             return
-        self._requests.file(request, message_id, payload)
+        refused = self._requests.file(request, message_id, payload)
+        if refused:
+            self._drop("MSG twice", f"a message from node {sender}: {refused}")
+
+    def _admitted(self, what: str, request: int, sender: int) -> bool:
+        """(holding the lock) Whether `what` from `sender` for `request` is taken in (requests.py: What is kept);
+        else it is dropped, and logged unless it is late for a request that ended here."""
+        refused = self._requests.admit(request, sender, time.monotonic())
+        if refused:
+            self._drop("unannounced", f"{what} from node {sender}: {refused}")
+        return refused is None
