@@ -160,9 +160,13 @@ def test_export_refuses_non_empty_directory_and_force_replaces(tmp_path):
     (out / "keep.txt").write_text("user data")
     with pytest.raises(BundleError, match="not empty.*--force"):
         export(dm, out)
+    with pytest.raises(BundleError, match="not an export of disco-compile .*no manifest.json; it holds keep.txt"):
+        export(dm, out, force=True)  # --force replaces only an earlier export
     assert (out / "keep.txt").read_text() == "user data"
+    (out / "keep.txt").unlink()
+    export(dm, out)
     export(dm, out, force=True)
-    assert not (out / "keep.txt").exists() and (out / "manifest.json").exists()
+    assert (out / "manifest.json").exists()
 
 
 def test_cli_exports_and_disco_run_reproduces(tmp_path):

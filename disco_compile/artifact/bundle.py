@@ -10,41 +10,66 @@ An export directory OUT holds
 with `load_bundle`, and only then renames it into place, so OUT is never
 half-written and an invalid export is never written at all. `load_bundle`
 trusts nothing on disk: it checks both JSON files against the JSON Schemas in
-disco_compile/artifact/schemas/, every file's sha256, the schedule's consistency
-and that every stage graph declares the names, dtypes and shapes the schedule
-says (`check_schedule`, `check_stage_graphs`: checks.py). The schedule hash (sha256 of the canonical
+disco_compile/artifact/schemas/ (an integer is a JSON number without a fraction or exponent: `2.0` is
+refused; nesting deeper than MAX_DEPTH is refused before any check recurses; every keyword runs in time
+linear in the file), every file's sha256 (regular files only: a symbolic link anywhere inside OUT is
+refused, never followed), the schedule's consistency and that every stage graph declares the names, dtypes
+and shapes the schedule says and holds its weights itself, without ONNX external data
+(`check_schedule`, `check_stage_graphs`: checks.py). The schedule hash (sha256 of the canonical
 schedule.json bytes) tags every message at run time, so nodes that hold
 different exports refuse each other's messages.
+
+The hashes guard against accidents (a truncated copy, a changed file), not against someone who edits a
+file and recomputes its sha256: they are integrity, not authenticity (README, "Security").
+
+`force` replaces only an earlier export: a directory whose manifest.json reads and follows its schema and
+that holds nothing the manifest does not list. The temporary siblings a killed export leaves
+(.OUT.writing-*, .OUT.old-*, holding only files an export writes) are removed by the next export to OUT.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 from importlib import metadata, resources
 from pathlib import Path
 
-from jsonschema import Draft202012Validator
+from jsonschema import Draft202012Validator, ValidationError, validators
 
 from ..errors import BundleError
 from .checks import REEXPORT, SCHEDULE, check_schedule, check_stage_graphs, listing
 from .schedule import FORMAT_VERSION, Manifest, Schedule, Stage
 
 MANIFEST = "manifest.json"
+MAX_DEPTH = 32  # JSON nesting read; the formats nest 6 deep
+_EXPORT_FILE = re.compile(r"(manifest\.json|schedule\.json|[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*\.onnx)")
 
 
 @dataclass(frozen=True)
 class Bundle:
-    """A loaded, checked export directory."""
+    """A loaded, checked export directory; `held`: the nodes whose stage files it holds (a device may hold
+    only its own nodeK/, with manifest.json and schedule.json)."""
     root: Path
     schedule: Schedule
     manifest: Manifest
     schedule_hash: str
+    held: tuple[int, ...]
+
+    def require(self, *nodes: int) -> None:
+        """BundleError unless this directory holds the stage files of every node in `nodes`."""
+        absent = [k for k in nodes if k not in self.held]
+        if absent:
+            folders = ", ".join(sorted({Path(st.file).parts[0] for k in absent for st in self.schedule.programs[k]}))
+            raise BundleError(f"{self.root} holds the stage files of node(s) {list(self.held)} only, and node(s) "
+                              f"{absent} are needed here: copy {folders} from the export (a run with every node "
+                              f"on one machine, --simulate, needs the whole directory)")
 
     def path(self, stage: Stage) -> Path:
         return self.root / stage.file
@@ -90,10 +115,56 @@ def _sha256_file(path: Path) -> str:
 
 # ---------------------------------------------------------------- JSON Schemas
 
+def _hashable(value):
+    """A JSON value as a hashable key, equal for values JSON Schema calls equal (1 and 1.0; not true and 1)."""
+    if isinstance(value, bool) or value is None:
+        return ("literal", value)
+    if isinstance(value, list):
+        return ("array", tuple(_hashable(v) for v in value))
+    if isinstance(value, dict):
+        return ("object", frozenset((k, _hashable(v)) for k, v in value.items()))
+    return ("scalar", value)
+
+
+def _unique_items(validator, unique, instance, schema):
+    """uniqueItems in linear time (jsonschema's own compares every pair once the items do not sort: 65 s for
+    one string among 20,000 channel ids)."""
+    if unique and validator.is_type(instance, "array") and len({_hashable(v) for v in instance}) != len(instance):
+        seen, repeated = set(), None
+        for v in instance:
+            key = _hashable(v)
+            if key in seen:
+                repeated = v
+                break
+            seen.add(key)
+        yield ValidationError(f"the array of {len(instance)} items has {repeated!r} more than once")
+
+
+_WHOLE = {"type": "integer", "minimum": 0}
+
+
+def _items(validator, items, instance, schema):
+    """items; an array of whole numbers >= 0 (channel ids) in one pass, instead of one validator descent per
+    item (1.0 s of ResNet-50's 1.4 s load: 16,612 channel ids)."""
+    if items != _WHOLE or not validator.is_type(instance, "array"):
+        yield from Draft202012Validator.VALIDATORS["items"](validator, items, instance, schema)
+        return
+    bad = next((i for i, v in enumerate(instance) if type(v) is not int or v < 0), None)
+    if bad is not None:
+        yield ValidationError(f"{instance[bad]!r} is not a whole number at least 0", path=[bad])
+
+
+_Strict = validators.extend(
+    Draft202012Validator, {"uniqueItems": _unique_items, "items": _items},
+    type_checker=Draft202012Validator.TYPE_CHECKER.redefine(
+        "integer", lambda checker, value: isinstance(value, int) and not isinstance(value, bool)))
+
+
 @cache
 def _validator(kind: str) -> Draft202012Validator:
+    """The JSON Schema of `kind`, integers strict (no 2.0) and uniqueItems linear."""
     text = (resources.files("disco_compile.artifact") / "schemas" / f"{kind}.schema.json").read_text()
-    return Draft202012Validator(json.loads(text))
+    return _Strict(json.loads(text))
 
 
 def _check_against_schema(data, kind: str, file: str) -> None:
@@ -109,11 +180,28 @@ def _check_against_schema(data, kind: str, file: str) -> None:
                           f"tool; {REEXPORT}:{listing(problems)}")
 
 
+def _depth(data) -> int:
+    """How deep `data` (parsed JSON) nests; counted without recursion."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            deepest = max(deepest, depth)
+            stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return deepest
+
+
 def _read_json(path: Path, file: str):
     try:
         data = json.loads(path.read_bytes())
-    except (OSError, ValueError) as exc:
-        raise BundleError(f"{file}: cannot be read as JSON ({exc}); {REEXPORT}") from exc
+    except OSError as exc:
+        raise BundleError(f"{path}: cannot be read ({exc.strerror or exc}); check its permissions, or "
+                          f"{REEXPORT}") from exc
+    except (ValueError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise BundleError(f"{file}: cannot be read as JSON ({reason}); {REEXPORT}") from exc
+    if _depth(data) > MAX_DEPTH:
+        raise BundleError(f"{file}: nested deeper than {MAX_DEPTH} levels, which no export writes; {REEXPORT}")
     if isinstance(data, dict) and data.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
         raise BundleError(f"{file}: format version {data['format_version']!r}, but this disco-compile reads "
                           f"version {FORMAT_VERSION}; re-export with this version of disco-compile")
@@ -122,8 +210,12 @@ def _read_json(path: Path, file: str):
 
 # ---------------------------------------------------------------- reading
 
-def load_bundle(out_dir: str | os.PathLike) -> Bundle:
-    """Read and check the export directory `out_dir` (see the module docstring); BundleError if anything is off."""
+def load_bundle(out_dir: str | os.PathLike, *, graphs: bool = True) -> Bundle:
+    """Read and check the export directory `out_dir` (see the module docstring); BundleError if anything is off.
+
+    Every file it holds is checked; the stage files of a node it does not hold at all are not required
+    (`Bundle.held`, `Bundle.require`), a node's files held in part are refused. `graphs` False: the stage graphs
+    are hash-checked but not parsed (what `disco-run info` needs, without importing onnx)."""
     root = Path(out_dir)
     if not root.is_dir():
         raise BundleError(f"{root}: no such directory; give the directory an export wrote")
@@ -133,7 +225,7 @@ def load_bundle(out_dir: str | os.PathLike) -> Bundle:
     manifest_data = _read_json(root / MANIFEST, MANIFEST)
     _check_against_schema(manifest_data, "manifest", MANIFEST)
     manifest = Manifest.from_json(manifest_data)
-    _check_files(root, manifest)
+    absent = _check_files(root, manifest)
 
     schedule_data = _read_json(root / SCHEDULE, SCHEDULE)
     _check_against_schema(schedule_data, "schedule", SCHEDULE)
@@ -145,35 +237,89 @@ def load_bundle(out_dir: str | os.PathLike) -> Bundle:
     if unlisted:
         raise BundleError(f"stage files not listed in {MANIFEST}, so their sha256 cannot be checked; "
                           f"{REEXPORT}:{listing(unlisted)}")
-    check_stage_graphs(root, schedule)
-    return Bundle(root=root.resolve(), schedule=schedule, manifest=manifest, schedule_hash=schedule_hash(schedule))
+    held = _held_nodes(root, schedule, absent)
+    if graphs:
+        check_stage_graphs(root, schedule, held)
+    return Bundle(root=root.resolve(), schedule=schedule, manifest=manifest, schedule_hash=schedule_hash(schedule),
+                  held=held)
 
 
-def _check_files(root: Path, manifest: Manifest) -> None:
-    problems = []
+def _held_nodes(root: Path, schedule: Schedule, absent: set[str]) -> tuple[int, ...]:
+    """The nodes none of whose stage files are in `absent` (the folders `_check_files` found missing whole);
+    BundleError when there is none."""
+    held = tuple(k for k, program in enumerate(schedule.programs) if not {st.file for st in program} & absent)
+    if not held:
+        raise BundleError(f"{root} holds no node's stage files: copy at least one nodeK/ folder of the export "
+                          f"(or {REEXPORT})")
+    return held
+
+
+def _walk(root: Path) -> tuple[set[str], list[str]]:
+    """The files under `root` (relative, '/'-separated), and problems: symbolic links (never followed) and
+    folders that cannot be listed."""
+    files, problems = set(), []
+
+    def unreadable(exc: OSError) -> None:
+        problems.append(f"{exc.filename}: cannot be listed ({exc.strerror or exc})")
+    for folder, dirs, names in os.walk(root, onerror=unreadable):
+        for name in dirs + names:
+            path = Path(folder) / name
+            rel = path.relative_to(root).as_posix()
+            if path.is_symlink():
+                problems.append(f"{rel}: a symbolic link; an export holds regular files only, and links are "
+                                f"not followed: copy what it points to instead")
+            elif name in names:
+                files.add(rel)
+    return files, problems
+
+
+def _check_files(root: Path, manifest: Manifest) -> set[str]:
+    """Every file under `root` listed in the manifest and matching its sha256, but whole folders missing (the
+    nodeK/ of nodes this directory does not hold); the files of those folders."""
+    on_disk, problems = _walk(root)
+    missing = {rel for rel in manifest.files if rel not in on_disk and not (root / rel).is_symlink()}
+    folder = {rel: rel.split("/")[0] for rel in manifest.files if "/" in rel}
+    whole = {f for f in set(folder.values()) if all(r in missing for r, g in folder.items() if g == f)}
+    absent = {rel for rel in missing if folder.get(rel) in whole}
     for rel, digest in sorted(manifest.files.items()):
         path = root / rel
-        if not path.is_file():
-            problems.append(f"{rel}: listed in {MANIFEST} but missing; {REEXPORT} (or copy the whole directory)")
-        elif _sha256_file(path) != digest:
+        if rel in absent:
+            continue
+        if rel in missing and rel in folder:
+            problems.append(f"{rel}: listed in {MANIFEST} but missing, while other files of {folder[rel]}/ are "
+                            f"here; copy the whole {folder[rel]}/ folder (or {REEXPORT})")
+            continue
+        if rel not in on_disk or not stat.S_ISREG(path.lstat().st_mode):
+            problems.append(f"{rel}: listed in {MANIFEST} but missing (or not a regular file); {REEXPORT} "
+                            f"(or copy the whole directory)")
+            continue
+        try:
+            changed = _sha256_file(path) != digest
+        except OSError as exc:
+            problems.append(f"{rel}: cannot be read ({exc.strerror or exc}); check its permissions")
+            continue
+        if changed:
             problems.append(f"{rel}: sha256 mismatch, the file was changed after export; {REEXPORT}")
-    on_disk = {p.relative_to(root).as_posix() for p in root.rglob("*") if not p.is_dir()}
     problems += [f"{rel}: not listed in {MANIFEST}, so not part of this export; remove it or {REEXPORT}"
                  for rel in sorted(on_disk - set(manifest.files) - {MANIFEST})]
     if problems:
         raise BundleError(f"{root} is not the directory the export wrote:{listing(problems)}")
+    return absent
 
 
 # ---------------------------------------------------------------- writing
 
 def write_bundle(out_dir: str | os.PathLike, schedule: Schedule, stage_files: Mapping[str, bytes],
-                 model_hash: str, *, force: bool = False) -> Manifest:
-    """Write the export directory `out_dir`: schedule.json, every stage file, then manifest.json.
+                 model_hash: str, *, force: bool = False, settings: dict | None = None,
+                 layers: list[dict] | None = None) -> Manifest:
+    """Write the export directory `out_dir`: schedule.json, every stage file, then manifest.json (with
+    `settings` and `layers`, what made the export and its per-layer records, when given).
 
     `stage_files` maps paths relative to `out_dir` ("node0/stage000.onnx") to
     file contents; every stage of the schedule needs its file. `model_hash` is
     the sha256 (hex) of the source model. An existing non-empty `out_dir` is
-    refused unless `force`. Everything is written into a temporary sibling
+    refused unless `force` and it is an earlier export (`refuse_existing`);
+    leftovers of a killed export to `out_dir` are removed. Everything is written into a temporary sibling
     directory and read back with `load_bundle` first; `out_dir` (with `force`,
     the old one) is replaced only once the new one is complete and valid.
     """
@@ -185,11 +331,12 @@ def write_bundle(out_dir: str | os.PathLike, schedule: Schedule, stage_files: Ma
     files = {SCHEDULE: hashlib.sha256(data).hexdigest()}
     files |= {rel: hashlib.sha256(stage_files[rel]).hexdigest() for rel in sorted(stage_files)}
     manifest = Manifest(format_version=FORMAT_VERSION, model_hash=model_hash, nodes=schedule.nodes,
-                        files=files, created_by=f"disco-compile {_version()}")
+                        files=files, created_by=f"disco-compile {_version()}", settings=settings, layers=layers)
     _check_against_schema(manifest.to_json(), "manifest", MANIFEST)
 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_leftovers(out)
         staging = out.parent / f".{out.name}.writing-{secrets.token_hex(4)}"
         staging.mkdir()
     except OSError as exc:
@@ -212,12 +359,57 @@ def write_bundle(out_dir: str | os.PathLike, schedule: Schedule, stage_files: Ma
 
 
 def refuse_existing(out: Path, force: bool) -> None:
-    """Refuse to write into an existing non-empty directory unless `force` (checked again when writing)."""
-    if out.exists() and not out.is_dir():
+    """Refuse to write into an existing non-empty directory unless `force` and it is an earlier export
+    (`_not_an_export`); checked again when writing."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise BundleError(f"{out} exists and is not a directory; choose another output directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not force:
         raise BundleError(f"{out} already exists and is not empty; choose another output directory, or pass "
                           f"--force (force=True) to replace it")
+    problem = _not_an_export(out)
+    if problem:
+        raise BundleError(f"{out} is not an export of disco-compile ({problem}), so --force (force=True) does "
+                          f"not replace it: choose another output directory, or move what is in it away first")
+
+
+def _not_an_export(out: Path) -> str | None:
+    """Why the directory `out` is not an earlier export (None if it is): its manifest.json must read and follow
+    its schema, and it must hold nothing the manifest does not list. Hashes are not checked: a damaged export
+    is still one."""
+    on_disk, problems = _walk(out)
+    if MANIFEST not in on_disk:
+        return f"it has no {MANIFEST}; it holds {_few(sorted(on_disk) or ['only empty folders'])}"
+    try:
+        data = _read_json(out / MANIFEST, MANIFEST)
+        _check_against_schema(data, "manifest", MANIFEST)
+    except BundleError as exc:
+        return f"its {MANIFEST} is not valid: {str(exc).splitlines()[0]}"
+    foreign = sorted(on_disk - set(data["files"]) - {MANIFEST})
+    if problems or foreign:
+        return f"it holds what no export wrote: {_few(problems + foreign)}"
+    return None
+
+
+def _few(items: list[str]) -> str:
+    """The first few of `items` on one line."""
+    return ", ".join(items[:4]) + (f" and {len(items) - 4} more" if len(items) > 4 else "")
+
+
+def _remove_leftovers(out: Path) -> list[Path]:
+    """Remove the temporary siblings of `out` a killed export left (.OUT.writing-*, .OUT.old-*), where they
+    hold only files an export writes; returns those removed."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(writing|old)-[0-9a-f]{{8}}")
+    removed = []
+    for path in out.parent.iterdir():
+        if not pattern.fullmatch(path.name) or path.is_symlink() or not path.is_dir():
+            continue
+        files, problems = _walk(path)
+        if not problems and all(_EXPORT_FILE.fullmatch(rel) for rel in files):
+            shutil.rmtree(path)
+            removed.append(path)
+    return removed
 
 
 def _check_stage_files(schedule: Schedule, stage_files: Mapping[str, bytes]) -> None:

@@ -11,13 +11,16 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
 
 from ..errors import BundleError
 from .schedule import (BATCH, FORMAT_VERSION, MESSAGE_KINDS, Message, Schedule, Stage, StageInput, StageOutput,
                        TensorSpec)
+
+if TYPE_CHECKING:
+    import onnx  # imported where a stage graph is read: `disco-run info` and --help need no onnx (1.7 s here)
 
 SCHEDULE = "schedule.json"
 REEXPORT = "re-export the model"
@@ -242,17 +245,19 @@ def _count_problems(s: Schedule, uses: _Uses) -> list[str]:
 def _cycle_problems(s: Schedule) -> list[str]:
     """Stages that can never run: each node runs its stages in order and a stage
     waits for its messages, so (node, stage) pairs form a graph that must be acyclic."""
-    waits_on: dict[tuple[int, int], list[tuple[int, int]]] = {
-        (k, i): ([(k, i - 1)] if i else []) for k, p in enumerate(s.programs) for i in range(len(p))}
+    unmet: dict[tuple[int, int], int] = {(k, i): int(i > 0) for k, p in enumerate(s.programs) for i in range(len(p))}
+    unblocks: dict[tuple[int, int], list[tuple[int, int]]] = {
+        (k, i): ([(k, i + 1)] if i + 1 < len(p) else []) for k, p in enumerate(s.programs) for i in range(len(p))}
     for m in s.messages:
-        waits_on[(m.dst, m.dst_stage)].append((m.src, m.src_stage))
-    done: set[tuple[int, int]] = set()
-    progress = True
-    while progress:
-        ready = [key for key, deps in waits_on.items() if key not in done and all(d in done for d in deps)]
-        done.update(ready)
-        progress = bool(ready)
-    stuck = sorted(set(waits_on) - done)
+        unmet[(m.dst, m.dst_stage)] += 1
+        unblocks[(m.src, m.src_stage)].append((m.dst, m.dst_stage))
+    ready = [key for key, n in unmet.items() if n == 0]  # Kahn's algorithm: linear in stages and messages
+    while ready:
+        for after in unblocks[ready.pop()]:
+            unmet[after] -= 1
+            if unmet[after] == 0:
+                ready.append(after)
+    stuck = sorted(key for key, n in unmet.items() if n > 0)
     if not stuck:
         return []
     names = ", ".join(f"node {k} stage {i}" for k, i in stuck[:_SHOWN]) + (" ..." if len(stuck) > _SHOWN else "")
@@ -264,12 +269,15 @@ def _cycle_problems(s: Schedule) -> list[str]:
 _Type = tuple[str | None, list | None]  # (numpy dtype name, shape) a graph declares; None where undeclared
 
 
-def check_stage_graphs(root: Path, s: Schedule) -> None:
+def check_stage_graphs(root: Path, s: Schedule, nodes: tuple[int, ...] | None = None) -> None:
     """Raise BundleError if a stage graph under `root` is not valid ONNX, or listing where the graphs' inputs
-    and outputs disagree with `s` in name, dtype or shape (carried values: with the graph that produces them)."""
+    and outputs disagree with `s` in name, dtype or shape (carried values: with the graph that produces them);
+    `nodes`: only those nodes' graphs (None: every node's)."""
     index = _Index.of(s)
     problems: list[str] = []
     for node, program in enumerate(s.programs):
+        if nodes is not None and node not in nodes:
+            continue
         carried: dict[str, _Type] = {}  # value -> type declared by its producer
         for stage in program:
             problems += _stage_graph_problems(root, index, node, stage, carried)
@@ -278,10 +286,26 @@ def check_stage_graphs(root: Path, s: Schedule) -> None:
 
 
 def _load_graph(root: Path, where: str, stage: Stage) -> onnx.GraphProto:
+    """The stage's graph, read without its external data: a tensor stored outside the file is refused, since
+    onnxruntime would read it from a path the manifest's hashes do not cover (relative to the working
+    directory when the graph is given as bytes)."""
+    import onnx
+    from onnx import external_data_helper
     try:
-        model = onnx.load(str(root / stage.file))
+        model = onnx.load(str(root / stage.file), load_external_data=False)
+    except OSError as exc:
+        raise BundleError(f"{where}: cannot be read ({exc.strerror or exc}); check its permissions") from exc
+    except Exception as exc:  # onnx raises several types (DecodeError, ValueError, ...)
+        raise BundleError(f"{where}: not a valid ONNX model ({type(exc).__name__}: {exc}); {REEXPORT}") from exc
+    external = [t.name for t in external_data_helper._get_all_tensors(model)
+                if external_data_helper.uses_external_data(t)]
+    if external:
+        raise BundleError(f"{where}: tensors {', '.join(external[:_SHOWN])} are stored as ONNX external data, "
+                          f"outside the files the manifest's sha256 cover; an export holds every weight inside "
+                          f"its stage graphs: {REEXPORT}")
+    try:
         onnx.checker.check_model(model, full_check=True)
-    except Exception as exc:  # onnx raises several types (DecodeError, ValidationError, ...)
+    except Exception as exc:  # onnx raises several types (ValidationError, InferenceError, ...)
         raise BundleError(f"{where}: not a valid ONNX model ({type(exc).__name__}: {exc}); {REEXPORT}") from exc
     return model.graph
 
@@ -346,6 +370,7 @@ def _graph_output_problems(index: _Index, out: StageOutput, declared: _Type,
 
 def _declared_type(value_info) -> _Type:
     """(numpy dtype name, shape: ints for fixed dims, names for symbolic ones); None where undeclared."""
+    import onnx
     if not value_info.type.HasField("tensor_type"):
         return "(not a tensor)", None
     tensor = value_info.type.tensor_type

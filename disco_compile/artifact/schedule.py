@@ -117,9 +117,11 @@ class Manifest:
     nodes: int
     files: dict[str, str]  # relative path -> sha256, every file but the manifest itself
     created_by: str
+    settings: dict | None = None  # what made the export: model, nodes, budget, overlap, fine-tuning (schema)
+    layers: list[dict] | None = None  # per layer: name, op, channels, macs, sent (runtime/info.py)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
     @classmethod
     def from_json(cls, data: dict) -> Manifest:

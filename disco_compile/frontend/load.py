@@ -3,13 +3,21 @@
 Sources, tried in this order:
 
 - a `.pt2` file: a torch.export program, its layers raised to modules (exported.py), at the input shape it
-  was exported with;
-- another file: read with `torch.load(weights_only=True)`. A state_dict needs `arch`, a torchvision model
-  name: that model is built with weights=None and given the weights (a "module." prefix from DataParallel is
-  removed; every key and shape must match). A pickled whole module runs code stored in the file when
-  unpickled, so it is read only with `trust_pickle=True`;
+  was exported with. torch.export.load falls back to full unpickling where a weights-only read fails (the
+  example inputs, pickled weights), so without `trust_pickle` the program is read with every torch.load forced
+  to weights only (TORCH_FORCE_WEIGHTS_ONLY_LOAD) and an archive holding pickled objects (custom or opaque
+  constants, read with pickle itself) is refused;
+- another file: read with `torch.load(weights_only=True)`. A state_dict is built as `arch`, a torchvision
+  model name, or without it as the one torchvision architecture whose keys and shapes it matches
+  (arch_match.py): that model is built with weights=None (and `arch_args`) and given the weights (a
+  "module." prefix from DataParallel is removed; every key and shape must match). A pickled whole module
+  runs code stored in the file when unpickled, so it is read only with `trust_pickle=True`;
 - a torchvision model name: built with random weights, its BatchNorm statistics calibrated on images of
   the input shape (zoo.py). Nothing is downloaded.
+
+A model read from a file is refused if a parameter holds NaN or infinite values, or a buffer NaN (an
+infinite buffer can be an attention mask), naming the tensors. An example input of more than
+MAX_EXAMPLE_VALUES values is refused before anything is allocated.
 
 Every failure is a ModelLoadError (or, for a program, an ExportedProgramError) naming the file and what to
 do; the advice names disco-compile's options (--arch, --trust-pickle, --input-shape), which are this
@@ -18,25 +26,29 @@ step (disco-compile prints progress with it).
 """
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import re
-from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager, nullcontext
+import zipfile
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torchvision
 
-from . import exported, zoo
-from ..errors import ModelLoadError
+from . import arch_match, exported, zoo
+from ..errors import ExportedProgramError, ModelLoadError
 
 DEFAULT_SHAPE = (1, 3, 224, 224)
 LIST_MODELS = 'python -c "import torchvision; print(torchvision.models.list_models())"'
 RANDOM_WEIGHTS = "random weights (no pretrained weights are downloaded)"
 _FILE_SUFFIXES = (".pt", ".pt2", ".pth", ".pkl", ".bin", ".ckpt", ".tar")
 _SHOWN_KEYS = 8  # keys listed in a state_dict mismatch before "... and N more"
+MAX_EXAMPLE_VALUES = 1 << 28  # values in one example input (1 GiB of float32); 1,3,224,224 has 150,528
+_PICKLED_CONSTANTS = ("custom_obj_", "opaque_obj_")  # .pt2 constants read with pickle, not torch.load
 
 Stage = Callable[[str], AbstractContextManager]
 
@@ -59,19 +71,24 @@ def _quiet(what: str) -> AbstractContextManager:
     return nullcontext()
 
 
-def load_model(model: str | os.PathLike, *, arch: str | None = None, trust_pickle: bool = False,
+def load_model(model: str | os.PathLike, *, arch: str | None = None, arch_args: Mapping[str, object] | None = None,
+               trust_pickle: bool = False,
                input_shape: tuple[int, ...] | None = None, stage: Stage = _quiet) -> LoadedModel:
     """The model in file `model`, or the torchvision model named `model` (module docstring).
 
-    arch: the torchvision model name of a state_dict file's weights.
+    arch: the torchvision model name of a state_dict file's weights; without it, the one torchvision
+      architecture whose keys and shapes are the file's (arch_match.py).
+    arch_args: constructor arguments of that architecture (num_classes=3, ...).
     trust_pickle: allow a file holding a pickled whole nn.Module (unpickling runs code stored in it).
     input_shape: the example input's shape, batch first (default 1,3,224,224; a program's: its example's).
     """
     model = os.fspath(model)
+    if input_shape is not None:
+        _check_shape(input_shape)
     if arch is not None:
         torchvision_name(arch, f"arch {arch!r}")
     if os.path.isfile(model):
-        return _from_file(model, arch, trust_pickle, input_shape, stage)
+        return _from_file(model, arch, arch_args or {}, trust_pickle, input_shape, stage)
     if os.path.exists(model):
         raise ModelLoadError(f"{model} is not a file; MODEL is a model file or a torchvision model name")
     if os.sep in model or "/" in model or model.endswith(_FILE_SUFFIXES):
@@ -79,6 +96,27 @@ def load_model(model: str | os.PathLike, *, arch: str | None = None, trust_pickl
     if arch is not None:
         raise ModelLoadError(f"--arch is only for state_dict files, but MODEL {model!r} is a name; leave --arch out")
     return _from_zoo(torchvision_name(model, f"MODEL {model!r} is not an existing file, and it"), input_shape, stage)
+
+
+def _check_shape(shape: tuple[int, ...]) -> None:
+    """Refuse an example input too large to allocate, before anything is."""
+    values = math.prod(shape)
+    if values > MAX_EXAMPLE_VALUES:
+        raise ModelLoadError(f"--input-shape {','.join(map(str, shape))} is {values:.3g} values ({values * 4:.3g} "
+                             f"bytes of float32) for one example input, more than {MAX_EXAMPLE_VALUES} values: give "
+                             f"the shape of one real input, e.g. --input-shape 1,3,224,224")
+
+
+def _check_finite(module: nn.Module, path: str) -> nn.Module:
+    """`module`, or ModelLoadError naming its parameters with NaN or infinite values and buffers with NaN."""
+    bad = [f"{name} (parameter)" for name, t in module.named_parameters()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    bad += [f"{name} (buffer)" for name, t in module.named_buffers()
+            if t.is_floating_point() and bool(torch.isnan(t).any())]
+    if bad:
+        raise ModelLoadError(f"{path}: tensors with NaN or infinite values: {_key_list(bad)}; the file is damaged "
+                             f"or the training that wrote it diverged: save the weights again from a good state")
+    return module
 
 
 def torchvision_name(name: str, what: str) -> str:
@@ -162,10 +200,15 @@ def _as_state_dict(obj: Mapping, path: str) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _load_into(name: str, sd: dict[str, torch.Tensor], path: str) -> nn.Module:
-    """torchvision model `name` built with weights=None, then given the weights `sd` (all keys must match)."""
+def _load_into(name: str, sd: dict[str, torch.Tensor], path: str, arch_args: Mapping[str, object]) -> nn.Module:
+    """torchvision model `name` built with weights=None and `arch_args`, then given the weights `sd` (all keys
+    must match)."""
     detection = {"weights_backbone": None} if name in zoo.detection_models() else {}  # else it downloads
-    model = torchvision.models.get_model_builder(name)(weights=None, **detection)
+    try:
+        model = torchvision.models.get_model_builder(name)(weights=None, **detection, **arch_args)
+    except (TypeError, ValueError) as exc:  # an argument the builder does not take, or a value it refuses
+        raise ModelLoadError(f"torchvision {name} cannot be built with {dict(arch_args)} (--num-classes, "
+                             f"--arch-arg): {exc}") from None
     expected = model.state_dict()
     wrong = [f"{k} (file {tuple(v.shape)}, {name} {tuple(expected[k].shape)})"
              for k, v in sd.items() if k in expected and v.shape != expected[k].shape]
@@ -182,13 +225,56 @@ def _load_into(name: str, sd: dict[str, torch.Tensor], path: str) -> nn.Module:
     return model
 
 
-def _from_program(path: str, arch: str | None, shape: tuple[int, ...] | None, stage: Stage) -> LoadedModel:
+@contextmanager
+def _weights_only() -> Iterator[None]:
+    """Every torch.load inside reads weights only, even where its caller asks for full unpickling."""
+    key = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+    before = os.environ.get(key)
+    os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[key]
+        else:
+            os.environ[key] = before
+
+
+def _read_program(path: str, trust_pickle: bool):
+    """exported.load of `path`; without `trust_pickle`, with nothing unpickled beyond tensors (module docstring)."""
+    if trust_pickle:
+        return exported.load(path)
+    trust = ("If you trust the file, pass --trust-pickle; otherwise save the program again with "
+             "torch.export.save from a source you trust")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickled = [n for n in archive.namelist() if os.path.basename(n).startswith(_PICKLED_CONSTANTS)]
+    except (OSError, zipfile.BadZipFile, ValueError) as exc:
+        raise ModelLoadError(f"cannot read {path} as a torch.export program (torch.export.save writes a zip "
+                             f"archive): {exc}") from None
+    if pickled:
+        raise ModelLoadError(f"{path} holds pickled objects ({', '.join(pickled[:3])}): loading them runs code "
+                             f"stored in the file. {trust}")
+    try:
+        with _weights_only():
+            return exported.load(path)
+    except ExportedProgramError as exc:
+        if "Weights only load failed" not in str(exc):
+            raise
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        held = f"a pickled {found.group(1)}" if found else "pickled objects beyond tensors"
+        raise ModelLoadError(f"{path} holds {held}: loading it runs code stored in the file. {trust}") from None
+
+
+def _from_program(path: str, arch: str | None, trust_pickle: bool, shape: tuple[int, ...] | None,
+                  stage: Stage) -> LoadedModel:
     """A torch.export program, its layers raised to modules (exported.py)."""
     if arch is not None:
         raise ModelLoadError(f"{path} is a torch.export program, which holds its architecture; --arch is only "
                              f"for state_dict files: leave it out")
     with stage(f"reading the torch.export program {path}"):
-        program = exported.load(path)
+        program = _read_program(path, trust_pickle)
+        _check_finite(program.module(), path)
         shapes = exported.example_shapes(program)
         if len(shapes) != 1:
             raise ModelLoadError(f"{path} takes {len(shapes)} tensor inputs; on the command line a model takes "
@@ -204,10 +290,10 @@ def _from_program(path: str, arch: str | None, shape: tuple[int, ...] | None, st
                        shape or exported.example_shapes(program, hinted=True)[0] or DEFAULT_SHAPE)
 
 
-def _from_file(path: str, arch: str | None, trust_pickle: bool, shape: tuple[int, ...] | None,
-               stage: Stage) -> LoadedModel:
+def _from_file(path: str, arch: str | None, arch_args: Mapping[str, object], trust_pickle: bool,
+               shape: tuple[int, ...] | None, stage: Stage) -> LoadedModel:
     if path.endswith(".pt2"):
-        return _from_program(path, arch, shape, stage)
+        return _from_program(path, arch, trust_pickle, shape, stage)
     shape = shape or DEFAULT_SHAPE
     with stage(f"loading {path}"):
         obj = _load_file(path, trust_pickle)
@@ -215,13 +301,15 @@ def _from_file(path: str, arch: str | None, trust_pickle: bool, shape: tuple[int
             if arch is not None:
                 raise ModelLoadError(f"{path} holds a whole module ({type(obj).__name__}); --arch is only for "
                                      f"state_dict files: leave it out")
-            return LoadedModel(obj, f"{type(obj).__name__} pickled in {path} (loaded with --trust-pickle)", shape)
+            return LoadedModel(_check_finite(obj, path), f"{type(obj).__name__} pickled in {path} (loaded with "
+                               f"--trust-pickle)", shape)
         if not isinstance(obj, Mapping):
             raise ModelLoadError(f"{path} holds a {type(obj).__name__}, neither a state_dict nor an nn.Module")
         sd = _as_state_dict(obj, path)
-        if arch is None:
-            raise ModelLoadError(f"{path} holds a state_dict ({len(sd)} tensors: weights without the "
-                                 f"architecture); say which model they belong to with --arch torchvision:NAME, "
-                                 f"e.g. --arch torchvision:resnet50")
-        return LoadedModel(_load_into(arch, sd, path), f"{arch} (torchvision) with the state_dict in {path}", shape,
+        why = ""
+        if arch is None:  # the one architecture whose keys and shapes are the file's (arch_match.py)
+            found = arch_match.match(sd, path)
+            arch, arch_args, why = found.name, {**found.kwargs, **arch_args}, f" ({found.why})"
+        return LoadedModel(_check_finite(_load_into(arch, sd, path, arch_args), path),
+                           f"{arch} (torchvision) with the state_dict in {path}{why}", shape,
                            arch in zoo.detection_models())
