@@ -79,3 +79,16 @@ class NodeFailure(DiscoError, RuntimeError):
     def __init__(self, message: str, node: int):
         super().__init__(message)
         self.node = node
+
+
+class ProviderError(DiscoError, ValueError):
+    """An onnxruntime execution provider asked for (disco-run --provider) that this onnxruntime build lacks."""
+
+
+class FinetuneInterrupted(DiscoError):
+    """Fine-tuning was asked to stop (a signal on the command line) and stopped between two steps, after writing
+    its checkpoint; `step` is the number of steps done, `checkpoint` the file (None without a checkpoint folder)."""
+
+    def __init__(self, message: str, step: int, checkpoint):
+        super().__init__(message)
+        self.step, self.checkpoint = step, checkpoint

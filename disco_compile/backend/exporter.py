@@ -6,7 +6,10 @@ schedule of every message, and a manifest (bundle.py writes and checks them).
 
 Stage graph inputs and outputs are named after what they carry: message ids
 ("exchange12", "gather3", ...), model inputs and outputs, and carried values
-by the DISCO graph's tensor names; weights are named after their layer.
+by the DISCO graph's tensor names; weights are named after their layer; nodes and inner values after the
+original model's module paths, and every graph carries metadata_props and a doc_string (naming.py).
+manifest.json records the settings that made the export (`export_settings`) and per-layer records
+(layers.py), which `disco-run info` shows.
 
 A `DiscoSubmodel` (a model split on one submodule, submodule.py) exports its
 split submodule: the shards take the submodule's inputs and return its
@@ -24,11 +27,13 @@ import onnx
 import torch
 from torch.utils import _pytree as pytree
 
-from ..artifact.bundle import write_bundle
+from ..artifact.bundle import schedule_hash, write_bundle
 from ..errors import DiscoError
 from .harden import harden
+from .layers import layer_records
 from .lower import Lowered, lower
 from ..artifact.schedule import BATCH, FORMAT_VERSION, Manifest, Schedule, TensorSpec
+from .naming import annotate, rename, token_paths
 from .stages import StageModule, cut_all, staged
 from ..frontend.submodule import DiscoSubmodel
 
@@ -49,7 +54,7 @@ def model_hash(dm) -> str:
     return h.hexdigest()
 
 
-def stage_onnx(sm: StageModule) -> bytes:
+def stage_onnx(sm: StageModule) -> onnx.ModelProto:
     """One stage's GraphModule as an ONNX model with a symbolic batch dimension."""
     names_in = [i.name for i in sm.stage.inputs]
     names_out = [o.name for o in sm.stage.outputs]
@@ -67,7 +72,7 @@ def stage_onnx(sm: StageModule) -> bytes:
                           f"divides the input: use 1x3x224x224 for ImageNet models)") from exc
     model = onnx.load_from_string(buffer.getvalue())
     model.graph.name = f"stage{sm.stage.index}"
-    return model.SerializeToString()
+    return model
 
 
 def _spec(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> TensorSpec:
@@ -82,8 +87,17 @@ def build_schedule(lowered: Lowered, programs: list[list[StageModule]]) -> Sched
                     programs=[[sm.stage for sm in prog] for prog in programs])
 
 
+def export_settings(dm, overlap: bool, settings: dict | None) -> dict:
+    """manifest.json's `settings`: what the DISCO model knows (nodes, node weights where unequal) and `overlap`,
+    updated with what the caller knows (model, budget, wire, fine-tuning: the schema lists the fields)."""
+    weights = dm.plan.node_weights
+    known = {"nodes": dm.nodes, "node_weights": None if len(set(weights)) == 1 else list(weights),
+             "overlap": overlap}
+    return known | dict(settings or {})
+
+
 def export(dm, out_dir: str | os.PathLike, *, force: bool = False, overlap: bool = True,
-           progress: Callable[[int, int], None] | None = None) -> Manifest:
+           progress: Callable[[int, int], None] | None = None, settings: dict | None = None) -> Manifest:
     """Write `dm` (its current gate selection) as per-node ONNX stages to `out_dir`; for a DiscoSubmodel,
     its split submodule.
 
@@ -92,6 +106,8 @@ def export(dm, out_dir: str | os.PathLike, *, force: bool = False, overlap: bool
     channels (fewer, faster kernels and about half the stages: the better choice on a fast link). The outputs
     are the same up to fp32 rounding.
     progress(done, total) is called after each stage file is made.
+    settings: what made the model, stored in manifest.json (`export_settings`; e.g. {"model": {"description":
+    ...}, "budget": {"rho": 0.2, ...}, "finetune": {"steps": 2000, "data": "images/", "quality": ...}}).
     """
     if isinstance(dm, DiscoSubmodel):
         dm = dm.disco
@@ -99,11 +115,23 @@ def export(dm, out_dir: str | os.PathLike, *, force: bool = False, overlap: bool
     messages, gates = harden(dm)
     lowered = lower(dm, messages, gates, overlap=overlap)
     programs = cut_all(lowered)
+    schedule = build_schedule(lowered, programs)
+    stored = export_settings(dm, overlap, settings)
+    digest, export_id = model_hash(dm), schedule_hash(schedule)
+    tokens = token_paths(dm.graph_module)
+    tensor_of = {m.id: m.tensor for m in schedule.messages}
     total = sum(len(p) for p in programs)
     files = {}
-    for prog in programs:
+    for k, prog in enumerate(programs):
+        known: dict[str, str] = {}  # graph input name -> module path, for this node's stages
         for sm in prog:
-            files[sm.stage.file] = stage_onnx(sm)
+            model = stage_onnx(sm)
+            known |= {i.name: tokens[tensor_of[i.ref]] for i in sm.stage.inputs
+                      if i.source == "message" and tensor_of[i.ref] in tokens}
+            rename(model.graph, tokens, known)
+            annotate(model, schedule, k, sm.stage, export_id, digest, stored)
+            files[sm.stage.file] = model.SerializeToString()
             if progress is not None:
                 progress(len(files), total)
-    return write_bundle(out_dir, build_schedule(lowered, programs), files, model_hash(dm), force=force)
+    return write_bundle(out_dir, schedule, files, digest, force=force, settings=stored,
+                        layers=layer_records(dm, schedule.messages))

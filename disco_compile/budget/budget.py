@@ -22,6 +22,7 @@ from dataclasses import dataclass, fields
 from ..errors import BudgetError
 
 ALLOCATIONS = ("uniform", "global")
+METHODS = ("learned", "magnitude", "random")  # fine-tuning's channel scores (finetuning.py), torch-free here
 # bytes per MAC of a 1 Gbit/s link against a node doing 30 GMAC/s: the default with global (quality level with 0 on
 # two networks; ResNet-50's slowest node 0.39 of the model: docs/decisions.md#default-compute-weight)
 DEFAULT_COMPUTE_WEIGHT = 0.004

@@ -43,7 +43,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -52,12 +52,12 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from . import batchnorm, cost, selection
-from .budget import Budget, as_budget
+from .budget import METHODS, Budget, as_budget
 from .data import Batch, batches, split_batch
 from .distill import Loss, Metric, is_logits, main_output
-from ..errors import CheckpointMismatch, DataError, TrainingDiverged
+from .resumable import StepBatches
+from ..errors import CheckpointMismatch, DataError, FinetuneInterrupted, TrainingDiverged
 
-METHODS = ("learned", "magnitude", "random")
 CHECKPOINT = "last.pt"
 
 
@@ -205,7 +205,14 @@ class _Checkpoints:
     def load(self) -> dict | None:
         if self.path is None or not self.path.exists():
             return None
-        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        try:  # weights only: a checkpoint holds tensors, numbers and lists; unpickling anything else runs code
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch.load raises many types (UnpicklingError, RuntimeError, EOFError, ...)
+            reason = str(exc).split("WeightsUnpickler error:")[-1].strip().split("\n")[0]
+            raise CheckpointMismatch(f"checkpoint {self.path} cannot be read as one fine-tuning writes (torch.load "
+                                     f"with weights_only=True: {type(exc).__name__}: {reason[:300]}); it was not "
+                                     f"written by disco-compile's fine-tuning: remove it or start afresh in "
+                                     f"another checkpoint folder") from None
         found = state.get("fingerprint") if isinstance(state, dict) else None
         if found != self.expected:
             diff = ", ".join(f"{k}: checkpoint {None if found is None else found.get(k)!r} vs now {v!r}"
@@ -220,7 +227,8 @@ def finetune(dm, data: Iterable, *, budget: Budget | float, steps: int, teacher:
              val_data: Iterable | None = None, method: str = "learned", lr: float = 1e-3, score_decay: float = 0.9,
              anneal: float = 0.5, loss: Loss | None = None, seed: int = 0, device: str = "cpu",
              checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 100, resume: bool = False,
-             batchnorm_batches: int = 20, log_every: int = 10, progress: bool = True) -> FinetuneResult:
+             batchnorm_batches: int = 20, log_every: int = 10, progress: bool = True,
+             stop: Callable[[], bool] | None = None) -> FinetuneResult:
     """Fine-tune DISCO model `dm` in place to `budget` over `steps` optimiser steps on `data`, an iterable of
     batches (see data.py), cycled.
 
@@ -233,6 +241,9 @@ def finetune(dm, data: Iterable, *, budget: Budget | float, steps: int, teacher:
     anneal: the part of the steps over which the budget goes from 1 to rho.
     score_decay: beta of the learned scores' running mean of the loss gradient, in [0, 1) (module docstring).
     checkpoint_dir: where last.pt is written every `checkpoint_every` steps; resume=True continues from it.
+      `data` a StepBatches (resumable.py): a resumed run starts at its step without decoding earlier batches.
+    stop: asked after every step; when it returns True, the checkpoint is written (with checkpoint_dir) and
+      FinetuneInterrupted raised (the command line asks it whether SIGINT or SIGTERM came).
     A NaN or infinite loss stops training, puts dm back at the last good state and raises TrainingDiverged.
     """
     budget = as_budget(budget)
@@ -242,7 +253,19 @@ def finetune(dm, data: Iterable, *, budget: Budget | float, steps: int, teacher:
     with _progress(steps, run.start, progress and run.rank == 0) as bar:
         for step in range(run.start, steps):
             _step(run, step, bar, log_every, checkpoint_every)
+            if stop is not None and stop():
+                _interrupted(run, step + 1, checkpoint_every)
     return _finish(run, data, val_data, batchnorm_batches)
+
+
+def _interrupted(run: _Run, done: int, checkpoint_every: int) -> None:
+    """Stop after `done` steps: the checkpoint (unless the step just wrote it), then FinetuneInterrupted."""
+    if done % checkpoint_every and done != run.steps:
+        run.ckpt.save(run.state(done), write=run.rank == 0)
+    path = run.ckpt.path
+    raise FinetuneInterrupted(f"fine-tuning stopped after step {done} of {run.steps}"
+                              + (f"; checkpoint saved in {path}" if path is not None else "; no checkpoint folder"),
+                              done, path)
 
 
 def _check_settings(method: str, steps: int, score_decay: float, resume: bool, checkpoint_dir) -> None:
@@ -344,7 +367,8 @@ def _start(run: _Run, data: Iterable, resume: bool) -> None:
         run.opt.load_state_dict(saved["optimizer"])
         run.start, run.history = saved["step"], saved["history"]
         run.current = budget_at(run.start - 1, run.steps, run.budget.rho, run.anneal)  # `keep` came with the state
-    run.stream = batches(data, run.start, run.rank, run.world)
+    run.stream = data.steps(run.start, run.rank, run.world) if isinstance(data, StepBatches) else \
+        batches(data, run.start, run.rank, run.world)
     if saved is not None:
         torch.set_rng_state(saved["rng"])
     run.ckpt.save(run.state(run.start), write=False)

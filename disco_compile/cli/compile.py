@@ -7,12 +7,19 @@ selection, or fine-tuning with --data), prints the cost report and exports.
 `main` runs those steps in that order; each is a function below. Every user
 error is one message on stderr and exit code 2; nothing is downloaded.
 
+torch is imported only once a model is loaded, so `--help` and shell completion
+take a fraction of a second, and without torch (the plain install is the device
+runtime) the command says which install it needs. SIGINT and SIGTERM end it with
+one line and status 130 or 143 (common.py); during fine-tuning they stop it
+between two steps, after writing the checkpoint that --resume continues from.
+
 Torchvision detectors do not trace whole: `--submodule backbone` splits their
 backbone alone (the rest runs on node 0), and their example input is a list of
 images (the batch of --input-shape), uniform in [0, 1].
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -23,33 +30,24 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-import torch
 
-from tqdm import tqdm
+from ..artifact.atomic import write_atomic
+from ..budget.budget import ALLOCATIONS, DEFAULT_COMPUTE_WEIGHT, METHODS, Budget
+from ..errors import DiscoError, ExampleInputError, FinetuneInterrupted, TraceFailure
+from . import COMPILE_EXTRA
+from .common import CONTEXT, STDIO, CliError, Command, Stopped, deferred_signals
 
-from ..budget import data, finetuning
-from ..budget.budget import ALLOCATIONS, DEFAULT_COMPUTE_WEIGHT, Budget
-from ..frontend import zoo
-
-from ..budget.cost import CostReport
-from ..errors import DiscoError, ExampleInputError, TraceFailure
-from ..artifact.bundle import refuse_existing
-from ..backend.exporter import export
-from ..budget.finetuning import FinetuneResult
-from ..frontend.load import LoadedModel, load_model, torchvision_name
-from ..model import transform
-from ..passes.partition import check_weights
+if TYPE_CHECKING:
+    from ..budget.cost import CostReport
+    from ..budget.finetuning import FinetuneResult
+    from ..frontend.load import LoadedModel
 
 # what a library error's advice means on the command line
 _CLI_HINTS = {TraceFailure: "on the command line, mark a submodule with --leaf-module NAME",
               ExampleInputError: "on the command line, give the input shape with --input-shape N,C,H,W"}
-
-
-class CliError(click.ClickException):
-    """A user error: printed as 'Error: <message>' on stderr, exit code 2 (as click's usage errors)."""
-    exit_code = 2
 
 
 def _cli_error(exc: DiscoError) -> CliError:
@@ -77,9 +75,13 @@ def _parse_weights(ctx, param, value: str | None) -> list[float] | None:
     if value is None:
         return None
     try:
-        return [float(x) for x in value.split(",")]
+        weights = [float(x) for x in value.split(",")]
     except ValueError:
         raise click.BadParameter(f"expected comma-separated numbers, one per node, e.g. 2,1; got {value!r}") from None
+    if not all(0 < w < math.inf for w in weights) or not math.isfinite(sum(weights)):
+        raise click.BadParameter(f"each weight is a node's relative speed: a finite number above 0, and their sum "
+                                 f"finite too (a share is weight / sum), e.g. 2,1; got {value!r}")
+    return weights
 
 
 def _check_budget(ctx, param, value: float | None) -> float | None:
@@ -103,21 +105,63 @@ def _parse_arch(ctx, param, value: str | None) -> str | None:
     if source != "torchvision" or not name:
         raise click.BadParameter(f"expected torchvision:NAME (the only architecture source so far), "
                                  f"e.g. torchvision:resnet50; got {value!r}")
+    _require_torch()
+    from ..frontend.load import torchvision_name
     try:
         return torchvision_name(name, f"--arch {value}: {name!r}")
     except DiscoError as exc:
         raise _cli_error(exc) from None
 
 
+def _parse_arch_args(ctx, param, values: tuple[str, ...]) -> dict[str, object]:
+    """KEY=VALUE pairs; a value is a Python literal (3, 0.5, True, None, 'text') or else the text itself."""
+    import ast
+    args = {}
+    for text in values:
+        key, eq, raw = text.partition("=")
+        if not eq or not key.isidentifier():
+            raise click.BadParameter(f"expected KEY=VALUE with KEY a constructor argument's name, e.g. "
+                                     f"num_classes=10 or aux_logits=False; got {text!r}")
+        try:
+            args[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            args[key] = raw
+    return args
+
+
+def _require_torch() -> None:
+    """ImportError of torch or torchvision as the install that brings them."""
+    try:
+        import torch  # noqa: F401
+        import torchvision  # noqa: F401
+    except ImportError as exc:
+        raise CliError(f"disco-compile needs torch and torchvision ({exc}); the plain install of disco-compile is "
+                       f"the device runtime (disco-run) without them: install the compiler with {COMPILE_EXTRA}"
+                       ) from None
+
+
 def _check_json_path(ctx, param, value: str | None) -> str | None:
-    if value is None:
-        return None
+    if value is None or value == STDIO:
+        return value
     if os.path.isdir(value):
         raise click.BadParameter(f"{value} is a folder; give a file name, e.g. {os.path.join(value, 'cost.json')}")
     parent = os.path.dirname(os.path.abspath(value))
     if not os.path.isdir(parent):
         raise click.BadParameter(f"the folder {parent} does not exist; create it first")
     return value
+
+
+@contextmanager
+def _model_file(model: str) -> Iterator[str]:
+    """MODEL as a path: itself, or for - a temporary copy of stdin (a torch.save file), removed afterwards."""
+    if model != STDIO:
+        yield model
+        return
+    with tempfile.TemporaryDirectory(prefix="disco-stdin-") as folder:
+        path = os.path.join(folder, "stdin.pt")
+        with open(path, "wb") as f:
+            f.write(sys.stdin.buffer.read())
+        yield path
 
 
 # ---------------------------------------------------------------- progress
@@ -206,21 +250,11 @@ def _write_json(path: str, report: CostReport, run: dict) -> None:
     """Write the report (and what produced it) so that `path` is either as before or complete:
     a temp file beside it, then a rename."""
     text = json.dumps({"run": run, **report.as_dict()}, indent=2, allow_nan=False) + "\n"
-    umask = os.umask(0)
-    os.umask(umask)
+    if path == STDIO:
+        click.echo(text, nl=False)
+        return
     try:
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
-                                   prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                os.fchmod(f.fileno(), 0o666 & ~umask)  # mkstemp makes the file private; give the usual mode
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        write_atomic(os.path.abspath(path), lambda f: f.write(text.encode()))
     except OSError as exc:
         raise CliError(f"cannot write the JSON report to {path}: {exc.strerror or exc}") from None
 
@@ -229,7 +263,11 @@ def _write_json(path: str, report: CostReport, run: dict) -> None:
 
 def _finetune(disco, loaded: LoadedModel, data_dir: str, val_dir: str | None, budget: Budget, out_dir: str | None,
               *, val_fraction: float, steps: int, batch_size: int, lr: float, method: str, use_labels: bool,
-              checkpoint_dir: str | None, resume: bool, device: str, seed: int, workers: int) -> FinetuneResult:
+              checkpoint_dir: str | None, checkpoint_every: int, resume: bool, device: str, seed: int,
+              workers: int) -> FinetuneResult:
+    """Fine-tune on the images of --data; SIGINT or SIGTERM stops it after the step running, checkpoint first."""
+    from ..budget import data, finetuning
+    from ..budget.resumable import StepBatches
     size = tuple(loaded.shape[-2:])
     fixed = getattr(loaded.model, "fixed_batch", None)
     if fixed is not None:
@@ -249,12 +287,19 @@ def _finetune(disco, loaded: LoadedModel, data_dir: str, val_dir: str | None, bu
         train_set.labels = val_set.labels = None
     if checkpoint_dir is None:
         checkpoint_dir = f"{out_dir.rstrip('/')}.ckpt" if out_dir is not None else "disco-checkpoints"
-    train_loader = data.loader(train_set, batch_size, shuffle=True, seed=seed, workers=workers)
+    train_batches = StepBatches(train_set, batch_size, seed, workers)
     val_loader = data.loader(val_set, batch_size, shuffle=False, seed=seed, workers=workers)
     click.echo(f"fine-tuning on {len(train_set)} images of {data_dir} ({len(val_set)} for validation), "
-               f"{steps} steps, budget {budget.rho:g}, {method} selection, checkpoints in {checkpoint_dir}", err=True)
-    return finetuning.finetune(disco, train_loader, budget=budget, steps=steps, val_data=val_loader, method=method,
-                               lr=lr, seed=seed, device=device, checkpoint_dir=checkpoint_dir, resume=resume)
+               f"{steps} steps, budget {budget.rho:g}, {method} selection, checkpoints in {checkpoint_dir} every "
+               f"{checkpoint_every} steps", err=True)
+    with deferred_signals() as deferred:
+        try:
+            return finetuning.finetune(disco, train_batches, budget=budget, steps=steps, val_data=val_loader,
+                                       method=method, lr=lr, seed=seed, device=device, checkpoint_dir=checkpoint_dir,
+                                       checkpoint_every=checkpoint_every, resume=resume,
+                                       stop=lambda: deferred.received is not None)
+        except FinetuneInterrupted as exc:
+            raise Stopped(deferred.received, f"{exc}; to continue, run the same command with --resume") from None
 
 
 # ---------------------------------------------------------------- steps of the command
@@ -263,6 +308,9 @@ def _check_options(model: str, nodes: int, arch: str | None, node_weights: list[
                    submodule: str | None, out_dir: str | None, force: bool, data_dir: str | None,
                    val_dir: str | None, resume: bool) -> None:
     """What can be refused before the slow steps."""
+    from ..artifact.bundle import refuse_existing
+    from ..frontend import zoo
+    from ..passes.partition import check_weights
     if node_weights is not None:
         check_weights(nodes, node_weights)
     if out_dir is not None:
@@ -286,6 +334,7 @@ def _budget(rho: float | None, allocation: str, align: int, compute_weight: floa
 
 def _split(loaded: LoadedModel, nodes: int, node_weights: list[float] | None, leaf_modules: tuple[str, ...],
            input_on_all_nodes: bool, submodule: str | None):
+    from ..model import transform
     with _stage(f"tracing and splitting across {nodes} node{'s' if nodes > 1 else ''}"):
         return transform(loaded.model, nodes, loaded.example(), node_weights=node_weights,
                          leaf_modules=leaf_modules, input_on_all_nodes=input_on_all_nodes, submodule=submodule)
@@ -293,19 +342,43 @@ def _split(loaded: LoadedModel, nodes: int, node_weights: list[float] | None, le
 
 def _other_process() -> bool:
     """Under torchrun, whether this is a process other than 0."""
+    import torch
     return torch.distributed.is_initialized() and torch.distributed.get_rank() != 0
 
 
-def _export(disco, out_dir: str, force: bool, overlap: bool, submodule: str | None, input_on_all_nodes: bool) -> None:
+def _recorded(model: str, loaded: LoadedModel, submodule: str | None, budget: Budget | None,
+              tuned: FinetuneResult | None, data_dir: str | None) -> dict:
+    """What manifest.json records of how the export was made (artifact/schemas/manifest.schema.json, settings)."""
+    described = {"description": loaded.description, "source": model, "input_shape": list(loaded.shape),
+                 "submodule": submodule}
+    if os.path.isfile(model):
+        digest = hashlib.sha256()
+        with open(model, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        described["weights_sha256"] = digest.hexdigest()
+    recorded = {"model": described, "budget": None if budget is None else {
+        "rho": budget.rho, "allocation": budget.allocation, "align": budget.align,
+        "compute_weight": budget.compute_weight}}
+    recorded["finetune"] = None if tuned is None else {
+        "steps": tuned.steps, "data": data_dir, "exchange_ratio": tuned.exchange_ratio, "quality": tuned.validation}
+    return recorded
+
+
+def _export(disco, out_dir: str, force: bool, overlap: bool, submodule: str | None, input_on_all_nodes: bool,
+            recorded: dict) -> None:
     if input_on_all_nodes:
         raise CliError("--input-on-all-nodes is not supported with --out yet: the export sends the input "
                        "from node 0 to the other nodes")
+    from tqdm import tqdm
+
+    from ..backend.exporter import export
     disco.cpu()
     with tqdm(desc="exporting stages to ONNX", unit="stage", file=sys.stderr) as bar:
         def progress(done: int, total: int) -> None:
             bar.total = total
             bar.update(done - bar.n)
-        manifest = export(disco, out_dir, force=force, overlap=overlap, progress=progress)
+        manifest = export(disco, out_dir, force=force, overlap=overlap, progress=progress, settings=recorded)
     stages = len(manifest.files) - 1
     click.echo(f"\nwrote {out_dir}: manifest.json, schedule.json and {stages} ONNX stage graphs "
                f"({', '.join(f'node {k}: {n}' for k, n in _stage_counts(manifest).items())})"
@@ -316,8 +389,7 @@ def _export(disco, out_dir: str, force: bool, overlap: bool, submodule: str | No
 
 # ---------------------------------------------------------------- command
 
-@click.command(name="disco-compile", context_settings={"help_option_names": ["-h", "--help"],
-                                                       "max_content_width": 100})
+@click.command(name="disco-compile", cls=Command, context_settings=CONTEXT)
 @click.argument("model", metavar="MODEL")
 @click.option("--nodes", type=int, required=True, callback=_check_nodes,
               help="Number of nodes (devices) to split every Conv/Linear layer's channels across.")
@@ -335,6 +407,12 @@ def _export(disco, out_dir: str, force: bool, overlap: bool, submodule: str | No
 @click.option("--arch", callback=_parse_arch, metavar="torchvision:NAME",
               help="Architecture of a state_dict MODEL file: a torchvision model built with weights=None, "
                    "then loaded with the file's weights (a 'module.' prefix from DataParallel is removed).")
+@click.option("--num-classes", type=click.IntRange(min=1), default=None, metavar="N",
+              help="With a state_dict MODEL file: build the architecture for N classes (num_classes=N; without "
+                   "--arch it is read off the classifier's shapes).")
+@click.option("--arch-arg", "arch_args", multiple=True, callback=_parse_arch_args, metavar="KEY=VALUE",
+              help="With a state_dict MODEL file: a constructor argument of the architecture, a Python literal "
+                   "(e.g. aux_logits=False, dropout=0.2); repeat for several.")
 @click.option("--trust-pickle", is_flag=True,
               help="Allow a MODEL file that holds a pickled whole nn.Module. Unpickling runs code stored in "
                    "the file: use only for files you trust.")
@@ -350,8 +428,9 @@ def _export(disco, out_dir: str, force: bool, overlap: bool, submodule: str | No
                    "The report and --out cover the submodule.")
 @click.option("--input-on-all-nodes", is_flag=True,
               help="The input is already present on every node, so sending it costs nothing.")
-@click.option("--json", "json_path", callback=_check_json_path, metavar="FILE",
-              help="Also write the cost report to FILE as JSON (written whole or not at all).")
+@click.option("--json", "json_path", callback=_check_json_path, metavar="FILE|-",
+              help="Also write the cost report to FILE as JSON (written whole or not at all); - writes it to "
+                   "stdout, and the printed report goes to stderr.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), metavar="DIR",
               help="Export the split model to DIR: one ONNX graph per node and stage, schedule.json (every "
                    "message between nodes) and manifest.json (sha256 of every file). Run it with "
@@ -374,7 +453,7 @@ def _export(disco, out_dir: str, force: bool, overlap: bool, submodule: str | No
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
               help="Learning rate of the weights and gates (Adam).")
-@click.option("--method", type=click.Choice(finetuning.METHODS), default="learned", show_default=True,
+@click.option("--method", type=click.Choice(METHODS), default="learned", show_default=True,
               help="How exchanged channels are chosen: learned scores, fixed weight magnitude, or random.")
 @click.option("--allocation", type=click.Choice(ALLOCATIONS), default="global", show_default=True,
               help="With --budget: the budget applied to every exchange alike (uniform: lighter nodes, best on slow "
@@ -394,16 +473,21 @@ def _export(disco, out_dir: str, force: bool, overlap: bool, submodule: str | No
               help="Add the cross-entropy against the class subfolders of --data (their sorted order must be "
                    "the model's class order) to the distillation loss, and report accuracy.")
 @click.option("--checkpoint-dir", type=click.Path(file_okay=False), metavar="DIR",
-              help="Where fine-tuning writes last.pt every 100 steps (default: OUT.ckpt beside --out, else "
-                   "./disco-checkpoints).")
-@click.option("--resume", is_flag=True, help="Continue fine-tuning from the checkpoint in --checkpoint-dir.")
+              help="Where fine-tuning writes last.pt every --checkpoint-every steps, after the last one and when "
+                   "stopped by Ctrl-C or SIGTERM (default: OUT.ckpt beside --out, else ./disco-checkpoints).")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=100, show_default=True, metavar="STEPS",
+              help="Fine-tuning steps between checkpoints.")
+@click.option("--resume", is_flag=True, help="Continue fine-tuning from the checkpoint in --checkpoint-dir: from "
+                                             "the step it was written at, with the batches an uninterrupted run "
+                                             "would have seen (none of the earlier ones is read again).")
 @click.option("--device", default="cpu", show_default=True, help="Where to fine-tune: cpu, cuda, cuda:1, ...")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of data order and initialisation.")
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
               help="Processes decoding images for fine-tuning.")
 @click.version_option(package_name="disco-compile")
 def main(model: str, nodes: int, budget: float | None, input_shape: tuple[int, ...] | None, arch: str | None,
-         trust_pickle: bool, node_weights: list[float] | None, leaf_modules: tuple[str, ...],
+         num_classes: int | None, arch_args: dict[str, object], trust_pickle: bool, node_weights: list[float] | None,
+         leaf_modules: tuple[str, ...],
          submodule: str | None, input_on_all_nodes: bool, json_path: str | None, out_dir: str | None,
          overlap: bool, force: bool, data_dir: str | None, val_dir: str | None, allocation: str, align: int,
          compute_weight: float | None, **train) -> None:
@@ -416,24 +500,37 @@ def main(model: str, nodes: int, budget: float | None, input_shape: tuple[int, .
     split model is fine-tuned at the budget to recover the original's outputs before export.
 
     MODEL is a torchvision model name (built with random weights: nothing is downloaded),
-    a state_dict file with --arch, a torch.export program (.pt2, from torch.export.save;
-    its input shape is the one it was exported with), or a pickled whole module with
-    --trust-pickle.
+    a state_dict file (its architecture: --arch, or the one torchvision architecture
+    whose keys and shapes it matches), a torch.export program (.pt2, from
+    torch.export.save; its input shape is the one it was exported with), or a pickled
+    whole module with --trust-pickle; - reads such a file (not a .pt2) from stdin.
 
     \b
     Examples:
       disco-compile resnet50 --nodes 2 --budget 0.2
       disco-compile resnet50 --nodes 2 --budget 0.2 --out shards/
       disco-compile resnet50 --nodes 2 --budget 0.2 --data images/ --steps 2000 --out shards/
-      disco-compile weights.pt --arch torchvision:resnet18 --nodes 4 --json cost.json
+      disco-compile resnet50.pt --nodes 2 --out shards/
+      disco-compile weights.pt --arch torchvision:resnet18 --num-classes 10 --nodes 4 --json cost.json
       disco-compile model.pt2 --nodes 2 --budget 0.2 --out shards/
       disco-compile retinanet_resnet50_fpn --submodule backbone --nodes 2 --input-shape 1,3,512,512
     """
+    _require_torch()
+    from ..frontend.load import load_model
+    if num_classes is not None:
+        arch_args = {**arch_args, "num_classes": num_classes}
+    if arch_args and not (os.path.isfile(model) or model == STDIO):
+        raise CliError(f"--num-classes and --arch-arg build the architecture of a state_dict file; MODEL {model!r} "
+                       f"is not a file")
     try:
         _check_options(model, nodes, arch, node_weights, submodule, out_dir, force, data_dir, val_dir,
                        train["resume"])
         settings = _budget(budget, allocation, align, compute_weight)
-        loaded = load_model(model, arch=arch, trust_pickle=trust_pickle, input_shape=input_shape, stage=_stage)
+        with _model_file(model) as path:
+            loaded = load_model(path, arch=arch, arch_args=arch_args, trust_pickle=trust_pickle,
+                                input_shape=input_shape, stage=_stage)
+            if model == STDIO:
+                loaded.description = loaded.description.replace(path, "stdin")
         disco = _split(loaded, nodes, node_weights, leaf_modules, input_on_all_nodes, submodule)
         tuned = None
         if data_dir is not None:
@@ -446,17 +543,19 @@ def main(model: str, nodes: int, budget: float | None, input_shape: tuple[int, .
         with _stage("computing the cost"):
             report = disco.cost()
         click.echo(_summary(loaded, nodes, node_weights, None if budget is None else settings, report, submodule,
-                            tuned))
+                            tuned), err=json_path == STDIO)  # stdout carries the JSON with --json -
         if out_dir is not None:
-            _export(disco, out_dir, force, overlap, submodule, input_on_all_nodes)
+            _export(disco, out_dir, force, overlap, submodule, input_on_all_nodes,
+                    _recorded(model, loaded, submodule, None if budget is None else settings, tuned, data_dir))
     except DiscoError as exc:
         raise _cli_error(exc) from None
     if json_path is not None:
         _write_json(json_path, report, {"model": loaded.description, "input_shape": list(loaded.shape),
                                         "nodes": nodes, "node_weights": node_weights, **settings.settings(),
                                         "budget": budget, "submodule": submodule})
-        click.echo(f"cost report written to {json_path}", err=True)
+        if json_path != STDIO:
+            click.echo(f"cost report written to {json_path}", err=True)
 
 
 if __name__ == "__main__":
-    main()
+    main(prog_name="disco-compile")

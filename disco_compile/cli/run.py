@@ -3,8 +3,14 @@
     disco-run OUT --simulate ...            every node in this process (threads, in-process transport)
     disco-run OUT --simulate --procs ...    every node as an OS process on 127.0.0.1, over TCP
     disco-run OUT --node K --peers P ...    node K of a run across machines (ZeroMQ over TCP)
-    disco-run keygen DIR --nodes N          CURVE keys for the nodes
-    disco-run estimate OUT --link 1gbit     the latency OUT's schedule allows at a link rate
+    disco-run OUT --simulate --benchmark K  also K timed requests: latency median and p90, throughput
+    disco-run keygen DIR --nodes N          CURVE keys for the nodes (keygen.py)
+    disco-run estimate OUT --link 1gbit     the latency OUT's schedule allows at a link rate (estimate.py)
+    disco-run info OUT                      the settings and per-layer split of an export (info.py)
+
+`main` is a click group whose subcommands are imported when named (`--help` and shell completion stay fast);
+any other first argument runs an export (the `run` command), so `disco-run OUT ...` reads as before. SIGINT
+and SIGTERM end any of them with one line and status 130 or 143 (common.py).
 
 User errors (bad files, options, peers, keys) are one message on stderr and exit
 code 2; a run that fails (a peer lost, a message or handshake refused, a stage
@@ -12,8 +18,8 @@ failing) is one message naming the node and exit code 1.
 """
 from __future__ import annotations
 
-import logging
-import signal
+import importlib
+import os
 import sys
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -23,27 +29,16 @@ import click
 import numpy as np
 
 from ..runtime import images
+from ..artifact.atomic import write_atomic
 from ..artifact.bundle import load_bundle
-from ..errors import BundleError, DataError, DiscoError, InputMismatch
+from ..errors import BundleError, DataError, DiscoError, InputMismatch, NodeFailure
 from ..runtime.executor import DEFAULT_TIMEOUT, run_bundle
-from ..runtime.stream import pipelined, read_arrays, write_arrays
+from ..runtime.stream import load_npy, pipelined, read_arrays, write_arrays
+from . import benchmark
+from .common import CONTEXT, STDIO, CleanSignals, CliError, Command, RunError, log_level_option, positive_finite
+from .common import setup_logging
 
-
-class CliError(click.ClickException):
-    """A user error: printed as 'Error: <message>' on stderr, exit code 2 (as click's usage errors)."""
-    exit_code = 2
-
-
-class RunError(click.ClickException):
-    """A run that failed (a peer, a message, a stage): 'Error: <message>' on stderr, exit code 1."""
-    exit_code = 1
-
-
-class _Terminated(BaseException):
-    """SIGTERM: stop, telling the peers."""
-
-
-STREAM = Path("-")
+STREAM = Path(STDIO)
 
 
 def _load_inputs(paths: tuple[Path, ...], schedule) -> tuple[list[np.ndarray], list[Path] | None]:
@@ -72,9 +67,9 @@ def _load_input(path: Path, schedule) -> tuple[np.ndarray, list[Path] | None]:
         raise CliError(f"--input {path}: give a .npy file per model input (numpy.save(path, array)), a folder of "
                        f"images, or - for a stream of .npy arrays on stdin")
     try:
-        return np.load(path, allow_pickle=False), None
-    except (OSError, ValueError) as exc:
-        raise CliError(f"--input {path}: cannot be read as a .npy array ({exc})") from exc
+        return load_npy(path), None
+    except InputMismatch as exc:
+        raise CliError(str(exc)) from exc
 
 
 def _check_stream(input_files: tuple[Path, ...], output_file: Path | None, schedule) -> bool:
@@ -118,11 +113,12 @@ def _joined(requests: list[list[np.ndarray]]) -> list[np.ndarray]:
 
 
 def _save(path: Path, names: list[str], arrays: list[np.ndarray]) -> None:
+    """Write the outputs whole or not at all (an earlier file stays as it was if writing fails)."""
     try:
         if path.suffix == ".npy":
-            np.save(path, arrays[0])
+            write_atomic(path, lambda f: np.save(f, arrays[0]))
         else:
-            np.savez(path, **dict(zip(names, arrays, strict=True)))
+            write_atomic(path, lambda f: np.savez(f, **dict(zip(names, arrays, strict=True))))
     except OSError as exc:
         raise CliError(f"--output {path}: cannot be written ({exc})") from exc
 
@@ -136,20 +132,32 @@ def _fail(exc: DiscoError) -> click.ClickException:
     return RunError(str(exc))
 
 
-class _DiscoRun(click.Command):
-    """`disco-run OUT ...`, `disco-run keygen DIR ...` and `disco-run estimate OUT ...` (OUT cannot be named
-    keygen or estimate: write ./keygen)."""
-
-    def main(self, args=None, prog_name=None, **extra):
-        args = list(sys.argv[1:] if args is None else args)
-        if args[:1] == ["keygen"]:
-            return keygen_main.main(args[1:], prog_name=f"{prog_name or 'disco-run'} keygen", **extra)
-        if args[:1] == ["estimate"]:
-            return estimate_main.main(args[1:], prog_name=f"{prog_name or 'disco-run'} estimate", **extra)
-        return super().main(args, prog_name=prog_name, **extra)
+def check_threads(ctx, param, value: int) -> int:
+    """A click callback: onnxruntime threads per node, from 1 to this machine's cores."""
+    cores = os.cpu_count() or 1
+    if not 1 <= value <= cores:
+        raise click.BadParameter(f"must be between 1 and {cores} (this machine's cores: more threads than cores "
+                                 f"only slow onnxruntime down), got {value}")
+    return value
 
 
-@click.command(cls=_DiscoRun, context_settings={"help_option_names": ["-h", "--help"]})
+def provider_option(f):
+    return click.option("--provider", default="cpu", show_default=True, metavar="NAME[,NAME...]",
+                        help="onnxruntime execution providers for the stage graphs, in order of preference: cpu, "
+                             "cuda, tensorrt, openvino, ... (as this onnxruntime build offers them; CPU stays "
+                             "last, for the ops the others do not take).")(f)
+
+
+def use_provider(text: str) -> list[str]:
+    """--provider: every stage session of this process on those execution providers (executor.use_providers)."""
+    from ..runtime.executor import use_providers
+    try:
+        return use_providers([name.strip() for name in text.split(",") if name.strip()])
+    except DiscoError as exc:
+        raise CliError(f"--provider {text}: {exc}") from exc
+
+
+@click.command(name="run", cls=Command, context_settings=CONTEXT)
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--simulate", is_flag=True,
               help="Run every node on this machine: in this process, one thread each (messages checked as between "
@@ -181,16 +189,23 @@ class _DiscoRun(click.Command):
                    "to stdout as .npy arrays, as they come. Without it, the outputs' shapes are printed.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Node 0: split the inputs into requests of this many samples, all in flight together.")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_TIMEOUT, show_default=True,
+@click.option("--timeout", type=float, callback=positive_finite, default=DEFAULT_TIMEOUT, show_default=True,
               help="Seconds a node waits for one message, and seconds of silence after which a peer is lost; then "
                    "every node stops with an error.")
-@click.option("--connect-timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
+@click.option("--connect-timeout", type=float, callback=positive_finite, default=60.0, show_default=True,
               help="Seconds a node waits at start for every peer to answer the handshake.")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
-              help="onnxruntime threads per node.")
-def main(out: Path, simulate: bool, procs: bool, node: int | None, peers_file: Path | None, keys_dir: Path | None,
-         insecure: bool, bind: str | None, stay: bool, input_files: tuple[Path, ...], output_file: Path | None,
-         batch_size: int | None, timeout: float, connect_timeout: float, threads: int) -> None:
+@click.option("--threads", type=int, default=1, show_default=True, callback=check_threads,
+              help="onnxruntime threads per node (at most this machine's cores).")
+@provider_option
+@click.option("--benchmark", "requests", type=click.IntRange(min=1), default=None, metavar="K",
+              help=f"With --simulate (threads) or --node 0: after {benchmark.WARMUP} untimed requests, run the "
+                   f"inputs K times, one request at a time, and print the latency median and p90 and the "
+                   f"throughput.")
+@log_level_option
+def run(out: Path, simulate: bool, procs: bool, node: int | None, peers_file: Path | None, keys_dir: Path | None,
+        insecure: bool, bind: str | None, stay: bool, input_files: tuple[Path, ...], output_file: Path | None,
+        batch_size: int | None, timeout: float, connect_timeout: float, threads: int, provider: str,
+        requests: int | None, log_level: str) -> None:
     """Run the exported DISCO model in directory OUT.
 
     \b
@@ -205,6 +220,8 @@ def main(out: Path, simulate: bool, procs: bool, node: int | None, peers_file: P
     Before deploying, the latency the split allows at a link rate
     (disco-run estimate --help):
       disco-run estimate out/ --link 1gbit
+    Latency and throughput of 100 requests:
+      disco-run out/ --simulate --input x.npy --benchmark 100
 
     Each --input file holds one model input, batch first; the other dimensions
     and the dtype must be those the model was exported with. A folder of
@@ -219,8 +236,11 @@ def main(out: Path, simulate: bool, procs: bool, node: int | None, peers_file: P
     """
     run = _RunOptions(out=out, simulate=simulate, procs=procs, node=node, peers_file=peers_file, keys_dir=keys_dir,
                       insecure=insecure, bind=bind, stay=stay, input_files=input_files, output_file=output_file,
-                      batch_size=batch_size, timeout=timeout, connect_timeout=connect_timeout, threads=threads)
+                      batch_size=batch_size, timeout=timeout, connect_timeout=connect_timeout, threads=threads,
+                      provider=provider, requests=requests, log_level=log_level)
     _check_mode(run)
+    if run.provider != "cpu":
+        use_provider(run.provider)
     if simulate:
         _check_simulate(run)
         _simulate(run)
@@ -247,6 +267,9 @@ class _RunOptions:
     timeout: float
     connect_timeout: float
     threads: int
+    provider: str = "cpu"
+    requests: int | None = None  # --benchmark K
+    log_level: str = "info"
 
 
 def _check_mode(run: _RunOptions) -> None:
@@ -263,6 +286,12 @@ def _check_mode(run: _RunOptions) -> None:
                        "node K of a run across machines")
     if run.keys_dir is not None and run.insecure:
         raise CliError("give --keys DIR or --insecure, not both")
+    if run.requests is not None and (run.procs or run.node not in (None, 0) or STREAM in run.input_files):
+        raise CliError("--benchmark K times requests of the --input files: with --simulate (threads) or --node 0, "
+                       "not with --procs, a stream (--input -) or a worker node")
+    if run.procs and run.provider != "cpu":
+        raise CliError("--provider: --simulate --procs runs its nodes on the CPU provider; give --provider to each "
+                       "--node K process instead, or use --simulate alone")
 
 
 def _check_simulate(run: _RunOptions) -> None:
@@ -295,9 +324,9 @@ def _check_node(run: _RunOptions) -> None:
 
 
 def _run_node(run: _RunOptions) -> None:
-    """--node K: node 0 runs the inputs (`_node0`), the others serve (`_serve`); SIGTERM stops either."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    """--node K: node 0 runs the inputs (`_node0`), the others serve (`_serve`), logging at --log-level;
+    SIGINT or SIGTERM stops either (telling the peers), as every command (common.CleanSignals)."""
+    setup_logging(run.log_level)
     try:
         if run.node == 0:
             _node0(run)
@@ -305,13 +334,6 @@ def _run_node(run: _RunOptions) -> None:
             _serve(run)
     except DiscoError as exc:
         raise _fail(exc) from exc
-    except _Terminated:
-        click.echo(f"node {run.node}: stopped by SIGTERM", err=True)
-        sys.exit(143)
-
-
-def _on_sigterm(signum, frame):
-    raise _Terminated()
 
 
 def _check_output_file(output_file: Path | None, names: list[str]) -> None:
@@ -350,12 +372,17 @@ def _simulate(run: _RunOptions) -> None:
         inputs, files = _load_inputs(run.input_files, bundle.schedule)
         if run.procs:
             outputs = _procs(run, bundle, names, inputs)
+        elif run.requests is not None:
+            from ..runtime.executor import local_runner
+            outputs = _benchmarked(local_runner(bundle, timeout=run.timeout, threads=run.threads), inputs,
+                                   run.requests)
         else:
             outputs = run_bundle(bundle, inputs, timeout=run.timeout, threads=run.threads)
     except InputMismatch as exc:
         raise CliError(f"{exc} (give one --input FILE.npy per model input, in order)") from exc
     except DiscoError as exc:
-        raise (_fail(exc) if run.procs else CliError(str(exc))) from exc
+        # a node that failed while running is a failed run (exit 1), as with --procs
+        raise (_fail(exc) if run.procs or isinstance(exc, NodeFailure) else CliError(str(exc))) from exc
     _report(run.output_file, names, outputs, files)
 
 
@@ -396,8 +423,19 @@ def _node0(run: _RunOptions) -> None:
         if stream:
             _run_stream(client.submit, client.max_in_flight, names, run.output_file)
             return
-        outputs = _batched(client, inputs, run.batch_size)
+        if run.requests is not None:
+            outputs = _benchmarked(lambda x: _batched(client, x, run.batch_size), inputs, run.requests)
+        else:
+            outputs = _batched(client, inputs, run.batch_size)
     _report(run.output_file, names, outputs, files)
+
+
+def _benchmarked(call, inputs: list[np.ndarray], requests: int) -> list[np.ndarray]:
+    """--benchmark K: the outputs of one run of `call(inputs)`, then K timed runs after warm-up (benchmark.py)."""
+    outputs = call(inputs)
+    seconds = benchmark.measure(lambda: call(inputs), requests)
+    click.echo(benchmark.summary(seconds, int(inputs[0].shape[0])))
+    return outputs
 
 
 def _batched(client, inputs: list[np.ndarray], batch_size: int | None) -> list[np.ndarray]:
@@ -416,108 +454,45 @@ def _serve(run: _RunOptions) -> None:
     click.echo(f"node {run.node}: served {served} request(s)")
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--nodes", type=click.IntRange(min=1), required=True, help="How many nodes the export has.")
-@click.option("--force", is_flag=True, help="Replace keys already in DIRECTORY.")
-def keygen_main(directory: Path, nodes: int, force: bool) -> None:
-    """Make CURVE keys for NODES nodes in DIRECTORY.
+class _DiscoRun(CleanSignals, click.Group):
+    """disco-run: subcommands imported when named; any other first argument runs an export (`run`)."""
+
+    lazy = {"keygen": "keygen", "estimate": "estimate", "info": "info"}  # subcommand -> module in cli/
+
+    def list_commands(self, ctx) -> list[str]:
+        return sorted([*self.lazy, *self.commands])
+
+    def get_command(self, ctx, name: str):
+        if name in self.lazy:
+            return getattr(importlib.import_module(f".{self.lazy[name]}", __package__), name)
+        return super().get_command(ctx, name)
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        first = args[0] if args else None
+        own = {*ctx.help_option_names, "--version", *self.lazy, *self.commands}
+        if first is not None and first not in own:
+            args = ["run", *args]  # disco-run OUT ...: the run command
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_DiscoRun, context_settings=CONTEXT, subcommand_metavar="OUT [OPTIONS] | COMMAND [ARGS]...")
+@click.version_option(package_name="disco-compile", prog_name="disco-run")
+def main() -> None:
+    """Run an exported DISCO model, or prepare and inspect one (the commands below).
 
     \b
-    Writes DIRECTORY/nodeK.key and nodeK.key_secret for every node K, and
-    DIRECTORY/public_keys/ with every node's public key. Give machine K
-    the public_keys folder and its own nodeK.key_secret (keep that one
-    secret: it is the node's identity), then run it with --keys DIRECTORY.
-    A node accepts connections only from the keys in its public_keys folder.
-    """
-    from ..runtime.net.keys import keygen
-    from ..runtime.net.peers import NetworkConfigError
-    try:
-        keygen(directory, nodes, force=force)
-    except NetworkConfigError as exc:
-        raise CliError(str(exc)) from exc
-    except OSError as exc:
-        raise CliError(f"{directory}: cannot write the keys ({exc})") from exc
-    click.echo(f"wrote key pairs for nodes 0..{nodes - 1} to {directory}, public keys in {directory}/public_keys; "
-               f"give machine K the public_keys folder and nodeK.key_secret")
-
-
-DEFAULT_LINKS = ("none", "1gbit", "100mbit")
-
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("out", type=click.Path(path_type=Path))
-@click.option("--link", "links", multiple=True, metavar="RATE",
-              help="A link rate to estimate at, in bits per second (100mbit, 1gbit, 2.5gbit) or none (no limit); "
-                   f"repeat for several. Default: {', '.join(DEFAULT_LINKS)}.")
-@click.option("--latency-ms", type=click.FloatRange(min=0), default=0.1, show_default=True,
-              help="One-way delay per message besides its time on the wire, milliseconds.")
-@click.option("--input", "input_files", multiple=True, type=click.Path(path_type=Path), metavar="FILE.npy|FOLDER",
-              help="Model inputs to time the stages on (as for disco-run); default: one sample of random normal "
-                   "values per float input.")
-@click.option("--reps", type=click.IntRange(min=1), default=5, show_default=True,
-              help="Timed runs of every stage; the median counts.")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
-              help="onnxruntime threads per node.")
-def estimate_main(out: Path, links: tuple[str, ...], latency_ms: float, input_files: tuple[Path, ...], reps: int,
-                  threads: int) -> None:
-    """Estimate how fast export OUT runs at link rates, from its stages timed on this machine.
+    disco-run OUT ...             run the export in folder OUT (disco-run run --help)
+    disco-run keygen DIR ...      CURVE keys for a run across machines
+    disco-run estimate OUT ...    its latency at link rates, from stages timed here
+    disco-run info OUT            the settings and the per-layer split of OUT
 
     \b
-    Example: disco-run estimate out/ --link 1gbit --link 100mbit
-
-    Every stage is timed on this machine (one onnxruntime thread per node,
-    the median of --reps runs, on the inputs it gets in a real run); then the
-    schedule is laid out in time at each link: each node runs its stages in
-    order, each waiting for the messages it reads; each direction carries one
-    message at a time at the rate (with Ethernet, IP and TCP headers), plus
-    --latency-ms per message. Not counted: the runtime's own cost (Python,
-    ZeroMQ, TCP work on the nodes' cores: 20-50 ms per request measured for
-    ResNet-50 on 2 nodes with one core each, docs/latency.md) and any
-    difference between these cores and the target's.
+    Example: disco-run out/ --simulate --input x.npy --output y.npy
     """
-    from tqdm import tqdm
 
-    from ..runtime.estimate import estimate, parse_rate, stage_times
-    try:
-        links = links or DEFAULT_LINKS
-        rates = [parse_rate(t) for t in links]
-    except ValueError as exc:
-        raise CliError(f"--link: {exc}") from exc
-    try:
-        bundle = load_bundle(out)
-        schedule = bundle.schedule
-        if input_files:
-            inputs, _ = _load_inputs(input_files, schedule)
-        else:
-            odd = [t.name for t in schedule.inputs if not t.dtype.startswith("float")]
-            if odd:
-                raise CliError(f"the model's inputs {', '.join(odd)} are not floating point: random values may "
-                               f"not be valid for them; give --input FILE.npy per model input")
-            rng = np.random.default_rng(0)
-            inputs = [rng.standard_normal([1, *t.shape[1:]]).astype(t.dtype) for t in schedule.inputs]
-        batch = int(np.asarray(inputs[0]).shape[0])
-        with tqdm(total=reps + 1, desc="timing stages", unit="pass", leave=False) as bar:
-            seconds = stage_times(bundle, inputs, reps=reps, threads=threads,
-                                  progress=lambda done, total: bar.update(done - bar.n))
-        results = estimate(schedule, seconds, rates, latency=latency_ms / 1e3, batch=batch)
-    except InputMismatch as exc:
-        raise CliError(f"{exc} (give one --input FILE.npy per model input, in order)") from exc
-    except DiscoError as exc:
-        raise _fail(exc) from exc
-    mb = ", ".join(f"{i}->{j} {b / 1e6:.2f} MB" for (i, j), b in sorted(results[0].direction_bytes.items()))
-    click.echo(f"{out}: {schedule.nodes} nodes, batch {batch}; stages timed here ({threads} onnxruntime "
-               f"thread(s), median of {reps}):")
-    click.echo("  " + "; ".join(f"node {k}: {len(p)} stages, {c * 1e3:.1f} ms"
-                                for k, (p, c) in enumerate(zip(schedule.programs, results[0].compute, strict=True))))
-    click.echo(f"  messages per inference: {mb or 'none'}")
-    click.echo(f"{'link':>10} {'latency ms':>11} {'bound ms':>9} {'latency/bound':>14}  waiting per node ms")
-    for text, r in zip(links, results, strict=True):
-        waits = ", ".join(f"{w * 1e3:.1f}" for w in r.waiting)
-        click.echo(f"{text:>10} {r.latency * 1e3:>11.1f} {r.bound * 1e3:>9.1f} {r.latency / r.bound:>14.2f}  {waits}")
-    click.echo("bound: max(busiest node's compute, busiest direction's bytes / rate). Not counted: the runtime's "
-               "own cost per request and the target's core speed (see --help).")
+
+main.add_command(run)
 
 
 if __name__ == "__main__":
-    main()
+    main(prog_name="disco-run")

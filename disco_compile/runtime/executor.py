@@ -6,7 +6,13 @@ values carried from earlier stages of the node, or from messages received
 through the transport; its message outputs are sent as soon as the stage
 returns, carried values are dropped after their last use, and node 0 returns
 the model outputs. Every array produced for a message or model output is
-checked against the schedule before it leaves the stage. When a node fails it
+checked against the schedule before it leaves the stage. A stage's own run is
+bounded by the timeout too: it runs on a stage thread of the calling thread
+(`_StageThread`; handing a stage over and back costs tens of microseconds) while
+the caller waits at most `timeout` seconds; a stage that has not returned by
+then is told to stop (onnxruntime's RunOptions.terminate, taken at the next
+graph node), left to its thread, and the run fails with a StageFailure naming
+the stage, so the node stops with an error instead of hanging. When a node fails it
 tells its peers through the transport, so they stop instead of waiting.
 `session_options` makes the onnxruntime options of those sessions; an
 `on_stage` hook sees each stage's inputs and time (runtime/estimate.py times
@@ -19,16 +25,19 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import onnxruntime as ort
 
 from ..artifact.bundle import Bundle, load_bundle
-from ..errors import BundleError, InputMismatch, MessageError, NodeFailure, PeerFailed, StageFailure
+from ..errors import (BundleError, InputMismatch, MessageError, NodeFailure, PeerFailed, PeerTimeout, ProviderError,
+                      StageFailure)
 from ..artifact.schedule import BATCH, Schedule, Stage, TensorSpec
 from .transport import InProcHub, Transport
 
@@ -123,6 +132,64 @@ def session_options(threads: int = 1, *, shared_arena: bool = True) -> ort.Sessi
     return options
 
 
+_providers = ["CPUExecutionProvider"]  # the process's execution providers for stage sessions (use_providers)
+
+
+def use_providers(names: Sequence[str]) -> list[str]:
+    """Run every stage session of this process on onnxruntime execution providers `names`, in order of
+    preference (short names as "cuda" or "tensorrt", or onnxruntime's own as "CUDAExecutionProvider"); the CPU
+    provider is kept last, for the ops the others do not take. The full names in use; a name this onnxruntime
+    build does not offer is a ProviderError listing those it does."""
+    known = {p.lower().removesuffix("executionprovider"): p for p in ort.get_all_providers()}
+    available = ort.get_available_providers()
+    chosen = []
+    for name in names:
+        full = known.get(name.lower().removesuffix("executionprovider"))
+        if full not in available:
+            what = f"onnxruntime has no execution provider {name!r}" if full is None else \
+                f"the execution provider {full} is not available in this onnxruntime build"
+            raise ProviderError(f"{what}; available here: {', '.join(available)} (CUDA and TensorRT need the "
+                                f"onnxruntime-gpu package and their libraries)")
+        chosen.append(full)
+    _providers[:] = list(dict.fromkeys([*chosen, "CPUExecutionProvider"]))
+    return list(_providers)
+
+
+_STOP = object()  # tells a stage thread to end
+
+
+def _serve_stages(calls: queue.SimpleQueue, results: queue.SimpleQueue) -> None:
+    """A stage thread: run each call from `calls`, putting (True, value) or (False, exception) on `results`."""
+    while (call := calls.get()) is not _STOP:
+        try:
+            results.put((True, call()))
+        except BaseException as exc:  # handed to the waiting caller, which raises it
+            results.put((False, exc))
+
+
+class _StageThread:
+    """The thread that runs one calling thread's stages, so that the caller can stop waiting for one; it ends
+    when this object is dropped (the calling thread ended) or abandoned (`run` timed out)."""
+
+    def __init__(self, name: str):
+        self._calls, self._results = queue.SimpleQueue(), queue.SimpleQueue()
+        threading.Thread(target=_serve_stages, args=(self._calls, self._results), name=name, daemon=True).start()
+        weakref.finalize(self, self._calls.put, _STOP)
+
+    def run(self, call: Callable[[], object], timeout: float) -> tuple[bool, object]:
+        """(True, what `call()` returned), raising what it raised; (False, None) if it did not return within
+        `timeout` seconds (this stage thread is then abandoned: make another)."""
+        self._calls.put(call)
+        try:
+            ok, value = self._results.get(timeout=timeout)
+        except queue.Empty:
+            self._calls.put(_STOP)  # taken once the stage returns, if it ever does
+            return False, None
+        if not ok:
+            raise value
+        return True, value
+
+
 # on_stage(node, stage index, the stage's inputs by graph input name, seconds the stage took)
 StageHook = Callable[[int, int, dict[str, np.ndarray], float], None]
 
@@ -141,6 +208,7 @@ class NodeExecutor:
                  timeout: float = DEFAULT_TIMEOUT, on_stage: StageHook | None = None):
         if not 0 <= node < bundle.schedule.nodes:
             raise ValueError(f"node {node}: the export has nodes 0..{bundle.schedule.nodes - 1}")
+        bundle.require(node)
         if threads < 1 or not timeout > 0:
             raise ValueError(f"threads must be at least 1 and timeout above 0, got threads={threads}, "
                              f"timeout={timeout}")
@@ -155,6 +223,7 @@ class NodeExecutor:
         # graph outputs to fetch per stage (one graph output may serve several roles)
         self._fetch = [list(dict.fromkeys(o.name for o in stage.outputs)) for stage in self._stages]
         self._drop_after = _drop_after(self._stages)
+        self._stage_threads = threading.local()  # .thread: the _StageThread of the calling thread
 
     def _where(self, stage: Stage) -> str:
         return f"node {self.node} stage {stage.index} ({stage.file})"
@@ -168,7 +237,7 @@ class NodeExecutor:
         if hashlib.sha256(content).hexdigest() != self.bundle.manifest.files[stage.file]:
             raise BundleError(f"{stage.file}: sha256 mismatch, the file was changed after export; re-export")
         try:
-            return ort.InferenceSession(content, options, providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(content, options, providers=_providers)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise BundleError(f"{self._where(stage)}: onnxruntime cannot load the stage graph ({exc})") from exc
 
@@ -191,12 +260,22 @@ class NodeExecutor:
 
     def run_stage(self, index: int, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run stage `index` of this node alone on `feeds` (graph input name -> array); its graph outputs by
-        name. Receives, sends and checks nothing: `run` does that around it."""
-        fetch = self._fetch[index]
+        name. Receives, sends and checks nothing: `run` does that around it. A stage that does not return within
+        the timeout is told to stop and raises StageFailure (see the module docstring)."""
+        fetch, session, options = self._fetch[index], self.sessions[index], ort.RunOptions()
+        stage_thread = getattr(self._stage_threads, "thread", None)
+        if stage_thread is None:
+            stage_thread = self._stage_threads.thread = _StageThread(f"disco-stages-node{self.node}")
         try:
-            values = self.sessions[index].run(fetch, feeds)
+            returned, values = stage_thread.run(lambda: session.run(fetch, feeds, options), self.timeout)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise StageFailure(f"{self._where(self._stages[index])}: onnxruntime failed: {exc}") from exc
+        if not returned:
+            options.terminate = True
+            self._stage_threads.thread = None
+            raise StageFailure(f"{self._where(self._stages[index])}: the stage did not return within "
+                               f"{self.timeout:g} s (the timeout), so it was stopped; if the stage is only that "
+                               f"slow, give a longer timeout (run_local(timeout=...), disco-run --timeout)")
         return dict(zip(fetch, values, strict=True))
 
     def _run(self, model_inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
@@ -283,11 +362,18 @@ def run_local(out_dir: str | os.PathLike, inputs, *, timeout: float = DEFAULT_TI
 
 def run_bundle(bundle: Bundle, inputs, *, timeout: float = DEFAULT_TIMEOUT, threads: int = 1) -> list[np.ndarray]:
     """`run_local` on an already loaded bundle."""
+    bundle.require(*range(bundle.schedule.nodes))
     model_inputs = check_inputs(bundle.schedule, inputs)
+    return local_runner(bundle, timeout=timeout, threads=threads)(model_inputs)
+
+
+def local_runner(bundle: Bundle, *, timeout: float = DEFAULT_TIMEOUT,
+                 threads: int = 1) -> Callable[[object], list[np.ndarray]]:
+    """`run_bundle` with its sessions made once: a function of the inputs, to call for many requests."""
     hub = InProcHub(bundle.schedule.nodes)
     executors = [NodeExecutor(bundle, k, hub.transport(k, bundle.schedule_hash), threads=threads, timeout=timeout)
                  for k in range(bundle.schedule.nodes)]
-    return run_executors(executors, hub, model_inputs)
+    return lambda inputs: run_executors(executors, hub, check_inputs(bundle.schedule, inputs))
 
 
 def run_executors(executors: list[NodeExecutor], hub: InProcHub, model_inputs: dict[str, np.ndarray]
@@ -316,7 +402,9 @@ def run_executors(executors: list[NodeExecutor], hub: InProcHub, model_inputs: d
         hub.abort(None, "the caller was interrupted")
         raise
     if failures:
-        node, cause = next(((k, e) for k, e in failures if not isinstance(e, PeerFailed)), failures[0])
+        # the cause: a node's own failure before a timeout waiting for a node that failed, before a peer's report
+        node, cause = next(((k, e) for k, e in failures if not isinstance(e, (PeerFailed, PeerTimeout))),
+                           next(((k, e) for k, e in failures if not isinstance(e, PeerFailed)), failures[0]))
         stuck = [k for k, t in enumerate(threads_) if t.is_alive()]
         note = (f"; node(s) {stuck} did not stop within {timeout + _STOP_GRACE:g} s" if stuck
                 else "; the other nodes were stopped")

@@ -1,0 +1,220 @@
+"""The command lines' conventions: --version, disco-run's subcommands and shell completion, `-` for stdout,
+help without torch, the install disco-compile needs, SIGINT/SIGTERM (one line, 130/143), --log-level with
+timestamps, bad flag values as named usage errors, --benchmark, --provider, --threads, estimate beside one node."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from click.testing import CliRunner
+
+from disco_compile import export, transform
+from disco_compile.cli.compile import main as disco_compile
+from disco_compile.cli.run import main as disco_run
+from disco_compile.runtime import executor
+from disco_compile.runtime.net.network import free_ports
+
+PYTHON = sys.executable
+COMPLETE = [PYTHON, "-c", "from disco_compile.cli.run import main; main(prog_name='disco-run')"]  # as the script
+TIMESTAMPED = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (INFO|WARNING|ERROR) disco_compile", re.M)
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory) -> Path:
+    """A tiny export on 2 nodes, with its input in x.npy beside it."""
+    root = tmp_path_factory.mktemp("conventions")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    export(transform(model, 2, x), root / "two")
+    np.save(root / "x.npy", x.numpy())
+    torch.save(model, root / "tiny.pt")
+    return root / "two"
+
+
+def run(*args, **kw):
+    return CliRunner().invoke(disco_run, [str(a) for a in args], **kw)
+
+
+@pytest.mark.parametrize("command, name", [(disco_compile, "disco-compile"), (disco_run, "disco-run")])
+def test_version(command, name):
+    result = CliRunner().invoke(command, ["--version"])
+    assert result.exit_code == 0 and re.fullmatch(rf"{name}, version \d+\.\d+\.\d+\S*\n", result.stdout)
+
+
+def test_subcommands_in_help_and_completion():
+    result = run("--help")
+    assert result.exit_code == 0
+    for command in ("keygen", "estimate", "info", "run"):
+        assert re.search(rf"^  {command}\s", result.stdout, re.M), result.stdout
+    env = dict(os.environ, _DISCO_RUN_COMPLETE="bash_complete", COMP_WORDS="disco-run ", COMP_CWORD="1")
+    done = subprocess.run(COMPLETE, env=env, capture_output=True, text=True, timeout=60)
+    words = {line.split(",", 1)[1] for line in done.stdout.splitlines() if "," in line}
+    assert {"keygen", "estimate", "info", "run"} <= words, done.stdout + done.stderr
+    env.update(COMP_WORDS="disco-run out/ --si", COMP_CWORD="2")
+    done = subprocess.run(COMPLETE, env=env, capture_output=True, text=True, timeout=60)
+    assert "plain,--simulate" in done.stdout, done.stdout + done.stderr  # disco-run OUT completes run's options
+
+
+@pytest.mark.parametrize("module", ["disco_compile.cli.compile", "disco_compile.cli.run"])
+def test_help_imports_no_torch(module):
+    """--help (and so each completion TAB) stays far below 1 s: the CLI module and its help load without torch."""
+    check = (f"import sys; from click.testing import CliRunner; import {module} as m; "
+             f"r = CliRunner().invoke(m.main, ['--help']); assert r.exit_code == 0, r.output; "
+             f"sys.exit('torch' in sys.modules)")
+    done = subprocess.run([PYTHON, "-c", check], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, f"torch imported while building {module}'s help\n{done.stderr}"
+
+
+def test_compile_without_torch_names_the_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch raises ImportError, as without the extra
+    result = CliRunner().invoke(disco_compile, ["resnet18", "--nodes", "2"])
+    assert result.exit_code == 2, result.output
+    assert "pip install 'disco-compile[compile]'" in result.stderr and "Traceback" not in result.output
+
+
+def test_json_dash_writes_stdout(two, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(disco_compile, [str(two.parent / "tiny.pt"), "--trust-pickle", "--nodes", "2",
+                                                "--input-shape", "1,3,16,16", "--json", "-"])
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "-").exists(), "--json - wrote a file named -"
+    report = json.loads(result.stdout)
+    assert report["nodes"] == 2 and report["run"]["nodes"] == 2
+    assert "exchange ratio" in result.stderr  # the printed report moved to stderr
+
+
+def test_model_dash_reads_stdin(two):
+    result = CliRunner().invoke(disco_compile, ["-", "--trust-pickle", "--nodes", "2", "--input-shape", "1,3,16,16"],
+                                input=(two.parent / "tiny.pt").read_bytes())
+    assert result.exit_code == 0, result.output
+    assert "model    Sequential pickled in stdin (loaded with --trust-pickle)" in result.stdout
+
+
+@pytest.mark.parametrize("args, option, text", [
+    (["--timeout", "nan"], "--timeout", "finite number of seconds above 0, got nan"),
+    (["--timeout", "inf"], "--timeout", "finite number of seconds above 0, got inf"),
+    (["--connect-timeout", "nan"], "--connect-timeout", "got nan"),
+    (["--threads", "100000"], "--threads", f"must be between 1 and {os.cpu_count()}"),
+    (["--provider", "nosuch"], "--provider", "onnxruntime has no execution provider 'nosuch'; available here"),
+])
+def test_bad_run_flags_are_named(two, args, option, text):
+    result = run(two, "--simulate", "--input", two.parent / "x.npy", *args)
+    assert result.exit_code == 2, result.output
+    assert option in result.stderr and text in result.stderr and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("weights", ["inf,1", "1e308,1e308", "nan,1", "0,1"])
+def test_bad_node_weights_are_named(weights):
+    result = CliRunner().invoke(disco_compile, ["resnet18", "--nodes", "2", "--node-weights", weights])
+    assert result.exit_code == 2, result.output
+    assert "'--node-weights'" in result.stderr and "a finite number above 0" in result.stderr
+
+
+def test_unavailable_provider_and_cpu():
+    if "CUDAExecutionProvider" not in executor.ort.get_available_providers():
+        with pytest.raises(executor.ProviderError, match="CUDAExecutionProvider is not available"):
+            executor.use_providers(["cuda"])
+    try:
+        assert executor.use_providers(["cpu"]) == ["CPUExecutionProvider"]
+    finally:
+        executor.use_providers([])
+
+
+def test_benchmark_prints_latency_and_throughput(two):
+    result = run(two, "--simulate", "--input", two.parent / "x.npy", "--benchmark", 5, "--threads", 1)
+    assert result.exit_code == 0, result.output
+    found = re.search(r"benchmark: 5 request\(s\) of batch 1 after 2 warm-up, one at a time: latency median "
+                      r"([0-9.]+) ms, p90 ([0-9.]+) ms; throughput ([0-9.]+) samples/s", result.stdout)
+    assert found, result.stdout
+    median, p90, throughput = map(float, found.groups())
+    assert 0 < median <= p90 and throughput > 0
+    refused = run(two, "--simulate", "--procs", "--insecure", "--input", two.parent / "x.npy", "--benchmark", 5)
+    assert refused.exit_code == 2 and "--benchmark K times requests" in refused.stderr
+
+
+def test_estimate_shows_one_node_beside_the_split(two, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # a device install has no tqdm
+    result = run("estimate", two, "--link", "1gbit", "--reps", 1)
+    assert result.exit_code == 0, result.output
+    one = float(re.search(r"one node alone, every node's stages in turn, no messages: ([0-9.]+) ms",
+                          result.stdout).group(1))
+    row = re.search(r"1gbit\s+([0-9.]+)\s+[0-9.]+\s+[0-9.]+\s+([0-9.]+)x", result.stdout)
+    assert row, result.stdout
+    assert one > 0 and float(row.group(2)) == pytest.approx(one / float(row.group(1)), rel=0.1, abs=0.02)
+
+
+def _node(two: Path, peers: Path, node: int, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([PYTHON, "-m", "disco_compile.cli.run", str(two), "--node", str(node), "--peers",
+                             str(peers), "--insecure", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _peers(tmp_path: Path) -> Path:
+    peers = tmp_path / "peers.yaml"
+    peers.write_text("".join(f"{k}: 127.0.0.1:{p}\n" for k, p in enumerate(free_ports(2))))
+    return peers
+
+
+def _wait_started(proc: subprocess.Popen, seconds: float = 30.0) -> None:
+    """Until the process has imported its modules and installed its handlers (a signal before that is Python's)."""
+    deadline = time.monotonic() + seconds
+    pid = proc.pid
+    while time.monotonic() < deadline:
+        status = Path(f"/proc/{pid}/status").read_text()
+        caught = int(re.search(r"SigCgt:\s*([0-9a-f]+)", status).group(1), 16)
+        if caught & (1 << (signal.SIGTERM - 1)):
+            return
+        time.sleep(0.05)
+    raise AssertionError("the node did not start")
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_ends_a_node_with_one_line(two, tmp_path, signum, status):
+    proc = _node(two, _peers(tmp_path), 1)  # waits for node 0, which never comes
+    _wait_started(proc)
+    time.sleep(0.5)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == status, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines[-1] == f"disco-run: interrupted ({signal.Signals(signum).name})", err
+    assert "Aborted!" not in err and "Traceback" not in err
+
+
+def test_signal_ends_disco_compile_with_one_line(tmp_path):
+    out = tmp_path / "shards"
+    proc = subprocess.Popen([PYTHON, "-m", "disco_compile.cli.compile", "resnet50", "--nodes", "2", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_started(proc, 120)
+    first = proc.stderr.readline()  # "building resnet50 ... done": tracing, splitting and export (seconds) follow
+    assert first.startswith("building resnet50"), first
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, first + err
+    assert err.strip().splitlines()[-1].endswith("disco-compile: interrupted (SIGINT)"), err
+    assert "Aborted!" not in err and "Traceback" not in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("level, shown", [("info", True), ("warning", False)])
+def test_node_logs_have_time_and_level(two, tmp_path, level, shown):
+    peers = _peers(tmp_path)
+    worker = _node(two, peers, 1, "--log-level", level)
+    client = _node(two, peers, 0, "--input", str(two.parent / "x.npy"), "--log-level", level)
+    _, client_err = client.communicate(timeout=120)
+    _, worker_err = worker.communicate(timeout=120)
+    assert client.returncode == 0 and worker.returncode == 0, client_err + worker_err
+    assert bool(TIMESTAMPED.search(worker_err)) is shown, worker_err
+    if shown:
+        assert "INFO disco_compile.runtime.net: node 1: every peer answered; serving" in worker_err
