@@ -139,7 +139,9 @@ TASKS = ("digits", "sr")
 # sections of docs/accuracy.md in order: digits_n4 is written by hand (a run with other options), compute_weight
 # and compute_weight_ARCH by benchmarks/compute_weight.py (one per --arch); a run of this script rewrites the
 # sections of its tasks and keeps the others
-SECTIONS = ("digits", "digits_n4", "sr", "compute_weight", "compute_weight_mobilenet_v2")
+SECTIONS = ("digits", "digits_n4", "sr", "crepe_tiny", "crepe_full", "crepe_notes", "compute_weight",
+            "compute_weight_mobilenet_v2")
+CREPE = ("crepe_tiny", "crepe_full")  # benchmarks/crepe_accuracy.py
 
 
 def _fmt(values: list[float]) -> str:
@@ -224,7 +226,8 @@ def main() -> None:
     global ARGS
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tasks", default="digits,sr", help="comma-separated: digits, sr (default both)")
+    p.add_argument("--tasks", default="digits,sr", help="comma-separated: digits, sr, crepe_tiny, crepe_full "
+                   "(default digits,sr)")
     p.add_argument("--nodes", default="2,4")
     p.add_argument("--rhos", default="1,0.5,0.2,0.1,0")
     p.add_argument("--allocation-rhos", default="0.2,0.1", help="rho values of the allocation comparison ('' = none)")
@@ -236,17 +239,32 @@ def main() -> None:
     p.add_argument("--digits-width", type=int, default=16)
     p.add_argument("--sr-width", type=int, default=32)
     p.add_argument("--jobs", type=int, default=2, help="fine-tuning runs in parallel (one thread each)")
+    p.add_argument("--methods", default=",".join(METHODS), help="crepe: selection methods fine-tuned")
+    p.add_argument("--shot-nodes", default="2,3,4", help="crepe: N of the one-shot table")
+    p.add_argument("--shot-rhos", default="0.5,0.2,0.1", help="crepe: rho of the one-shot table")
+    p.add_argument("--crepe-train", type=int, default=2048, help="crepe: synthetic training frames")
+    p.add_argument("--crepe-test", type=int, default=500, help="crepe: synthetic test frames")
+    p.add_argument("--crepe-batch", type=int, default=32, help="crepe: fine-tuning batch size")
     p.add_argument("--quick", action="store_true", help="1 seed, 40 steps, originals 300 steps: a smoke run")
     ARGS = p.parse_args()
     ARGS.tasks = ARGS.tasks.split(",")
     ARGS.nodes = [int(n) for n in ARGS.nodes.split(",")]
     ARGS.rhos = [float(r) for r in ARGS.rhos.split(",")]
     ARGS.allocation_rhos = [float(r) for r in ARGS.allocation_rhos.split(",") if r]
+    ARGS.methods = ARGS.methods.split(",")
+    ARGS.shot_nodes = [int(n) for n in ARGS.shot_nodes.split(",") if n]
+    ARGS.shot_rhos = [float(r) for r in ARGS.shot_rhos.split(",") if r]
     if ARGS.quick:
         ARGS.seeds, ARGS.steps, ARGS.original_steps = 1, 40, 300
     cmd = "python benchmarks/accuracy.py " + " ".join(sys.argv[1:])
     torch.set_num_threads(1)  # other jobs share this machine: one thread avoids oversubscription
     for name in ARGS.tasks:
+        if name in CREPE:
+            import crepe_accuracy
+            text = crepe_accuracy.run(ARGS, name, cmd)
+            _perfdoc.write_section(name, text, path=ROOT / "docs" / "accuracy.md", header=HEADER, names=SECTIONS)
+            print(text)
+            continue
         t0 = time.perf_counter()
         model = original(name)
         original_value = test_metric(model, build_task(name)[0])

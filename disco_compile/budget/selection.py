@@ -37,7 +37,9 @@ rho, the allocation, g and w travel together as one `Budget` (budget.py), which 
 their defaults (global, g = 8, w = 0.004).
 
 Scores: `magnitude` is the squared norm of the weight columns the unit feeds,
-over the destination's rows of every consumer (`mixing.column_scores`);
+over the destination's rows of every consumer (`mixing.column_scores`), times the
+unit's activation power E[x_u^2] when calibration batches are given (scores.py;
+`one_shot` then also re-estimates BatchNorm statistics on them);
 `random` is a seeded permutation. Learned scores (finetuning.py) are a running
 mean of minus the gradient of the loss with respect to each candidate's mask
 entry, which the straight-through estimator (SparseExchange.masks) hands every
@@ -46,16 +48,19 @@ candidate, sent or not, while the forward pass uses the hard selection.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 
 from ..ops import mixing
+from . import batchnorm
+from .data import split_batch
+from .scores import activation_power
 from .budget import Budget, as_budget
 
 
 @torch.no_grad()
-def magnitude_scores(dm) -> dict[str, torch.Tensor]:
+def weight_scores(dm) -> dict[str, torch.Tensor]:
     """Per exchange, (nodes, units): squared weight-column norm over the destination's consumer rows."""
     gm, plan = dm.graph_module, dm.plan
     scores = {name: torch.zeros(ex.gate.shape) for name, ex in dm.exchanges.items()}
@@ -67,6 +72,28 @@ def magnitude_scores(dm) -> dict[str, torch.Tensor]:
         for j in range(dm.nodes):
             scores[layer.exchange][j] += mixing.column_scores(layer, module, out_owner, j).float().cpu()
     return scores
+
+
+def magnitude_scores(dm, batches: Iterable | None = None) -> dict[str, torch.Tensor]:
+    """Per exchange, (nodes, units): weight_scores, times each unit's activation power E[x_u^2] measured on
+    calibration `batches` when they are given (scores.py)."""
+    weights = weight_scores(dm)
+    if batches is None:
+        return weights
+    power = activation_power(dm, batches)
+    return {name: s * power[name].to(s.dtype)[None] for name, s in weights.items()}
+
+
+def one_shot(dm, budget: Budget | float, batches: Iterable | None = None) -> None:
+    """The selection at `budget` without fine-tuning. With calibration `batches` (a few batches of inputs):
+    magnitude scores times measured activation power, then every BatchNorm's statistics re-estimated on the
+    batches (batchnorm.py: dropping channels shifts the statistics of every later layer). Without: the
+    weight-column magnitude alone (DiscoModel.set_budget)."""
+    if batches is not None:
+        batches = list(batches)
+    select(dm, magnitude_scores(dm, batches), budget)
+    if batches is not None:
+        batchnorm.recalibrate(dm, (split_batch(b)[0] for b in batches))
 
 
 @torch.no_grad()
