@@ -54,6 +54,11 @@ run yet get a row saying so).
     python benchmarks/zoo.py --family detection       # only the detection models
     python benchmarks/zoo.py --report-only            # only rewrite docs/coverage.md
     python benchmarks/zoo.py --program                # the same through torch.export programs
+    python benchmarks/zoo.py --family hf --family crepe --family timm   # models outside torchvision
+
+The timm, Hugging Face and torchcrepe families (benchmarks/zoo_families.py: as given at N = 2 and 3, the
+capture route, replicated ops, export at rho 0.2) are cached in benchmarks/results/zoo_{timm,hf,crepe}/;
+docs/coverage.md opens with every family's totals and has a section per family.
 
 With --program each classification and segmentation model is first exported
 with `torch.export.export(model, (x,))` and raised back to modules
@@ -80,6 +85,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _perfdoc  # noqa: E402
+import zoo_families  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "zoo"
@@ -832,11 +838,33 @@ def _model_table(models: list[tuple[str, str]], data: dict[str, dict | None], no
     return lines
 
 
+def _totals(models: list[tuple[str, str]], data: dict[str, dict | None], nodes: list[int]) -> list[str]:
+    """Every family's totals: torchvision (worst over its N) and the families of zoo_families.py (N = 2, 3)."""
+    tv = Counter(overall(data[m], nodes) for m, _ in models)
+    run = len(models) - tv["NOT RUN"]
+    return [
+        "# DISCO coverage: torchvision, timm, Hugging Face and torchcrepe models", "",
+        "## Totals", "",
+        "As given: `transform(model, N, example)` exact (fp32, rtol 1e-4, atol 1e-5), torchvision at N = "
+        f"{', '.join(map(str, nodes))}, the other families at N = 2 and 3 (worst over N); export: the DISCO model "
+        "at rho 0.2 exported and run by run_local, equal to it (torchvision: docs/export_coverage.md). Route: "
+        "models captured with torch.export because torch.fx failed (said in one warning).", "",
+        "| family | models | run | exact | exact, with replicated ops | mismatch | failed | timeout or crash | "
+        "export equal | torch.export route |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| torchvision | {len(models)} | {run} | {tv['exact']} | {tv['exact, with replicated ops']} | "
+        f"{tv['MISMATCH']} | {tv['FAILED']} | {tv['TIMEOUT'] + tv['CRASHED']} | – | 0 |",
+        *zoo_families.totals_rows(), ""]
+
+
 def write_report(results: Path, report: Path, nodes: list[int], command: str, program: bool = False) -> Counter:
     models = [(m, f) for m, f in all_models() if not (program and f == "detection")]
     data = _load_results(results, models)
     summary, overall_counts = _summary(models, data, nodes)
     lines = [*_header(results, command, program, models, data), *summary, "", *_model_table(models, data, nodes)]
+    if not program:  # docs/coverage.md: every family's totals first, then torchvision, then the others
+        lines = [*_totals(models, data, nodes), *(("#" + line) if line.startswith("#") else line for line in lines),
+                 *zoo_families.report_lines()]
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text("\n".join(lines) + "\n")
     return overall_counts
@@ -850,7 +878,7 @@ def _parser() -> argparse.ArgumentParser:
                                 epilog="See the module docstring (benchmarks/zoo.py) for what is measured.")
     p.add_argument("--models", help="comma-separated subset of model names (default: every classification, "
                                     "segmentation and detection model)")
-    p.add_argument("--family", choices=FAMILIES, action="append",
+    p.add_argument("--family", choices=FAMILIES + zoo_families.FAMILIES, action="append",
                    help="only the models of this family (repeatable; with --models, those of the family)")
     p.add_argument("--nodes", default=",".join(map(str, DEFAULT_NODES)), help="node counts (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="rerun models that already have cached results")
@@ -916,6 +944,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         run_worker(args.worker, nodes, args.worker_out, args.program)
         return 0
+    if args.family and set(args.family) <= set(zoo_families.FAMILIES):  # timm, hf, crepe: zoo_families.py
+        return zoo_families.main([a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"])
 
     names = _model_names(p, args)
     args.results.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ runs whole on node 0 (a `DiscoSubmodel`, frontend/submodule.py).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 import torch.fx as fx
@@ -14,7 +15,7 @@ import torch.nn as nn
 
 from .budget import cost, selection
 from .budget.budget import Budget
-from .frontend.capture import LeafSpec, trace
+from .frontend.capture import LeafSpec, bind_inputs, capture
 from .errors import PartitionError
 from .frontend.exported import to_module
 from .ir import PartitionPlan
@@ -25,6 +26,7 @@ from .passes.expand_window_attention import MODULES as WINDOW_ATTENTION_MODULES
 from .passes.expand_window_attention import expand_window_attention
 from .passes.insert_exchanges import insert_exchanges
 from .passes.partition import assign_owners, check_weights
+from .passes.raise_attention import raise_attention
 from .passes.raise_functional import raise_functional
 from .frontend.submodule import DiscoSubmodel, capture_inputs, find_submodule
 
@@ -35,12 +37,20 @@ class DiscoModel(nn.Module):
     `graph_module` is the traced model with partitioned Conv/Linear layers and
     one `SparseExchange` per exchanged tensor (`exchanges`, keyed by the fx
     name of the tensor). Parameter names match the original model's.
+    `route`: how the model was captured (frontend/capture.py): "torch.fx", "torch.export", or
+    "torch.export (torch.fx failed: why)". `input_names`: the inputs it takes, positionally in this order or
+    by name (the example inputs' names in forward's order; the export's inputs are the same, in that order).
     """
 
-    def __init__(self, graph_module: fx.GraphModule, plan: PartitionPlan):
+    def __init__(self, graph_module: fx.GraphModule, plan: PartitionPlan, route: str = "torch.fx"):
         super().__init__()
         self.graph_module = graph_module
         self.plan = plan
+        self.route = route
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(n.target for n in self.graph_module.graph.nodes if n.op == "placeholder")
 
     @property
     def nodes(self) -> int:
@@ -78,22 +88,15 @@ class DiscoModel(nn.Module):
         selection.select(self, selection.magnitude_scores(self), budget)
 
 
-def _full_macs(gm: fx.GraphModule, node: fx.Node, batch: int) -> int:
-    m = gm.get_submodule(node.target)
-    if isinstance(m, nn.Linear):
-        return node.meta["tensor_meta"].shape.numel() // batch * m.in_features
-    if isinstance(m, nn.modules.conv._ConvNd):
-        return node.meta["tensor_meta"].shape.numel() // batch * (m.in_channels // m.groups) * m.weight[0, 0].numel()
-    return 0
-
-
 def transform(model: nn.Module | torch.export.ExportedProgram, nodes: int, example_inputs, *,
               node_weights: Sequence[float] | None = None, leaf_modules: LeafSpec = (),
               input_on_all_nodes: bool = False, submodule: str | None = None) -> DiscoModel | DiscoSubmodel:
     """Rewrite `model` into a DISCO model over `nodes` nodes with every gate on.
 
     model: an nn.Module, or a torch.export ExportedProgram (raised to modules first: frontend/exported.py).
-    example_inputs: a tensor or tuple of tensors (batch first) used for tracing shapes.
+    example_inputs: a tensor, a tuple of positional inputs, or a dict of keyword inputs (batch first) used for
+      tracing shapes; forward's optional parameters they do not give are bound to their defaults (capture.py).
+      When torch.fx cannot trace the model, it is captured with torch.export, said in a warning (`route`).
     node_weights: relative speed of each node; a node gets that share of every layer's channels.
     leaf_modules: module classes or qualified names that are not traced into.
     input_on_all_nodes: the input is present on every node (no input io bytes).
@@ -102,21 +105,23 @@ def transform(model: nn.Module | torch.export.ExportedProgram, nodes: int, examp
       is called with: a tuple of positional arguments, or one argument (a detector's list of images);
       leaf_modules are named inside the submodule. Returns a DiscoSubmodel.
     """
+    route = "torch.fx"
     if isinstance(model, torch.export.ExportedProgram):
-        model = to_module(model)
+        model, route = to_module(model), "torch.export"
     if submodule is not None:
         inner = find_submodule(model, submodule)
         disco = transform(inner, nodes, capture_inputs(model, submodule, example_inputs), node_weights=node_weights,
                           leaf_modules=leaf_modules, input_on_all_nodes=input_on_all_nodes)
         return DiscoSubmodel(model, submodule, disco)
     weights = check_weights(nodes, node_weights)
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    example_inputs = tuple(example_inputs)
-    gm = trace(model, (*leaf_modules, *WINDOW_ATTENTION_MODULES))
+    bound = bind_inputs(model, example_inputs)
+    example_inputs = bound.args
+    captured = capture(model, bound, (*leaf_modules, *WINDOW_ATTENTION_MODULES))
+    gm, route = captured.graph_module, captured.route if route == "torch.fx" else route
     raise_functional(gm)
     expand_attention(gm)
     expand_window_attention(gm, example_inputs)
+    raise_attention(gm, example_inputs)
     flow = analyse(gm, example_inputs, nodes)
     if not flow.mixing:
         raise PartitionError("the model has no Conv or Linear layer whose channels could be split across nodes")
@@ -125,13 +130,13 @@ def transform(model: nn.Module | torch.export.ExportedProgram, nodes: int, examp
         raise PartitionError(f"nodes={nodes} is more than the widest layer's {widest} channels: some node would "
                              f"own nothing; use at most {widest} nodes")
     owner_of = assign_owners(flow.universe, weights)
-    original_macs = sum(_full_macs(gm, n, flow.batch) for n in gm.graph.nodes if n.op == "call_module")
+    original_macs = sum(cost.op_macs(gm, n, flow.batch) for n in gm.graph.nodes)
     replicated_names = {r.node for r in flow.replicated}
-    replicated_macs = sum(_full_macs(gm, n, flow.batch) for n in gm.graph.nodes
-                          if n.op == "call_module" and n.name in replicated_names)
+    replicated_macs = sum(cost.op_macs(gm, n, flow.batch) for n in gm.graph.nodes if n.name in replicated_names)
     original_params = sum(p.numel() for p in model.parameters())
-    layers = insert_exchanges(gm, flow.mixing, owner_of, nodes, example_inputs)
+    mixing = [replace(layer, out_positions=cost.out_positions(gm, layer, flow.batch)) for layer in flow.mixing]
+    layers = insert_exchanges(gm, mixing, owner_of, nodes, example_inputs)
     return DiscoModel(gm, PartitionPlan(
         nodes=nodes, node_weights=weights, owner_of=owner_of, layers=layers, stats=flow.stats,
         replicated=flow.replicated, batch=flow.batch, input_on_all_nodes=input_on_all_nodes,
-        original_macs=original_macs, original_params=original_params, replicated_macs=replicated_macs))
+        original_macs=original_macs, original_params=original_params, replicated_macs=replicated_macs), route)

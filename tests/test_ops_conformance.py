@@ -31,11 +31,13 @@ from disco_compile import Budget, export, run_local, transform
 from disco_compile.backend.lower import lower_model
 from disco_compile.backend.stages import cut_all, run_python
 from disco_compile.ops import registry
-from disco_compile.ops.attention import heads_attention
+from disco_compile.ops.attention import head_scores, heads_apply, heads_attention
 from disco_compile.ops.window_attention import window_heads_attention, window_partition, window_reverse
 
 # calls of these, as passes/expand_attention.py and expand_window_attention.py write them
 torch.fx.wrap("heads_attention")
+torch.fx.wrap("head_scores")  # and these as passes/raise_attention.py writes attention in the matmul form
+torch.fx.wrap("heads_apply")
 torch.fx.wrap("window_partition")
 torch.fx.wrap("window_reverse")
 
@@ -104,6 +106,22 @@ class Attention(nn.Module):
     def forward(self, h):
         t = tokens(h)
         return heads_attention(self.q(t), self.k(t), self.v(t), 2, True)
+
+
+class ScoresApply(nn.Module):
+    """The matmul form of attention as passes/raise_attention.py writes it: head_scores, a scale and a per-head
+    bias, softmax, heads_apply; or (weights_from_parameters) heads_apply of weights computed whole."""
+
+    def __init__(self, weights_from_parameters: bool = False):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(C, C), nn.Linear(C, C), nn.Linear(C, 4)
+        self.bias = nn.Parameter(torch.randn(1, 2, 16, 16))
+        self.whole = weights_from_parameters
+
+    def forward(self, h):
+        t = tokens(h)
+        scores = self.bias if self.whole else head_scores(self.q(t), self.k(t), 2, True) * 0.5 + self.bias
+        return heads_apply(scores.softmax(-1), self.v(t), 2, True)
 
 
 class SelfAttention(nn.Module):
@@ -199,6 +217,8 @@ SAMPLES: dict[object, list] = {
     "to": [lambda h: h.to(torch.float32)],
     "type_as": [lambda h: h.type_as(h)],
     "pow": [lambda h: h.pow(2)],
+    torch.pow: [lambda h: torch.pow(h, 3), lambda h: torch.pow(positive(h), h)],
+    operator.pow: [lambda h: h ** 2, lambda h: 2 ** h],
     F.batch_norm: [WithBuffers(lambda m, h: F.batch_norm(h, m.mean, m.var, m.weight, m.bias, False, 0.0, 1e-5))],
     F.instance_norm: [WithBuffers(lambda m, h: F.instance_norm(h, weight=m.weight, bias=m.bias))],
     torch.prelu: [WithBuffers(lambda m, h: torch.prelu(h, m.weight - 1.0))],
@@ -320,6 +340,9 @@ SAMPLES: dict[object, list] = {
     F.normalize: [lambda h: F.normalize(h, dim=1)],
     nn.GroupNorm: [nn.GroupNorm(1, C), nn.GroupNorm(2, C), nn.GroupNorm(3, C), nn.GroupNorm(C, C)],
     F.group_norm: [lambda h: F.group_norm(h, 2)],
+    # pooling: Unfold's patches of each channel
+    nn.Unfold: [nn.Unfold(2), nn.Unfold(3, padding=1, stride=2)],
+    F.unfold: [lambda h: F.unfold(h, (2, 3), dilation=(1, 1))],
     # mixing
     nn.Conv1d: [nn.Sequential(Fn(flat), nn.Conv1d(C, 5, 3))],
     nn.Conv2d: [nn.Conv2d(C, 5, 3, padding=1), nn.Conv2d(C, C, 3, groups=3), nn.Conv2d(C, C, 3, groups=C)],
@@ -327,6 +350,8 @@ SAMPLES: dict[object, list] = {
     nn.Linear: [ChannelsLast(nn.Linear(C, 5))],
     # attention
     heads_attention: [Attention()],
+    head_scores: [ScoresApply()],
+    heads_apply: [ScoresApply(), ScoresApply(weights_from_parameters=True)],
     nn.MultiheadAttention: [SelfAttention()],
     # torchvision's ShiftedWindowAttention, which passes/expand_window_attention.py rewrites into this core
     window_heads_attention: [ChannelsLast(ShiftedWindowAttention(C, [2, 2], [1, 1], 2))],
@@ -483,9 +508,14 @@ def test_issue_models_export(tmp_path, name, nodes):
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 2.0)
+    _replicates_and_exports(model, nodes, ["mul"] if name == "cbam" else [], tmp_path, name)
+
+
+def _replicates_and_exports(model: nn.Module, nodes: int, replicated: list[str], tmp_path, name: str) -> None:
+    """transform replicates exactly `replicated`; shards at rho 1 equal the original, at rho 0.5 the DISCO model."""
     x = torch.randn(2, 3, 8, 8)
     dm = transform(model, nodes, x).eval()
-    assert [r.target for r in dm.cost().replicated_ops] == (["mul"] if name == "cbam" else [])
+    assert [r.target for r in dm.cost().replicated_ops] == replicated
     for rho in (1.0, 0.5):
         dm.set_budget(Budget(rho, allocation="uniform", align=1))
         export(dm, tmp_path / str(rho))
@@ -493,3 +523,81 @@ def test_issue_models_export(tmp_path, name, nodes):
             ref = model(x) if rho == 1.0 else dm(x)
         assert_close(torch.from_numpy(run_local(tmp_path / str(rho), x.numpy())[0]), ref,
                      what=f"{name} N={nodes} rho={rho}: onnx shards against the {'original' if rho == 1 else 'DISCO'}")
+
+
+class StarReLU(nn.Module):
+    """CAFormer's activation: s * relu(x) ** 2 + b, s and b one learned value each."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale, self.bias = nn.Parameter(torch.tensor([0.8])), nn.Parameter(torch.tensor([-0.1]))
+
+    def forward(self, h):
+        return self.scale * F.relu(h) ** 2 + self.bias + torch.square(h)
+
+
+class ECA(nn.Module):
+    """ECA's gate: a Conv1d sliding across the pooled channels (replicated, with the reason)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(1, 1, 3, padding=1, bias=False)
+
+    def forward(self, h):
+        y = self.conv(h.mean((2, 3), keepdim=True).squeeze(-1).transpose(-1, -2)).transpose(-1, -2).unsqueeze(-1)
+        return h * y.sigmoid()
+
+
+class WindowPad(nn.Module):
+    """Swin's window padding of a channels-last map: (0, 0) on the channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(12, 12)
+
+    def forward(self, h):
+        return self.linear(F.pad(cl(h), (0, 0, 0, 1, 0, 2))).permute(0, 3, 1, 2)[..., :8, :8]
+
+
+# the classes of issue 18 that are not attention (tests/test_attention_forms.py has those): replicated ops
+ISSUE_18 = {"star_relu": (lambda: _between(StarReLU()), []), "eca": (lambda: _between(ECA()), ["Conv1d"]),
+            "window_pad": (lambda: _between(WindowPad()), []),
+            "unfold": (lambda: nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.Unfold(2, stride=2),
+                                             nn.Conv1d(48, 5, 1)), [])}
+
+
+@pytest.mark.parametrize("nodes", [2, 3])
+@pytest.mark.parametrize("name", list(ISSUE_18))
+def test_issue_18_models_export(tmp_path, name, nodes):
+    torch.manual_seed(0)
+    make, replicated = ISSUE_18[name]
+    _replicates_and_exports(make().eval(), nodes, replicated, tmp_path, name)
+
+
+class Crepe(nn.Module):
+    """CREPE's end: (B, C, F, T) -> x.permute(0, 3, 1, 2).reshape(-1, C * F), frames folded into the batch dim
+    batch-major, before the classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.fc = nn.Conv2d(1, 8, (5, 1), padding=(2, 0)), nn.Conv2d(8, 6, (3, 1), padding=(1, 0)), \
+            nn.Linear(24, 10)
+
+    def forward(self, x):
+        h = F.max_pool2d(F.relu(self.b(F.relu(self.a(x)))), (2, 1))
+        return torch.sigmoid(self.fc(h.permute(0, 3, 1, 2).reshape(-1, 24)))
+
+
+@pytest.mark.parametrize("nodes", [2, 3, 4])
+def test_frames_folded_into_the_batch_lower(nodes):
+    """Links 1 and 2 (the runtime's output check takes dim 0 of a model output to be the batch)."""
+    torch.manual_seed(0)
+    model, x = Crepe().double().eval(), torch.randn(2, 1, 8, 3, dtype=torch.float64)
+    dm = transform(model, nodes, x).eval()
+    assert dm.cost().replicated_ops == []
+    with torch.no_grad():
+        assert_close(dm(x), model(x), rtol=1e-9, atol=1e-11, what=f"crepe N={nodes}")
+        dm.set_budget(Budget(0.5, allocation="uniform", align=1))
+        lowered = lower_model(dm)
+        assert_close(run_python(cut_all(lowered), lowered, [x])[0], dm(x), rtol=1e-9, atol=1e-11,
+                     what=f"crepe N={nodes} rho=0.5: lowered programs")

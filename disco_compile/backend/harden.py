@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ..artifact.schedule import BATCH, Message
+from ..artifact.schedule import Message
+from .program import rows_per_sample, wire_shape
 
 
 def harden(dm) -> tuple[dict[str, list[Message]], dict[str, torch.Tensor]]:
@@ -24,8 +25,8 @@ def harden(dm) -> tuple[dict[str, list[Message]], dict[str, torch.Tensor]]:
     for name, ex in dm.exchanges.items():
         gates[name] = ex.gate.detach().clone()
         meta = by_name[name].meta["tensor_meta"]
-        shape = list(meta.shape[1:])
-        axis = min(d for d, s in enumerate(ex.label_shape) if s > 1) - 1 if ex.owner.numel() > 1 else 0
+        shape = [rows_per_sample(meta.shape, dm.plan.batch), *meta.shape[1:]]
+        axis = min(d for d, s in enumerate(ex.label_shape) if s > 1) if ex.owner.numel() > 1 else 1
         for j in range(ex.nodes):
             sent = ex.remote[j] & ex.keep[j]
             for i in range(ex.nodes):
@@ -39,7 +40,7 @@ def harden(dm) -> tuple[dict[str, list[Message]], dict[str, torch.Tensor]]:
                     numel *= s
                 messages.setdefault(name, []).append(Message(
                     id=f"exchange{count}", src=i, dst=j, kind="exchange", tensor=name, channels=units.tolist(),
-                    shape=[BATCH, *payload], dtype=str(meta.dtype).replace("torch.", ""),
+                    shape=wire_shape(tuple(payload)), dtype=str(meta.dtype).replace("torch.", ""),
                     bytes=numel * meta.dtype.itemsize))
                 count += 1
     return messages, gates

@@ -24,7 +24,7 @@ import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torch.utils import _pytree as pytree
 
-from ..artifact.schedule import BATCH, Message
+from ..artifact.schedule import Message
 from ..ir import MixingLayer
 from ..ops import registry
 from ..ops.registry import call_like
@@ -32,7 +32,7 @@ from ..ops.movement import MOVEMENT
 from ..ops.replicate import REPLICATE
 from .harden import harden
 from .program import (Layout, Local, Lowered, LoweringError, NodeProgram, is_marker, is_tensor_meta, model_output,
-                      mutable_output, recv, send)
+                      mutable_output, recv, send, wire_shape)
 from .reassociate import local_terms_first
 
 
@@ -51,6 +51,7 @@ class Lowerer:
         self.gm = gm
         self.overlap = overlap
         self.nodes = plan.nodes
+        self.batch = plan.batch
         self.owner_of = plan.owner_of
         self.layers = {layer.node: layer for layer in plan.layers}
         self.replicated = {r.node for r in plan.replicated}
@@ -70,7 +71,7 @@ class Lowerer:
 
     def layout(self, n: fx.Node) -> Layout:
         if n.name not in self._layouts:
-            self._layouts[n.name] = Layout(n)
+            self._layouts[n.name] = Layout(n, self.batch)
         return self._layouts[n.name]
 
     def message(self, kind: str, tensor: str, src: int, dst: int, channels: torch.Tensor,
@@ -78,11 +79,12 @@ class Lowerer:
         """The message of this kind for (tensor, src, dst); made by whichever side asks first."""
         key = (kind, tensor, src, dst)
         if key not in self._keyed:
+            wire = wire_shape(shape)
             numel = 1
-            for s in shape[1:]:
+            for s in wire[1:]:
                 numel *= s
             msg = Message(id=f"{kind}{len(self.messages)}", src=src, dst=dst, kind=kind, tensor=tensor,
-                          channels=[int(c) for c in channels], shape=[BATCH, *shape[1:]],
+                          channels=[int(c) for c in channels], shape=wire,
                           dtype=str(dtype).replace("torch.", ""), bytes=numel * dtype.itemsize)
             self.messages.append(msg)
             self._keyed[key] = msg
@@ -165,6 +167,22 @@ class NodeBuilder:
         if self.shapes[x.name] == shape:
             return x
         return self._typed(self.g.call_method("reshape", (x, (-1,) + tuple(shape[1:]))), shape, self.dtypes[x.name])
+
+    def send(self, msg: Message, payload: fx.Node) -> None:
+        """Send `payload` as `msg`; rows folded into dim 0 with the batch travel as a dim of their own
+        (program.wire_shape)."""
+        shape = self.shapes[payload.name]
+        if shape[0] != 1:
+            payload = self._typed(self.g.call_method("reshape", (payload, (-1, *shape))), (1, *shape),
+                                  self.dtypes[payload.name])
+        self.call(send, (msg.id, payload), shape=None)
+
+    def receive(self, msg: Message, shape: tuple[int, ...], dtype: torch.dtype) -> fx.Node:
+        """The payload of `msg`, of local per-sample shape `shape` (the inverse of `send`)."""
+        if shape[0] == 1:
+            return self.call(recv, (msg.id,), shape=shape, dtype=dtype)
+        node = self.call(recv, (msg.id,), shape=(1, *shape), dtype=dtype)
+        return self._typed(self.g.call_method("reshape", (node, (-1, *shape[1:]))), shape, dtype)
 
     def hold(self, n: fx.Node, node: fx.Node | None, units: torch.Tensor | None) -> None:
         if node is not None:
@@ -261,10 +279,10 @@ class NodeBuilder:
             node = self._typed(self.g.placeholder(n.name), lay.shape, lay.dtype)
             for dst in range(1, self.low.nodes):
                 msg = self.low.message("input", n.name, 0, dst, torch.arange(0), lay.shape, lay.dtype)
-                self.call(send, (msg.id, node), shape=None)
+                self.send(msg, node)
         else:
             msg = self.low.message("input", n.name, 0, self.j, torch.arange(0), lay.shape, lay.dtype)
-            node = self.call(recv, (msg.id,), shape=lay.shape, dtype=lay.dtype)
+            node = self.receive(msg, lay.shape, lay.dtype)
         self.env[n.name] = Local(node)
 
     def batch_of_inputs(self) -> fx.Node:
@@ -294,7 +312,7 @@ class NodeBuilder:
         for dst in receivers:
             if dst != self.j:
                 msg = self.low.message(kind, n.name, self.j, dst, mine, lay.rep_shape(mine.numel()), lay.dtype)
-                self.call(send, (msg.id, payload), shape=None)
+                self.send(msg, payload)
 
     def gathered(self, n: fx.Node, kind: str) -> fx.Node:
         """The whole tensor `n` on this node: its own part plus the parts the other owners send."""
@@ -312,7 +330,7 @@ class NodeBuilder:
             if src == self.j or theirs.numel() == 0:
                 continue
             msg = self.low.message(kind, n.name, src, self.j, theirs, lay.rep_shape(theirs.numel()), lay.dtype)
-            parts.append(self.call(recv, (msg.id,), shape=lay.rep_shape(theirs.numel()), dtype=lay.dtype))
+            parts.append(self.receive(msg, lay.rep_shape(theirs.numel()), lay.dtype))
             order.append(theirs)
         units = torch.cat(order)
         rep = lay.rep_shape(units.numel())

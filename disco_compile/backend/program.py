@@ -20,7 +20,7 @@ from torch.fx.immutable_collections import immutable_dict, immutable_list
 from torch.fx.passes.shape_prop import TensorMetadata
 from torch.utils import _pytree as pytree
 
-from ..artifact.schedule import Message
+from ..artifact.schedule import BATCH, Message
 from ..errors import DiscoError
 from ..ir import REPLICATED, channel_dims
 
@@ -92,13 +92,28 @@ def is_tensor_meta(meta) -> bool:
     return isinstance(meta, TensorMetadata)
 
 
-class Layout:
-    """The label layout of one DISCO tensor: per-sample shape, channel dims, owner per unit."""
+def rows_per_sample(shape, batch: int) -> int:
+    """Rows of dim 0 per sample: 1 where dim 0 is the batch, more where other rows are folded into it batch-major
+    (dim 0 a multiple of the example batch), and 1 where dim 0 is no multiple of it. (A sequence-first tensor's
+    tokens are taken for folded rows where they are a multiple of the batch: such tensors lower only at batch 1.)"""
+    return shape[0] // batch if len(shape) and shape[0] % batch == 0 else 1
 
-    def __init__(self, node: fx.Node):
+
+def wire_shape(shape: tuple[int, ...]) -> list:
+    """A message's shape for a local per-sample shape: [BATCH, ...], dim 0 the batch. Rows folded into dim 0
+    (shape[0] > 1) travel as a dim of their own, [BATCH, rows, ...]."""
+    return [BATCH, *shape] if shape[0] != 1 else [BATCH, *shape[1:]]
+
+
+class Layout:
+    """The label layout of one DISCO tensor: per-sample shape, channel dims, owner per unit. Dim 0 is the
+    batch, or the batch folded with other rows batch-major (timm's windows, x.reshape(-1, C) over tokens):
+    per sample it holds meta.shape[0] / batch rows, `batch` being the example inputs' batch."""
+
+    def __init__(self, node: fx.Node, batch: int = 1):
         meta = node.meta["tensor_meta"]
         self.name = node.name
-        self.shape = (1,) + tuple(meta.shape[1:])
+        self.shape = (rows_per_sample(meta.shape, batch),) + tuple(meta.shape[1:])
         self.dtype = meta.dtype
         labels = node.meta["disco"].labels
         self.dims = channel_dims(labels)

@@ -9,13 +9,20 @@
 - dense: the same partition with every gate on.
 - MACs: multiply-accumulates of the channel-mixing layers (Conv, Linear), the
   usual measure; node j's share follows mixing.py. Replicated mixing layers
-  count whole on every node.
+  count whole on every node, functional ones too (F.conv2d, F.linear, x @ W
+  with W a weight: `op_macs`). Per sample means per example of the batch,
+  whatever dim 0 holds: a layer applied to windows or patches folded into
+  dim 0 (Swin, MobileViT), or to tokens (seq-first attention, GPT-2's
+  x.view(-1, C) @ W), counts its whole output per sample (`out_positions`:
+  output elements per channel over the whole tensor / batch), so with nothing
+  replicated the nodes' MACs sum to the whole.
 - parameters per node: the weight entries a node uses (mixing.py), a node's
   share of every per-channel parameter (one entry per channel of the tensor the
   op reads: BatchNorm, LayerNorm, layer scales), and every other parameter whole.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -23,6 +30,8 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.passes.shape_prop import TensorMetadata
 from torch.utils import _pytree as pytree
+
+import torch.nn.functional as F
 
 from ..ops import mixing
 from ..ir import REPLICATED, MixingLayer, Placement, ReplicatedOp, StatExchange, owners, units_per_sample
@@ -210,14 +219,73 @@ def available(layer: MixingLayer, exchanges: dict[str, SparseExchange], owner_of
     return local | (ex.remote[node] & ex.keep[node])
 
 
+_LINEAR_FUNCTIONS = (F.linear, torch.ops.aten.linear.default)
+_CONV_FUNCTIONS = (F.conv1d, F.conv2d, F.conv3d, torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default,
+                   torch.ops.aten.conv3d.default, torch.ops.aten.convolution.default)
+_PRODUCTS = {torch.addmm: 2, torch.ops.aten.addmm.default: 2, torch.matmul: 1, operator.matmul: 1,
+             torch.ops.aten.mm.default: 1}
+
+
+def _shape(gm: fx.GraphModule, a) -> tuple[int, ...] | None:
+    if isinstance(a, fx.Node) and a.op == "get_attr":
+        return tuple(gm.get_parameter(a.target).shape) if _is_param(gm, a.target) else None
+    meta = a.meta.get("tensor_meta") if isinstance(a, fx.Node) else None
+    return tuple(meta.shape) if isinstance(meta, TensorMetadata) else None
+
+
+def _weight_reduction(gm: fx.GraphModule, n: fx.Node) -> int:
+    """Multiply-accumulates per output element of a mixing op called as a function; 0 for any other op."""
+    if n.target in _LINEAR_FUNCTIONS or n.target in _CONV_FUNCTIONS:
+        w = _shape(gm, n.args[1] if len(n.args) > 1 else n.kwargs.get("weight"))
+        return 0 if w is None else int(torch.Size(w[1:]).numel())
+    if n.target in _PRODUCTS and len(n.args) > _PRODUCTS[n.target]:
+        w = n.args[_PRODUCTS[n.target]]  # x @ W with W a weight: a linear layer
+        shape = _shape(gm, w) if isinstance(w, fx.Node) and w.op == "get_attr" else None
+        return shape[0] if shape is not None and len(shape) == 2 else 0
+    return 0
+
+
+def op_macs(gm: fx.GraphModule, node: fx.Node, batch: int) -> int:
+    """MACs per sample of graph node `node` if it is a mixing layer (a Conv or Linear module, or one called as a
+    function), else 0: its whole output (over the batch, / batch) times the products per output element."""
+    meta = node.meta.get("tensor_meta")
+    if not isinstance(meta, TensorMetadata):
+        return 0
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        if isinstance(m, nn.Linear):
+            per_output = m.in_features
+        elif isinstance(m, nn.modules.conv._ConvNd):
+            per_output = m.in_channels // m.groups * m.weight[0, 0].numel()
+        else:
+            return 0
+    elif node.op == "call_function":
+        per_output = _weight_reduction(gm, node)
+    else:
+        return 0
+    return meta.shape.numel() // batch * per_output
+
+
+def out_positions(gm: fx.GraphModule, layer: MixingLayer, batch: int) -> int:
+    """Output elements per channel per sample of `layer` over its whole output tensor (module docstring)."""
+    shape = next(n for n in gm.graph.nodes if n.name == layer.node).meta["tensor_meta"].shape
+    return shape.numel() // batch // layer.out_channels
+
+
+def layer_macs(layer: MixingLayer, exchanges: dict[str, SparseExchange], owner_of: torch.Tensor,
+               nodes: int) -> list[int]:
+    """MACs per sample node j computes for `layer`: the weights it uses times the output positions."""
+    out_owner = owner_of[layer.out_labels.reshape(-1)]
+    return [mixing.weights_used(layer, out_owner, available(layer, exchanges, owner_of, j), j) * layer.out_positions
+            for j in range(nodes)]
+
+
 def macs_per_node(layers: list[MixingLayer], exchanges: dict[str, SparseExchange], owner_of: torch.Tensor,
                   nodes: int, replicated_macs: int) -> list[int]:
     per_node = [replicated_macs] * nodes
     for layer in layers:
-        out_owner = owner_of[layer.out_labels.reshape(-1)]
-        for j in range(nodes):
-            per_node[j] += mixing.weights_used(layer, out_owner, available(layer, exchanges, owner_of, j), j) \
-                * layer.out_positions
+        for j, macs in enumerate(layer_macs(layer, exchanges, owner_of, nodes)):
+            per_node[j] += macs
     return per_node
 
 

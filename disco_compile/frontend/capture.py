@@ -1,24 +1,96 @@
-"""Capture: trace a model with torch.fx, keeping chosen modules as opaque leaves.
+"""Capture: a model as a user has it -> one torch.fx GraphModule computing exactly what it computes (eval mode).
 
-`trace` returns a `torch.fx.GraphModule` that computes exactly what the model
-computes (in eval mode). When tracing fails, the error names the module being
-traced, the user source line, and suggests `leaf_modules`.
+Example inputs (`bind_inputs`): a tensor or a list (the one input: a detector's list of images), a tuple
+(positional inputs) or a dict (keyword inputs, as Hugging Face models take `input_ids`, `attention_mask`,
+`pixel_values`). They are bound to the parameters of the model's `forward` in one place, with one contract: the
+captured graph takes the given inputs, positionally, in the order `forward` declares them (`ExampleInputs.names`),
+and every optional parameter not given is bound to its default (torch.fx `concrete_args`: `attn_mask=None`,
+`is_causal=False`, `embed=False`), so it is no input of the graph, of the DISCO model or of the export.
+
+Two routes (`capture`), the first that works:
+1. torch.fx (`trace`): a `torch.fx.Tracer` whose leaves are torch.nn's plus the user's `leaf_modules` (classes or
+   qualified names); the graph keeps the model's module structure.
+2. torch.export, when torch.fx cannot trace the model (Python control flow on sizes, Hugging Face's
+   `'Proxy' object does not support item assignment`): `torch.export.export` on the bound inputs, raised back to
+   modules by exported.to_module. The route taken and why is said in one warning and kept in `Captured.route`.
+
+When both fail, the error names the module being traced, the user source line, suggests `leaf_modules`, and
+gives torch.export's reason.
 """
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 import traceback
+import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 
-from ..errors import TraceFailure
+from ..errors import ExampleInputError, TraceFailure
 
 LeafSpec = Iterable["type[torch.nn.Module] | str"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
+_ASSERTS = (torch._assert, fx._symbolic_trace._assert_is_none)  # fx's checks of a specialised argument
+
+
+@dataclass(frozen=True)
+class ExampleInputs:
+    """Example inputs bound to `forward`: `args` in the order `forward` declares `names`; `defaults` the optional
+    parameters not given, bound to their default values."""
+
+    args: tuple
+    names: tuple[str, ...]
+    defaults: dict[str, object] = field(default_factory=dict)
+
+    def as_kwargs(self) -> dict[str, object]:
+        return dict(zip(self.names, self.args, strict=True))
+
+
+@dataclass(frozen=True)
+class Captured:
+    """The captured graph and the route that made it: "torch.fx", "torch.export" (a program given), or
+    "torch.export (torch.fx failed: ...)"."""
+
+    graph_module: fx.GraphModule
+    route: str
+
+
+def bind_inputs(model: torch.nn.Module, example_inputs) -> ExampleInputs:
+    """Bind a tensor, a tuple or a dict of example inputs to `model.forward` (module docstring)."""
+    if isinstance(example_inputs, dict):
+        args, kwargs = (), dict(example_inputs)
+    else:
+        args, kwargs = (example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)), {}
+    params = inspect.signature(model.forward).parameters
+    try:
+        bound = inspect.signature(model.forward).bind_partial(*args, **kwargs)
+    except TypeError as exc:
+        raise ExampleInputError(f"the example inputs do not fit {type(model).__name__}.forward{_signature(params)}: "
+                                f"{exc}; give a tensor, a tuple of positional inputs or a dict of keyword "
+                                f"inputs") from None
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    given = [(name, bound.arguments[name]) for name, p in params.items() if name in bound.arguments
+             and p.kind not in variadic]
+    if any(p.kind in variadic and name in bound.arguments for name, p in params.items()):
+        raise ExampleInputError(f"the example inputs fill {type(model).__name__}.forward's variadic parameters "
+                                f"(*args/**kwargs) {_signature(params)}; give each input by its parameter name")
+    missing = [name for name, p in params.items() if name not in bound.arguments and p.kind not in variadic
+               and p.default is inspect.Parameter.empty]
+    if missing:
+        raise ExampleInputError(f"{type(model).__name__}.forward{_signature(params)} needs {missing}, which the "
+                                f"example inputs do not give; add them (a tuple in that order, or a dict by name)")
+    defaults = {name: p.default for name, p in params.items() if name not in bound.arguments
+                and p.kind not in variadic}
+    return ExampleInputs(tuple(v for _, v in given), tuple(n for n, _ in given), defaults)
+
+
+def _signature(params) -> str:
+    return "(" + ", ".join(str(p) for p in params.values()) + ")"
 
 
 class _LeafTracer(fx.Tracer):
@@ -53,8 +125,29 @@ def _user_frame(exc: BaseException) -> str | None:
     return f"{f.filename}:{f.lineno}: {f.line}"
 
 
-def trace(model: torch.nn.Module, leaf_modules: LeafSpec = ()) -> fx.GraphModule:
-    """Trace a deep copy of `model` in eval mode; the copy owns its own weights.
+def _drop_specialised(graph: fx.Graph, forward, defaults: dict[str, object]) -> None:
+    """Remove the placeholders fx keeps for arguments bound to a default, with the checks fx adds on them: the
+    graph's inputs are then the given inputs only."""
+    if not defaults:
+        return
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    names = list(inspect.signature(forward).parameters)  # fx makes one placeholder per parameter, in order
+    for p, name in zip(placeholders, names, strict=True):
+        if name not in defaults:
+            continue
+        for user in list(p.users):  # fx renames them (`mask` -> `mask_1`)
+            user.args, user.kwargs = fx.node.map_arg((user.args, user.kwargs), lambda a, p=p, v=defaults[name]: v
+                                                     if a is p else a)
+        graph.erase_node(p)
+    for n in [n for n in graph.nodes if n.op == "call_function" and n.target in _ASSERTS]:
+        if all(a.op != "placeholder" for a in n.all_input_nodes):
+            graph.erase_node(n)
+
+
+def trace(model: torch.nn.Module, leaf_modules: LeafSpec = (), defaults: dict[str, object] | None = None
+          ) -> fx.GraphModule:
+    """Trace a deep copy of `model` in eval mode with torch.fx, `defaults` (optional forward parameters) bound to
+    their values; the copy owns its own weights.
 
     A GraphModule whose submodule calls are all leaves (as exported.to_module makes) is a trace
     already: its graph is kept as it is, with its node names."""
@@ -71,7 +164,7 @@ def trace(model: torch.nn.Module, leaf_modules: LeafSpec = ()) -> fx.GraphModule
             for n in model.graph.nodes if n.op == "call_module"):
         return fx.GraphModule(model, model.graph, type(model).__name__)
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=dict(defaults or {}) or None)
     except Exception as exc:  # torch.fx raises many exception types; all mean "not traceable"
         where = tracer.open_modules[-1] if tracer.open_modules else ("", type(model).__name__)
         frame = _user_frame(exc)
@@ -82,4 +175,30 @@ def trace(model: torch.nn.Module, leaf_modules: LeafSpec = ()) -> fx.GraphModule
             f"torch.fx could not trace the model: {type(exc).__name__}: {exc}\n"
             f"  while tracing {module_desc}" + (f"\n  at {frame}" if frame else "") +
             f"\n  what to do: {hint}") from exc
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+    _drop_specialised(graph, model.forward, dict(defaults or {}))
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    if defaults:
+        gm.graph.eliminate_dead_code()  # the comparisons fx made on a specialised argument
+        gm.recompile()
+    return gm
+
+
+def capture(model: torch.nn.Module, inputs: ExampleInputs, leaf_modules: LeafSpec = ()) -> Captured:
+    """The model's graph by the first route that works (module docstring); a fall-back to torch.export is said
+    in one warning naming why torch.fx failed."""
+    try:
+        return Captured(trace(model, leaf_modules, inputs.defaults), "torch.fx")
+    except TraceFailure as fx_failure:
+        if isinstance(model, fx.GraphModule) or any(isinstance(x, str) for x in leaf_modules) or \
+                not all(isinstance(x, torch.Tensor) for x in inputs.args):
+            raise  # a program raised already, leaves the user chose, inputs other than tensors: none for torch.export
+        why = str(fx_failure).splitlines()[0].removeprefix("torch.fx could not trace the model: ")
+        from .exported import to_module  # exported.py reads programs; imported here, where one is made
+        try:
+            program = torch.export.export(copy.deepcopy(model).eval(), (), inputs.as_kwargs())
+        except Exception as exc:  # torch.export raises many exception types; all mean "not exportable"
+            raise TraceFailure(f"{fx_failure}\n  torch.export could not capture it either: {type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+        route = f"torch.export (torch.fx failed: {why[:200]})"
+        warnings.warn(f"disco_compile: captured {type(model).__name__} with {route}", stacklevel=3)
+        return Captured(to_module(program), route)

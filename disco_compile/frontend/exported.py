@@ -8,6 +8,8 @@ and everything else as torch-level functions. `to_module` functionalises the pro
 
     aten.convNd(x, W, b, stride, padding, dilation, groups)           -> nn.ConvNd holding W, b
     aten.linear(x, W, b)                                                -> nn.Linear
+    aten.addmm(b, x, W), aten.mm(x, W), aten.matmul(x, W) (GPT-2's Conv1D: x @ W + b)
+                                                                        -> nn.Linear with weight W^T
     aten._native_batch_norm_legit_no_training(x, w, b, mean, var, momentum, eps)[0]
                                                                         -> nn.BatchNormNd in eval mode
     aten.layer_norm(x, shape, w, b, eps), aten.group_norm(x, G, w, b, eps) -> nn.LayerNorm, nn.GroupNorm
@@ -17,6 +19,7 @@ and everything else as torch-level functions. `to_module` functionalises the pro
     aten.upsample_{nearest,bilinear,bicubic}2d(x, size, [align,] scale) -> F.interpolate
     aten.select(x, d, i), aten.slice(x, d, start, end, step)           -> x[..., i], x[..., start:end:step]
     aten.clone(x), aten.alias(x)                                        -> x (a graph without mutation)
+    aten._to_copy(x, dtype=d) (a mask cast, HF's attention masks)       -> x.to(d)
     aten.scaled_dot_product_attention(q, k, v) cut from one packed in_proj and read by an out_proj
                                                                         -> heads_attention (passes/raise_attention.py)
 
@@ -112,14 +115,19 @@ class _Raiser:
             name, k = f"{base.replace('.', '_')}_{k}", k + 1
         return name
 
-    def module(self, node: fx.Node, m: nn.Module, *weights: object) -> fx.Node:
-        """A call of module m; a layer called again with the same weights and arguments calls the same module."""
-        given = (*node.args[1:], *node.kwargs.values())
-        key = (node.target, *(a.target if isinstance(a, fx.Node) else a for a in given))
+    def module_name(self, node: fx.Node, m: nn.Module, *weights: object) -> str:
+        """Module m's name; a layer called again with the same weights and arguments is the same module."""
+        given = (*node.args, *node.kwargs.values())  # its weights (get_attr) and arguments, not its input
+        key = (node.target, *(a.target if isinstance(a, fx.Node) else a for a in given
+                              if not isinstance(a, fx.Node) or a.op == "get_attr"))
         if key not in self.layers:
             self.layers[key] = self.name_for(*weights)
             self.attrs[self.layers[key]] = m.eval()
-        return self.graph.call_module(self.layers[key], (self.arg(node.args[0]),))
+        return self.layers[key]
+
+    def module(self, node: fx.Node, m: nn.Module, *weights: object) -> fx.Node:
+        """A call of module m on the op's first argument (module_name)."""
+        return self.graph.call_module(self.module_name(node, m, *weights), (self.arg(node.args[0]),))
 
     def arg(self, a):
         def one(x):
@@ -146,6 +154,21 @@ class _Raiser:
         m = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
         _assign(m, weight=weight, bias=bias)
         return self.module(node, m, w, b)
+
+    def matmul(self, node: fx.Node) -> fx.Node:
+        """x @ W (+ b) with W a weight (in, out): the linear layer whose weight is W^T."""
+        if node.target is aten.addmm.default:
+            if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+                raise _Keep  # a scaled product: not a plain linear layer
+            b, x, w = node.args
+        else:
+            (x, w), b = node.args, None
+        weight, bias = self.tensor(w), self.tensor(b)
+        if weight.dim() != 2 or (bias is not None and bias.shape != weight.shape[1:]):
+            raise _Keep
+        m = nn.Linear(weight.shape[0], weight.shape[1], bias=bias is not None)
+        _assign(m, weight=weight.t(), bias=bias)
+        return self.graph.call_module(self.module_name(node, m, w, b), (self.arg(x),))
 
     def batch_norm(self, node: fx.Node) -> fx.Node:
         x, w, b, mean, var, momentum, eps = node.args
@@ -194,6 +217,8 @@ class _Raiser:
             return self.conv(node)
         if t is aten.linear.default:
             return self.linear(node)
+        if t in (aten.addmm.default, aten.mm.default, aten.matmul.default):
+            return self.matmul(node)
         if t is aten._native_batch_norm_legit_no_training.default:
             return {0: self.batch_norm(node)}
         if t in (aten.layer_norm.default, aten.group_norm.default):
@@ -204,6 +229,10 @@ class _Raiser:
             return self.resize(node)
         if t in _COPIES:
             return self.arg(node.args[0])
+        if t is aten._to_copy.default and set(node.kwargs) <= {"dtype", "layout", "device", "pin_memory"} \
+                and node.kwargs.get("dtype") is not None and not node.kwargs.get("pin_memory"):
+            return self.graph.create_node("call_method", "to", (self.arg(node.args[0]), node.kwargs["dtype"]),
+                                          name=_readable_name(node))
         if t in _FUNCTIONS:
             return self.graph.create_node("call_function", _FUNCTIONS[t], self.arg(node.args), self.arg(node.kwargs),
                                           name=_readable_name(node))
@@ -286,9 +315,11 @@ def to_module(ep: torch.export.ExportedProgram) -> fx.GraphModule:
         if raise_attention(gm, tuple(inputs)) and not any(n.target is SDPA for n in gm.graph.nodes):
             kept.discard(str(SDPA))
         with torch.no_grad():
-            want, got = ep.module()(*inputs), gm(*inputs)
+            args, kwargs = pytree.tree_unflatten(inputs, ep.call_spec.in_spec)  # as exported: by position or name
+            want, got = ep.module()(*args, **kwargs), gm(*inputs)
         for a, b in zip(pytree.tree_leaves(want), pytree.tree_leaves(got), strict=False):
-            if isinstance(a, torch.Tensor) and not torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max())):
+            if isinstance(a, torch.Tensor) and not torch.allclose(
+                    a, b, rtol=1e-4, atol=1e-5 * float(a.nan_to_num().abs().max()), equal_nan=True):
                 raise ExportedProgramError(f"raising the program to modules changed its output (max abs "
                                            f"difference {(a - b).abs().max().item():.3g}); please report this "
                                            f"with the .pt2 file")
@@ -303,4 +334,5 @@ def to_module(ep: torch.export.ExportedProgram) -> fx.GraphModule:
 
 
 def _random(shape: tuple[int, ...], dtype: torch.dtype, g: torch.Generator) -> torch.Tensor:
-    return torch.randn(shape, generator=g, dtype=dtype) if dtype.is_floating_point else torch.zeros(shape, dtype=dtype)
+    """Normal values; integer and bool inputs all ones (valid token ids, masks that attend everywhere)."""
+    return torch.randn(shape, generator=g, dtype=dtype) if dtype.is_floating_point else torch.ones(shape, dtype=dtype)

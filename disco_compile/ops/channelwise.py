@@ -42,11 +42,11 @@ CHANNELWISE.ops(
     F.relu, F.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.gelu, F.silu, F.mish, F.hardswish,
     F.hardsigmoid, F.hardtanh, F.sigmoid, F.tanh, F.softplus, F.dropout, F.dropout2d,
     torch.relu, torch.relu_, torch.sigmoid, torch.tanh, torch.exp, torch.log, torch.sqrt,
-    torch.rsqrt, torch.abs, torch.neg, torch.clamp, torch.clip, torch.erf, operator.neg,
+    torch.rsqrt, torch.abs, torch.neg, torch.clamp, torch.clip, torch.erf, operator.neg, torch.square,
     F.dropout1d, F.alpha_dropout,
     torchvision.ops.stochastic_depth,  # drops whole samples (or the batch), never single channels
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "exp", "log", "sqrt", "rsqrt", "abs", "neg", "clamp",
-    "clamp_", "clip", "erf", "float", "to", "type_as", "detach", "clone", "contiguous", "pow",
+    "clamp_", "clip", "erf", "float", "to", "type_as", "detach", "clone", "contiguous", "square",
     rule=keeps_layout,
     aten={aten.relu.default: torch.relu, aten.sigmoid.default: torch.sigmoid, aten.tanh.default: torch.tanh,
           aten.hardtanh.default: F.hardtanh, aten.silu.default: F.silu, aten.gelu.default: F.gelu,

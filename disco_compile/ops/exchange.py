@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..backend.program import Local, recv, send
+from ..backend.program import Local
 from .modules import SparseExchange
 from .registry import Family
 
@@ -28,8 +28,8 @@ def lower(b, n: fx.Node, module, op) -> None:
     for msg in messages:
         if msg.src == b.j:
             payload = b.aligned(src, torch.tensor(msg.channels, dtype=torch.long))
-            b.call(send, (msg.id, payload), shape=None)
-    received = [(msg, b.call(recv, (msg.id,), shape=lay.rep_shape(len(msg.channels)), dtype=lay.dtype))
+            b.send(msg, payload)
+    received = [(msg, b.receive(msg, lay.rep_shape(len(msg.channels)), lay.dtype))
                 for msg in messages if msg.dst == b.j]
     loc = b.env[src.name]
     b.env[n.name] = Local(loc.node, loc.units, received=received)

@@ -111,7 +111,10 @@ def _mixing_input(ctx: RuleContext, dim: int, size: int) -> torch.Tensor | None:
         return None
     dims = channel_dims(labels)
     if dims and dims != (dim % value.dim(),):
-        raise Fallback(f"input channels vary along dims {dims}, expected only dim {dim}")
+        slides = isinstance(ctx.module, nn.modules.conv._ConvNd) and dims == (value.dim() - 1,)
+        raise Fallback(f"input channels vary along dims {dims}, expected only dim {dim % value.dim()}" + (
+            ": the kernel slides across the split channels (ECA's Conv1d over pooled channels), each output mixing "
+            "its neighbours' channels; its input, one value per channel, is gathered on every node" if slides else ""))
     if not fits(labels, value.shape):
         raise Fallback("input labels do not fit the input")
     full = list(labels.shape)

@@ -73,7 +73,31 @@ class SparseExchange(nn.Module):
         return f"nodes={self.nodes}, units={self.owner.numel()}, unit_bytes={self.unit_bytes}"
 
 
-class _Partitioned(nn.Module):
+class ComputedWeight:
+    """A layer whose `weight` is `weight_fn()`, computed from parameters at each use (passes/raise_functional.py:
+    weight standardisation, W^T of `x @ W`); `share_weight` gives a partitioned layer the same, so training trains
+    the parameters the weight is computed from."""
+
+    def compute_weight(self, weight_fn: nn.Module) -> None:
+        self._parameters.pop("weight", None)
+        self.weight_fn = weight_fn
+
+    def __getattr__(self, name: str):
+        modules = self.__dict__.get("_modules")
+        if name == "weight" and modules is not None and "weight_fn" in modules:
+            return modules["weight_fn"]()
+        return super().__getattr__(name)
+
+
+def share_weight(target: nn.Module, layer: nn.Module) -> None:
+    """target.weight is layer's: the same Parameter, or the same weight_fn (ComputedWeight)."""
+    if "weight_fn" in layer._modules:
+        target.compute_weight(layer.weight_fn)
+    else:
+        target.weight = layer.weight
+
+
+class _Partitioned(ComputedWeight, nn.Module):
     """Shared reassembly: node j's output rows, concatenated, back in channel order."""
 
     def _set_rows(self, out_owner: torch.Tensor, nodes: int) -> None:
@@ -96,7 +120,7 @@ class PartitionedConv(_Partitioned):
 
     def __init__(self, conv: nn.modules.conv._ConvNd, out_owner: torch.Tensor, nodes: int):
         super().__init__()
-        self.weight = conv.weight
+        share_weight(self, conv)
         self.bias = conv.bias
         self.stride, self.dilation, self.groups = conv.stride, conv.dilation, conv.groups
         self.padding, self.padding_mode = conv.padding, conv.padding_mode
@@ -128,7 +152,7 @@ class PartitionedLinear(_Partitioned):
 
     def __init__(self, linear: nn.Linear, out_owner: torch.Tensor, nodes: int):
         super().__init__()
-        self.weight = linear.weight
+        share_weight(self, linear)
         self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self._set_rows(out_owner, nodes)

@@ -55,7 +55,7 @@ MOVEMENT.ops(torch.flatten, torch.reshape, torch.permute, torch.transpose, torch
                    aten.permute.default: torch.permute, aten.transpose.int: torch.transpose,
                    aten.split.Tensor: torch.split, aten.split_with_sizes.default: torch.split,
                    aten.unsqueeze.default: torch.unsqueeze, aten.squeeze.dim: torch.squeeze,
-                   aten.roll.default: torch.roll})
+                   aten.roll.default: torch.roll, aten.unbind.int: torch.unbind})
 
 
 # torch.onnx exports no channel_shuffle: on a node it is always the gather (candidate 2)

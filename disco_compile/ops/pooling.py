@@ -1,5 +1,7 @@
-"""Pooling and resizing: max, average, adaptive and LP pooling, upsampling and interpolation. Each output
-channel is computed from the same input channel alone, so the rule is channelwise's (labels pass through).
+"""Pooling and resizing: max, average, adaptive and LP pooling, upsampling and interpolation, and the patch
+extraction of Unfold. Each output channel is computed from the same input channel alone, so the rule is
+channelwise's (labels pass through); Unfold's output channel c*k + i (k = kh*kw patch positions) is position i
+of input channel c's patches, so it takes channel c's label.
 
 Lowering: the op on node j's local tensor. Adaptive average pooling between sizes that do not divide (which
 torch.onnx cannot export) becomes two matrix products, Y = R X C^T, where row i of R (and of C) averages
@@ -13,8 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..backend.program import Local
+from ..ir import channel_dims
 from .channelwise import keeps_layout, run_local
-from .registry import Family
+from .registry import Fallback, Family, RuleContext
 
 POOLING = Family("pooling")
 aten = torch.ops.aten
@@ -30,6 +33,25 @@ POOLING.ops(
     rule=keeps_layout,
     aten={aten.max_pool2d.default: F.max_pool2d, aten.avg_pool2d.default: F.avg_pool2d,
           aten.adaptive_avg_pool2d.default: F.adaptive_avg_pool2d})
+
+
+@POOLING.rule(nn.Unfold, F.unfold, patches=True)
+def unfold(ctx: RuleContext) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C*k, L): each input channel's label repeated for its k patch positions."""
+    value, labels = ctx.first_labelled()
+    if value.dim() != 4 or channel_dims(labels) not in ((), (1,)):
+        raise Fallback("Unfold of a tensor whose channels are not along dim 1 of (B, C, H, W)")
+    return labels.reshape(1, -1, 1).repeat_interleave(ctx.out.shape[1] // value.shape[1], dim=1)
+
+
+def _unfold_local(b, n: fx.Node, module, loc: Local) -> None:
+    """Unfold of node j's channels: input unit u (in local order) becomes output units u*k .. u*k + k-1."""
+    lay, x = b.low.layout(n), n.all_input_nodes[0]
+    per = lay.units // b.low.layout(x).units
+    units = None if loc.units is None else (loc.units[:, None] * per + torch.arange(per)).reshape(-1)
+    args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: loc.node if a is x else b.value(a))
+    node = b.emit(n, module, args, kwargs, lay.rep_shape(None if units is None else units.numel()), lay.dtype)
+    b.hold(n, node, units)
 
 
 def adaptive_pool_matrix(size_in: int, size_out: int, dtype: torch.dtype) -> torch.Tensor:
@@ -58,6 +80,8 @@ def lower(b, n: fx.Node, module, op) -> None:
     if loc.node is None:
         b.env[n.name] = Local(None, loc.units)
         return
+    if op.data.get("patches"):
+        return _unfold_local(b, n, module, loc)
     lay = b.low.layout(n)
     shape = lay.rep_shape(None if loc.units is None else loc.units.numel())
     in_shape = b.shapes[loc.node.name]

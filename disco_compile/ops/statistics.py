@@ -20,7 +20,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..backend.program import Layout, Local, LoweringError, is_tensor_meta, recv, send
+from ..backend.program import Layout, Local, LoweringError, is_tensor_meta
 from ..ir import REPLICATED, StatExchange, channel_dims
 from .channelwise import keeps_layout, run_local
 from .registry import Fallback, Family, RuleContext, describe_target, node_arg
@@ -244,11 +244,11 @@ def _exchange(b, n: fx.Node, parts: dict, shapes: dict[int, tuple], holders: lis
         for dst in receivers:
             if dst != b.j:
                 msg = b.low.message("stats", n.name, b.j, dst, torch.arange(0), shapes[b.j], dtype)
-                b.call(send, (msg.id, parts[b.j]))
+                b.send(msg, parts[b.j])
     for src in holders:
         if src != b.j:
             msg = b.low.message("stats", n.name, src, b.j, torch.arange(0), shapes[src], dtype)
-            parts[src] = b.call(recv, (msg.id,), shape=shapes[src], dtype=dtype)
+            parts[src] = b.receive(msg, shapes[src], dtype)
     return [parts[k] for k in sorted(parts)]
 
 

@@ -1,145 +1,343 @@
-"""Raise attention in programs: aten.scaled_dot_product_attention between a packed in_proj and an out_proj
-becomes `heads_attention`, so a torch.export program's self-attention is split by heads as the module's is.
+"""Raise attention: every attention core of a graph, in whichever form it is written, becomes the per-head ops
+of ops/attention.py, so that heads split across nodes and nothing in attention is replicated.
 
-torch.export writes nn.MultiheadAttention as its maths: the in_proj Linear (E -> 3E), reshapes, transposes
-and selects that cut its output into q, k, v of shape (batch, H, tokens, d), the ATen attention, and a permute
-and reshape back to E channels before the out_proj Linear. For every attention call with no mask, no
-dropout, no causal flag and the default scale, the pass looks for that frame:
+Forms matched (torch.fx graphs and torch.export programs alike):
 
-    S   the one node that q, k and v come from through shape ops alone (reshape, transpose, permute,
-        unsqueeze, squeeze, select), of shape (tokens, batch, 3E) or (batch, tokens, 3E), E = H*d;
-    T   the end of the chain of shape ops after the attention whose one user is a Linear with E inputs,
+    F.scaled_dot_product_attention(q, k, v, attn_mask, scale)        (timm with fused_attn, HF "sdpa", programs)
+    s = q @ kt;  ... (scale, bias, mask, softmax: the model's own ops) ...;  o = a @ v    (the written-out form)
 
-and puts in front of T, as passes/expand_attention.py writes the module,
+where q, k, v are (batch, H, tokens, d) and kt is k transposed, (batch, H, d, tokens). A heads layout puts
+channels along two dims apart (reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4) even puts them along three and
+the batch at dim 1), which the lowering cannot hold; the pass takes them out of the graph:
 
-    q, k, v = S.chunk(3, -1);  o = heads_attention(q, k, v, H, batch_first);  o.reshape(T's shape)
+    operand   q, kt or v is reached from one node S, channels-last (batch, tokens, C) or (tokens, batch, C),
+              through data movement alone (reshape, permute, transpose, unbind, split, nn.Identity) and
+              multiplications by a number (a scale on q). Running that chain on element ids of S shows which
+              channels of S, in which order, form q's heads side by side (H*d channels): if the result is such
+              a channel gather of S (positions unchanged, or S seq-first), q becomes S[..., index] (times the
+              numbers), channels-last.
+    core      q @ kt becomes head_scores(q, k, H) (same value, heads along dim 1); a @ v becomes
+              heads_apply(a, v, H); the attention call becomes heads_attention(q, k, v, H, scale), or with a
+              mask head_scores -> * scale -> + mask (masked_fill for a bool mask) -> softmax -> heads_apply.
+    end       the output o (batch, H, tokens, d) is followed, through data movement with one user each, to the
+              first node T that the same id run shows to be a channel gather of the canonical output
+              (transpose(1, 2).reshape(B, N, C) in every form seen); T's uses take the core's output
+              (gathered, and reshaped where T folds batch and tokens together).
 
-keeping the rewrite only where it computes T as before on the example inputs (to 1e-5; both layouts are
-tried). Anything else stays as it was: replicated on every node, named in the cost report.
+Every step is decided on element ids, so a rewrite computes exactly what the graph computed; whatever does
+not fit (a q with its own normalisation, a chain through an op that is not data movement, grouped-query
+attention, dropout or a causal flag) declines and that call stays as written: replicated on every node,
+named in the cost report. Nothing here raises for a graph it does not understand. timm's mask helpers, traced
+as leaves, are folded away first where no mask is given. Called on every traced graph (model.py) and on raised
+torch.export programs (frontend/exported.py).
 """
 from __future__ import annotations
 
+import math
 import operator
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
-from ..ops.attention import heads_attention
+from ..ops import registry
+from ..ops.attention import head_scores, heads_apply, heads_attention
+from ..ops.movement import MOVEMENT
 
-_SHAPE_OPS = {torch.reshape, torch.transpose, torch.permute, torch.unsqueeze, torch.squeeze, operator.getitem}
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
+_ATTENTION_CALLS = (SDPA, F.scaled_dot_product_attention)
+_MATMULS = (operator.matmul, torch.matmul, "matmul", torch.ops.aten.matmul.default)
+_SCALARS = (operator.mul, operator.truediv, torch.mul, torch.div, "mul", "div")
+_IDENTITIES = ("contiguous", "clone")
 
 
 class _Values(fx.Interpreter):
-    """Runs the module and keeps the values of `wanted` nodes."""
+    """Runs the module and keeps every node's value."""
 
-    def __init__(self, gm: fx.GraphModule, wanted: set[fx.Node]):
+    def __init__(self, gm: fx.GraphModule):
         super().__init__(gm)
-        self.wanted, self.values = wanted, {}
+        self.values: dict[fx.Node, object] = {}
 
     def run_node(self, n: fx.Node):
-        value = super().run_node(n)
-        if n in self.wanted:
-            self.values[n] = value
-        return value
+        self.values[n] = super().run_node(n)
+        return self.values[n]
 
 
-def _is_shape_op(n: fx.Node) -> bool:
-    return n.op == "call_function" and n.target in _SHAPE_OPS and isinstance(n.args[0], fx.Node)
+def _tensors(value) -> bool:
+    return isinstance(value, torch.Tensor) or (isinstance(value, (tuple, list)) and len(value) > 0
+                                               and all(isinstance(v, torch.Tensor) for v in value))
 
 
-def _source(n: fx.Node) -> fx.Node:
-    while _is_shape_op(n):
-        n = n.args[0]
-    return n
+@dataclass(frozen=True)
+class _Step:
+    node: fx.Node
+    data: fx.Node  # the one tensor input
+    kind: str  # "move": data movement (run on ids), "same": an identity, "scalar": times a number
 
 
-def _out_proj_input(gm: fx.GraphModule, n: fx.Node, embed: int) -> fx.Node | None:
+def _step(gm: fx.GraphModule, n: fx.Node, values: dict) -> _Step | None:
+    """n as a step of an operand chain, or None."""
+    if n.op not in ("call_function", "call_method", "call_module"):
+        return None
+    data = [a for a in n.all_input_nodes if _tensors(values.get(a))]
+    if len(data) != 1 or not _tensors(values.get(n)):
+        return None
+    module = gm.get_submodule(n.target) if n.op == "call_module" else None
+    if isinstance(module, nn.Identity) or n.target in _IDENTITIES:
+        return _Step(n, data[0], "same")
+    if _times_number(n, data[0]):
+        return _Step(n, data[0], "scalar")
+    op = registry.lookup(n, module)
+    return _Step(n, data[0], "move") if op is not None and op.family is MOVEMENT else None
+
+
+def _times_number(n: fx.Node, data: fx.Node) -> bool:
+    """n is data * number, number * data or data / number."""
+    if n.target not in _SCALARS or len(n.args) != 2 or n.kwargs:
+        return False
+    a, b = n.args
+    if a is data and isinstance(b, (int, float)):
+        return True
+    return n.target in (operator.mul, torch.mul) and b is data and isinstance(a, (int, float))
+
+
+def _run_ids(gm: fx.GraphModule, steps: list[_Step], start: fx.Node, ids: torch.Tensor, values: dict):
+    """The steps (in graph order) run on element ids given for `start`; None if an op refuses them."""
+    env = {start: ids}
+    for s in steps:
+        if s.kind != "move":
+            env[s.node] = env[s.data]
+            continue
+        module = gm.get_submodule(s.node.target) if s.node.op == "call_module" else None
+        args, kwargs = fx.node.map_arg((s.node.args, s.node.kwargs), lambda a: env[a] if a in env else values[a])
+        try:
+            env[s.node] = registry.call_like(s.node, module, args, kwargs)
+        except (RuntimeError, TypeError, ValueError, IndexError):
+            return None
+    return env
+
+
+def _gather_index(ids: torch.Tensor, base: torch.Tensor, channels: int) -> list[int] | None:
+    """If ids[..., c] == base[..., index[c]] at every position (base: element ids of a tensor with `channels`
+    channels in its last dim, positions in the order wanted), that index."""
+    if ids.dim() < 1 or base.numel() // channels != ids.numel() // max(ids.shape[-1], 1):
+        return None
+    rows, base_rows = ids.reshape(-1, ids.shape[-1]), base.reshape(-1, channels)
+    if not torch.equal(rows // channels, (base_rows[:, :1] // channels).expand_as(rows)):
+        return None
+    index = rows[0] % channels
+    return index.tolist() if torch.equal(rows % channels, index.expand_as(rows)) else None
+
+
+@dataclass(frozen=True)
+class _Operand:
+    source: fx.Node
+    index: list[int]
+    batch_first: bool
+    scalars: tuple[fx.Node, ...]  # in graph order
+
+
+def _operand(gm: fx.GraphModule, x: fx.Node, values: dict, transposed: bool) -> _Operand | None:
+    """q, v (batch, H, tokens, d) or, transposed, kt (batch, H, d, tokens) as a channel gather of one node."""
+    steps = []
+    n = x
+    while (s := _step(gm, n, values)) is not None:
+        steps.append(s)
+        n = s.data
+    value, source = values.get(x), values.get(n)
+    if not isinstance(value, torch.Tensor) or value.dim() != 4 or not isinstance(source, torch.Tensor) \
+            or source.dim() < 2 or source.is_complex():
+        return None
+    env = _run_ids(gm, steps[::-1], n, torch.arange(source.numel()).reshape(source.shape), values)
+    if env is None:
+        return None
+    ids = env[x].permute(0, 3, 1, 2) if transposed else env[x].transpose(1, 2)  # (batch, tokens, H, d)
+    ids = ids.flatten(2)
+    layouts = [(True, ids)] + ([(False, ids.transpose(0, 1))] if source.dim() == 3 else [])
+    for batch_first, wanted in layouts:  # q_c = S[..., index], S batch first or seq first
+        index = _gather_index(wanted, env[n], source.shape[-1])
+        if index is not None:
+            return _Operand(n, index, batch_first, tuple(s.node for s in steps[::-1] if s.kind == "scalar"))
+    return None
+
+
+@dataclass(frozen=True)
+class _End:
+    node: fx.Node  # T
+    index: list[int]
+    reshape: bool  # T folds positions other than the canonical output's
+    shape: tuple[int, ...]  # T's shape
+
+
+def _end(gm: fx.GraphModule, o: fx.Node, values: dict, batch_first: bool) -> _End | None:
+    """The first node after o (batch, H, tokens, d), through data movement with one user each, that is a
+    channel gather of the canonical output (module docstring)."""
+    batch, heads, tokens, width = values[o].shape
+    canonical = torch.arange(values[o].numel()).reshape(*((batch, tokens) if batch_first else (tokens, batch)), -1)
+    ids = (canonical if batch_first else canonical.transpose(0, 1)).unflatten(-1, (heads, width)).transpose(1, 2)
+    steps, n = [], o
     while len(n.users) == 1:
         (user,) = n.users
-        if user.op == "call_module" and isinstance(gm.get_submodule(user.target), nn.Linear):
-            return n if gm.get_submodule(user.target).in_features == embed else None
-        if not _is_shape_op(user) or user.args[0] is not n:
+        s = _step(gm, user, values)
+        if s is None or s.data is not n or isinstance(values[user], (tuple, list)):
             return None
+        steps.append(s)
+        env = _run_ids(gm, steps, o, ids, values)
+        if env is None:
+            return None
+        got = env[user]
+        if got.dim() >= 2 and got.numel() and (index := _gather_index(got, canonical, heads * width)) is not None:
+            return _End(user, index, got.shape[:-1] != canonical.shape[:-1], tuple(values[user].shape))
         n = user
     return None
 
 
-_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+@dataclass(frozen=True)
+class _Core:
+    node: fx.Node  # the attention call, or the matmul
+    kind: str  # "sdpa", "scores", "apply"
+    operands: tuple[_Operand, ...]
+    heads: int
+    end: _End | None
 
 
-def _plain(n: fx.Node) -> bool:
-    """An attention call with q, k, v alone: no mask, dropout, causal flag or scale."""
-    given = dict(zip(("attn_mask", "dropout_p", "is_causal"), n.args[3:], strict=False)) | dict(n.kwargs)
-    return len(n.args) >= 3 and all(k in _DEFAULTS and _DEFAULTS[k] == v for k, v in given.items())
+def _plain_call(n: fx.Node) -> dict | None:
+    """The mask and scale of an attention call with no dropout, causal flag or grouped-query heads."""
+    names = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    given = dict(zip(names, n.args[3:], strict=False)) | dict(n.kwargs)
+    if len(n.args) < 3 or set(given) - set(names) or given.get("dropout_p", 0.0) != 0.0 \
+            or given.get("is_causal", False) or given.get("enable_gqa", False):
+        return None
+    return given
 
 
-def _run(gm: fx.GraphModule, inputs: tuple, wanted: set[fx.Node]) -> dict[fx.Node, torch.Tensor]:
-    gm.recompile()
-    values = _Values(gm, wanted)
-    with torch.no_grad():
-        values.run(*inputs)
-    return values.values
+def _agree(operands) -> bool:
+    return all(x is not None for x in operands) and len({x.batch_first for x in operands}) == 1
 
 
-def _frames(gm: fx.GraphModule, inputs: tuple) -> dict[fx.Node, tuple[fx.Node, fx.Node, int]]:
-    """The attention calls that fit: each -> (its packed in_proj output, the out_proj's input, heads)."""
-    calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is SDPA and _plain(n)]
-    calls = [n for n in calls if _source(n.args[0]) is _source(n.args[1]) is _source(n.args[2])]
-    values = _run(gm, inputs, {x for n in calls for x in (n.args[0], _source(n.args[0]))})
-    frames = {}
-    for n in calls:
-        q, s = values[n.args[0]], values[_source(n.args[0])]
-        if q.dim() == 4 and s.dim() == 3 and s.shape[-1] == 3 * q.shape[1] * q.shape[3]:
-            end = _out_proj_input(gm, n, q.shape[1] * q.shape[3])
-            if end is not None:
-                frames[n] = (_source(n.args[0]), end, q.shape[1])
-    return frames
+def _core(gm: fx.GraphModule, n: fx.Node, values: dict) -> _Core | None:
+    if n.op not in ("call_function", "call_method") or len(n.args) < 2 or not all(
+            isinstance(values.get(a), torch.Tensor) and values[a].dim() == 4 for a in n.args[:2]):
+        return None
+    if n.target in _ATTENTION_CALLS:
+        if _plain_call(n) is None or not isinstance(values.get(n.args[2]), torch.Tensor):
+            return None
+        q, k, v = (values[a] for a in n.args[:3])
+        operands = tuple(_operand(gm, a, values, False) for a in n.args[:3])
+        if not _agree(operands) or k.shape[1] != q.shape[1] or v.shape[1] != q.shape[1]:
+            return None
+        end = _end(gm, n, values, operands[0].batch_first)
+        return None if end is None else _Core(n, "sdpa", operands, q.shape[1], end)
+    if n.target not in _MATMULS:
+        return None
+    a, b = (values[x] for x in n.args[:2])
+    operands = (_operand(gm, n.args[0], values, False), _operand(gm, n.args[1], values, True))
+    if _agree(operands) and a.shape[1] == b.shape[1]:
+        return _Core(n, "scores", operands, a.shape[1], None)
+    v = _operand(gm, n.args[1], values, False)
+    end = None if v is None else _end(gm, n, values, v.batch_first)
+    return None if end is None else _Core(n, "apply", (v,), b.shape[1], end)
 
 
-def _raise_layout(gm: fx.GraphModule, inputs: tuple, frames: dict, batch_first: bool) -> list[fx.Node]:
-    """Try heads_attention with this layout for every frame; keep the ones that compute the same. Returns the
-    attention calls replaced (erased from the graph)."""
+def _canonical(g: fx.Graph, x: _Operand, channels: int) -> fx.Node:
+    """x's source gathered to the operand's heads side by side, times its numbers."""
+    index = x.index
+    if index != list(range(channels)):
+        whole = index == list(range(index[0], index[0] + len(index)))
+        index = slice(index[0], index[-1] + 1) if whole else index
+        node = g.call_function(operator.getitem, (x.source, (Ellipsis, index)))
+    else:
+        node = x.source
+    for s in x.scalars:
+        a, b = s.args
+        args = (node, b) if isinstance(a, fx.Node) else (a, node)
+        node = g.call_method(s.target, args) if s.op == "call_method" else g.call_function(s.target, args)
+    return node
+
+
+def _attention(g: fx.Graph, core: _Core, qkv: list[fx.Node], values: dict) -> fx.Node:
+    given = _plain_call(core.node)
+    mask, scale = given.get("attn_mask"), given.get("scale")
+    batch_first = core.operands[0].batch_first
+    if mask is None:
+        extra = {} if scale is None else {"scale": scale}
+        return g.call_function(heads_attention, (*qkv, core.heads, batch_first), extra)
+    scores = g.call_function(head_scores, (*qkv[:2], core.heads, batch_first))
+    scores = g.call_function(operator.mul, (scores, scale or 1 / math.sqrt(values[core.node.args[0]].shape[-1])))
+    if values[mask].dtype == torch.bool:
+        scores = g.call_method("masked_fill", (scores, g.call_method("logical_not", (mask,)), -math.inf))
+    else:
+        scores = g.call_function(operator.add, (scores, mask))
+    return g.call_function(heads_apply, (g.call_method("softmax", (scores, -1)), qkv[2], core.heads, batch_first))
+
+
+def _rewrite(gm: fx.GraphModule, core: _Core, values: dict) -> None:
     g = gm.graph
-    tried = {}
-    for n, (source, end, heads) in frames.items():
-        with g.inserting_before(next(iter(end.users))):
-            chunks = g.call_method("chunk", (source, 3, -1))
-            qkv = [g.call_function(operator.getitem, (chunks, i)) for i in range(3)]
-            tried[n] = (g.call_function(heads_attention, (*qkv, heads, batch_first)), [*qkv, chunks])
-    try:
-        values = _run(gm, inputs, {x for n in tried for x in (tried[n][0], frames[n][1])})
-    except RuntimeError:  # a guess that does not fit the shapes: none of this layout's guesses is kept
-        values = {}
-    fitted = []
-    for n, (o, made) in tried.items():
-        end = frames[n][1]
-        fits = o in values and values[o].numel() == values[end].numel() and torch.allclose(
-            values[o].reshape(values[end].shape), values[end], rtol=1e-5, atol=1e-6)
-        if fits:
-            with g.inserting_after(o):
-                new = g.call_function(torch.reshape, (o, list(values[end].shape)))
-            end.replace_all_uses_with(new)
-            fitted.append(n)
+    n = core.node
+    with g.inserting_before(n):
+        qkv = [_canonical(g, x, values[x.source].shape[-1]) for x in core.operands]
+        if core.kind == "scores":
+            out = g.call_function(head_scores, (*qkv, core.heads, core.operands[0].batch_first))
+        elif core.kind == "apply":
+            out = g.call_function(heads_apply, (n.args[0], qkv[0], core.heads, core.operands[0].batch_first))
         else:
-            for x in (o, *made):
-                g.erase_node(x)
-    g.eliminate_dead_code()  # from each replaced `end` back to its attention, which FX keeps (a seeded op) ...
-    for n in fitted:
-        g.erase_node(n)  # ... so it goes by hand (nothing uses it now), and then its inputs
-    return fitted
+            out = _attention(g, core, qkv, values)
+    if core.end is None:
+        n.replace_all_uses_with(out)
+        return
+    end = core.end
+    with g.inserting_before(next(iter(end.node.users)) if end.node.users else end.node.next):
+        if end.index != list(range(len(end.index))) or len(end.index) != values[n].shape[1] * values[n].shape[3]:
+            out = g.call_function(operator.getitem, (out, (Ellipsis, end.index)))
+        if end.reshape:
+            out = g.call_method("reshape", (out, (-1, *end.shape[1:])))
+    end.node.replace_all_uses_with(out)
+
+
+def _timm_mask_helpers() -> tuple:
+    try:
+        from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
+    except ImportError:  # timm is optional
+        return None, None
+    return maybe_add_mask, resolve_self_attn_mask
+
+
+def _fold_absent_masks(gm: fx.GraphModule) -> None:
+    """timm's traced-as-leaf mask helpers when no mask is given: resolve_self_attn_mask(n, attn, None, False)
+    is None, and maybe_add_mask(scores, None) is scores (their source: timm/layers/attention.py)."""
+    add, resolve = _timm_mask_helpers()
+    if add is None:
+        return
+    for n in list(gm.graph.nodes):
+        if n.target is resolve and len(n.args) == 4 and n.args[2] is None and n.args[3] is False and not n.kwargs:
+            for user in list(n.users):
+                user.replace_input_with(n, None)
+            gm.graph.erase_node(n)
+        elif n.target is add and len(n.args) == 2 and n.args[1] is None and not n.kwargs:
+            n.replace_all_uses_with(n.args[0])
+            gm.graph.erase_node(n)
 
 
 def raise_attention(gm: fx.GraphModule, inputs: tuple) -> int:
-    """Rewrite, in place, the attention calls of `gm` that fit (module docstring); returns how many."""
-    frames = _frames(gm, inputs)
-    done = 0
-    for batch_first in (False, True):
-        fitted = _raise_layout(gm, inputs, frames, batch_first)
-        for n in fitted:
-            del frames[n]
-        done += len(fitted)
+    """Rewrite, in place, the attention cores of `gm` that fit (module docstring); returns how many."""
+    _fold_absent_masks(gm)
+    candidates = [n for n in gm.graph.nodes if n.target in _ATTENTION_CALLS or n.target in _MATMULS]
+    if not candidates:
+        gm.recompile()
+        return 0
+    values = _Values(gm)
+    with torch.no_grad():
+        values.run(*inputs)
+    cores = [c for n in candidates if (c := _core(gm, n, values.values)) is not None]
+    for core in cores:
+        _rewrite(gm, core, values.values)
     gm.graph.eliminate_dead_code()
+    for core in cores:  # an attention call is a seeded op that dead-code elimination keeps
+        if core.node in gm.graph.nodes and not core.node.users:
+            gm.graph.erase_node(core.node)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
     gm.recompile()
-    return done
+    return len(cores)
