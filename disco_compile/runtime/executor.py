@@ -60,14 +60,16 @@ def _as_array(value, what: str) -> np.ndarray:
 
 def check_inputs(schedule: Schedule, inputs) -> dict[str, np.ndarray]:
     """The model inputs by name, checked against `schedule.inputs`: count, dtype, and every dimension but the
-    batch (the same in all inputs). `inputs`: one array or tensor, a sequence of them in the model's input order,
-    or a mapping from input name."""
+    batch (the same in all inputs); an array in the other byte order is converted. `inputs`: one array or tensor, a
+    sequence of them in the model's input order, or a mapping from input name."""
     specs = schedule.inputs
     given = _in_order(specs, inputs)
     arrays, batch = {}, None
     for spec, value in zip(specs, given, strict=True):
         what = f"input {spec.name!r}"
         a = _as_array(value, what)
+        if not a.dtype.isnative:  # onnxruntime reads every buffer in the machine's byte order
+            a = a.astype(a.dtype.newbyteorder("="))
         if a.dtype.name != spec.dtype:
             raise InputMismatch(f"{what}: dtype {a.dtype.name}, but the model was exported for {spec.dtype}; "
                                 f"convert it first (x.astype(numpy.{spec.dtype}))")
