@@ -56,6 +56,7 @@ from .budget import METHODS, Budget, as_budget
 from .data import Batch, batches, split_batch
 from .distill import Loss, Metric, is_logits, main_output
 from .resumable import StepBatches
+from ..artifact.atomic import write_atomic
 from ..errors import CheckpointMismatch, DataError, FinetuneInterrupted, TrainingDiverged
 
 CHECKPOINT = "last.pt"
@@ -198,9 +199,7 @@ class _Checkpoints:
         self.good = copy.deepcopy(state)
         if write and self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
-            torch.save({"fingerprint": self.expected, **state}, tmp)
-            os.replace(tmp, self.path)
+            write_atomic(self.path, lambda f: torch.save({"fingerprint": self.expected, **state}, f))
 
     def load(self) -> dict | None:
         if self.path is None or not self.path.exists():
