@@ -200,7 +200,8 @@ def test_dead_or_silent_peer_stops_every_node(exports, tmp_path, nodes, how, why
         assert time.monotonic() - stopped < TIMEOUT + 2, "node 2 did not stop within the timeout"
         assert f"Error: node 2 stopped: node 1 was lost: {why}" in nodes[1].output(), nodes[1].output()
         start = time.monotonic()
-        with pytest.raises(PeerFailed, match=f"node 0 cannot start a request: node 1 (at \\S+ )?was lost: {why}") \
+        with pytest.raises(PeerFailed, match=f"node 0 cannot start a request: (node 2 at \\S+ stopped \\(node 2 stopped: )?"
+                                           f"node 1 (at \\S+ )?was lost: {why}") \
                 as failed:
             client(x)
         assert "wait_ready" not in str(failed.value) and not re.search(r"\d{12}", str(failed.value)), failed.value
