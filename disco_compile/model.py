@@ -6,7 +6,7 @@ runs whole on node 0 (a `DiscoSubmodel`, frontend/submodule.py).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 
 import torch
@@ -14,12 +14,15 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .budget import cost, selection
-from .budget.budget import Budget
+from .artifact.wire import DEFAULT_WIRE
+from .budget.budget import Budget, as_budget
+from .budget.data import split_batch
 from .frontend.capture import LeafSpec, bind_inputs, capture
 from .errors import PartitionError
 from .frontend.exported import to_module
 from .ir import PartitionPlan
 from .ops.modules import SparseExchange
+from .ops.wire import Calibration
 from .passes.channel_flow import analyse
 from .passes.expand_attention import expand_attention
 from .passes.expand_window_attention import MODULES as WINDOW_ATTENTION_MODULES
@@ -81,11 +84,46 @@ class DiscoModel(nn.Module):
             original_macs=plan.original_macs, original_params=plan.original_params,
             replicated_ops=list(plan.replicated))
 
-    def set_budget(self, budget: Budget | float) -> None:
+    def set_budget(self, budget: Budget | float, *, wire: str | None = None) -> None:
         """One-shot selection at `budget`, a Budget or a number rho meaning Budget(rho) (global allocation,
-        align 8, compute weight 0.004: disco-compile's defaults): the remote channels whose weight columns,
-        over the destination's output rows of every consumer, have the largest norm (budget/selection.py)."""
+        align 8, compute weight 0.004, wire fp32: disco-compile's defaults): the remote channels whose weight
+        columns, over the destination's output rows of every consumer, have the largest norm
+        (budget/selection.py). `wire` overrides the budget's; an integer wire's scales then still need
+        `calibrate_wire` (selection.one_shot with batches does both)."""
+        budget = as_budget(budget) if wire is None else replace(as_budget(budget), wire=wire)
+        self.set_wire(budget.wire)
         selection.select(self, selection.magnitude_scores(self), budget)
+
+    @property
+    def wire(self) -> str:
+        """The precision every exchange message carries (ops/wire.py)."""
+        return next((ex.wire for ex in self.exchanges.values()), DEFAULT_WIRE)
+
+    def set_wire(self, wire: str) -> None:
+        """Every exchange sends at `wire`; an integer wire's scales are calibrated by `calibrate_wire`."""
+        for ex in self.exchanges.values():
+            ex.set_wire(wire)
+
+    @torch.no_grad()
+    def calibrate_wire(self, batches: Iterable) -> None:
+        """The integer wire's per-channel scales from the largest |value| each sent channel takes over `batches`
+        (inputs, or (inputs, target) pairs), in eval mode; the model's mode is restored."""
+        exchanges = [ex for ex in self.exchanges.values() if ex.scale is not None]
+        if not exchanges:
+            return
+        was_training = self.training
+        self.eval()
+        for ex in exchanges:
+            ex.calibration = Calibration(ex.label_shape)
+        try:
+            for batch in batches:
+                self(split_batch(batch)[0])
+            for ex in exchanges:
+                ex.scale.data.copy_(ex.calibration.scales(ex.wire).to(ex.scale))
+        finally:
+            for ex in exchanges:
+                ex.calibration = None
+            self.train(was_training)
 
 
 def transform(model: nn.Module | torch.export.ExportedProgram, nodes: int, example_inputs, *,

@@ -16,6 +16,10 @@ Each of its outputs has one role:
 Every tensor has a batch dimension first; shapes in the schedule write it as
 "batch". A message's `channels` are the unit indices (positions in the flattened
 channel layout of `tensor`) it carries, in payload order; `bytes` is per sample.
+A message's `wire` says how its values are written (artifact/wire.py): as computed
+("fp32"), as half floats, or as integers with per-channel scales that the sending
+and receiving stage graphs hold (int4 two a byte); `dtype`, `shape` and `bytes`
+are the payload's as it travels.
 
 One graph output may be listed by several StageOutputs (e.g. the same slice sent
 to two nodes as two messages, or sent and also carried); a graph input has
@@ -44,6 +48,7 @@ class Message:
     bytes: int  # per sample
     src_stage: int | None = None  # None until backend/stages.py has cut the programs; set in every schedule
     dst_stage: int | None = None
+    wire: str = "fp32"  # what the payload carries (artifact/wire.py): int8 payloads are int8, int4 packed uint8
 
 
 @dataclass

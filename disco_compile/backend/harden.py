@@ -4,12 +4,16 @@ For exchange e of tensor t and nodes i != j, message (t, i -> j) carries the
 units u with owner(u) = i that some consumer on j needs and the budget keeps
 (ex.remote[j, u] & ex.keep[j, u]), in ascending order. The gate values of the
 kept units stay with the destination: lowering folds them into its weights.
+The payload is written at the exchange's wire precision (ops/wire.py).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
 from ..artifact.schedule import Message
+from ..ops import wire as wires
 from .program import rows_per_sample, wire_shape
 
 
@@ -23,6 +27,10 @@ def harden(dm) -> tuple[dict[str, list[Message]], dict[str, torch.Tensor]]:
     by_name = {n.name: n for n in dm.graph_module.graph.nodes}
     count = 0
     for name, ex in dm.exchanges.items():
+        if not ex.calibrated():
+            raise wires.WireError(f"exchange '{name}': the {ex.wire} wire's scales were never calibrated: call "
+                                  f"dm.calibrate_wire(batches) before export (finetune and one_shot with batches "
+                                  f"do it)")
         gates[name] = ex.gate.detach().clone()
         meta = by_name[name].meta["tensor_meta"]
         shape = [rows_per_sample(meta.shape, dm.plan.batch), *meta.shape[1:]]
@@ -33,14 +41,12 @@ def harden(dm) -> tuple[dict[str, list[Message]], dict[str, torch.Tensor]]:
                 units = (sent & (ex.owner == i)).nonzero().flatten()
                 if i == j or units.numel() == 0:
                     continue
-                payload = shape.copy()
-                payload[axis] = units.numel()
-                numel = 1
-                for s in payload:
-                    numel *= s
+                values = shape.copy()
+                values[axis] = units.numel()
+                payload, dtype = wires.payload(tuple(values), meta.dtype, ex.wire)
                 messages.setdefault(name, []).append(Message(
                     id=f"exchange{count}", src=i, dst=j, kind="exchange", tensor=name, channels=units.tolist(),
-                    shape=wire_shape(tuple(payload)), dtype=str(meta.dtype).replace("torch.", ""),
-                    bytes=numel * meta.dtype.itemsize))
+                    shape=wire_shape(payload), dtype=str(dtype).replace("torch.", ""),
+                    bytes=math.prod(payload) * dtype.itemsize, wire=ex.wire))
                 count += 1
     return messages, gates

@@ -28,6 +28,7 @@ from ..artifact.schedule import Message
 from ..ir import MixingLayer
 from ..ops import registry
 from ..ops.registry import call_like
+from ..ops.exchange import DECODES
 from ..ops.movement import MOVEMENT
 from ..ops.replicate import REPLICATE
 from .harden import harden
@@ -398,6 +399,14 @@ def _prune(builders: list[NodeBuilder], messages: list[Message]) -> list[Message
         dropped |= set(unused)
 
 
+def _decode_where_used(g: fx.Graph) -> None:
+    """Move each node that decodes a received payload (ops/exchange.py DECODES) to just before its first user,
+    so that a node computes what it can before it waits for the message (stages.py cuts where it waits)."""
+    for n in reversed([n for n in g.nodes if n.meta.get(DECODES) and n.users]):
+        order = {m: k for k, m in enumerate(g.nodes)}
+        min(n.users, key=order.__getitem__).prepend(n)
+
+
 def lower_model(dm, *, overlap: bool = True) -> Lowered:
     """harden, then lower: the per-node programs of `dm` (in eval mode) for its current gate selection."""
     messages, gates = harden(dm)
@@ -419,6 +428,7 @@ def lower(dm, exchange_messages: dict[str, list[Message]], gates: dict[str, torc
     messages = _prune(builders, low.messages)
     for b in builders:
         local_terms_first(b.program())
+        _decode_where_used(b.g)
     placeholders = [n for n in dm.graph_module.graph.nodes if n.op == "placeholder"]
     inputs = [(n.name, low.layout(n).shape, low.layout(n).dtype) for n in placeholders]
     outputs = [(f"output{k}", low.layout(leaf).shape, low.layout(leaf).dtype)

@@ -9,6 +9,10 @@ Its fields (what each means for the allocation: selection.py's docstring):
 - align: every pair keeps a multiple of this many channels (or all of its candidates); 1: no alignment.
 - compute_weight: bytes per MAC in the global ranking's cost, at least 0 and finite; 0 ranks by bytes alone.
   The uniform allocation does not rank across exchanges, so a nonzero weight with it is refused.
+- wire: the precision exchange messages carry (artifact/wire.py: fp32, fp16, int8, int4). Exchange bytes count it,
+  and rho is the fraction of the dense exchange bytes at the same wire, so rho chooses the channels and the wire
+  their bits (int8 at rho 0.2 sends the channels fp32 at rho 0.2 sends, in a quarter of the bytes); in the global
+  allocation's cost a channel's bytes are its wire bytes, so a compute weight prices MACs against them.
 
 The defaults are disco-compile's, chosen by the benchmarks (docs/performance.md, docs/accuracy.md): global,
 align 8, compute weight DEFAULT_COMPUTE_WEIGHT with global (0 with uniform). Wherever a budget is taken, a
@@ -19,6 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
+from ..artifact.wire import DEFAULT_WIRE, WIRES
 from ..errors import BudgetError
 
 ALLOCATIONS = ("uniform", "global")
@@ -50,6 +55,7 @@ class Budget:
     allocation: str = "global"
     align: int = 8
     compute_weight: float | None = None
+    wire: str = DEFAULT_WIRE
 
     def __post_init__(self) -> None:
         rho = _as_float(self.rho)
@@ -71,6 +77,9 @@ class Budget:
             raise BudgetError(f"compute_weight prices MACs in the global allocation's ranking; the "
                               f"{self.allocation} allocation does not rank across exchanges: use "
                               f"allocation='global' or compute_weight=0")
+        if self.wire not in WIRES:
+            raise BudgetError(f"wire must be one of {', '.join(WIRES)} (the precision exchange messages carry), "
+                              f"got {self.wire!r}")
         object.__setattr__(self, "rho", rho)
         object.__setattr__(self, "compute_weight", weight)
 

@@ -29,8 +29,11 @@ order the candidates until the first gradient replaces them (s_1 = -g_1).
 Weights and gate values train with Adam on the distillation loss, plus the
 task loss when batches carry targets (distill.py). After the last step the
 scores are dropped and BatchNorm statistics are re-estimated on training
-batches (batchnorm.py). In the code: `_setup` (devices, teacher, scores,
-optimiser, checkpoint or resume), one `_step` per step, `_finish`.
+batches (batchnorm.py). At the budget's integer wire (ops/wire.py) the student
+sends fake-quantised channels; their scales are calibrated on the first batches
+and train with the weights (the teacher sends fp32). In the code: `_setup`
+(devices, teacher, wire, scores, optimiser, checkpoint or resume), one `_step`
+per step, `_finish`.
 
 Several processes (torchrun, DistributedDataParallel): when the
 torch.distributed environment is set (WORLD_SIZE > 1) every process takes
@@ -42,6 +45,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
@@ -81,11 +85,12 @@ def budget_at(step: int, steps: int, rho: float, anneal: float) -> float:
 
 
 def dense_teacher(dm) -> nn.Module:
-    """The DISCO model with every candidate sent and gates at their current values."""
+    """The DISCO model with every candidate sent at fp32 and gates at their current values."""
     teacher = copy.deepcopy(dm)
     for ex in teacher.exchanges.values():
         ex.learn_selection(None)
         ex.keep.copy_(ex.remote)
+        ex.set_wire("fp32")
     return teacher  # finetune freezes every teacher (and puts one it is given in eval mode)
 
 
@@ -227,12 +232,16 @@ def finetune(dm, data: Iterable, *, budget: Budget | float, steps: int, teacher:
              anneal: float = 0.5, loss: Loss | None = None, seed: int = 0, device: str = "cpu",
              checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 100, resume: bool = False,
              batchnorm_batches: int = 20, log_every: int = 10, progress: bool = True,
-             stop: Callable[[], bool] | None = None) -> FinetuneResult:
+             stop: Callable[[], bool] | None = None, wire: str | None = None,
+             calibration_batches: int = 4) -> FinetuneResult:
     """Fine-tune DISCO model `dm` in place to `budget` over `steps` optimiser steps on `data`, an iterable of
     batches (see data.py), cycled.
 
     budget: a Budget (budget.py: the fraction rho of dense exchange bytes kept, the allocation, align, compute
-      weight), or a number rho meaning Budget(rho).
+      weight, wire), or a number rho meaning Budget(rho).
+    wire: the precision exchange messages carry (ops/wire.py), overriding the budget's; training sees it (fake
+      quantisation). An integer wire's per-channel scales are calibrated on the first `calibration_batches`
+      batches of `data` (unless dm's already are) and then learned with the weights.
     teacher: the frozen model to distil from (default: dm as it is now, every channel sent).
     val_data: batches to measure quality on at the end: against their targets (and the teacher's
       quality beside it), or, unlabelled, as agreement with the teacher.
@@ -245,10 +254,11 @@ def finetune(dm, data: Iterable, *, budget: Budget | float, steps: int, teacher:
       FinetuneInterrupted raised (the command line asks it whether SIGINT or SIGTERM came).
     A NaN or infinite loss stops training, puts dm back at the last good state and raises TrainingDiverged.
     """
-    budget = as_budget(budget)
+    budget = as_budget(budget) if wire is None else replace(as_budget(budget), wire=wire)
     _check_settings(method, steps, score_decay, resume, checkpoint_dir)
     run = _setup(dm, data, budget, steps, teacher=teacher, method=method, lr=lr, score_decay=score_decay,
-                 anneal=anneal, loss=loss, seed=seed, device=device, checkpoint_dir=checkpoint_dir, resume=resume)
+                 anneal=anneal, loss=loss, seed=seed, device=device, checkpoint_dir=checkpoint_dir, resume=resume,
+                 calibration_batches=calibration_batches)
     with _progress(steps, run.start, progress and run.rank == 0) as bar:
         for step in range(run.start, steps):
             _step(run, step, bar, log_every, checkpoint_every)
@@ -318,12 +328,16 @@ class _Run:
 
 def _setup(dm, data: Iterable, budget: Budget, steps: int, *, teacher: nn.Module | None, method: str, lr: float,
            score_decay: float, anneal: float, loss: Loss | None, seed: int, device: str,
-           checkpoint_dir: str | os.PathLike | None, resume: bool) -> _Run:
-    """Devices, frozen teacher, starting scores, optimiser and checkpoints, then the state of `resume`."""
+           checkpoint_dir: str | os.PathLike | None, resume: bool, calibration_batches: int) -> _Run:
+    """Devices, frozen teacher, wire, starting scores, optimiser and checkpoints, then the state of `resume`."""
     rank, world, dev = _rank_world(_check_device(device))
     loss = loss or Loss()
     torch.manual_seed(seed)
     teacher = _frozen(dense_teacher(dm) if teacher is None else teacher.eval())
+    dm.set_wire(budget.wire)
+    if not resume and not all(ex.calibrated() for ex in dm.exchanges.values()):
+        stream = data.steps(0) if isinstance(data, StepBatches) else batches(data)
+        dm.calibrate_wire(itertools.islice(stream, calibration_batches))
     scores = _starting_scores(dm, method, seed)
     dm.to(dev)
     teacher.to(dev)

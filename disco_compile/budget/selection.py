@@ -88,12 +88,18 @@ def one_shot(dm, budget: Budget | float, batches: Iterable | None = None) -> Non
     """The selection at `budget` without fine-tuning. With calibration `batches` (a few batches of inputs):
     magnitude scores times measured activation power, then every BatchNorm's statistics re-estimated on the
     batches (batchnorm.py: dropping channels shifts the statistics of every later layer). Without: the
-    weight-column magnitude alone (DiscoModel.set_budget)."""
-    if batches is not None:
-        batches = list(batches)
+    weight-column magnitude alone (DiscoModel.set_budget). At an integer wire the batches also calibrate its
+    scales, on the selected model (without batches they stay to be calibrated: DiscoModel.calibrate_wire)."""
+    budget = as_budget(budget)
+    dm.set_wire(budget.wire)
+    if batches is None:
+        select(dm, magnitude_scores(dm), budget)
+        return
+    batches = list(batches)
+    dm.calibrate_wire(batches)  # the activation power below runs the model at its wire
     select(dm, magnitude_scores(dm, batches), budget)
-    if batches is not None:
-        batchnorm.recalibrate(dm, (split_batch(b)[0] for b in batches))
+    batchnorm.recalibrate(dm, (split_batch(b)[0] for b in batches))
+    dm.calibrate_wire(batches)
 
 
 @torch.no_grad()

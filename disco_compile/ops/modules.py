@@ -16,6 +16,10 @@ per candidate and the sent part of the mask becomes
 equal to `keep` in the forward pass, while the backward pass hands every
 candidate (kept or not) dL/dm_j[u]: the straight-through estimator.
 
+At a wire precision other than fp32 (ops/wire.py) what is sent arrives quantised, x' = wire.fake(x): then
+x_j = x * local_j + x' * (m_j - local_j), and `scale` holds the per-unit scales of the integer wires (a
+Parameter: fine-tuning learns it with the rest).
+
 A partitioned Conv/Linear then computes on node j only its own output rows
 from x_j: y[T_j] = W[T_j] x_j, and reassembles y in channel order, so with
 every gate on the result equals the original layer.
@@ -27,19 +31,24 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ir import REPLICATED
+from . import wire as wires
+from .wire import WireError
 
 
 class SparseExchange(nn.Module):
     """The learnable exchange of one tensor: one gate vector per (source, destination) pair,
     stored as `gate[dst, unit]` (the source of a unit is its owner)."""
 
-    def __init__(self, owner: torch.Tensor, needed: torch.Tensor, unit_bytes: int):
+    def __init__(self, owner: torch.Tensor, needed: torch.Tensor, unit_elems: int, itemsize: int):
         super().__init__()
         nodes = needed.shape[0]
         flat = owner.reshape(-1)
         local = torch.stack([(flat == j) | (flat == REPLICATED) for j in range(nodes)])
         self.label_shape = tuple(owner.shape)
-        self.unit_bytes = unit_bytes
+        self.unit_elems, self.itemsize = unit_elems, itemsize
+        self.wire = wires.DEFAULT_WIRE
+        self.scale: nn.Parameter | None = None
+        self.calibration: wires.Calibration | None = None
         self.register_buffer("owner", flat.clone())
         self.register_buffer("local", local)
         self.register_buffer("remote", needed & ~local)
@@ -51,15 +60,47 @@ class SparseExchange(nn.Module):
     def nodes(self) -> int:
         return self.gate.shape[0]
 
-    def masks(self) -> torch.Tensor:
+    @property
+    def unit_bytes(self) -> float:
+        """Wire bytes per sample of one sent unit."""
+        return wires.unit_bytes(self.unit_elems, self.itemsize, self.wire)
+
+    def _sent(self) -> torch.Tensor:
         sent = (self.remote & self.keep).to(self.gate.dtype)
         if self.score is not None:
             sent = sent + self.remote * (self.score - self.score.detach())
-        return self.local.to(self.gate.dtype) + sent * self.gate
+        return sent * self.gate
+
+    def masks(self) -> torch.Tensor:
+        return self.local.to(self.gate.dtype) + self._sent()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.masks().reshape((self.nodes,) + self.label_shape)
-        return x.unsqueeze(0) * m.to(x.dtype)
+        if self.calibration is not None:
+            self.calibration.observe(x)
+        shape = (self.nodes,) + self.label_shape
+        if self.wire == "fp32" or self.calibration is not None:
+            return x.unsqueeze(0) * self.masks().reshape(shape).to(x.dtype)
+        if self.scale is not None and not torch.isfinite(self.scale).all():
+            raise WireError(f"the {self.wire} wire's scales were never calibrated: call "
+                            f"DiscoModel.calibrate_wire(batches) (finetune and one_shot do it on their data)")
+        scale = None if self.scale is None else self.scale.reshape(self.label_shape).to(x.dtype)
+        arrived = wires.fake(x, self.wire, scale)
+        return x.unsqueeze(0) * self.local.reshape(shape).to(x.dtype) + \
+            arrived.unsqueeze(0) * self._sent().reshape(shape).to(x.dtype)
+
+    def set_wire(self, wire: str) -> None:
+        """Send at `wire` (ops/wire.py); an integer wire starts with uncalibrated (NaN) scales, kept if the
+        exchange was already at an integer wire."""
+        if wire not in wires.WIRES:
+            raise WireError(f"wire precision must be one of {', '.join(wires.WIRES)}, got {wire!r}")
+        if wires.is_integer(wire) and self.scale is None:
+            self.scale = nn.Parameter(torch.full((self.owner.numel(),), float("nan"), device=self.gate.device))
+        elif not wires.is_integer(wire):
+            self.scale = None
+        self.wire = wire
+
+    def calibrated(self) -> bool:
+        return self.scale is None or bool(torch.isfinite(self.scale).all())
 
     def learn_selection(self, initial: torch.Tensor | None) -> None:
         """Start (with initial scores) or stop (None) learning which candidates to send."""
@@ -70,7 +111,7 @@ class SparseExchange(nn.Module):
         return (self.remote if dense else self.remote & self.keep).sum(1)
 
     def extra_repr(self) -> str:
-        return f"nodes={self.nodes}, units={self.owner.numel()}, unit_bytes={self.unit_bytes}"
+        return f"nodes={self.nodes}, units={self.owner.numel()}, unit_bytes={self.unit_bytes}, wire={self.wire}"
 
 
 class ComputedWeight:

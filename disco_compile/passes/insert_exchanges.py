@@ -58,7 +58,7 @@ def insert_exchanges(gm: fx.GraphModule, layers: list[MixingLayer], owner_of: to
         first = uses[0][0]
         need = torch.stack([u[1] for u in uses]).any(0)
         owner = owners(first.in_labels, owner_of)
-        ex = SparseExchange(owner, need, unit_bytes=first.in_unit_elems * first.itemsize)
+        ex = SparseExchange(owner, need, unit_elems=first.in_unit_elems, itemsize=first.itemsize)
         gm.exchanges[in_name] = ex
         src = by_name[in_name]
         with gm.graph.inserting_after(src):
