@@ -2,10 +2,11 @@
 
 `stage_times` runs the export once in this process (every node a thread, as `run_local`) while recording
 each stage's inputs, then times every stage on them: `reps` passes over all stages, interleaved, the
-median per stage. `estimate` lays the schedule out in time at each link rate (disco_compile.runtime.timeline):
-each node runs its stages in order, each waiting for the messages it reads; each direction between two
-nodes carries one message at a time at the rate, counting WIRE bytes per payload byte (Ethernet, IP
-and TCP headers of full-size segments), plus `latency` seconds per message. Beside it, the model bound:
+median per stage (`StageTimer` holds the recorded inputs and the passes). `estimate` lays the schedule
+out in time at each link rate (disco_compile.runtime.timeline): each node runs its stages in order, each
+waiting for the messages it reads; each direction between two nodes carries one message at a time at the
+rate, counting WIRE bytes per payload byte (Ethernet, IP and TCP headers of full-size segments), plus
+`latency` seconds per message. Beside it, the model bound:
 max(the busiest node's compute, the bytes of the busiest direction / rate).
 
 What it leaves out: the runtime's own cost (Python, ZeroMQ and the kernel's TCP work, on the node's own
@@ -42,34 +43,51 @@ def parse_rate(text: str) -> float | None:
     return float(m.group(1)) * _UNITS[m.group(2)] / 8
 
 
+class StageTimer:
+    """An export's stages ready to be timed: the export run once in this process (every node a thread) while
+    each stage's inputs are recorded; `run_pass` then runs every stage once on them, and `medians` gives the
+    median seconds per stage, [node][stage], of the recorded passes. Several timers' passes can be interleaved
+    (the planner, budget/plan.py, times all its candidates that way)."""
+
+    def __init__(self, bundle: Bundle, inputs, *, threads: int = 1):
+        schedule = bundle.schedule
+        model_inputs = check_inputs(schedule, inputs)
+        self.feeds: list[list[dict]] = [[{} for _ in program] for program in schedule.programs]
+
+        def record(node: int, stage: int, stage_feeds: dict, seconds: float) -> None:
+            self.feeds[node][stage] = stage_feeds
+
+        hub = InProcHub(schedule.nodes)
+        self.executors = [NodeExecutor(bundle, k, hub.transport(k, bundle.schedule_hash), threads=threads,
+                                       on_stage=record) for k in range(schedule.nodes)]
+        run_executors(self.executors, hub, model_inputs)
+        self.times: list[list[list[float]]] = [[[] for _ in node] for node in self.feeds]
+
+    def run_pass(self, *, record: bool = True) -> None:
+        """Run every stage once, node by node, in order; `record` False: untimed (a warm-up pass)."""
+        for k, executor in enumerate(self.executors):
+            for i, stage_feeds in enumerate(self.feeds[k]):
+                t0 = time.perf_counter()
+                executor.run_stage(i, stage_feeds)
+                if record:
+                    self.times[k][i].append(time.perf_counter() - t0)
+
+    def medians(self) -> list[list[float]]:
+        return [[statistics.median(v) for v in node] for node in self.times]
+
+
 def stage_times(bundle: Bundle, inputs, *, reps: int = 5, threads: int = 1,
                 progress=None) -> list[list[float]]:
     """Seconds per stage, [node][stage]: the median of `reps` timed runs of each stage on the inputs it gets
     when the export runs `inputs` (after one untimed pass). `progress(done, total)` is called after each pass."""
     if reps < 1:
         raise ValueError(f"reps must be at least 1, got {reps}")
-    schedule = bundle.schedule
-    model_inputs = check_inputs(schedule, inputs)
-    feeds: list[list[dict]] = [[{} for _ in program] for program in schedule.programs]
-
-    def record(node: int, stage: int, stage_feeds: dict, seconds: float) -> None:
-        feeds[node][stage] = stage_feeds
-
-    hub = InProcHub(schedule.nodes)
-    executors = [NodeExecutor(bundle, k, hub.transport(k, bundle.schedule_hash), threads=threads, on_stage=record)
-                 for k in range(schedule.nodes)]
-    run_executors(executors, hub, model_inputs)
-    times = [[[] for _ in node] for node in feeds]
+    timer = StageTimer(bundle, inputs, threads=threads)
     for rep in range(reps + 1):
-        for k, executor in enumerate(executors):
-            for i, stage_feeds in enumerate(feeds[k]):
-                t0 = time.perf_counter()
-                executor.run_stage(i, stage_feeds)
-                if rep:
-                    times[k][i].append(time.perf_counter() - t0)
+        timer.run_pass(record=rep > 0)
         if progress is not None:
             progress(rep + 1, reps + 1)
-    return [[statistics.median(v) for v in node] for node in times]
+    return timer.medians()
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from ..artifact.bundle import Bundle, load_bundle
 from ..errors import (BundleError, InputMismatch, MessageError, NodeFailure, PeerFailed, PeerTimeout, ProviderError,
                       StageFailure)
 from ..artifact.schedule import BATCH, Schedule, Stage, TensorSpec
-from .transport import InProcHub, Transport
+from .transport import InProcHub, Transport, dtype_name
 
 DEFAULT_TIMEOUT = 10.0  # seconds a node waits for one message
 _STOP_GRACE = 5.0  # after a failure, how much longer than the timeout the other nodes get to stop
@@ -70,8 +70,8 @@ def check_inputs(schedule: Schedule, inputs) -> dict[str, np.ndarray]:
         a = _as_array(value, what)
         if not a.dtype.isnative:  # onnxruntime reads every buffer in the machine's byte order
             a = a.astype(a.dtype.newbyteorder("="))
-        if a.dtype.name != spec.dtype:
-            raise InputMismatch(f"{what}: dtype {a.dtype.name}, but the model was exported for {spec.dtype}; "
+        if dtype_name(a.dtype) != spec.dtype:
+            raise InputMismatch(f"{what}: dtype {dtype_name(a.dtype)}, but the model was exported for {spec.dtype}; "
                                 f"convert it first (x.astype(numpy.{spec.dtype}))")
         if a.ndim != len(spec.shape) or a.shape[1:] != tuple(spec.shape[1:]) or a.shape[0] < 1:
             raise InputMismatch(f"{what}: shape {_fmt(a.shape)}, but the model was exported for "
@@ -335,10 +335,10 @@ class NodeExecutor:
     def _check_produced(self, stage: Stage, name: str, value: np.ndarray, what: str, dtype: str, shape: list,
                         batch: int | None) -> None:
         """BundleError if a stage produced something other than what the schedule declares."""
-        if (value.dtype.name != dtype or value.ndim != len(shape) or value.shape[1:] != tuple(shape[1:])
+        if (dtype_name(value.dtype) != dtype or value.ndim != len(shape) or value.shape[1:] != tuple(shape[1:])
                 or (batch is not None and value.shape[0] != batch)):
             expected = _fmt([batch if batch is not None else BATCH] + list(shape[1:]))
-            raise BundleError(f"{self._where(stage)}: graph output {name!r} for {what} is {value.dtype.name} "
+            raise BundleError(f"{self._where(stage)}: graph output {name!r} for {what} is {dtype_name(value.dtype)} "
                               f"{_fmt(value.shape)}, but {dtype} {expected} is expected; the stage graph and "
                               f"schedule.json disagree: re-export")
 

@@ -30,6 +30,18 @@ from ..errors import MessageError, PeerFailed, PeerTimeout
 from ..artifact.schedule import BATCH, Message
 
 
+_DTYPE_NAMES: dict[np.dtype, str] = {}
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    """`dtype.name`, remembered per dtype: numpy 2 works the name out in Python on every call (26 us a call
+    measured on a loaded core, docs/performance.md), and the runtime asks for it several times per message."""
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = dtype.name
+    return name
+
+
 @dataclass(frozen=True)
 class Header:
     """What travels in front of every payload."""
@@ -41,7 +53,7 @@ class Header:
 
     @classmethod
     def describe(cls, schedule_hash: str, msg: Message, payload: np.ndarray) -> Header:
-        return cls(schedule_hash, msg.id, msg.src, payload.dtype.name, tuple(int(d) for d in payload.shape))
+        return cls(schedule_hash, msg.id, msg.src, dtype_name(payload.dtype), tuple(int(d) for d in payload.shape))
 
 
 def _fmt(shape) -> str:
@@ -61,12 +73,11 @@ def check_arrival(header: Header, payload: np.ndarray, msg: Message, schedule_ha
         problems.append(f"it came from node {header.src}, the schedule says node {msg.src}")
     if header.dtype != msg.dtype:
         problems.append(f"dtype {header.dtype}, the schedule says {msg.dtype}")
-    if len(header.shape) != len(msg.shape) or any(
-            d != expected for d, expected in zip(header.shape[1:], msg.shape[1:], strict=True)) or (
+    if len(header.shape) != len(msg.shape) or tuple(header.shape[1:]) != tuple(msg.shape[1:]) or (
             header.shape and header.shape[0] < 1):
         problems.append(f"shape {_fmt(header.shape)}, the schedule says {_fmt(msg.shape)} ({BATCH!r}: any batch)")
-    if payload.dtype.name != header.dtype or tuple(payload.shape) != tuple(header.shape):
-        problems.append(f"the payload ({payload.dtype.name} {_fmt(payload.shape)}) does not match its header "
+    if dtype_name(payload.dtype) != header.dtype or payload.shape != tuple(header.shape):
+        problems.append(f"the payload ({dtype_name(payload.dtype)} {_fmt(payload.shape)}) does not match its header "
                         f"({header.dtype} {_fmt(header.shape)}): it was damaged on the way")
     if problems:
         raise MessageError(f"message {msg.id!r} ({msg.kind}, node {msg.src} -> node {msg.dst}) arrived wrong: "

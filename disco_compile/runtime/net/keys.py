@@ -41,6 +41,19 @@ class NodeKeys:
     public_dir: Path
 
 
+def check_keys(node: int, keys: NodeKeys | None, insecure: bool) -> None:
+    """NetworkConfigError unless node `node` runs with its own `keys` or, without, with an explicit `insecure`."""
+    if keys is None and not insecure:
+        raise NetworkConfigError("running over the network without keys needs an explicit insecure=True "
+                                 "(--insecure): anyone who can reach the ports could read and inject messages; "
+                                 "make keys with 'disco-run keygen DIR --nodes N' and give keys=load_keys(...) "
+                                 "(--keys DIR)")
+    if keys is not None and insecure:
+        raise NetworkConfigError("give keys or insecure=True, not both")
+    if keys is not None and keys.node != node:
+        raise NetworkConfigError(f"the keys are node {keys.node}'s, this is node {node}")
+
+
 def keygen(directory: str | os.PathLike, nodes: int, *, force: bool = False) -> list[Path]:
     """Make a CURVE key pair per node in `directory` (node{k}.key, node{k}.key_secret) and the folder
     `directory`/public_keys with every node's public key. Returns the files written. Existing keys are

@@ -69,7 +69,7 @@ def serve(out_dir, node: int, peers, *, keys=None, insecure: bool = False, timeo
         raise NetworkConfigError("node 0 drives the requests: run it with DiscoClient (or disco-run --node 0 "
                                  "--input ...), not serve()")
     transport = ZmqTransport(bundle, node, peers, keys=_keys(keys, node, bundle.schedule.nodes), insecure=insecure,
-                             timeout=timeout, bind=bind)
+                             timeout=timeout, bind=bind, log_losses=stay)  # without stay, the error says it
     served = 0
     try:
         executor = NodeExecutor(bundle, node, transport, threads=threads, timeout=timeout)

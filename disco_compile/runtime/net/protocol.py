@@ -38,6 +38,7 @@ a restarted node learns about the others without anyone reconnecting.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -50,7 +51,7 @@ import zmq
 from ...artifact.bundle import Bundle, canonical_json
 from ...artifact.schedule import Message
 from ...errors import DiscoError
-from ..transport import Header
+from ..transport import Header, dtype_name
 from . import log
 from .peers import Peer
 
@@ -151,9 +152,10 @@ class Identity:
 
     def message(self, to: str | None, msg: Message, data: np.ndarray, request: int, limits: Limits) -> list:
         """The MSG frames of `msg` in request `request`: its Header fields, then `data` (C-contiguous) as is,
-        in parts of at most `limits.part` bytes."""
-        return [*self.frames(MSG, to, schedule=self.schedule, id=msg.id, src=msg.src, dtype=data.dtype.name,
-                             shape=[int(d) for d in data.shape], request=request), *limits.parts(data)]
+        in parts of at most `limits.part` bytes. The JSON frame is the one `frames` makes, its text up to the
+        request id made once per (peer process, message, dtype, shape)."""
+        head = _message_head(self, to, msg.id, msg.src, dtype_name(data.dtype), data.shape)
+        return [MSG, b"%s%d}" % (head, request), *limits.parts(data)]
 
     def mismatch(self, hello: dict, peer: Peer) -> str | None:
         """Why `peer`'s HELLO (its JSON frame) shows an export this node must not run with; None if it fits."""
@@ -165,6 +167,15 @@ class Identity:
                 f"schedule {theirs[3]} ({theirs[1]} nodes, protocol {theirs[0]}); node {self.node} has "
                 f"manifest sha256 {ours[2]}, schedule {ours[3]} ({ours[1]} nodes, protocol {ours[0]}); "
                 f"give every node the same export directory")
+
+
+@functools.lru_cache(maxsize=4096)
+def _message_head(identity: Identity, to: str | None, message_id: str, src: int, dtype: str,
+                  shape: tuple[int, ...]) -> bytes:
+    """The JSON frame of a MSG (Identity.message) without its request id and closing brace."""
+    fields = identity.frames(MSG, to, schedule=identity.schedule, id=message_id, src=src, dtype=dtype,
+                             shape=[int(d) for d in shape], request=0)[1]
+    return fields[:-len(b"0}")]
 
 
 # ---------------------------------------------------------------- reading frames

@@ -53,7 +53,7 @@ from ...artifact.schedule import Message
 from ...errors import DiscoError, MessageError, PeerFailed, PeerTimeout
 from ..transport import Transport, check_arrival
 from . import log
-from .keys import NodeKeys
+from .keys import NodeKeys, check_keys
 from .peers import NetworkConfigError, Peer, PeerState, load_peers
 from .protocol import (ABORT, BEGIN, BYE, HELLO, MSG, PING, Arrival, Drops, FrameError, HandshakeError, Identity,
                        Limits, manifest_hash, message_header, message_payload, read_arrival)
@@ -68,43 +68,31 @@ _REFUSED_STAY = 1.5 * RECONNECT_MAX_MS / 1000  # s wait_ready keeps the sockets 
 # try (at most RECONNECT_MAX_MS apart) fails too, so it reports the refusal at once as well
 
 
-def _check_options(nodes: int, node: int, keys: NodeKeys | None, insecure: bool, timeout: float) -> None:
-    """NetworkConfigError unless ZmqTransport can run node `node` of `nodes` with these options."""
-    if not 0 <= node < nodes:
-        raise NetworkConfigError(f"node {node}: the export has nodes 0..{nodes - 1}")
-    if keys is None and not insecure:
-        raise NetworkConfigError("running over the network without keys needs an explicit insecure=True "
-                                 "(--insecure): anyone who can reach the ports could read and inject messages; "
-                                 "make keys with 'disco-run keygen DIR --nodes N' and give keys=load_keys(...) "
-                                 "(--keys DIR)")
-    if keys is not None and insecure:
-        raise NetworkConfigError("give keys or insecure=True, not both")
-    if keys is not None and keys.node != node:
-        raise NetworkConfigError(f"the keys are node {keys.node}'s, this is node {node}")
-    if not timeout > 0:
-        raise NetworkConfigError(f"timeout must be above 0, got {timeout}")
-
-
 class ZmqTransport(Transport):
     """Node `node` of `bundle`, with its peers at `peers` (node index -> "tcp://host:port" or a peers.yaml).
 
     `keys`: NodeKeys (CURVE authentication and encryption) or None with `insecure=True`. `timeout`: seconds
     of silence after which a peer is lost. `bind`: the endpoint to bind (default: this node's address in
-    `peers`). The sockets are bound and connected here; call `wait_ready` before the first request and
-    `close` at the end (or use the transport as a context manager).
+    `peers`). `log_losses`: log each peer lost or refused (False for a node that stops on it and says so in its
+    error: `serve` without `stay`, so the loss is printed once). The sockets are bound and connected here; call
+    `wait_ready` before the first request and `close` at the end (or use the transport as a context manager).
     """
 
     def __init__(self, bundle: Bundle, node: int, peers, *, keys: NodeKeys | None = None, insecure: bool = False,
-                 timeout: float = 10.0, bind: str | None = None):
+                 timeout: float = 10.0, bind: str | None = None, log_losses: bool = True):
         super().__init__(node, bundle.schedule_hash)
         schedule = bundle.schedule
-        _check_options(schedule.nodes, node, keys, insecure, timeout)
+        if not 0 <= node < schedule.nodes:
+            raise NetworkConfigError(f"node {node}: the export has nodes 0..{schedule.nodes - 1}")
+        if not timeout > 0:
+            raise NetworkConfigError(f"timeout must be above 0, got {timeout}")
+        check_keys(node, keys, insecure)
         endpoints = load_peers(peers, schedule.nodes)
         self.nodes = schedule.nodes
         self.manifest_hash = manifest_hash(bundle)
         self.instance = secrets.token_hex(8)
         self._identity = Identity(node, self.nodes, self.instance, self.manifest_hash, self.schedule_hash)
-        self.timeout = timeout
+        self.timeout, self.log_losses = timeout, log_losses
         self.heartbeat = min(1.0, timeout / 5)
         self._grace = min(0.5, timeout / 2)  # a closed connection not back within this is a lost peer
         self.keys = keys
@@ -436,7 +424,9 @@ class ZmqTransport(Transport):
         if p.state is state and p.problem == problem:
             return
         p.state, p.problem, p.dropped_at = state, problem, None
-        (log.error if state is PeerState.REFUSED else log.warning)("node %d: node %d %s", self.node, p.node, problem)
+        if self.log_losses:
+            (log.error if state is PeerState.REFUSED else log.warning)("node %d: node %d %s", self.node, p.node,
+                                                                       problem)
         self._fail_open(PeerFailed(f"node {p.node} {problem}"))
 
     def _fail_open(self, err: DiscoError) -> None:
