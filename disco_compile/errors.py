@@ -92,3 +92,8 @@ class FinetuneInterrupted(DiscoError):
     def __init__(self, message: str, step: int, checkpoint):
         super().__init__(message)
         self.step, self.checkpoint = step, checkpoint
+
+
+class PlanError(DiscoError, ValueError):
+    """A planner setting that names no candidate (disco-compile plan: a link, node count, wire or node speed), or a
+    model the planner cannot time whole."""
