@@ -66,14 +66,41 @@ def test_subcommands_in_help_and_completion():
     assert "plain,--simulate" in done.stdout, done.stdout + done.stderr  # disco-run OUT completes run's options
 
 
-@pytest.mark.parametrize("module", ["disco_compile.cli.compile", "disco_compile.cli.run"])
-def test_help_imports_no_torch(module):
-    """--help (and so each completion TAB) stays far below 1 s: the CLI module and its help load without torch."""
-    check = (f"import sys; from click.testing import CliRunner; import {module} as m; "
-             f"r = CliRunner().invoke(m.main, ['--help']); assert r.exit_code == 0, r.output; "
-             f"sys.exit('torch' in sys.modules)")
+HEAVY = ("torch", "onnxruntime", "numpy", "jsonschema", "zmq", "onnx")  # what --help must not wait for
+
+
+@pytest.mark.parametrize("module, argv", [
+    ("disco_compile.cli.compile", [["--help"], ["--version"]]),
+    ("disco_compile.cli.run", [["--help"], ["--version"], ["run", "--help"], ["info", "--help"],
+                               ["estimate", "--help"], ["keygen", "--help"]]),
+])
+def test_help_imports_nothing_heavy(module, argv):
+    """--help, --version (and so each completion TAB) load click and the command's module only: no torch, and for
+    disco-run none of the runtime's packages (before: 0.5-1.5 s for disco-run --help, onnxruntime and numpy)."""
+    check = (f"import sys; from click.testing import CliRunner; import {module} as m\n"
+             f"for args in {argv!r}:\n"
+             f"    r = CliRunner().invoke(m.main, args); assert r.exit_code == 0, (args, r.output)\n"
+             f"print(' '.join(name for name in {HEAVY!r} if name in sys.modules))")
     done = subprocess.run([PYTHON, "-c", check], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, f"torch imported while building {module}'s help\n{done.stderr}"
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [], f"{module} {argv} imported {done.stdout.strip()}"
+
+
+def test_completion_imports_nothing_heavy():
+    """A TAB after `disco-run ` lists the subcommands with their help, as the script runs it."""
+    env = dict(os.environ, _DISCO_RUN_COMPLETE="bash_complete", COMP_WORDS="disco-run ", COMP_CWORD="1")
+    check = ("import sys, atexit; atexit.register(lambda: sys.stderr.write(' '.join(n for n in "
+             f"{HEAVY!r} if n in sys.modules))); " + COMPLETE[2])
+    done = subprocess.run([PYTHON, "-c", check], env=env, capture_output=True, text=True, timeout=60)
+    assert "plain,keygen" in done.stdout, done.stdout + done.stderr
+    assert done.stderr.split() == [], f"completion imported {done.stderr.strip()}"
+
+
+def test_run_defaults_are_the_runtimes():
+    """cli/run.py writes the runtime's timeouts out (importing them would load onnxruntime for --help)."""
+    from disco_compile.cli import run as cli_run
+    from disco_compile.runtime.net.zmq_transport import DEFAULT_CONNECT_TIMEOUT
+    assert (cli_run.TIMEOUT, cli_run.CONNECT_TIMEOUT) == (executor.DEFAULT_TIMEOUT, DEFAULT_CONNECT_TIMEOUT)
 
 
 def test_compile_without_torch_names_the_install(monkeypatch):
@@ -151,7 +178,9 @@ def test_estimate_shows_one_node_beside_the_split(two, monkeypatch):
                           result.stdout).group(1))
     row = re.search(r"1gbit\s+([0-9.]+)\s+[0-9.]+\s+[0-9.]+\s+([0-9.]+)x", result.stdout)
     assert row, result.stdout
-    assert one > 0 and float(row.group(2)) == pytest.approx(one / float(row.group(1)), rel=0.1, abs=0.02)
+    latency, ratio = float(row.group(1)), float(row.group(2))
+    # both times are printed to 0.1 ms (a tiny model: under 1 ms), the ratio to 0.01, from the unrounded times
+    assert one > 0 and (one - 0.05) / (latency + 0.05) - 0.005 <= ratio <= (one + 0.05) / (latency - 0.05) + 0.005
 
 
 def _node(two: Path, peers: Path, node: int, *extra: str) -> subprocess.Popen:

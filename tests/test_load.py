@@ -19,7 +19,9 @@ def test_state_dict_with_arch(tmp_path):
     path, other = tmp_path / "weights.pt", tmp_path / "ten_classes.pt"
     torch.save({"module." + k: v for k, v in model.state_dict().items()}, path)  # as DataParallel saves it
     torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), other)
-    assert load_model(path).description.endswith("(all 122 tensors match torchvision resnet18)")  # arch_match
+    described = load_model(path).description  # arch_match
+    assert described.startswith(f"resnet18 (torchvision) with the state_dict in {path} (all 122 tensors match "
+                                f"torchvision resnet18")
     with pytest.raises(ModelLoadError, match="shapes differ for fc.weight"):
         load_model(other, arch="resnet18")
     with pytest.raises(ModelLoadError, match="'resnet5000' is not a torchvision model name"):

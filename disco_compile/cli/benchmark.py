@@ -9,8 +9,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-import numpy as np
-
 WARMUP = 2  # untimed requests first: onnxruntime allocates its arenas and picks kernels on the first runs
 
 
@@ -28,6 +26,8 @@ def measure(call: Callable[[], object], requests: int, warmup: int = WARMUP) -> 
 
 def summary(seconds: list[float], batch: int, warmup: int = WARMUP) -> str:
     """One line: the requests, the latency median and p90, the throughput."""
+    import numpy as np  # here, not at the top: cli/run.py imports this module for --help
+
     ms = np.asarray(seconds) * 1e3
     throughput = len(seconds) * batch / float(np.sum(seconds))
     return (f"benchmark: {len(seconds)} request(s) of batch {batch} after {warmup} warm-up, one at a time: "

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 import click
 
 from ..artifact.atomic import write_atomic
+from ..artifact.wire import DEFAULT_WIRE, WIRES
 from ..budget.budget import ALLOCATIONS, DEFAULT_COMPUTE_WEIGHT, METHODS, Budget
 from ..errors import DiscoError, ExampleInputError, FinetuneInterrupted, TraceFailure
 from . import COMPILE_EXTRA
@@ -98,17 +99,16 @@ def _check_nodes(ctx, param, value: int) -> int:
 
 
 def _parse_arch(ctx, param, value: str | None) -> str | None:
-    """The torchvision model name in 'torchvision:NAME'."""
+    """'torchvision:NAME' or 'timm:NAME' as load_model takes it (a torchvision name bare, timm:NAME)."""
     if value is None:
         return None
     source, _, name = value.partition(":")
-    if source != "torchvision" or not name:
-        raise click.BadParameter(f"expected torchvision:NAME (the only architecture source so far), "
-                                 f"e.g. torchvision:resnet50; got {value!r}")
+    if source not in ("torchvision", "timm") or not name:
+        raise click.BadParameter(f"expected torchvision:NAME or timm:NAME, e.g. torchvision:resnet50; got {value!r}")
     _require_torch()
-    from ..frontend.load import torchvision_name
+    from ..frontend.load import arch_name
     try:
-        return torchvision_name(name, f"--arch {value}: {name!r}")
+        return arch_name(value, f"--arch {value}: {name!r}")
     except DiscoError as exc:
         raise _cli_error(exc) from None
 
@@ -153,7 +153,8 @@ def _check_json_path(ctx, param, value: str | None) -> str | None:
 
 @contextmanager
 def _model_file(model: str) -> Iterator[str]:
-    """MODEL as a path: itself, or for - a temporary copy of stdin (a torch.save file), removed afterwards."""
+    """MODEL as a path: itself, or for - a temporary copy of stdin (a torch.save file or a torch.export program,
+    told apart by its contents: load.py), removed afterwards."""
     if model != STDIO:
         yield model
         return
@@ -203,8 +204,10 @@ def _budget_text(budget: Budget | None) -> str:
             if budget.allocation == "uniform" else "that fraction of the bytes the nodes would exchange with every "
             f"channel, the channels ranked over the whole model by score per {per} (--allocation global; score: "
             "weight magnitude, or as learned by fine-tuning)")
+    wire = "" if budget.wire == DEFAULT_WIRE else \
+        f"; sent as {budget.wire} with a scale per channel" if budget.wire != "fp16" else "; sent as fp16"
     return f"{budget.rho:g}: {kept}" + (f", in multiples of {budget.align} per message (--align)"
-                                        if budget.align > 1 else "")
+                                        if budget.align > 1 else "") + wire
 
 
 def _outcome_lines(budget: Budget | None, tuned: FinetuneResult | None) -> list[str]:
@@ -215,11 +218,14 @@ def _outcome_lines(budget: Budget | None, tuned: FinetuneResult | None) -> list[
             (f" (original {v['teacher']:.2f})" if "teacher" in v else "")
         return ["", f"fine-tuned {tuned.steps} steps at budget {tuned.budget:g}{quality}; "
                     f"checkpoint {tuned.checkpoint}"]
+    scales = [] if budget is None or budget.wire in (DEFAULT_WIRE, "fp16") else \
+        ["", f"note: the {budget.wire} wire's scales are calibrated on the example input (random values): give --data "
+             f"DIR to calibrate and fine-tune them on your data."]
     if budget is not None and budget.rho < 1:
-        return ["", f"note: budget {budget.rho:g} is a one-shot selection of the exchanged channels by weight "
+        return scales + ["", f"note: budget {budget.rho:g} is a one-shot selection of the exchanged channels by weight "
                     f"magnitude, without training: the model's accuracy at this budget is not measured and "
                     f"needs fine-tuning to recover: give --data DIR (images like the model's inputs)."]
-    return []
+    return scales
 
 
 def _summary(loaded: LoadedModel, nodes: int, node_weights: list[float] | None, budget: Budget | None,
@@ -324,12 +330,12 @@ def _check_options(model: str, nodes: int, arch: str | None, node_weights: list[
         raise CliError("--data (fine-tuning) is not supported with --submodule yet")
 
 
-def _budget(rho: float | None, allocation: str, align: int, compute_weight: float | None) -> Budget:
+def _budget(rho: float | None, allocation: str, align: int, compute_weight: float | None, wire: str) -> Budget:
     """The Budget of the options (rho 1 without --budget: fine-tuning then keeps every channel)."""
     if compute_weight and allocation != "global":
         raise CliError("--compute-weight prices MACs in the global allocation's ranking: use it with "
                        "--allocation global (the default)")
-    return Budget(1.0 if rho is None else rho, allocation, align, compute_weight)
+    return Budget(1.0 if rho is None else rho, allocation, align, compute_weight, wire)
 
 
 def _split(loaded: LoadedModel, nodes: int, node_weights: list[float] | None, leaf_modules: tuple[str, ...],
@@ -359,7 +365,7 @@ def _recorded(model: str, loaded: LoadedModel, submodule: str | None, budget: Bu
         described["weights_sha256"] = digest.hexdigest()
     recorded = {"model": described, "budget": None if budget is None else {
         "rho": budget.rho, "allocation": budget.allocation, "align": budget.align,
-        "compute_weight": budget.compute_weight}}
+        "compute_weight": budget.compute_weight}, "wire": DEFAULT_WIRE if budget is None else budget.wire}
     recorded["finetune"] = None if tuned is None else {
         "steps": tuned.steps, "data": data_dir, "exchange_ratio": tuned.exchange_ratio, "quality": tuned.validation}
     return recorded
@@ -404,9 +410,10 @@ def _export(disco, out_dir: str, force: bool, overlap: bool, submodule: str | No
               help="Shape of the random normal example input used for tracing, batch first "
                    "(default 1,3,224,224; a .pt2 program's: the shape of its example). A torchvision "
                    "name's BatchNorm statistics are calibrated on images of this size.")
-@click.option("--arch", callback=_parse_arch, metavar="torchvision:NAME",
-              help="Architecture of a state_dict MODEL file: a torchvision model built with weights=None, "
-                   "then loaded with the file's weights (a 'module.' prefix from DataParallel is removed).")
+@click.option("--arch", callback=_parse_arch, metavar="torchvision:NAME|timm:NAME",
+              help="Architecture of a state_dict MODEL file: a torchvision (or timm) model built with random "
+                   "weights, then loaded with the file's weights (a 'module.' prefix from DataParallel is "
+                   "removed). Without it, the one architecture whose keys and shapes are the file's.")
 @click.option("--num-classes", type=click.IntRange(min=1), default=None, metavar="N",
               help="With a state_dict MODEL file: build the architecture for N classes (num_classes=N; without "
                    "--arch it is read off the classifier's shapes).")
@@ -469,6 +476,12 @@ def _export(disco, out_dir: str, force: bool, overlap: bool, submodule: str | No
                    "with quality after fine-tuning level with 0 on ResNet-50 and MobileNetV2, docs/accuracy.md); "
                    "0 ranks by bytes alone; 0.1 leaves 0.34 and cost MobileNetV2 about one point. "
                    "docs/performance.md.")
+@click.option("--wire", type=click.Choice(WIRES), default=DEFAULT_WIRE, show_default=True,
+              help="What exchange messages carry: fp32 as computed, fp16, or int8 / int4 integers with a scale per "
+                   "channel (a quarter / an eighth of fp32's bytes for the same channels: --budget chooses the "
+                   "channels, --wire their bits). The split model computes with the same rounding; with --data "
+                   "the scales are calibrated on the first batches and fine-tuned, else calibrated on the example "
+                   "input (random values: give --data for scales from your data).")
 @click.option("--use-labels", is_flag=True,
               help="Add the cross-entropy against the class subfolders of --data (their sorted order must be "
                    "the model's class order) to the distillation loss, and report accuracy.")
@@ -490,7 +503,7 @@ def main(model: str, nodes: int, budget: float | None, input_shape: tuple[int, .
          leaf_modules: tuple[str, ...],
          submodule: str | None, input_on_all_nodes: bool, json_path: str | None, out_dir: str | None,
          overlap: bool, force: bool, data_dir: str | None, val_dir: str | None, allocation: str, align: int,
-         compute_weight: float | None, **train) -> None:
+         compute_weight: float | None, wire: str, **train) -> None:
     """Split MODEL across NODES devices in DISCO form and report what it costs.
 
     Every Conv and Linear layer's output channels are divided among the nodes, and a
@@ -500,10 +513,11 @@ def main(model: str, nodes: int, budget: float | None, input_shape: tuple[int, .
     split model is fine-tuned at the budget to recover the original's outputs before export.
 
     MODEL is a torchvision model name (built with random weights: nothing is downloaded),
-    a state_dict file (its architecture: --arch, or the one torchvision architecture
-    whose keys and shapes it matches), a torch.export program (.pt2, from
+    a state_dict file (its architecture: --arch, or the one torchvision or timm
+    architecture whose keys and shapes it matches), a torch.export program (.pt2, from
     torch.export.save; its input shape is the one it was exported with), or a pickled
-    whole module with --trust-pickle; - reads such a file (not a .pt2) from stdin.
+    whole module with --trust-pickle; - reads any of these files from stdin (a program
+    is told from a torch.save file by its contents).
 
     \b
     Examples:
@@ -514,6 +528,7 @@ def main(model: str, nodes: int, budget: float | None, input_shape: tuple[int, .
       disco-compile weights.pt --arch torchvision:resnet18 --num-classes 10 --nodes 4 --json cost.json
       disco-compile model.pt2 --nodes 2 --budget 0.2 --out shards/
       disco-compile retinanet_resnet50_fpn --submodule backbone --nodes 2 --input-shape 1,3,512,512
+      disco-compile plan resnet50 --link 100mbit --node-speed 4.6   (which split to make: plan --help)
     """
     _require_torch()
     from ..frontend.load import load_model
@@ -525,7 +540,8 @@ def main(model: str, nodes: int, budget: float | None, input_shape: tuple[int, .
     try:
         _check_options(model, nodes, arch, node_weights, submodule, out_dir, force, data_dir, val_dir,
                        train["resume"])
-        settings = _budget(budget, allocation, align, compute_weight)
+        settings = _budget(budget, allocation, align, compute_weight, wire)
+        budget = None if budget is None and wire == DEFAULT_WIRE else settings.rho
         with _model_file(model) as path:
             loaded = load_model(path, arch=arch, arch_args=arch_args, trust_pickle=trust_pickle,
                                 input_shape=input_shape, stage=_stage)
@@ -538,8 +554,9 @@ def main(model: str, nodes: int, budget: float | None, input_shape: tuple[int, .
             if _other_process():
                 return  # under torchrun, process 0 alone reports and exports
         elif budget is not None:
-            with _stage(f"selecting exchanged channels for budget {budget:g}"):
+            with _stage(f"selecting exchanged channels for budget {settings.rho:g}, {wire} wire"):
                 disco.set_budget(settings)
+                disco.calibrate_wire([loaded.example()])
         with _stage("computing the cost"):
             report = disco.cost()
         click.echo(_summary(loaded, nodes, node_weights, None if budget is None else settings, report, submodule,

@@ -12,20 +12,24 @@ Errors are one message on stderr: exit code 2 for bad files and options, 1 for a
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-import numpy as np
 
-from ..artifact.bundle import load_bundle
 from ..errors import DiscoError, InputMismatch
 from .common import CONTEXT, CliError, Command
 from .run import _fail, _load_inputs, check_threads, provider_option, use_provider
+
+if TYPE_CHECKING:
+    import numpy as np
 
 DEFAULT_LINKS = ("none", "1gbit", "100mbit")
 
 
 def _inputs(input_files: tuple[Path, ...], schedule) -> list[np.ndarray]:
     """The --input files, or one sample of random normal values per (floating point) model input."""
+    import numpy as np
+
     if input_files:
         return _load_inputs(input_files, schedule)[0]
     odd = [t.name for t in schedule.inputs if not t.dtype.startswith("float")]
@@ -70,6 +74,7 @@ def estimate(out: Path, links: tuple[str, ...], latency_ms: float, input_files: 
     ResNet-50 on 2 nodes with one core each, docs/latency.md) and any
     difference between these cores and the target's.
     """
+    from ..artifact.bundle import load_bundle  # here, not at the top: disco-run's --help lists this command
     from ..runtime.estimate import estimate as lay_out, parse_rate, stage_times
     try:
         links = links or DEFAULT_LINKS
@@ -81,7 +86,7 @@ def estimate(out: Path, links: tuple[str, ...], latency_ms: float, input_files: 
         bundle = load_bundle(out)
         schedule = bundle.schedule
         inputs = _inputs(input_files, schedule)
-        batch = int(np.asarray(inputs[0]).shape[0])
+        batch = int(inputs[0].shape[0])
         click.echo(f"timing the stages ({reps + 1} passes) ...", err=True)
         seconds = stage_times(bundle, inputs, reps=reps, threads=threads)
         results = lay_out(schedule, seconds, rates, latency=latency_ms / 1e3, batch=batch)

@@ -14,8 +14,6 @@ from pathlib import Path
 
 import click
 
-from ..artifact import info as report
-from ..artifact.bundle import load_bundle
 from ..errors import DiscoError
 from .common import CONTEXT, STDIO, CliError, Command
 
@@ -35,6 +33,8 @@ def info(out: Path, plot_file: Path | None, json_file: Path | None) -> None:
     Example:
       disco-run info shards/ --plot shards.png
     """
+    from ..artifact import info as report  # here, not at the top: disco-run's --help lists this command
+    from ..artifact.bundle import load_bundle
     try:
         summary = report.summarize(load_bundle(out, graphs=False))
         if plot_file is not None:

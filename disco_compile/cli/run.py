@@ -8,8 +8,9 @@
     disco-run estimate OUT --link 1gbit     the latency OUT's schedule allows at a link rate (estimate.py)
     disco-run info OUT                      the settings and per-layer split of an export (info.py)
 
-`main` is a click group whose subcommands are imported when named (`--help` and shell completion stay fast);
-any other first argument runs an export (the `run` command), so `disco-run OUT ...` reads as before. SIGINT
+`main` is a click group whose subcommands are imported when named, and the run command imports the runtime
+(numpy, onnxruntime, jsonschema) only once it runs, so `--help`, `--version` and shell completion load click
+alone; any other first argument runs an export (the `run` command), so `disco-run OUT ...` reads as before. SIGINT
 and SIGTERM end any of them with one line and status 130 or 143 (common.py).
 
 User errors (bad files, options, peers, keys) are one message on stderr and exit
@@ -24,21 +25,23 @@ import sys
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-import numpy as np
 
-from ..runtime import images
-from ..artifact.atomic import write_atomic
-from ..artifact.bundle import load_bundle
 from ..errors import BundleError, DataError, DiscoError, InputMismatch, NodeFailure
-from ..runtime.executor import DEFAULT_TIMEOUT, run_bundle
-from ..runtime.stream import load_npy, pipelined, read_arrays, write_arrays
 from . import benchmark
 from .common import CONTEXT, STDIO, CleanSignals, CliError, Command, RunError, log_level_option, positive_finite
 from .common import setup_logging
 
+if TYPE_CHECKING:
+    import numpy as np
+
 STREAM = Path(STDIO)
+# The runtime's defaults (executor.DEFAULT_TIMEOUT, zmq_transport.DEFAULT_CONNECT_TIMEOUT), written out here: the
+# runtime loads numpy and onnxruntime, which --help and completion must not wait for. A test keeps them equal.
+TIMEOUT = 10.0
+CONNECT_TIMEOUT = 60.0
 
 
 def _load_inputs(paths: tuple[Path, ...], schedule) -> tuple[list[np.ndarray], list[Path] | None]:
@@ -50,6 +53,8 @@ def _load_inputs(paths: tuple[Path, ...], schedule) -> tuple[list[np.ndarray], l
 def _load_input(path: Path, schedule) -> tuple[np.ndarray, list[Path] | None]:
     """One model input from a .npy file, or from a folder of images (images.py) for a model whose one input
     is a float32 image batch (batch, 3, H, W); with the image files, in batch order, for a folder."""
+    from ..runtime import images
+    from ..runtime.stream import load_npy
     if path.is_dir():
         spec = schedule.inputs[0]
         if len(schedule.inputs) != 1 or spec.dtype != "float32" or len(spec.shape) != 4 or spec.shape[1] != 3:
@@ -89,6 +94,7 @@ def _check_stream(input_files: tuple[Path, ...], output_file: Path | None, sched
 def _run_stream(submit, depth: int, names: list[str], output_file: Path | None) -> None:
     """Run every array on stdin as a request (up to `depth` in flight); each request's outputs go to stdout
     as they come (--output -), or are concatenated into --output FILE."""
+    from ..runtime.stream import pipelined, read_arrays, write_arrays
     out = sys.stdout.buffer if output_file == STREAM else None
     collected, count = [], 0
     try:
@@ -109,11 +115,15 @@ def _run_stream(submit, depth: int, names: list[str], output_file: Path | None) 
 
 def _joined(requests: list[list[np.ndarray]]) -> list[np.ndarray]:
     """The outputs of several requests as one batch: each output concatenated over the requests, in order."""
+    import numpy as np
     return [np.concatenate(parts) for parts in zip(*requests, strict=True)]
 
 
 def _save(path: Path, names: list[str], arrays: list[np.ndarray]) -> None:
     """Write the outputs whole or not at all (an earlier file stays as it was if writing fails)."""
+    import numpy as np
+
+    from ..artifact.atomic import write_atomic
     try:
         if path.suffix == ".npy":
             write_atomic(path, lambda f: np.save(f, arrays[0]))
@@ -189,10 +199,11 @@ def use_provider(text: str) -> list[str]:
                    "to stdout as .npy arrays, as they come. Without it, the outputs' shapes are printed.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Node 0: split the inputs into requests of this many samples, all in flight together.")
-@click.option("--timeout", type=float, callback=positive_finite, default=DEFAULT_TIMEOUT, show_default=True,
+@click.option("--timeout", type=float, callback=positive_finite, default=TIMEOUT, show_default=True,
               help="Seconds a node waits for one message, and seconds of silence after which a peer is lost; then "
                    "every node stops with an error.")
-@click.option("--connect-timeout", type=float, callback=positive_finite, default=60.0, show_default=True,
+@click.option("--connect-timeout", type=float, callback=positive_finite, default=CONNECT_TIMEOUT,
+              show_default=True,
               help="Seconds a node waits at start for every peer to answer the handshake.")
 @click.option("--threads", type=int, default=1, show_default=True, callback=check_threads,
               help="onnxruntime threads per node (at most this machine's cores).")
@@ -360,6 +371,8 @@ def _report(output_file: Path | None, names: list[str], outputs: list[np.ndarray
 
 def _simulate(run: _RunOptions) -> None:
     """--simulate: every node on this machine, as threads of this process or (--procs) as processes."""
+    from ..artifact.bundle import load_bundle
+    from ..runtime.executor import local_runner, run_bundle
     try:
         bundle = load_bundle(run.out)
         names = [t.name for t in bundle.schedule.outputs]
@@ -373,7 +386,6 @@ def _simulate(run: _RunOptions) -> None:
         if run.procs:
             outputs = _procs(run, bundle, names, inputs)
         elif run.requests is not None:
-            from ..runtime.executor import local_runner
             outputs = _benchmarked(local_runner(bundle, timeout=run.timeout, threads=run.threads), inputs,
                                    run.requests)
         else:
@@ -388,6 +400,8 @@ def _simulate(run: _RunOptions) -> None:
 
 def _simulate_stream(run: _RunOptions, bundle, names: list[str]) -> None:
     """--simulate --input -: every array on stdin a request, run in this process, one after another."""
+    from ..runtime.executor import run_bundle
+
     def submit(inputs) -> Future:
         done = Future()
         done.set_result(run_bundle(bundle, inputs, timeout=run.timeout, threads=run.threads))
@@ -407,6 +421,7 @@ def _procs(run: _RunOptions, bundle, names: list[str], inputs: list[np.ndarray])
 
 def _node0(run: _RunOptions) -> None:
     """--node 0: run the inputs (files, a folder of images, or a stream on stdin) as node 0 of the network."""
+    from ..artifact.bundle import load_bundle
     from ..runtime.executor import check_inputs
     from ..runtime.net.network import DiscoClient
     bundle = load_bundle(run.out)

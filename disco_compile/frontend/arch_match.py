@@ -1,40 +1,58 @@
-"""Which torchvision architecture a state_dict belongs to, from its key names and every tensor's shape.
+"""Which architecture a state_dict belongs to (torchvision's, or timm's where timm is installed), from its key
+names and every tensor's shape.
 
 A state_dict S (key -> tensor) matches architecture A built with constructor arguments c when S and
-A(c).state_dict() have the same keys and every tensor the same shape. c is read off the shapes: A is first
-built with its defaults; if the only differing shapes are tensors whose first dimension is the same number k
-(and every other dimension equal), that is the classifier head of k classes, and A is built again with
-num_classes=k. S matches when exactly one (A, c) does; several or none is an error listing the closest.
+A(c).state_dict() have the same keys and every tensor the same shape. The one argument read off the shapes is
+num_classes: A's head is the tensors whose shape follows it (first dimension the number of classes, every other
+dimension fixed), and S matches A(num_classes=k) when its head tensors share one first dimension k.
 
-Building each of torchvision's 80 classification models to compare takes about 30 s even on the meta device
-(measured on this machine's 2 cores), so the candidates are looked up in an index first: for every
-architecture (and the variants whose keys differ, as GoogLeNet and Inception v3 without their auxiliary heads)
-the number of tensors and a hash of the sorted key names, which num_classes does not change (arch_index.py,
-written by `python -m disco_compile.frontend.arch_match` for the torchvision version it names). Only the
-architectures with the file's key hash are built, on the meta device (no memory, no initialisation work).
-timm's architectures are not indexed (over 1300 of them): their state_dicts need --arch-free Python use
-(disco_compile.load_model of a built module) or a torchvision twin.
+Building architectures to compare takes seconds each (torchvision's 80 classification models about 30 s even on
+the meta device, timm's 1,371 about half an hour, measured on this machine's 2 cores), so nothing is built to
+match: arch_index.json (package data, written by tools/arch_index.py for the torchvision and timm versions it
+names) holds for every architecture (and the variants whose keys differ, as GoogLeNet and Inception v3 without
+their auxiliary heads) its tensor count, a hash of its sorted key names, a hash of the (key, shape) pairs outside
+the head, the head's shapes at the default number of classes, and its first and last key. S matches an entry
+when both hashes are S's and each head tensor has the entry's shape but for the shared first dimension k
+(num_classes=k where k is not the default). Only the architecture found is built, once, to load the weights; an
+error that names how shapes differ builds the few candidates it names.
+
+Sources are asked in order, torchvision then timm, and the first with a match decides: timm re-implements
+torchvision's ResNets, DenseNets and Inception v3 under the same names with the same keys, and they compute the
+same. Exactly one match is the architecture; where the other source has networks of other names with the same
+tensors (timm's resnetaa50 and resnetblur50, which add blur pooling to resnet50 without a parameter), the reason
+names them and the --arch that picks one. Several matches in the deciding source (timm's efficientnet_b0 and
+tf_efficientnet_b0: the same tensors, other padding; 188 of timm 1.0.31's 1,371 architectures share their
+tensors with another) or none is an error listing them, or the closest entries by key names and tensor count
+(with the best one's missing and extra keys).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import warnings
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from importlib import metadata, resources
 
 import torch
+import torch.nn as nn
 import torchvision
 
 from ..errors import ModelLoadError
 
-_VARIANTS = {"googlenet": [{}, {"aux_logits": False}], "inception_v3": [{}, {"aux_logits": False}]}
+SOURCES = ("torchvision", "timm")  # asked in this order
+INDEX_FILE = "arch_index.json"
 _CLOSEST = 3  # candidates listed when nothing matches
 _SHOWN = 4  # keys listed of the closest one's difference
+
+Shapes = dict[str, tuple[int, ...]]
 
 
 @dataclass(frozen=True)
 class Match:
-    """The architecture a state_dict matched: torchvision `name` built with `kwargs`; `why` says so."""
+    """The architecture a state_dict matched: `name` from `source` built with `kwargs`; `why` says so."""
+    source: str
     name: str
     kwargs: dict
     why: str
@@ -44,39 +62,67 @@ def key_hash(keys) -> str:
     return hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:16]
 
 
-def _shapes(name: str, kwargs: Mapping) -> dict[str, tuple[int, ...]]:
-    """The state_dict shapes of torchvision `name`(weights=None, **kwargs), built on the meta device when it can
-    be (a few architectures copy tensors while initialising, and are built on the CPU)."""
-    builder = torchvision.models.get_model_builder(name)
+def shape_hash(shapes: Mapping[str, Sequence[int]]) -> str:
+    return hashlib.sha256("\n".join(f"{k} {list(shapes[k])}" for k in sorted(shapes)).encode()).hexdigest()[:16]
+
+
+def signature(name: str, kwargs: dict, shapes: Shapes, head: Collection[str]) -> dict:
+    """The index entry of architecture `name`(**kwargs) with state_dict `shapes` and head tensors `head`."""
+    keys = list(shapes)
+    return {"name": name, "kwargs": kwargs, "count": len(keys), "keys": key_hash(keys),
+            "body": shape_hash({k: s for k, s in shapes.items() if k not in head}),
+            "head": {k: list(shapes[k]) for k in keys if k in head}, "first": keys[0], "last": keys[-1]}
+
+
+@functools.cache
+def index() -> dict[str, dict]:
+    """arch_index.json: per source, the version indexed and the entries (`signature`)."""
+    return json.loads(resources.files(__package__).joinpath(INDEX_FILE).read_text())
+
+
+def installed(source: str) -> str | None:
+    """The installed version of `source` (without a local '+cpu' part), or None where it is not installed."""
+    try:
+        return metadata.version(source).split("+")[0]
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def build(source: str, name: str, kwargs: Mapping[str, object], **extra) -> nn.Module:
+    """Architecture `name` of `source` with random weights (nothing downloaded), built with `kwargs`."""
+    if source == "timm":
+        import timm
+        return timm.create_model(name, pretrained=False, **kwargs)
+    return torchvision.models.get_model_builder(name)(weights=None, **extra, **kwargs)
+
+
+def shapes_of(source: str, name: str, kwargs: Mapping[str, object]) -> tuple[nn.Module, Shapes]:
+    """The model and its state_dict shapes, built on the meta device when it can be (a few architectures copy
+    tensors while initialising, and are built on the CPU)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torchvision's notes on init_weights and aux_logits defaults
         try:
             with torch.device("meta"):
-                model = builder(weights=None, **kwargs)
-        except NotImplementedError:  # "Cannot copy out of meta tensor" (RegNet's initialisation)
-            model = builder(weights=None, **kwargs)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+                model = build(source, name, kwargs)
+        except (NotImplementedError, RuntimeError):  # "Cannot copy out of meta tensor" (RegNet's initialisation)
+            model = build(source, name, kwargs)
+    return model, {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def _classes(file: dict[str, tuple[int, ...]], built: dict[str, tuple[int, ...]]) -> int | None:
-    """k when the only differing shapes are a head's: the same first dimension k, every other one equal."""
-    differ = [k for k in built if file[k] != built[k]]
-    heads = {file[k][0] for k in differ if len(file[k]) == len(built[k]) and file[k][1:] == built[k][1:]}
-    return heads.pop() if differ and len(heads) == 1 and all(file[k] for k in differ) else None
-
-
-def _fits(name: str, kwargs: dict, file: dict[str, tuple[int, ...]]) -> tuple[dict | None, str]:
-    """(the constructor arguments under which `name` matches every shape, or None; what differs)."""
-    built = _shapes(name, kwargs)
-    k = _classes(file, built)
-    if k is not None and "num_classes" not in kwargs:
-        kwargs = {**kwargs, "num_classes": k}
-        built = _shapes(name, kwargs)
-    differ = [key for key in built if file[key] != built[key]]
-    if not differ:
-        return kwargs, ""
-    first = differ[0]
-    return None, (f"{len(differ)} shape(s) differ, e.g. {first} (file {file[first]}, {name} {built[first]})")
+def _fits(entry: dict, file: Shapes) -> dict | None:
+    """The constructor arguments under which `entry` has every shape of `file` (same key names), or None."""
+    head = {k: tuple(s) for k, s in entry["head"].items()}
+    if shape_hash({k: s for k, s in file.items() if k not in head}) != entry["body"]:
+        return None
+    if any(len(file[k]) != len(s) or file[k][1:] != s[1:] for k, s in head.items()):
+        return None
+    classes = {file[k][0] for k in head}
+    if len(classes) > 1:
+        return None
+    default = {s[0] for s in head.values()}
+    if not classes or classes == default:
+        return dict(entry["kwargs"])
+    return {**entry["kwargs"], "num_classes": classes.pop()}
 
 
 def _label(name: str, kwargs: Mapping) -> str:
@@ -84,70 +130,70 @@ def _label(name: str, kwargs: Mapping) -> str:
     return name + (f"({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})" if kwargs else "")
 
 
-def _closest(count: int, keys: set[str]) -> str:
+def _difference(source: str, entry: dict, file: Shapes) -> str:
+    """How the shapes of `file` differ from `entry`'s architecture (built to say it)."""
+    _, built = shapes_of(source, entry["name"], entry["kwargs"])
+    head = entry["head"]
+    differ = [k for k in built if file[k] != built[k] and not (k in head and file[k][1:] == built[k][1:])]
+    label = f"{source} {_label(entry['name'], entry['kwargs'])}"
+    if not differ:
+        return f"{label}: its head tensors ({', '.join(head)}) hold different numbers of classes"
+    first = differ[0]
+    return f"{label}: {len(differ)} shape(s) differ, e.g. {first} (file {file[first]}, {entry['name']} {built[first]})"
+
+
+def _closest(sources: list[str], count: int, keys: set[str]) -> str:
     """The indexed architectures nearest the file's: shared first and last key, then the tensor count."""
-    def distance(entry) -> tuple[int, int]:
+    def distance(item) -> tuple[int, int]:
+        entry = item[1]
         shared = (entry["first"] in keys) + (entry["last"] in keys)
         return -shared, abs(entry["count"] - count)
-    from .arch_index import INDEX
-    ranked = sorted(INDEX, key=distance)[:_CLOSEST]
-    best = set(_shapes(ranked[0]["name"], ranked[0]["kwargs"]))
+    ranked = sorted(((s, e) for s in sources for e in index()[s]["entries"]), key=distance)[:_CLOSEST]
+    _, built = shapes_of(ranked[0][0], ranked[0][1]["name"], ranked[0][1]["kwargs"])
+    best = set(built)
     diff = [f"{what} {', '.join(sorted(part)[:_SHOWN])}" + (f" and {len(part) - _SHOWN} more" if len(part) > _SHOWN
                                                          else "")
             for what, part in (("missing from the file:", best - keys), ("not in it:", keys - best)) if part]
-    return "; ".join(f"{_label(e['name'], e['kwargs'])} ({e['count']} tensors"
-                     + (f", {'; '.join(diff)}" if e is ranked[0] else "") + ")" for e in ranked)
+    return "; ".join(f"{s} {_label(e['name'], e['kwargs'])} ({e['count']} tensors"
+                     + (f", {'; '.join(diff)}" if i == 0 else "") + ")" for i, (s, e) in enumerate(ranked))
+
+
+def _versions(sources: list[str]) -> str:
+    """A note for each source whose installed version is not the one indexed."""
+    notes = [f"{s} {index()[s]['version']}, this is {installed(s)}" for s in sources
+             if index()[s]["version"] != installed(s)]
+    return f" (the index of architectures was made with {'; '.join(notes)})" if notes else ""
 
 
 def match(sd: Mapping[str, torch.Tensor], path: str) -> Match:
-    """The one torchvision architecture whose keys and shapes are those of `sd` (module docstring)."""
-    from .arch_index import INDEX, TORCHVISION
+    """The one architecture whose keys and shapes are those of `sd` (module docstring)."""
     file = {k: tuple(v.shape) for k, v in sd.items()}
     found = key_hash(file)
-    candidates = [e for e in INDEX if e["hash"] == found]
-    matched, refused = [], []
-    for entry in candidates:
-        kwargs, why = _fits(entry["name"], dict(entry["kwargs"]), file)
-        if kwargs is None:
-            refused.append(f"{_label(entry['name'], entry['kwargs'])}: {why}")
-        else:
-            matched.append((entry["name"], kwargs))
-    advice = "say which with --arch torchvision:NAME (and --num-classes N or --arch-arg KEY=VALUE)"
-    if len(matched) == 1:
-        name, kwargs = matched[0]
-        return Match(name, kwargs, f"all {len(file)} tensors match torchvision {_label(name, kwargs)}")
-    if matched:
-        raise ModelLoadError(f"the {len(file)} tensors in {path} match several torchvision architectures: "
-                             f"{', '.join(_label(n, k) for n, k in matched)}; {advice}")
-    version = "" if TORCHVISION == torchvision.__version__.split("+")[0] else \
-        f" (the index of architectures was made with torchvision {TORCHVISION}, this is " \
-        f"{torchvision.__version__})"
-    near = "; ".join(refused) if refused else f"none has these key names; closest: {_closest(len(file), set(file))}"
-    raise ModelLoadError(f"the state_dict in {path} ({len(file)} tensors) matches no torchvision classification "
-                         f"architecture{version}: {near}; {advice}")
-
-
-def build_index() -> list[dict]:
-    """Every torchvision classification architecture (and variant): name, kwargs, tensor count, key hash,
-    first and last key."""
-    index = []
-    for name in sorted(torchvision.models.list_models(module=torchvision.models)):
-        for kwargs in _VARIANTS.get(name, [{}]):
-            keys = list(_shapes(name, kwargs))
-            index.append({"name": name, "kwargs": kwargs, "count": len(keys), "hash": key_hash(keys),
-                          "first": keys[0], "last": keys[-1]})
-    return index
-
-
-def _write_index() -> None:
-    import pprint
-    from pathlib import Path
-    text = (f'"""Generated by `python -m disco_compile.frontend.arch_match` (arch_match.build_index): every '
-            f'torchvision classification\narchitecture\'s tensor count, key hash, first and last key."""\n'
-            f"TORCHVISION = {torchvision.__version__.split('+')[0]!r}\n"
-            f"INDEX = {pprint.pformat(build_index(), width=110, sort_dicts=False)}\n")
-    Path(__file__).with_name("arch_index.py").write_text(text)
-
-
-if __name__ == "__main__":
-    _write_index()
+    sources = [s for s in SOURCES if installed(s) is not None and s in index()]
+    advice = (f"say which with --arch {' or '.join(f'{s}:NAME' for s in sources)} (and --num-classes N or "
+              f"--arch-arg KEY=VALUE)")
+    matches: dict[str, list[tuple[dict, dict]]] = {s: [] for s in sources}
+    refused = []
+    for source in sources:
+        for entry in index()[source]["entries"]:
+            if entry["keys"] == found:
+                kwargs = _fits(entry, file)
+                if kwargs is None:
+                    refused.append((source, entry))
+                else:
+                    matches[source].append((entry, kwargs))
+    decided = next((s for s in sources if matches[s]), None)
+    if decided is not None and len(matches[decided]) > 1:
+        raise ModelLoadError(f"the {len(file)} tensors in {path} match several {decided} architectures: "
+                             f"{', '.join(_label(e['name'], k) for e, k in matches[decided])}; {advice}")
+    if decided is not None:
+        (entry, kwargs), = matches[decided]
+        others = [f"{s}:{e['name']}" for s in sources if s != decided for e, _ in matches[s]
+                  if e["name"] != entry["name"]]
+        note = f"; so do {', '.join(others)}, other networks: --arch picks one" if others else ""
+        return Match(decided, entry["name"], kwargs,
+                     f"all {len(file)} tensors match {decided} {_label(entry['name'], kwargs)}{note}")
+    near = ("; ".join(_difference(s, e, file) for s, e in refused[:_CLOSEST]) if refused
+            else f"none has these key names; closest: {_closest(sources, len(file), set(file))}")
+    raise ModelLoadError(f"the state_dict in {path} ({len(file)} tensors) matches no {' or '.join(sources)} "
+                         f"classification architecture{_versions(sources)}: {near}; {advice}")

@@ -9,7 +9,11 @@ and every optional parameter not given is bound to its default (torch.fx `concre
 
 Two routes (`capture`), the first that works:
 1. torch.fx (`trace`): a `torch.fx.Tracer` whose leaves are torch.nn's plus the user's `leaf_modules` (classes or
-   qualified names); the graph keeps the model's module structure.
+   qualified names); the graph keeps the model's module structure. timm's `pad_same` ("same" padding computed
+   from the input's size, which is control flow on a traced size: Conv2dSame, StdConv2dSame, MaxPool2dSame) is
+   traced as one call, and `capture` makes it the F.pad it computes at the example's size,
+   F.pad(x, pad_same_arg(x.shape[-2:], kernel, stride, dilation), value=value) (timm/layers/padding.py), as
+   every other shape in the graph is the example's.
 2. torch.export, when torch.fx cannot trace the model (Python control flow on sizes, Hugging Face's
    `'Proxy' object does not support item assignment`): `torch.export.export` on the bound inputs, raised back to
    modules by exported.to_module. The route taken and why is said in one warning and kept in `Captured.route`.
@@ -98,7 +102,7 @@ class _LeafTracer(fx.Tracer):
     module it was inside when tracing failed."""
 
     def __init__(self, leaf_types: tuple[type, ...], leaf_names: frozenset[str]):
-        super().__init__()
+        super().__init__(autowrap_functions=_size_dependent())
         self._leaf_types = leaf_types
         self._leaf_names = leaf_names
         self.open_modules: list[tuple[str, str]] = []
@@ -114,6 +118,50 @@ class _LeafTracer(fx.Tracer):
         out = super().call_module(m, forward, args, kwargs)
         self.open_modules.pop()
         return out
+
+
+def _size_dependent() -> tuple:
+    """Functions traced as one call because they branch on the input's size (module docstring)."""
+    try:
+        from timm.layers.padding import pad_same
+    except ImportError:  # timm is optional
+        return ()
+    return (pad_same,)
+
+
+class _SamePadding(fx.Interpreter):
+    """Runs the graph on the example inputs and records each pad_same call's F.pad arguments."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.pads: dict[fx.Node, tuple[list[int], float]] = {}
+
+    def run_node(self, n: fx.Node):
+        if n.op == "call_function" and n.target in _size_dependent():
+            from timm.layers.padding import pad_same_arg
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            call = inspect.signature(n.target).bind(*args, **kwargs)
+            call.apply_defaults()
+            a = call.arguments
+            self.pads[n] = (pad_same_arg(a["x"].shape[-2:], a["kernel_size"], a["stride"], a["dilation"]),
+                            a["value"])
+        return super().run_node(n)
+
+
+def _static_same_padding(gm: fx.GraphModule, inputs: tuple) -> None:
+    """Each pad_same call of `gm` becomes the F.pad it computes on `inputs` (module docstring)."""
+    if not any(n.op == "call_function" and n.target in _size_dependent() for n in gm.graph.nodes):
+        return
+    shapes = _SamePadding(gm)
+    with torch.no_grad():
+        shapes.run(*inputs)
+    for n, (pad, value) in shapes.pads.items():
+        with gm.graph.inserting_before(n):
+            padded = gm.graph.call_function(torch.nn.functional.pad, (n.args[0], pad), {"value": value})
+        n.replace_all_uses_with(padded)
+        gm.graph.erase_node(n)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
 
 
 def _user_frame(exc: BaseException) -> str | None:
@@ -187,7 +235,9 @@ def capture(model: torch.nn.Module, inputs: ExampleInputs, leaf_modules: LeafSpe
     """The model's graph by the first route that works (module docstring); a fall-back to torch.export is said
     in one warning naming why torch.fx failed."""
     try:
-        return Captured(trace(model, leaf_modules, inputs.defaults), "torch.fx")
+        gm = trace(model, leaf_modules, inputs.defaults)
+        _static_same_padding(gm, inputs.args)
+        return Captured(gm, "torch.fx")
     except TraceFailure as fx_failure:
         if isinstance(model, fx.GraphModule) or any(isinstance(x, str) for x in leaf_modules) or \
                 not all(isinstance(x, torch.Tensor) for x in inputs.args):

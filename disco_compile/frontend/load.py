@@ -2,15 +2,16 @@
 
 Sources, tried in this order:
 
-- a `.pt2` file: a torch.export program, its layers raised to modules (exported.py), at the input shape it
-  was exported with. torch.export.load falls back to full unpickling where a weights-only read fails (the
-  example inputs, pickled weights), so without `trust_pickle` the program is read with every torch.load forced
-  to weights only (TORCH_FORCE_WEIGHTS_ONLY_LOAD) and an archive holding pickled objects (custom or opaque
-  constants, read with pickle itself) is refused;
-- another file: read with `torch.load(weights_only=True)`. A state_dict is built as `arch`, a torchvision
-  model name, or without it as the one torchvision architecture whose keys and shapes it matches
-  (arch_match.py): that model is built with weights=None (and `arch_args`) and given the weights (a
-  "module." prefix from DataParallel is removed; every key and shape must match). A pickled whole module
+- a torch.export program (a `.pt2` file, or any zip archive torch.export.save wrote: its `archive_format`
+  member, so a program read from stdin is one too): its layers raised to modules (exported.py), at the input
+  shape it was exported with. torch.export.load falls back to full unpickling where a weights-only read fails
+  (the example inputs, pickled weights), so without `trust_pickle` the program is read with every torch.load
+  forced to weights only (`_weights_only`) and an archive holding pickled objects (custom or opaque constants,
+  read with pickle itself) is refused;
+- another file: read with `torch.load(weights_only=True)`. A state_dict is built as `arch` (a torchvision
+  model name, or timm:NAME), or without it as the one torchvision or timm architecture whose keys and shapes
+  it matches (arch_match.py): that model is built with random weights (and `arch_args`) and given the weights
+  (a "module." prefix from DataParallel is removed; every key and shape must match). A pickled whole module
   runs code stored in the file when unpickled, so it is read only with `trust_pickle=True`;
 - a torchvision model name: built with random weights, its BatchNorm statistics calibrated on images of
   the input shape (zoo.py). Nothing is downloaded.
@@ -30,6 +31,7 @@ import math
 import os
 import pickle
 import re
+import threading
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -49,6 +51,8 @@ _FILE_SUFFIXES = (".pt", ".pt2", ".pth", ".pkl", ".bin", ".ckpt", ".tar")
 _SHOWN_KEYS = 8  # keys listed in a state_dict mismatch before "... and N more"
 MAX_EXAMPLE_VALUES = 1 << 28  # values in one example input (1 GiB of float32); 1,3,224,224 has 150,528
 _PICKLED_CONSTANTS = ("custom_obj_", "opaque_obj_")  # .pt2 constants read with pickle, not torch.load
+_FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # torch.load reads it on every call
+_FORCING = threading.Lock()  # held while this process sets it (`_weights_only`)
 
 Stage = Callable[[str], AbstractContextManager]
 
@@ -76,8 +80,9 @@ def load_model(model: str | os.PathLike, *, arch: str | None = None, arch_args: 
                input_shape: tuple[int, ...] | None = None, stage: Stage = _quiet) -> LoadedModel:
     """The model in file `model`, or the torchvision model named `model` (module docstring).
 
-    arch: the torchvision model name of a state_dict file's weights; without it, the one torchvision
-      architecture whose keys and shapes are the file's (arch_match.py).
+    arch: the architecture of a state_dict file's weights: a torchvision model name (or torchvision:NAME), or
+      timm:NAME; without it, the one torchvision or timm architecture whose keys and shapes are the file's
+      (arch_match.py).
     arch_args: constructor arguments of that architecture (num_classes=3, ...).
     trust_pickle: allow a file holding a pickled whole nn.Module (unpickling runs code stored in it).
     input_shape: the example input's shape, batch first (default 1,3,224,224; a program's: its example's).
@@ -86,7 +91,7 @@ def load_model(model: str | os.PathLike, *, arch: str | None = None, arch_args: 
     if input_shape is not None:
         _check_shape(input_shape)
     if arch is not None:
-        torchvision_name(arch, f"arch {arch!r}")
+        arch = arch_name(arch, f"arch {arch!r}")
     if os.path.isfile(model):
         return _from_file(model, arch, arch_args or {}, trust_pickle, input_shape, stage)
     if os.path.exists(model):
@@ -124,6 +129,29 @@ def torchvision_name(name: str, what: str) -> str:
     if name not in torchvision.models.list_models():
         raise ModelLoadError(f"{what} is not a torchvision model name; to see the names: {LIST_MODELS}")
     return name
+
+
+def arch_name(arch: str, what: str) -> str:
+    """`arch` (NAME or torchvision:NAME, timm:NAME) as load_model takes it: a torchvision name bare, timm:NAME;
+    `what` says where it came from."""
+    source, _, name = arch.rpartition(":")
+    if source in ("", "torchvision"):
+        return torchvision_name(name, what)
+    if source != "timm":
+        raise ModelLoadError(f"{what}: expected torchvision:NAME or timm:NAME, got {arch!r}")
+    if arch_match.installed("timm") is None:
+        raise ModelLoadError(f"{what}: timm is not installed here (pip install timm), or give a torchvision name")
+    import timm
+    if not timm.is_model(name):
+        raise ModelLoadError(f"{what}: {name!r} is not a timm model name; to see the names: python -c \"import "
+                             f"timm; print(timm.list_models())\"")
+    return arch
+
+
+def _source(arch: str) -> tuple[str, str]:
+    """(source, name) of an `arch_name` result."""
+    source, _, name = arch.rpartition(":")
+    return source or "torchvision", name
 
 
 def _from_zoo(name: str, shape: tuple[int, ...] | None, stage: Stage) -> LoadedModel:
@@ -200,20 +228,22 @@ def _as_state_dict(obj: Mapping, path: str) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _load_into(name: str, sd: dict[str, torch.Tensor], path: str, arch_args: Mapping[str, object]) -> nn.Module:
-    """torchvision model `name` built with weights=None and `arch_args`, then given the weights `sd` (all keys
-    must match)."""
-    detection = {"weights_backbone": None} if name in zoo.detection_models() else {}  # else it downloads
+def _load_into(arch: str, sd: dict[str, torch.Tensor], path: str, arch_args: Mapping[str, object]) -> nn.Module:
+    """Architecture `arch` (`arch_name`) built with random weights and `arch_args`, then given the weights `sd`
+    (all keys must match)."""
+    source, name = _source(arch)
+    # a torchvision detection model's builder downloads its backbone's weights unless told not to
+    detection = {"weights_backbone": None} if source == "torchvision" and name in zoo.detection_models() else {}
     try:
-        model = torchvision.models.get_model_builder(name)(weights=None, **detection, **arch_args)
+        model = arch_match.build(source, name, arch_args, **detection)
     except (TypeError, ValueError) as exc:  # an argument the builder does not take, or a value it refuses
-        raise ModelLoadError(f"torchvision {name} cannot be built with {dict(arch_args)} (--num-classes, "
+        raise ModelLoadError(f"{source} {name} cannot be built with {dict(arch_args)} (--num-classes, "
                              f"--arch-arg): {exc}") from None
     expected = model.state_dict()
     wrong = [f"{k} (file {tuple(v.shape)}, {name} {tuple(expected[k].shape)})"
              for k, v in sd.items() if k in expected and v.shape != expected[k].shape]
     if wrong:
-        raise ModelLoadError(f"the weights in {path} do not fit torchvision {name}: shapes differ for "
+        raise ModelLoadError(f"the weights in {path} do not fit {source} {name}: shapes differ for "
                              f"{_key_list(wrong)}; check --arch (and the number of classes the model was trained "
                              f"for)")
     result = model.load_state_dict(sd, strict=False)
@@ -221,23 +251,39 @@ def _load_into(name: str, sd: dict[str, torch.Tensor], path: str, arch_args: Map
                                                              ("unexpected in the file", result.unexpected_keys))
              if keys]
     if parts:
-        raise ModelLoadError(f"the keys in {path} do not match torchvision {name}: {'; '.join(parts)}; check --arch")
+        raise ModelLoadError(f"the keys in {path} do not match {source} {name}: {'; '.join(parts)}; check --arch")
     return model
 
 
 @contextmanager
 def _weights_only() -> Iterator[None]:
-    """Every torch.load inside reads weights only, even where its caller asks for full unpickling."""
-    key = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
-    before = os.environ.get(key)
-    os.environ[key] = "1"
+    """Every torch.load inside reads weights only, even where its caller asks for full unpickling.
+
+    torch has no per-call switch that reaches the torch.load calls inside torch.export.load, only the process
+    environment (TORCH_FORCE_WEIGHTS_ONLY_LOAD), so it is set for the load and put back as it was in `finally`.
+    Threads: `_FORCING` makes program loads take turns, so one load's restore never ends another's forcing
+    while it reads; a torch.load by another thread in that window reads weights only too, which fails closed
+    (it may refuse a full unpickling it asked for, never unpickle more than asked)."""
+    with _FORCING:
+        before = os.environ.get(_FORCE_WEIGHTS_ONLY)
+        os.environ[_FORCE_WEIGHTS_ONLY] = "1"
+        try:
+            yield
+        finally:
+            if before is None:
+                del os.environ[_FORCE_WEIGHTS_ONLY]
+            else:
+                os.environ[_FORCE_WEIGHTS_ONLY] = before
+
+
+def _is_program(path: str) -> bool:
+    """Whether `path` is an archive torch.export.save wrote (it has an `archive_format` member; torch.save's
+    zip files have none)."""
     try:
-        yield
-    finally:
-        if before is None:
-            del os.environ[key]
-        else:
-            os.environ[key] = before
+        with zipfile.ZipFile(path) as archive:
+            return any(n == "archive_format" or n.endswith("/archive_format") for n in archive.namelist())
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
 
 
 def _read_program(path: str, trust_pickle: bool):
@@ -292,7 +338,7 @@ def _from_program(path: str, arch: str | None, trust_pickle: bool, shape: tuple[
 
 def _from_file(path: str, arch: str | None, arch_args: Mapping[str, object], trust_pickle: bool,
                shape: tuple[int, ...] | None, stage: Stage) -> LoadedModel:
-    if path.endswith(".pt2"):
+    if path.endswith(".pt2") or _is_program(path):
         return _from_program(path, arch, trust_pickle, shape, stage)
     shape = shape or DEFAULT_SHAPE
     with stage(f"loading {path}"):
@@ -309,7 +355,9 @@ def _from_file(path: str, arch: str | None, arch_args: Mapping[str, object], tru
         why = ""
         if arch is None:  # the one architecture whose keys and shapes are the file's (arch_match.py)
             found = arch_match.match(sd, path)
-            arch, arch_args, why = found.name, {**found.kwargs, **arch_args}, f" ({found.why})"
+            arch = found.name if found.source == "torchvision" else f"{found.source}:{found.name}"
+            arch_args, why = {**found.kwargs, **arch_args}, f" ({found.why})"
+        source, name = _source(arch)
         return LoadedModel(_check_finite(_load_into(arch, sd, path, arch_args), path),
-                           f"{arch} (torchvision) with the state_dict in {path}{why}", shape,
-                           arch in zoo.detection_models())
+                           f"{name} ({source}) with the state_dict in {path}{why}", shape,
+                           source == "torchvision" and name in zoo.detection_models())
