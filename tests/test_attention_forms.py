@@ -1,8 +1,9 @@
 """Attention in every form it is written (passes/raise_attention.py): tiny hand-built modules for each form
 (F.scaled_dot_product_attention with fused qkv and unbind, the matmul form with a scale, separate q/k/v
-Linears, an additive and a bool mask, a per-head relative position bias, window attention with windows in
+Linears, an additive and a bool mask, is_causal, GPT-2's projection of tokens folded into dim 0 with a bool
+causal mask, a per-head relative position bias, window attention with windows in
 the batch dim, interleaved per-head q/k/v of another value width), then timm's ViT and DeiT and Hugging Face's
-BERT and ViT from small configs. Each: exact at N=2 and 3 with nothing replicated and every head on one node,
+BERT, GPT-2 and ViT from small configs. Each: exact at N=2 and 3 with nothing replicated and every head on one node,
 and its ONNX shards equal to the DISCO model at rho 1 and 0.5."""
 import math
 
@@ -41,6 +42,10 @@ class Attention(nn.Module):
 
     def split(self, x: torch.Tensor):
         b, n, c = x.shape
+        if self.form == "flat":  # GPT-2's Conv1D projects x.view(-1, C): its output is (b * n, 3C)
+            qkv = self.qkv(x.reshape(b * n, c)).view(b, n, 3 * c)
+            parts = qkv.split(c, dim=2)
+            return (parts[i].view(b, n, self.heads, self.width).transpose(1, 2) for i in range(3))
         if self.form in ("separate", "mask", "bool_mask"):
             return (f(x).view(b, n, self.heads, self.width).transpose(1, 2) for f in (self.q, self.k, self.v))
         return self.qkv(x).reshape(b, n, 3, self.heads, self.width).permute(2, 0, 3, 1, 4).unbind(0)
@@ -50,8 +55,10 @@ class Attention(nn.Module):
         q, k, v = self.split(x)
         if self.form == "sdpa":
             o = F.scaled_dot_product_attention(q, k, v)
-        elif self.form == "bool_mask":
+        elif self.form in ("bool_mask", "flat"):
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=self.keep)
+        elif self.form == "causal":
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         elif self.form == "sdpa_bias":
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias(), scale=0.3)
         else:
@@ -124,7 +131,7 @@ class Embedded(nn.Module):
         return self.head(self.norm(h + self.attn(h)).mean(1))
 
 
-FORMS = ["sdpa", "bool_mask", "sdpa_bias", "matmul", "separate", "mask", "bias"]
+FORMS = ["sdpa", "bool_mask", "causal", "flat", "sdpa_bias", "matmul", "separate", "mask", "bias"]
 
 
 def hand_built(form: str) -> tuple[nn.Module, torch.Tensor]:
@@ -251,6 +258,10 @@ def hf_model(kind: str):
     if kind == "bert":
         model = transformers.BertModel(transformers.BertConfig(vocab_size=50, max_position_embeddings=16, **small))
         x = torch.randint(0, 50, (1, 7))
+    elif kind == "gpt2":  # Conv1D projections of x.view(-1, C) and a bool causal mask
+        model = transformers.GPT2Model(transformers.GPT2Config(vocab_size=50, n_embd=24, n_layer=2, n_head=3,
+                                                               n_positions=16, use_cache=False))
+        x = torch.randint(0, 50, (1, 7))
     else:
         model = transformers.ViTModel(transformers.ViTConfig(image_size=16, patch_size=8, **small))
         x = torch.randn(1, 3, 16, 16)
@@ -266,7 +277,7 @@ class LastHidden(nn.Module):
         return self.model(x).last_hidden_state
 
 
-@pytest.mark.parametrize("kind", ["bert", "vit"])
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "vit"])
 def test_hugging_face_through_torch_export(kind, tmp_path):
     """torch.fx cannot trace HF models; their torch.export program splits by heads. Batch 1: the programs
     keep the example's batch in their views (a static batch), which the ONNX shards then have too."""

@@ -4,7 +4,7 @@ through transform at N=2 (and the export where it is cheap):
 - A1: optional forward arguments not given are bound to their defaults; example inputs as a tensor, a tuple or a
   dict of keyword inputs, bound to forward's order (the export takes them in that order).
 - A2: a model torch.fx cannot trace (control flow on sizes) is captured with torch.export, said in a warning and
-  in `route`.
+  in `route`; timm's "same" padding (Conv2dSame, StdConv2dSame, MaxPool2dSame: pad_same) traces with torch.fx.
 - B2: torch.addmm(b, x, W) / x @ W (GPT-2's Conv1D) is a linear layer, split, through torch.fx and torch.export.
 - C2: a conv whose weight is standardised from its parameters (timm's ScaledStdConv2d) is split, exactly, and its
   gradients reach the parameters the weight is computed from.
@@ -112,6 +112,24 @@ def test_untraceable_model_falls_back_to_torch_export():
     assert dm.route.startswith("torch.export (torch.fx failed: TraceError")
     assert dm.cost().replicated_ops == []
     assert transform(Optional(), 2, torch.randn(1, 6)).route == "torch.fx"
+
+
+def test_timm_same_padding_traces_with_torch_fx(tmp_path):
+    """pad_same branches on the input's size (tf_efficientnet*, tf_mixnet*, vit_*_r_*): its calls become the
+    F.pad they compute at the example's size, so the model traces with torch.fx, splits and exports."""
+    layers = pytest.importorskip("timm.layers")
+    torch.manual_seed(0)
+    model = nn.Sequential(layers.create_conv2d(3, 8, 3, stride=2, padding="same"), nn.ReLU(),
+                          layers.create_pool2d("max", 3, stride=2, padding="same"),
+                          layers.StdConv2dSame(8, 6, 3, stride=2, padding="same")).eval()
+    assert {type(m).__name__ for m in model} >= {"Conv2dSame", "MaxPool2dSame", "StdConv2dSame"}
+    x = torch.randn(1, 3, 11, 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fall-back to torch.export
+        dm = _exact(model, x, nodes=3)
+    assert dm.route == "torch.fx"
+    assert dm.cost().replicated_ops == []
+    assert_shards_match(dm, x, tmp_path, rho=0.5)
 
 
 class Conv1D(nn.Module):

@@ -223,12 +223,16 @@ SAMPLES: dict[object, list] = {
     F.instance_norm: [WithBuffers(lambda m, h: F.instance_norm(h, weight=m.weight, bias=m.bias))],
     torch.prelu: [WithBuffers(lambda m, h: torch.prelu(h, m.weight - 1.0))],
     F.pad: [lambda h: F.pad(h, (1, 1, 1, 1))],
+    nn.ConstantPad2d: [nn.ConstantPad2d((1, 2, 0, 1), 0.5)], nn.ZeroPad2d: [nn.ZeroPad2d(1)],
     # elementwise
     operator.iadd: [_inplace(operator.iadd)], operator.isub: [_inplace(operator.isub)],
     operator.imul: [_inplace(operator.imul)], operator.itruediv: [_inplace(operator.itruediv)],
     torch.where: [WithBuffers(lambda m, h: torch.where(m.mask, h, torch.sigmoid(h)))],
     "where": [WithBuffers(lambda m, h: h.where(m.mask, torch.sigmoid(h)))],
     "masked_fill": [WithBuffers(lambda m, h: h.masked_fill(m.mask, 0.5))],
+    # ResMLP's Affine: beta + alpha * x, per-channel parameters
+    torch.addcmul: [WithBuffers(lambda m, h: torch.addcmul(m.bias[:, None, None], m.weight[:, None, None], h))],
+    "addcmul": [WithBuffers(lambda m, h: h.addcmul(h, m.weight[:, None, None], value=0.5))],
     **{t: [_binary(op)] for t, op in [
         (operator.add, operator.add), (operator.sub, operator.sub), (operator.mul, operator.mul),
         (operator.truediv, operator.truediv), (torch.add, torch.add), (torch.sub, torch.sub),
@@ -272,6 +276,7 @@ SAMPLES: dict[object, list] = {
     "repeat": [lambda h: h.repeat(1, 1, 2, 1)],
     "roll": [lambda h: h.roll(1, 3)],
     "flip": [lambda h: h.flip(3)],
+    "unfold": [lambda h: h.unfold(3, 3, 2).flatten(-2)],
     "unflatten": [lambda h: h.flatten(2).unflatten(2, (4, 4))],
     "view_as": [lambda h: h.flatten(2).view_as(h)],
     "reshape_as": [lambda h: h.flatten(2).reshape_as(h)],

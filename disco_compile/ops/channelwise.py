@@ -1,5 +1,5 @@
 """Channelwise ops: each output element depends on the same channel of the input (activations, dropout,
-BatchNorm and its subclasses, InstanceNorm, PReLU, casts, padding along non-channel dims).
+BatchNorm and its subclasses, InstanceNorm, PReLU, casts, padding along non-channel dims, F.pad or its module form).
 
 Rule: labels pass through unchanged, provided the output keeps the input's channel layout.
 Lowering: node j runs the op on its local tensor. A module's per-channel parameters and buffers p (BatchNorm's
@@ -60,12 +60,24 @@ CHANNELWISE.ops(F.batch_norm, F.instance_norm, rule=keeps_layout,
 CHANNELWISE.ops(F.prelu, torch.prelu, rule=keeps_layout, channel_args=((1, "weight"),))
 
 
+def _pads_channels(labels: torch.Tensor, padding) -> bool:
+    """padding: (last dim's left, right, the dim before's left, right, ...), as F.pad takes it."""
+    return any(labels.size(labels.dim() - 1 - k // 2) > 1 for k, p in enumerate(padding) if p)
+
+
 @CHANNELWISE.rule(F.pad, aten={aten.pad.default: F.pad})
 def pad(ctx: RuleContext) -> torch.Tensor:
     _, labels = ctx.first_labelled()
-    padding = ctx.arg(1, "pad")  # (last dim's left, right, the dim before's left, right, ...)
-    padded = [labels.dim() - 1 - k // 2 for k, p in enumerate(padding) if p]
-    if any(labels.size(d) > 1 for d in padded):
+    if _pads_channels(labels, ctx.arg(1, "pad")):
+        raise Fallback("padding along a channel dimension")
+    return keeps_layout(ctx)
+
+
+@CHANNELWISE.rule(nn.ConstantPad2d, nn.ZeroPad2d)
+def pad_module(ctx: RuleContext) -> torch.Tensor:
+    """F.pad's module form (timm's ResNetV2 stem: nn.ConstantPad2d(1, 0.0)); `padding` is F.pad's tuple."""
+    _, labels = ctx.first_labelled()
+    if _pads_channels(labels, ctx.module.padding):
         raise Fallback("padding along a channel dimension")
     return keeps_layout(ctx)
 

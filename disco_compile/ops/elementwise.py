@@ -1,4 +1,4 @@
-"""Elementwise ops: n-ary broadcast ops (add, mul, where, maximum, pow, ...).
+"""Elementwise ops: n-ary broadcast ops (add, mul, where, maximum, pow, addcmul (ResMLP's affine), ...).
 
 Rule: out[e] depends on in_k[e] for every input k, so every labelled input must have the same owner per
 element: their labels are tied (a residual add forces equal ownership), and the output takes them.
@@ -49,10 +49,10 @@ def tied(ctx: RuleContext) -> torch.Tensor | None:
 ELEMENTWISE.ops(operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
                 operator.truediv, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div, torch.where,
                 torch.maximum, torch.minimum, "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_",
-                "masked_fill", "where", operator.pow, torch.pow, "pow", rule=tied,
+                "masked_fill", "where", operator.pow, torch.pow, "pow", torch.addcmul, "addcmul", rule=tied,
                 aten={aten.add.Tensor: torch.add, aten.sub.Tensor: torch.sub, aten.mul.Tensor: torch.mul,
                       aten.div.Tensor: torch.div, aten.pow.Tensor_Scalar: torch.pow,
-                      aten.pow.Tensor_Tensor: torch.pow})
+                      aten.pow.Tensor_Tensor: torch.pow, aten.addcmul.default: torch.addcmul})
 
 
 @ELEMENTWISE.lowers

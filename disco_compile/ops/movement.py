@@ -1,5 +1,6 @@
 """Data movement: view, reshape, flatten, permute, transpose, cat, stack, split, chunk, unbind, squeeze,
-narrow, roll, flip, expand, repeat, channel and pixel (un)shuffle, getitem.
+narrow, roll, flip, unfold (sliding windows along a dim: HaloNet's halo blocks), expand, repeat, channel and
+pixel (un)shuffle, getitem.
 
 Rule: the op itself is run on the expanded label tensor (each element holding its channel id), which maps
 channels through any reshape exactly. A replicated tensor concatenated beside split ones (a class token before
@@ -48,7 +49,7 @@ MOVEMENT.ops(torch.flatten, torch.reshape, torch.permute, torch.transpose, torch
              torch.unbind, torch.tensor_split,
              "view", "reshape", "flatten", "permute", "transpose", "squeeze", "unsqueeze", "split", "chunk",
              "narrow", "movedim", "swapaxes", "unbind", "expand", "expand_as", "repeat", "roll", "flip",
-             "unflatten", "view_as", "reshape_as", "tensor_split",
+             "unflatten", "view_as", "reshape_as", "tensor_split", "unfold",
              nn.Flatten, nn.Unflatten, nn.PixelUnshuffle, rule=relayout,
              aten={aten.view.default: torch.reshape, aten.reshape.default: torch.reshape,
                    aten._unsafe_view.default: torch.reshape, aten.flatten.using_ints: torch.flatten,

@@ -15,10 +15,13 @@ the batch at dim 1), which the lowering cannot hold; the pass takes them out of 
               multiplications by a number (a scale on q). Running that chain on element ids of S shows which
               channels of S, in which order, form q's heads side by side (H*d channels): if the result is such
               a channel gather of S (positions unchanged, or S seq-first), q becomes S[..., index] (times the
-              numbers), channels-last.
+              numbers), channels-last; reshaped to (batch, tokens, H*d) where S holds the same positions in
+              other dims (GPT-2's Conv1D projects x.view(-1, C): S is (batch * tokens, C)).
     core      q @ kt becomes head_scores(q, k, H) (same value, heads along dim 1); a @ v becomes
               heads_apply(a, v, H); the attention call becomes heads_attention(q, k, v, H, scale), or with a
-              mask head_scores -> * scale -> + mask (masked_fill for a bool mask) -> softmax -> heads_apply.
+              mask head_scores -> * scale -> + mask (masked_fill for a bool mask) -> softmax -> heads_apply;
+              is_causal=True is the bool mask tril(ones(tokens_q, tokens_k)) (SDPA's own definition), a buffer
+              of the module.
     end       the output o (batch, H, tokens, d) is followed, through data movement with one user each, to the
               first node T that the same id run shows to be a channel gather of the canonical output
               (transpose(1, 2).reshape(B, N, C) in every form seen); T's uses take the core's output
@@ -26,7 +29,7 @@ the batch at dim 1), which the lowering cannot hold; the pass takes them out of 
 
 Every step is decided on element ids, so a rewrite computes exactly what the graph computed; whatever does
 not fit (a q with its own normalisation, a chain through an op that is not data movement, grouped-query
-attention, dropout or a causal flag) declines and that call stays as written: replicated on every node,
+attention, dropout) declines and that call stays as written: replicated on every node,
 named in the cost report. Nothing here raises for a graph it does not understand. timm's mask helpers, traced
 as leaves, are folded away first where no mask is given. Called on every traced graph (model.py) and on raised
 torch.export programs (frontend/exported.py).
@@ -137,6 +140,7 @@ class _Operand:
     index: list[int]
     batch_first: bool
     scalars: tuple[fx.Node, ...]  # in graph order
+    positions: tuple[int, int] | None  # (batch, tokens) or (tokens, batch) to reshape S[..., index] to, if S differs
 
 
 def _operand(gm: fx.GraphModule, x: fx.Node, values: dict, transposed: bool) -> _Operand | None:
@@ -156,10 +160,13 @@ def _operand(gm: fx.GraphModule, x: fx.Node, values: dict, transposed: bool) -> 
     ids = env[x].permute(0, 3, 1, 2) if transposed else env[x].transpose(1, 2)  # (batch, tokens, H, d)
     ids = ids.flatten(2)
     layouts = [(True, ids)] + ([(False, ids.transpose(0, 1))] if source.dim() == 3 else [])
+    lead = (value.shape[0], value.shape[3 if transposed else 2])
     for batch_first, wanted in layouts:  # q_c = S[..., index], S batch first or seq first
         index = _gather_index(wanted, env[n], source.shape[-1])
         if index is not None:
-            return _Operand(n, index, batch_first, tuple(s.node for s in steps[::-1] if s.kind == "scalar"))
+            positions = lead if batch_first else lead[::-1]
+            return _Operand(n, index, batch_first, tuple(s.node for s in steps[::-1] if s.kind == "scalar"),
+                            None if tuple(source.shape[:-1]) == positions else positions)
     return None
 
 
@@ -204,11 +211,12 @@ class _Core:
 
 
 def _plain_call(n: fx.Node) -> dict | None:
-    """The mask and scale of an attention call with no dropout, causal flag or grouped-query heads."""
+    """The mask, causal flag and scale of an attention call with no dropout or grouped-query heads."""
     names = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
     given = dict(zip(names, n.args[3:], strict=False)) | dict(n.kwargs)
     if len(n.args) < 3 or set(given) - set(names) or given.get("dropout_p", 0.0) != 0.0 \
-            or given.get("is_causal", False) or given.get("enable_gqa", False):
+            or given.get("enable_gqa", False) or not isinstance(given.get("is_causal", False), bool) \
+            or (given.get("is_causal", False) and given.get("attn_mask") is not None):  # SDPA refuses both
         return None
     return given
 
@@ -250,6 +258,8 @@ def _canonical(g: fx.Graph, x: _Operand, channels: int) -> fx.Node:
         node = g.call_function(operator.getitem, (x.source, (Ellipsis, index)))
     else:
         node = x.source
+    if x.positions is not None:
+        node = g.call_method("reshape", (node, (*x.positions, -1)))
     for s in x.scalars:
         a, b = s.args
         args = (node, b) if isinstance(a, fx.Node) else (a, node)
@@ -257,16 +267,28 @@ def _canonical(g: fx.Graph, x: _Operand, channels: int) -> fx.Node:
     return node
 
 
-def _attention(g: fx.Graph, core: _Core, qkv: list[fx.Node], values: dict) -> fx.Node:
+def _causal_mask(gm: fx.GraphModule, tokens_q: int, tokens_k: int) -> fx.Node:
+    """is_causal as SDPA defines it: query i attends to keys j <= i, tril(ones(tokens_q, tokens_k))."""
+    name = f"causal_mask_{tokens_q}_{tokens_k}"
+    if not hasattr(gm, name):
+        gm.register_buffer(name, torch.ones(tokens_q, tokens_k, dtype=torch.bool).tril())
+    return gm.graph.get_attr(name)
+
+
+def _attention(gm: fx.GraphModule, core: _Core, qkv: list[fx.Node], values: dict) -> fx.Node:
+    g = gm.graph
     given = _plain_call(core.node)
-    mask, scale = given.get("attn_mask"), given.get("scale")
+    mask, scale, causal = given.get("attn_mask"), given.get("scale"), given.get("is_causal", False)
     batch_first = core.operands[0].batch_first
+    q, k = (values[a] for a in core.node.args[:2])
+    if causal:
+        mask = _causal_mask(gm, q.shape[-2], k.shape[-2])
     if mask is None:
         extra = {} if scale is None else {"scale": scale}
         return g.call_function(heads_attention, (*qkv, core.heads, batch_first), extra)
     scores = g.call_function(head_scores, (*qkv[:2], core.heads, batch_first))
-    scores = g.call_function(operator.mul, (scores, scale or 1 / math.sqrt(values[core.node.args[0]].shape[-1])))
-    if values[mask].dtype == torch.bool:
+    scores = g.call_function(operator.mul, (scores, scale or 1 / math.sqrt(q.shape[-1])))
+    if causal or values[mask].dtype == torch.bool:
         scores = g.call_method("masked_fill", (scores, g.call_method("logical_not", (mask,)), -math.inf))
     else:
         scores = g.call_function(operator.add, (scores, mask))
@@ -283,7 +305,7 @@ def _rewrite(gm: fx.GraphModule, core: _Core, values: dict) -> None:
         elif core.kind == "apply":
             out = g.call_function(heads_apply, (n.args[0], qkv[0], core.heads, core.operands[0].batch_first))
         else:
-            out = _attention(g, core, qkv, values)
+            out = _attention(gm, core, qkv, values)
     if core.end is None:
         n.replace_all_uses_with(out)
         return
