@@ -5,7 +5,8 @@ frames; the one-shot selection (no fine-tuning) at the CLI's default allocation 
 compute weight 0.004), from the weight norms alone (what disco-compile does without --data) and calibrated
 (selection.one_shot with CALIBRATION_BATCHES batches of training frames: measured activation power, BatchNorm
 re-estimated); then fine-tuning (unlabelled distillation from CREPE, CrepeLoss) for every (N, rho, method,
-seed) asked for, in parallel processes of one thread each. Raw pitch accuracy within 50 cents ranks the
+seed) asked for, at each wire precision of --wires (`wire_grid`: the fine-tuning runs alone, for accuracy.py's
+wire-precision section), in parallel processes of one thread each. Raw pitch accuracy within 50 cents ranks the
 methods (rpa50); rpa25 and the mean absolute error in cents are printed beside it.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import itertools
 import multiprocessing as mp
 import statistics
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 
 import torch
@@ -58,24 +60,25 @@ def one_shots(model, d: dict, nodes: list[int], rhos: list[float]) -> list[dict]
 
 
 def one_run(job: tuple) -> dict:
-    capacity, nodes, rho, method, seed, steps, batch, d = job
+    capacity, nodes, rho, method, seed, steps, batch, wire, d = job
     torch.set_num_threads(1)
     model = ct.crepe(capacity)
     dm = transform(model, nodes, d["test"][:2])
     t0 = time.perf_counter()
     loader = DataLoader(TensorDataset(d["train"]), batch_size=batch, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
-    finetune(dm, loader, budget=Budget(rho), steps=steps,
+    finetune(dm, loader, budget=Budget(rho, wire=wire), steps=steps,
              method=method, loss=ct.CrepeLoss(), seed=seed, batchnorm_batches=5, progress=False)
-    return {"nodes": nodes, "rho": rho, "method": method, "seed": seed, **metrics(dm, d),
-            "seconds": time.perf_counter() - t0}
+    scores = metrics(dm, d)
+    return {"nodes": nodes, "rho": rho, "method": method, "seed": seed, "wire": wire, **scores,
+            "metric": scores["rpa50"], "seconds": time.perf_counter() - t0}
 
 
 def jobs(args, capacity: str, d: dict) -> list[tuple]:
     out = []
-    for n, seed, rho in itertools.product(args.nodes, range(args.seeds), args.rhos):
+    for n, seed, rho, wire in itertools.product(args.nodes, range(args.seeds), args.rhos, args.wires):
         for method in ("magnitude",) if rho == 0 else args.methods:
-            out.append((capacity, n, rho, method, seed, args.steps, args.crepe_batch, d))
+            out.append((capacity, n, rho, method, seed, args.steps, args.crepe_batch, wire, d))
     return out
 
 
@@ -129,12 +132,30 @@ def run(args, name: str, cmd: str) -> str:
     orig = metrics(model, d)
     print(f"{name}: original {orig}", flush=True)
     shots = one_shots(model, d, args.shot_nodes, args.shot_rhos)
+    results = finetuned(args, capacity, d) if args.steps else []
+    return section(args, capacity, orig, shots, results, time.perf_counter() - t0, cmd)
+
+
+def finetuned(args, capacity: str, d: dict, done: Callable[[list[dict], int], None] | None = None) -> list[dict]:
+    """Every fine-tuning run of `jobs`, args.jobs at a time; `done(results so far, total)` after each."""
     results = []
-    todo = jobs(args, capacity, d) if args.steps else []
+    todo = jobs(args, capacity, d)
     with mp.get_context("fork").Pool(args.jobs) as pool:
         for k, r in enumerate(pool.imap_unordered(one_run, todo), 1):
             results.append(r)
-            print(f"[{k}/{len(todo)}] N={r['nodes']} rho={r['rho']:g} {r['method']} seed {r['seed']}: rpa50 "
-                  f"{r['rpa50']:.2f} rpa25 {r['rpa25']:.2f} mae {r['mae_cents']:.0f} ({r['seconds']:.0f} s)",
+            print(f"[{k}/{len(todo)}] N={r['nodes']} rho={r['rho']:g} {r['method']} {r['wire']} seed {r['seed']}: "
+                  f"rpa50 {r['rpa50']:.2f} rpa25 {r['rpa25']:.2f} mae {r['mae_cents']:.0f} ({r['seconds']:.0f} s)",
                   flush=True)
-    return section(args, capacity, orig, shots, results, time.perf_counter() - t0, cmd)
+            if done is not None:
+                done(results, len(todo))
+    return results
+
+
+def wire_grid(args, name: str, done: Callable[[list[dict], int, dict], None]) -> list[dict]:
+    """The fine-tuning runs at every wire of `args.wires` alone (no one-shot table); `done(results so far, total,
+    the original's metrics)` after each."""
+    capacity = name.split("_", 1)[1]
+    d = data(args)
+    orig = metrics(ct.crepe(capacity), d)
+    print(f"{name}: original {orig}", flush=True)
+    return finetuned(args, capacity, d, lambda results, total: done(results, total, orig))
