@@ -105,25 +105,27 @@ class DiscoModel(nn.Module):
             ex.set_wire(wire)
 
     @torch.no_grad()
-    def calibrate_wire(self, batches: Iterable) -> None:
+    def calibrate_wire(self, batches: Iterable, model: nn.Module | None = None) -> None:
         """The integer wire's per-channel scales from the largest |value| each sent channel takes over `batches`
-        (inputs, or (inputs, target) pairs), in eval mode; the model's mode is restored."""
+        (inputs, or (inputs, target) pairs), in eval mode; the mode is restored. `model`: the model this one is
+        part of (a DiscoSubmodel), called with each batch as its one argument."""
         exchanges = [ex for ex in self.exchanges.values() if ex.scale is not None]
         if not exchanges:
             return
-        was_training = self.training
-        self.eval()
+        runner = self if model is None else model
+        was_training = runner.training
+        runner.eval()
         for ex in exchanges:
             ex.calibration = Calibration(ex.label_shape)
         try:
             for batch in batches:
-                self(split_batch(batch)[0])
+                runner(split_batch(batch)[0] if model is None else batch)
             for ex in exchanges:
                 ex.scale.data.copy_(ex.calibration.scales(ex.wire).to(ex.scale))
         finally:
             for ex in exchanges:
                 ex.calibration = None
-            self.train(was_training)
+            runner.train(was_training)
 
 
 def transform(model: nn.Module | torch.export.ExportedProgram, nodes: int, example_inputs, *,

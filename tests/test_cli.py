@@ -72,7 +72,7 @@ def test_budget_json(resnet18_budget):
     assert report["nodes"] == 2
     assert report["run"] == {"model": "resnet18 (torchvision), random weights (no pretrained weights are downloaded)",
                              "input_shape": [1, 3, 64, 64], "nodes": 2, "node_weights": None, "budget": 0.2,
-                             "align": 8, "allocation": "global", "compute_weight": 0.004,
+                             "align": 8, "allocation": "global", "compute_weight": 0.004, "wire": "fp32",
                              "submodule": None}
     assert abs(report["exchange_ratio"] - 0.2) < 0.02, report["exchange_ratio"]
     assert report["exchange_bytes"] < report["dense_exchange_bytes"]
@@ -176,8 +176,9 @@ BAD = {
     "unknown name": (lambda tmp: ["resnet5000", "--nodes", 2],
                      ["'resnet5000'", "not a torchvision model name", "torchvision.models.list_models()"]),
     "state_dict without --arch": (lambda tmp: [_state_dict_file(tmp, tiny().state_dict()), "--nodes", 2],
-                                  ["(4 tensors) matches no torchvision classification architecture",
-                                   "closest: alexnet (16 tensors, missing from the file:", "--arch torchvision:NAME"]),
+                                  ["(4 tensors) matches no torchvision or timm classification architecture",
+                                   "closest: torchvision alexnet (16 tensors, missing from the file:",
+                                   "--arch torchvision:NAME"]),
     "mismatched keys": (lambda tmp: [_state_dict_file(tmp, tiny().state_dict()), "--nodes", 2,
                                      "--arch", "torchvision:resnet18"],
                         ["do not match torchvision resnet18", "missing from the file: conv1.weight",

@@ -272,3 +272,19 @@ def test_finetune_at_int8_learns_scales_and_exports(tmp_path):
     assert any(moved), "fine-tuning left every scale where calibration put it"
     dc.export(dm.eval(), tmp_path / "out")
     assert {m["dtype"] for m in _messages(tmp_path / "out")} == {"int8"}
+
+
+def test_cli_wire_int8_exports_int8_messages(tmp_path):
+    """disco-compile --wire int8 (no --data): the scales are calibrated on the example input, the report and the
+    manifest say so, and the schedule's exchange messages are int8."""
+    from click.testing import CliRunner
+
+    from disco_compile.cli.compile import main
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["resnet18", "--nodes", "2", "--budget", "0.2", "--wire", "int8",
+                                       "--input-shape", "1,3,32,32", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "sent as int8 with a scale per channel" in result.output
+    assert "scales are calibrated on the example input" in result.output
+    assert {m["dtype"] for m in _messages(out)} == {"int8"}
+    assert json.loads((out / "manifest.json").read_text())["settings"]["wire"] == "int8"

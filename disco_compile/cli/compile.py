@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 import click
 
 from ..artifact.atomic import write_atomic
-from ..artifact.wire import DEFAULT_WIRE, WIRES
+from ..artifact.wire import DEFAULT_WIRE, WIRES, is_integer
 from ..budget.budget import ALLOCATIONS, DEFAULT_COMPUTE_WEIGHT, METHODS, Budget
 from ..errors import DiscoError, ExampleInputError, FinetuneInterrupted, TraceFailure
 from . import COMPILE_EXTRA
@@ -556,7 +556,8 @@ def main(model: str, nodes: int, budget: float | None, input_shape: tuple[int, .
         elif budget is not None:
             with _stage(f"selecting exchanged channels for budget {settings.rho:g}, {wire} wire"):
                 disco.set_budget(settings)
-                disco.calibrate_wire([loaded.example()])
+                if is_integer(settings.wire):
+                    disco.calibrate_wire([loaded.example()])
         with _stage("computing the cost"):
             report = disco.cost()
         click.echo(_summary(loaded, nodes, node_weights, None if budget is None else settings, report, submodule,

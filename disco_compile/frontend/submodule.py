@@ -125,9 +125,14 @@ class DiscoSubmodel(nn.Module):
         """The split submodule's cost report (the rest of the model runs on node 0 and is not counted)."""
         return self.disco.cost()
 
-    def set_budget(self, budget: Budget | float) -> None:
+    def set_budget(self, budget: Budget | float, *, wire: str | None = None) -> None:
         """The split submodule's one-shot selection (DiscoModel.set_budget)."""
-        self.disco.set_budget(budget)
+        self.disco.set_budget(budget, wire=wire)
+
+    def calibrate_wire(self, inputs) -> None:
+        """The split submodule's wire scales (DiscoModel.calibrate_wire), each of `inputs` being what the whole
+        model is called with."""
+        self.disco.calibrate_wire(inputs, model=self)
 
 
 class BundleModule(nn.Module):
