@@ -80,7 +80,7 @@ class SparseExchange(nn.Module):
         shape = (self.nodes,) + self.label_shape
         if self.wire == "fp32" or self.calibration is not None:
             return x.unsqueeze(0) * self.masks().reshape(shape).to(x.dtype)
-        if self.scale is not None and not torch.isfinite(self.scale).all():
+        if not self.calibrated():
             raise WireError(f"the {self.wire} wire's scales were never calibrated: call "
                             f"DiscoModel.calibrate_wire(batches) (finetune and one_shot do it on their data)")
         scale = None if self.scale is None else self.scale.reshape(self.label_shape).to(x.dtype)
