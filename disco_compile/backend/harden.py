@@ -28,9 +28,7 @@ def harden(dm) -> tuple[dict[str, list[Message]], dict[str, torch.Tensor]]:
     count = 0
     for name, ex in dm.exchanges.items():
         if not ex.calibrated():
-            raise wires.WireError(f"exchange '{name}': the {ex.wire} wire's scales were never calibrated: call "
-                                  f"dm.calibrate_wire(batches) before export (finetune and one_shot with batches "
-                                  f"do it)")
+            raise wires.uncalibrated(ex.wire, f"exporting exchange '{name}'")
         gates[name] = ex.gate.detach().clone()
         meta = by_name[name].meta["tensor_meta"]
         shape = [rows_per_sample(meta.shape, dm.plan.batch), *meta.shape[1:]]

@@ -81,8 +81,7 @@ class SparseExchange(nn.Module):
         if self.wire == "fp32" or self.calibration is not None:
             return x.unsqueeze(0) * self.masks().reshape(shape).to(x.dtype)
         if not self.calibrated():
-            raise WireError(f"the {self.wire} wire's scales were never calibrated: call "
-                            f"DiscoModel.calibrate_wire(batches) (finetune and one_shot do it on their data)")
+            raise wires.uncalibrated(self.wire, "the DISCO model's forward")
         scale = None if self.scale is None else self.scale.reshape(self.label_shape).to(x.dtype)
         arrived = wires.fake(x, self.wire, scale)
         return x.unsqueeze(0) * self.local.reshape(shape).to(x.dtype) + \

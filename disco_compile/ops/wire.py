@@ -27,7 +27,7 @@ from ..errors import DiscoError
 from ..artifact.wire import DEFAULT_WIRE, DTYPES, RANGES, WIRE_BITS, WIRES, is_integer, payload_shape, unit_bytes
 
 __all__ = ["DEFAULT_WIRE", "WIRE_BITS", "WIRES", "Calibration", "WireError", "dequantise", "fake", "is_integer",
-           "payload", "quantise", "unit_bytes"]
+           "payload", "quantise", "uncalibrated", "unit_bytes"]
 
 
 def payload(shape: tuple[int, ...], dtype: torch.dtype, wire: str) -> tuple[tuple[int, ...], torch.dtype]:
@@ -37,6 +37,12 @@ def payload(shape: tuple[int, ...], dtype: torch.dtype, wire: str) -> tuple[tupl
 
 class WireError(DiscoError):
     """A wire precision that is unknown, or an integer one whose scales were never calibrated."""
+
+
+def uncalibrated(wire: str, where: str) -> WireError:
+    """The error for an integer wire used (`where`: what was asked of it) before its scales were calibrated."""
+    return WireError(f"{where}: the {wire} wire's scales were never calibrated: call dm.calibrate_wire(batches) "
+                     f"first (finetune and one_shot with batches do it)")
 
 
 # ---------------------------------------------------------------- the DISCO model's fake quantisation
