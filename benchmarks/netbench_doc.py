@@ -24,16 +24,23 @@ from netbench_probe import MESSAGE_SIZES
 from disco_compile.artifact.schedule import Schedule
 from disco_compile.runtime.estimate import WIRE, estimate
 
-LABEL = {"whole": "whole model (1 node)", "dense": "dense split (rho=1)", "disco": "DISCO rho=0.2",
-         "dense_no_overlap": "dense split (rho=1), no overlap", "disco_no_overlap": "DISCO rho=0.2, no overlap",
-         "disco_uniform": "DISCO rho=0.2, uniform allocation",
-         "disco_uniform_no_overlap": "DISCO rho=0.2, uniform allocation, no overlap",
-         "disco_cw": f"DISCO rho=0.2, compute weight {nb.COMPUTE_WEIGHT:g}",
-         "disco_cw_no_overlap": f"DISCO rho=0.2, compute weight {nb.COMPUTE_WEIGHT:g}, no overlap"}
-# (DISCO workload, the dense workload it is compared with) in the Goals section
-GOAL_PAIRS = (("disco", "dense"), ("disco_no_overlap", "dense_no_overlap"), ("disco_uniform", "dense"),
-              ("disco_uniform_no_overlap", "dense_no_overlap"), ("disco_cw", "dense"),
-              ("disco_cw_no_overlap", "dense_no_overlap"))
+def _label(workload: str) -> str:
+    """A workload as the tables name it, from its settings (netbench.EXPORTS)."""
+    if workload == "whole":
+        return "whole model (1 node)"
+    rho, overlap, allocation, weight, wire = nb.EXPORTS[workload]
+    parts = ["dense split (rho=1)" if rho == 1 else f"DISCO rho={rho:g}"]
+    parts += [f"{allocation} allocation"] if allocation != "global" else []
+    parts += [f"compute weight {weight:g}"] if weight else []
+    parts += [f"wire {wire}"] if wire != "fp32" else []
+    parts += [] if overlap else ["no overlap"]
+    return ", ".join(parts)
+
+
+LABEL = {wl: _label(wl) for wl in ("whole", *nb.EXPORTS)}
+# (DISCO workload, the dense workload it is compared with) in the Goals section: the dense split of the same overlap
+GOAL_PAIRS = tuple((wl, "dense" if overlap else "dense_no_overlap") for wl, (rho, overlap, *_) in nb.EXPORTS.items()
+                   if rho < 1)
 # issue 19's goals: (against, link, speedup at least) for this machine's cores and for edge-class cores
 GOALS = {"this": (("whole", "1gbit", 1.5), ("whole", "unshaped", 1.8), ("dense", "1gbit", 4.7),
                   ("dense", "100mbit", 4.7)),

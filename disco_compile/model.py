@@ -12,6 +12,7 @@ from dataclasses import replace
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.fx.passes.shape_prop import TensorMetadata
 
 from .budget import cost, selection
 from .artifact.wire import DEFAULT_WIRE
@@ -21,7 +22,7 @@ from .frontend.capture import LeafSpec, bind_inputs, capture
 from .errors import PartitionError
 from .frontend.exported import to_module
 from .ir import PartitionPlan
-from .ops.modules import SparseExchange
+from .ops.modules import InputWire, SparseExchange
 from .ops.wire import Calibration
 from .passes.channel_flow import analyse
 from .passes.expand_attention import expand_attention
@@ -50,6 +51,10 @@ class DiscoModel(nn.Module):
         self.graph_module = graph_module
         self.plan = plan
         self.route = route
+        self.input_wires = nn.ModuleDict(_input_wires(graph_module, plan))
+
+    def _arrived(self, name: str, x):
+        return self.input_wires[name](x) if name in self.input_wires else x
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -64,7 +69,15 @@ class DiscoModel(nn.Module):
         return dict(self.graph_module.exchanges.items())
 
     def forward(self, *args, **kwargs):
+        if self.input_wires:  # the inputs as every node computes from them (ops/modules.InputWire)
+            names = self.input_names
+            args = (*(self._arrived(name, x) for name, x in zip(names, args, strict=False)), *args[len(names):])
+            kwargs = {name: self._arrived(name, x) for name, x in kwargs.items()}
         return self.graph_module(*args, **kwargs)
+
+    def wired(self) -> list[SparseExchange | InputWire]:
+        """Everything that sends at a wire precision: the exchanges, then the model inputs node 0 sends."""
+        return [*self.exchanges.values(), *self.input_wires.values()]
 
     def gates(self) -> list[nn.Parameter]:
         return [ex.gate for ex in self.exchanges.values()]
@@ -75,7 +88,8 @@ class DiscoModel(nn.Module):
         fixed = cost.fixed_exchange_bytes(gm, plan.nodes, plan.replicated, plan.stats)
         exchange = cost.exchange_bytes(ex, dense=False) + fixed
         dense = cost.exchange_bytes(ex, dense=True) + fixed
-        io = cost.io_bytes(gm, plan.nodes, plan.batch, plan.input_on_all_nodes)
+        io = cost.io_bytes(gm, plan.nodes, plan.batch, plan.input_on_all_nodes,
+                           {name: w.wire for name, w in self.input_wires.items()})
         return cost.CostReport(
             nodes=plan.nodes, exchange_bytes=exchange, dense_exchange_bytes=dense, fixed_exchange_bytes=fixed,
             io_bytes=io, comm_bytes=exchange + io, dense_comm_bytes=dense + io,
@@ -100,32 +114,43 @@ class DiscoModel(nn.Module):
         return next((ex.wire for ex in self.exchanges.values()), DEFAULT_WIRE)
 
     def set_wire(self, wire: str) -> None:
-        """Every exchange sends at `wire`; an integer wire's scales are calibrated by `calibrate_wire`."""
-        for ex in self.exchanges.values():
-            ex.set_wire(wire)
+        """Every exchange sends at `wire`, and the model input at its input wire (artifact/wire.INPUT_WIRES); an
+        integer wire's scales are calibrated by `calibrate_wire`."""
+        for w in self.wired():
+            w.set_wire(wire)
 
     @torch.no_grad()
     def calibrate_wire(self, batches: Iterable, model: nn.Module | None = None) -> None:
         """The integer wire's per-channel scales from the largest |value| each sent channel takes over `batches`
         (inputs, or (inputs, target) pairs), in eval mode; the mode is restored. `model`: the model this one is
         part of (a DiscoSubmodel), called with each batch as its one argument."""
-        exchanges = [ex for ex in self.exchanges.values() if ex.scale is not None]
-        if not exchanges:
+        wired = [w for w in self.wired() if w.scale is not None]
+        if not wired:
             return
         runner = self if model is None else model
         was_training = runner.training
         runner.eval()
-        for ex in exchanges:
-            ex.calibration = Calibration(ex.label_shape)
+        for w in wired:
+            w.calibration = Calibration(w.label_shape)
         try:
             for batch in batches:
                 runner(split_batch(batch)[0] if model is None else batch)
-            for ex in exchanges:
-                ex.scale.data.copy_(ex.calibration.scales(ex.wire).to(ex.scale))
+            for w in wired:
+                w.scale.data.copy_(w.calibration.scales(w.wire).to(w.scale))
         finally:
-            for ex in exchanges:
-                ex.calibration = None
+            for w in wired:
+                w.calibration = None
             runner.train(was_training)
+
+
+def _input_wires(gm: fx.GraphModule, plan: PartitionPlan) -> dict[str, InputWire]:
+    """An InputWire for each floating-point model input node 0 sends the others (none on one node, or when the
+    input is on every node)."""
+    if plan.nodes == 1 or plan.input_on_all_nodes:
+        return {}
+    metas = {n.target: n.meta.get("tensor_meta") for n in gm.graph.nodes if n.op == "placeholder" and n.users}
+    return {name: InputWire(tuple(meta.shape)) for name, meta in metas.items()
+            if isinstance(meta, TensorMetadata) and meta.dtype.is_floating_point}
 
 
 def transform(model: nn.Module | torch.export.ExportedProgram, nodes: int, example_inputs, *,

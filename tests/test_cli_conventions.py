@@ -19,6 +19,7 @@ import torch.nn as nn
 from click.testing import CliRunner
 
 from disco_compile import export, transform
+from disco_compile.cli import main as compile_group
 from disco_compile.cli.compile import main as disco_compile
 from disco_compile.cli.run import main as disco_run
 from disco_compile.runtime import executor
@@ -26,6 +27,7 @@ from disco_compile.runtime.net.network import free_ports
 
 PYTHON = sys.executable
 COMPLETE = [PYTHON, "-c", "from disco_compile.cli.run import main; main(prog_name='disco-run')"]  # as the script
+COMPILE_SCRIPT = [PYTHON, "-c", "from disco_compile.cli import compile_main; compile_main()"]  # as disco-compile
 TIMESTAMPED = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (INFO|WARNING|ERROR) disco_compile", re.M)
 
 
@@ -46,7 +48,20 @@ def run(*args, **kw):
     return CliRunner().invoke(disco_run, [str(a) for a in args], **kw)
 
 
-@pytest.mark.parametrize("command, name", [(disco_compile, "disco-compile"), (disco_run, "disco-run")])
+def _completion_env(var: str, words: str) -> dict[str, str]:
+    """The environment in which bash asks a click script to complete the last of `words` (click's protocol)."""
+    return dict(os.environ, **{var: "bash_complete"}, COMP_WORDS=words, COMP_CWORD=str(len(words.split(" ")) - 1))
+
+
+def _completions(script: list[str], var: str, words: str) -> set[str]:
+    """What a bash TAB after `words` offers (one 'type,value' line each), as the script runs."""
+    done = subprocess.run(script, env=_completion_env(var, words), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return {line.split(",", 1)[1] for line in done.stdout.splitlines() if "," in line}
+
+
+@pytest.mark.parametrize("command, name", [(compile_group, "disco-compile"), (disco_compile, "disco-compile"),
+                                           (disco_run, "disco-run")])
 def test_version(command, name):
     result = CliRunner().invoke(command, ["--version"])
     assert result.exit_code == 0 and re.fullmatch(rf"{name}, version \d+\.\d+\.\d+\S*\n", result.stdout)
@@ -57,13 +72,30 @@ def test_subcommands_in_help_and_completion():
     assert result.exit_code == 0
     for command in ("keygen", "estimate", "info", "run"):
         assert re.search(rf"^  {command}\s", result.stdout, re.M), result.stdout
-    env = dict(os.environ, _DISCO_RUN_COMPLETE="bash_complete", COMP_WORDS="disco-run ", COMP_CWORD="1")
-    done = subprocess.run(COMPLETE, env=env, capture_output=True, text=True, timeout=60)
-    words = {line.split(",", 1)[1] for line in done.stdout.splitlines() if "," in line}
-    assert {"keygen", "estimate", "info", "run"} <= words, done.stdout + done.stderr
-    env.update(COMP_WORDS="disco-run out/ --si", COMP_CWORD="2")
-    done = subprocess.run(COMPLETE, env=env, capture_output=True, text=True, timeout=60)
-    assert "plain,--simulate" in done.stdout, done.stdout + done.stderr  # disco-run OUT completes run's options
+    assert {"keygen", "estimate", "info", "run"} <= _completions(COMPLETE, "_DISCO_RUN_COMPLETE", "disco-run ")
+    assert "--simulate" in _completions(COMPLETE, "_DISCO_RUN_COMPLETE", "disco-run out/ --si")  # run's options
+
+
+def test_compile_group_lists_its_commands_and_completes_them():
+    """disco-compile is a group: its help shows the default usage and plan; a TAB completes plan, and after a
+    model the compile command's options (MODEL ... is `compile MODEL ...`)."""
+    result = CliRunner().invoke(compile_group, ["--help"], prog_name="disco-compile")
+    assert result.exit_code == 0, result.output
+    assert "disco-compile MODEL --nodes N ..." in result.stdout and "disco-compile plan MODEL --link RATE" in \
+        result.stdout
+    for command in ("compile", "plan"):
+        assert re.search(rf"^  {command}\s", result.stdout, re.M), result.stdout
+    assert _completions(COMPILE_SCRIPT, "_DISCO_COMPILE_COMPLETE", "disco-compile pl") == {"plan"}
+    assert "--no-overlap" in _completions(COMPILE_SCRIPT, "_DISCO_COMPILE_COMPLETE", "disco-compile m.pt --no-ov")
+    assert "--node-speed" in _completions(COMPILE_SCRIPT, "_DISCO_COMPILE_COMPLETE", "disco-compile plan m.pt --nod")
+
+
+@pytest.mark.parametrize("args, usage", [(["resnet18", "--nodes", "0"], "Usage: disco-compile compile [OPTIONS] MODEL"),
+                                         (["plan", "resnet18"], "Usage: disco-compile plan [OPTIONS] MODEL")])
+def test_compile_group_runs_the_command_named_else_compile(args, usage):
+    """A first argument that names no subcommand is compile's MODEL (its --nodes check answers: nothing is built)."""
+    result = CliRunner().invoke(compile_group, args, prog_name="disco-compile")
+    assert result.exit_code == 2 and result.stderr.startswith(usage), result.output
 
 
 HEAVY = ("torch", "onnxruntime", "numpy", "jsonschema", "zmq", "onnx")  # what --help must not wait for
@@ -71,6 +103,7 @@ HEAVY = ("torch", "onnxruntime", "numpy", "jsonschema", "zmq", "onnx")  # what -
 
 @pytest.mark.parametrize("module, argv", [
     ("disco_compile.cli.compile", [["--help"], ["--version"]]),
+    ("disco_compile.cli", [["--help"], ["--version"], ["plan", "--help"], ["compile", "--help"], ["m.pt", "--help"]]),
     ("disco_compile.cli.run", [["--help"], ["--version"], ["run", "--help"], ["info", "--help"],
                                ["estimate", "--help"], ["keygen", "--help"]]),
 ])
@@ -86,13 +119,18 @@ def test_help_imports_nothing_heavy(module, argv):
     assert done.stdout.split() == [], f"{module} {argv} imported {done.stdout.strip()}"
 
 
-def test_completion_imports_nothing_heavy():
-    """A TAB after `disco-run ` lists the subcommands with their help, as the script runs it."""
-    env = dict(os.environ, _DISCO_RUN_COMPLETE="bash_complete", COMP_WORDS="disco-run ", COMP_CWORD="1")
+@pytest.mark.parametrize("script, var, words, offered", [
+    (COMPLETE, "_DISCO_RUN_COMPLETE", "disco-run ", "plain,keygen"),
+    (COMPILE_SCRIPT, "_DISCO_COMPILE_COMPLETE", "disco-compile ", "plain,plan"),
+    (COMPILE_SCRIPT, "_DISCO_COMPILE_COMPLETE", "disco-compile plan m.pt --li", "plain,--link"),
+])
+def test_completion_imports_nothing_heavy(script, var, words, offered):
+    """A TAB after `disco-run ` or `disco-compile ` lists the subcommands with their help, as the script runs it."""
     check = ("import sys, atexit; atexit.register(lambda: sys.stderr.write(' '.join(n for n in "
-             f"{HEAVY!r} if n in sys.modules))); " + COMPLETE[2])
-    done = subprocess.run([PYTHON, "-c", check], env=env, capture_output=True, text=True, timeout=60)
-    assert "plain,keygen" in done.stdout, done.stdout + done.stderr
+             f"{HEAVY!r} if n in sys.modules))); " + script[2])
+    done = subprocess.run([PYTHON, "-c", check], env=_completion_env(var, words), capture_output=True, text=True,
+                          timeout=60)
+    assert offered in done.stdout, done.stdout + done.stderr
     assert done.stderr.split() == [], f"completion imported {done.stderr.strip()}"
 
 

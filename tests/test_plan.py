@@ -53,8 +53,10 @@ def test_prediction_is_the_timeline_of_the_measured_stages(resnet18_plan):
         assert [len(s) for s in m.seconds] == [len(prog) for prog in m.schedule.programs]
         assert all(msg.dtype == "float32" for msg in m.schedule.messages)  # exported at fp32
         value_bytes = {"fp32": 4, "fp16": 2, "int8": 1, "int4": 0.5}[p.wire]
-        at_wire = [dataclasses.replace(msg, bytes=math.ceil(msg.bytes / 4 * value_bytes))
-                   if msg.kind == "exchange" else msg for msg in m.schedule.messages]
+        input_bytes = {"fp32": 4, "fp16": 2}.get(p.wire, 1)  # the input travels at int8 for int4
+        at_wire = [dataclasses.replace(msg, bytes=math.ceil(msg.bytes / 4 * value_bytes)) if msg.kind == "exchange"
+                   else dataclasses.replace(msg, bytes=msg.bytes // 4 * input_bytes) if msg.kind == "input"
+                   else msg for msg in m.schedule.messages]
         direct = timeline(dataclasses.replace(m.schedule, messages=at_wire),
                           [[SPEED * s for s in node] for node in m.seconds], rate=parse_rate(LINK),
                           latency=planner.LATENCY, wire=WIRE).latency
@@ -67,7 +69,10 @@ def test_prediction_is_the_timeline_of_the_measured_stages(resnet18_plan):
     for overlap in (True, False):  # fewer bytes on a 100 Mbit/s link: never slower
         assert by[overlap, "int8"].latency < by[overlap, "fp32"].latency
         io = {w: by[overlap, w].comm_bytes - by[overlap, w].exchange_bytes for w in ("fp32", "int8")}
-        assert io["int8"] == io["fp32"] > 0  # the model input and outputs travel as computed at every wire
+        inputs = {w: sum(msg.bytes for msg in planner.at_wire(by[overlap, w].measured.schedule, w).messages
+                         if msg.kind == "input") for w in ("fp32", "int8")}
+        assert inputs["int8"] * 4 == inputs["fp32"] > 0  # the model input travels at the wire
+        assert io["fp32"] - io["int8"] == inputs["fp32"] - inputs["int8"]  # the outputs as computed
     stages = {o: sum(len(prog) for prog in by[o, "fp32"].measured.schedule.programs) for o in (True, False)}
     assert stages[True] > stages[False]  # two different exports were timed
 

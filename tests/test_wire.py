@@ -138,19 +138,25 @@ def test_budget_and_model_refuse_unknown_or_uncalibrated_wires(tmp_path):
 
 # ---------------------------------------------------------------- the schedule
 
-def _messages(out) -> list[dict]:
-    return [m for m in json.loads((out / "schedule.json").read_text())["messages"] if m["kind"] == "exchange"]
+def _messages(out, kind: str = "exchange") -> list[dict]:
+    return [m for m in json.loads((out / "schedule.json").read_text())["messages"] if m["kind"] == kind]
 
 
 def test_schedule_dtype_and_bytes_per_wire(tmp_path):
     """The same selection at every wire (compute weight 0): each exchange message carries the same channels, its
-    dtype and bytes those of the wire; int8 a quarter of fp32's bytes, int4 an eighth (rounded up per sample)."""
+    dtype and bytes those of the wire; int8 a quarter of fp32's bytes, int4 an eighth (rounded up per sample).
+    The model input travels at the wire too, int8 for int4 (INPUT_WIRES), and the cost report's io bytes say so."""
     sent = {}
     for wire in wires.WIRES:
         dm = _model(2, wire)
         dc.export(dm, tmp_path / wire)
         sent[wire] = {m["channels"].__repr__() + m["tensor"]: m for m in _messages(tmp_path / wire)}
         assert dm.cost().exchange_bytes == sum(m["bytes"] for m in _messages(tmp_path / wire)) or wire == "int4"
+        (given,) = _messages(tmp_path / wire, "input")
+        dtype, size = {"fp32": ("float32", 4), "fp16": ("float16", 2)}.get(wire, ("int8", 1))
+        assert (given["dtype"], given["bytes"], given["wire"]) == (dtype, size * 3 * 16 * 16, wires.INPUT_WIRES[wire])
+        io = sum(m["bytes"] for kind in ("input", "output") for m in _messages(tmp_path / wire, kind))
+        assert dm.cost().io_bytes == io
     assert sent["fp32"].keys() == sent["int8"].keys() == sent["int4"].keys() == sent["fp16"].keys()
     for key, m32 in sent["fp32"].items():
         values = math.prod(m32["shape"][1:])
@@ -232,6 +238,12 @@ def test_shards_compute_what_the_quantised_disco_model_computes(tmp_path, monkey
     outputs, payloads = _recorded_run(tmp_path / "out", x.numpy(), monkeypatch)
     forced, inputs = _forced_run(dm, x, messages, payloads, monkeypatch)
     np.testing.assert_allclose(outputs[0], forced.numpy(), rtol=1e-4, atol=1e-5)
+    arrived = dm.input_wires["x"](x)
+    for given in _messages(tmp_path / "out", "input"):
+        got = torch.from_numpy(payloads[given["id"]])
+        got = got.float() if wire == "fp16" else wires.dequantise(
+            got, dm.input_wires["x"].scale.detach(), torch.zeros(3, dtype=torch.int8), 1, "int8", (1, 3, 16, 16))
+        assert torch.equal(got, arrived), f"{given['id']}: node 0 did not send the DISCO model's quantised input"
     flipped = total = 0
     for m in messages:
         ex = dm.exchanges[m["tensor"]]

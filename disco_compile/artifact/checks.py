@@ -65,11 +65,12 @@ class _Index:
     messages: dict[str, Message]
     inputs: dict[str, TensorSpec]
     outputs: dict[str, TensorSpec]
+    inputs_on_all_nodes: bool
 
     @classmethod
     def of(cls, s: Schedule) -> _Index:
         return cls(messages={m.id: m for m in s.messages}, inputs={t.name: t for t in s.inputs},
-                   outputs={t.name: t for t in s.outputs})
+                   outputs={t.name: t for t in s.outputs}, inputs_on_all_nodes=s.inputs_on_all_nodes)
 
 
 @dataclass
@@ -129,6 +130,9 @@ def _message_problems(s: Schedule, m: Message) -> list[str]:
         problems.append(f"{where}: from node {m.src} to itself (a value kept on one node is 'carried')")
     if m.kind == "input" and m.src != 0:
         problems.append(f"{where}: an 'input' message must come from node 0, not node {m.src}")
+    if m.kind == "input" and s.inputs_on_all_nodes:
+        problems.append(f"{where}: an 'input' message, but every node takes the model inputs itself "
+                        f"(inputs_on_all_nodes)")
     if m.kind == "output" and m.dst != 0:
         problems.append(f"{where}: an 'output' message must go to node 0, not node {m.dst}")
     if not 0 <= m.src_stage < len(s.programs[m.src]):
@@ -173,9 +177,9 @@ def _input_problems(uses: _Uses, where: str, node: int, stage: Stage, inp: Stage
                     carried_at: dict[str, int]) -> list[str]:
     """Whether a stage can have input `inp`; counts the message it receives."""
     if inp.source == "model_input":
-        if node != 0:
+        if node != 0 and not uses.index.inputs_on_all_nodes:
             return [f"{where}: model input {inp.ref!r} read on node {node}; only node 0 holds "
-                    f"the model inputs (others get them as 'input' messages)"]
+                    f"the model inputs (others get them as 'input' messages, unless inputs_on_all_nodes)"]
         if inp.ref not in uses.index.inputs:
             return [f"{where}: reads model input {inp.ref!r}, which is not a model input"]
         return []

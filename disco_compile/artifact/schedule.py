@@ -5,8 +5,9 @@ the JSON Schemas in disco_compile/artifact/schemas/ when loaded.
 
 Semantics. Node k runs its stages in order. A stage is one ONNX graph. Each of
 its inputs comes from one source:
-  - "model_input": the model's input `ref` (node 0 only; other nodes get it as
-    an "input" message),
+  - "model_input": the model's input `ref` (node 0 only, other nodes getting it
+    as an "input" message; on every node when `inputs_on_all_nodes`: each device
+    has its own, e.g. its camera, and no "input" message travels),
   - "message": message `ref`, received from another node,
   - "carried": the output `ref` of one of this node's earlier stages.
 Each of its outputs has one role:
@@ -89,6 +90,7 @@ class Schedule:
     output_structure: str  # torch.utils._pytree TreeSpec of the outputs, serialised (treespec_dumps)
     messages: list[Message]
     programs: list[list[Stage]]  # programs[k]: node k's stages in order
+    inputs_on_all_nodes: bool = False  # every node takes the model inputs itself (nothing sent)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -105,7 +107,8 @@ class Schedule:
                                     inputs=[StageInput(**i) for i in st["inputs"]],
                                     outputs=[StageOutput(**o) for o in st["outputs"]])
                               for st in program]
-                             for program in data["programs"]])
+                             for program in data["programs"]],
+                   inputs_on_all_nodes=data.get("inputs_on_all_nodes", False))
 
     def message(self, message_id: str) -> Message:
         """The message with this id (KeyError if none)."""

@@ -79,12 +79,14 @@ def _spec(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> TensorSpec:
     return TensorSpec(name, [BATCH, *shape[1:]], str(dtype).replace("torch.", ""))
 
 
-def build_schedule(lowered: Lowered, programs: list[list[StageModule]]) -> Schedule:
+def build_schedule(lowered: Lowered, programs: list[list[StageModule]], inputs_on_all_nodes: bool = False
+                   ) -> Schedule:
     return Schedule(format_version=FORMAT_VERSION, nodes=len(programs),
                     inputs=[_spec(*i) for i in lowered.inputs], outputs=[_spec(*o) for o in lowered.outputs],
                     output_structure=pytree.treespec_dumps(lowered.output_spec),
                     messages=staged(lowered.messages, programs),
-                    programs=[[sm.stage for sm in prog] for prog in programs])
+                    programs=[[sm.stage for sm in prog] for prog in programs],
+                    inputs_on_all_nodes=inputs_on_all_nodes)
 
 
 def export_settings(dm, overlap: bool, settings: dict | None) -> dict:
@@ -115,7 +117,7 @@ def export(dm, out_dir: str | os.PathLike, *, force: bool = False, overlap: bool
     messages, gates = harden(dm)
     lowered = lower(dm, messages, gates, overlap=overlap)
     programs = cut_all(lowered)
-    schedule = build_schedule(lowered, programs)
+    schedule = build_schedule(lowered, programs, dm.plan.input_on_all_nodes and dm.nodes > 1)
     stored = export_settings(dm, overlap, settings)
     digest, export_id = model_hash(dm), schedule_hash(schedule)
     tokens = token_paths(dm.graph_module)

@@ -26,6 +26,9 @@ def harden(dm) -> tuple[dict[str, list[Message]], dict[str, torch.Tensor]]:
     gates: dict[str, torch.Tensor] = {}
     by_name = {n.name: n for n in dm.graph_module.graph.nodes}
     count = 0
+    for name, iw in dm.input_wires.items():
+        if not iw.calibrated():
+            raise wires.uncalibrated(iw.wire, f"exporting model input '{name}'")
     for name, ex in dm.exchanges.items():
         if not ex.calibrated():
             raise wires.uncalibrated(ex.wire, f"exporting exchange '{name}'")

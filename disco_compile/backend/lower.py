@@ -4,8 +4,9 @@
 computes of it (backend/program.py: the local representation). What an op computes on one node is its op
 family's lowering (ops/: mixing with its block sum, channelwise, elementwise, statistics over split channels,
 data movement, attention, replicate); this module holds what is shared: the builders' graph helpers, the
-messages, model inputs and outputs (node 0 sends the input to the others and receives the parts of the outputs
-it does not hold), values that every node holds whole, and pruning of work that reaches no send and no output.
+messages, model inputs and outputs (node 0 sends the input to the others at its input wire, unless every node
+takes it itself, and receives the parts of the outputs it does not hold), values that every node holds whole,
+and pruning of work that reaches no send and no output.
 A message its receiver never uses (a channel kept for a layer whose rows on that node feed nothing) is dropped
 at both ends. After pruning, sums are reassociated so that local terms come before received ones
 (backend/reassociate.py).
@@ -28,7 +29,8 @@ from ..artifact.schedule import Message
 from ..ir import MixingLayer
 from ..ops import registry
 from ..ops.registry import call_like
-from ..ops.exchange import DECODES
+from ..ops import wire as wires
+from ..ops.exchange import DECODES, decode, encode
 from ..ops.movement import MOVEMENT
 from ..ops.replicate import REPLICATE
 from .harden import harden
@@ -48,8 +50,10 @@ class Lowerer:
     """Shared state of one lowering: layouts, messages, folded BatchNorms."""
 
     def __init__(self, gm: fx.GraphModule, plan, exchange_messages: dict[str, list[Message]],
-                 gates: dict[str, torch.Tensor], overlap: bool = True):
+                 gates: dict[str, torch.Tensor], overlap: bool = True, input_wires: dict | None = None):
         self.gm = gm
+        self.input_wires = input_wires or {}  # model input name -> its InputWire (ops/modules.py)
+        self.inputs_on_all_nodes = plan.input_on_all_nodes
         self.overlap = overlap
         self.nodes = plan.nodes
         self.batch = plan.batch
@@ -76,17 +80,17 @@ class Lowerer:
         return self._layouts[n.name]
 
     def message(self, kind: str, tensor: str, src: int, dst: int, channels: torch.Tensor,
-                shape: tuple[int, ...], dtype: torch.dtype) -> Message:
+                shape: tuple[int, ...], dtype: torch.dtype, wire: str = "fp32") -> Message:
         """The message of this kind for (tensor, src, dst); made by whichever side asks first."""
         key = (kind, tensor, src, dst)
         if key not in self._keyed:
-            wire = wire_shape(shape)
+            travels = wire_shape(shape)
             numel = 1
-            for s in wire[1:]:
+            for s in travels[1:]:
                 numel *= s
             msg = Message(id=f"{kind}{len(self.messages)}", src=src, dst=dst, kind=kind, tensor=tensor,
-                          channels=[int(c) for c in channels], shape=wire,
-                          dtype=str(dtype).replace("torch.", ""), bytes=numel * dtype.itemsize)
+                          channels=[int(c) for c in channels], shape=travels,
+                          dtype=str(dtype).replace("torch.", ""), bytes=numel * dtype.itemsize, wire=wire)
             self.messages.append(msg)
             self._keyed[key] = msg
         return self._keyed[key]
@@ -275,16 +279,25 @@ class NodeBuilder:
 
     # ------------------------------------------------------------ inputs and outputs
     def placeholder(self, n: fx.Node) -> None:
+        """Node 0 takes the model input and sends it to the others at its input wire; every node, node 0
+        included, computes from the value decoded (ops/modules.InputWire). With the input on all nodes, each
+        takes it itself."""
         lay = self.low.layout(n)
+        if self.low.inputs_on_all_nodes:
+            self.env[n.name] = Local(self._typed(self.g.placeholder(n.name), lay.shape, lay.dtype))
+            return
+        iw = self.low.input_wires.get(n.target)
+        wire, scale, axis = ("fp32", None, None) if iw is None else (iw.wire, iw.scale, iw.axis)
+        sent, dtype = wires.payload(lay.shape, lay.dtype, wire)
         if self.j == 0:
-            node = self._typed(self.g.placeholder(n.name), lay.shape, lay.dtype)
+            x = self._typed(self.g.placeholder(n.name), lay.shape, lay.dtype)
+            payload = encode(self, wire, scale, axis, x, lay.dtype)
             for dst in range(1, self.low.nodes):
-                msg = self.low.message("input", n.name, 0, dst, torch.arange(0), lay.shape, lay.dtype)
-                self.send(msg, node)
+                self.send(self.low.message("input", n.name, 0, dst, torch.arange(0), sent, dtype, wire), payload)
         else:
-            msg = self.low.message("input", n.name, 0, self.j, torch.arange(0), lay.shape, lay.dtype)
-            node = self.receive(msg, lay.shape, lay.dtype)
-        self.env[n.name] = Local(node)
+            msg = self.low.message("input", n.name, 0, self.j, torch.arange(0), sent, dtype, wire)
+            payload = self.receive(msg, sent, dtype)
+        self.env[n.name] = Local(decode(self, wire, scale, axis, payload, lay.shape, lay.dtype))
 
     def batch_of_inputs(self) -> fx.Node:
         """(batch,) zeros, from the first model input (which node j holds or receives): a batch dimension
@@ -417,7 +430,7 @@ def lower(dm, exchange_messages: dict[str, list[Message]], gates: dict[str, torc
           overlap: bool = True) -> Lowered:
     """Per-node programs of `dm` (eval mode) for the hardened messages. `overlap`: compute local partial sums
     while messages are in flight (module docstring); False: one product over local and received channels."""
-    low = Lowerer(dm.graph_module, dm.plan, exchange_messages, gates, overlap)
+    low = Lowerer(dm.graph_module, dm.plan, exchange_messages, gates, overlap, dict(dm.input_wires))
     builders = [NodeBuilder(low, j) for j in range(dm.plan.nodes)]
     with torch.no_grad():
         for n in dm.graph_module.graph.nodes:

@@ -33,6 +33,7 @@ from torch.utils import _pytree as pytree
 
 import torch.nn.functional as F
 
+from ..artifact.wire import unit_bytes
 from ..ops import mixing
 from ..ir import REPLICATED, MixingLayer, Placement, ReplicatedOp, StatExchange, owners, units_per_sample
 from ..ops.modules import SparseExchange
@@ -137,7 +138,10 @@ def fixed_exchange_bytes(gm: fx.GraphModule, nodes: int, replicated: list[Replic
     return total
 
 
-def io_bytes(gm: fx.GraphModule, nodes: int, batch: int, input_on_all_nodes: bool) -> int:
+def io_bytes(gm: fx.GraphModule, nodes: int, batch: int, input_on_all_nodes: bool,
+             input_wires: dict[str, str] | None = None) -> int:
+    """Bytes a sample of the model inputs (node 0 sends each other node every input, at its wire in
+    `input_wires`, by input name; fp32 if absent) and of the model outputs (node 0 gathers them) cost."""
     if nodes == 1:
         return 0
     total = 0
@@ -145,7 +149,8 @@ def io_bytes(gm: fx.GraphModule, nodes: int, batch: int, input_on_all_nodes: boo
         for n in gm.graph.nodes:
             if n.op == "placeholder" and isinstance(n.meta.get("tensor_meta"), TensorMetadata):
                 meta = n.meta["tensor_meta"]
-                total += meta.shape.numel() // batch * meta.dtype.itemsize * (nodes - 1)
+                wire = (input_wires or {}).get(n.target, "fp32")
+                total += int(unit_bytes(meta.shape.numel() // batch, meta.dtype.itemsize, wire)) * (nodes - 1)
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     for leaf in pytree.tree_leaves(out_node.args[0], is_leaf=lambda x: isinstance(x, fx.Node)):
         if isinstance(leaf, fx.Node) and "disco" in leaf.meta:

@@ -90,7 +90,7 @@ def dense_teacher(dm) -> nn.Module:
     for ex in teacher.exchanges.values():
         ex.learn_selection(None)
         ex.keep.copy_(ex.remote)
-        ex.set_wire("fp32")
+    teacher.set_wire("fp32")
     return teacher  # finetune freezes every teacher (and puts one it is given in eval mode)
 
 
@@ -335,7 +335,7 @@ def _setup(dm, data: Iterable, budget: Budget, steps: int, *, teacher: nn.Module
     torch.manual_seed(seed)
     teacher = _frozen(dense_teacher(dm) if teacher is None else teacher.eval())
     dm.set_wire(budget.wire)
-    if not resume and not all(ex.calibrated() for ex in dm.exchanges.values()):
+    if not resume and not all(w.calibrated() for w in dm.wired()):
         stream = data.steps(0) if isinstance(data, StepBatches) else batches(data)
         dm.calibrate_wire(itertools.islice(stream, calibration_batches))
     scores = _starting_scores(dm, method, seed)

@@ -19,8 +19,9 @@ where s[k][i] is node k's stage i measured here, t_whole the whole model measure
 IP and TCP bytes per payload byte (runtime/estimate.py); the timeline (runtime/timeline.py) lays out each node's
 stages in order, each waiting for the messages it reads, one message at a time per direction. "The schedule at
 w" is the export's (made at fp32) with every exchange message's bytes those of its n values at w: ceil(n x
-bits / 8), bits = 16 (fp16), 8 (int8), 4 (int4, two values a byte); the messages disco-compile --wire leaves as
-computed (the model input and outputs, gathers for replicated ops, statistics) keep their bytes.
+bits / 8), bits = 16 (fp16), 8 (int8), 4 (int4, two values a byte); a floating-point model input node 0 sends at
+the input wire of w (artifact/wire.INPUT_WIRES: int4 sends it as int8); the messages disco-compile --wire leaves
+as computed (the model outputs, gathers for replicated ops, statistics) keep their bytes.
 
 What is an estimate: the wire precision is that per-value size only; the quantisation kernels, which an export at
 w runs before each send and after each receive, are not timed. F scales every stage alike, which
@@ -50,13 +51,13 @@ import torch
 
 from ..artifact.bundle import load_bundle
 from ..artifact.schedule import Schedule
+from ..artifact.wire import INPUT_WIRES
 from ..errors import BudgetError, PlanError
 from ..runtime.estimate import WIRE, StageTimer, parse_rate
 from ..runtime.timeline import timeline
 from .budget import Budget
 
 WIRE_BITS = {"fp32": None, "fp16": 16, "int8": 8, "int4": 4}  # bits a value; fp32: as computed (its own dtype)
-QUANTISED_KINDS = ("exchange",)  # the messages a wire precision applies to (disco-compile --wire)
 IO_KINDS = ("input", "output")  # message kinds that are io bytes; every other kind is exchange bytes
 NODES = (2,)
 BUDGETS = (0.2, 0.1, 0.05)
@@ -163,12 +164,14 @@ def check_candidates(link: str, nodes: Sequence[int], budgets: Sequence[float], 
 
 
 def at_wire(schedule: Schedule, wire: str) -> Schedule:
-    """`schedule` (exported at fp32) with each exchange message's bytes those of its values at `wire`."""
-    bits = WIRE_BITS[wire]
-    if bits is None:
-        return schedule
-    messages = [replace(m, bytes=math.ceil(m.bytes // np.dtype(m.dtype).itemsize * bits / 8))
-                if m.kind in QUANTISED_KINDS else m for m in schedule.messages]
+    """`schedule` (exported at fp32) with each exchange message's bytes those of its values at `wire`, and each
+    floating-point model input's at the input wire of `wire` (module docstring)."""
+    bits = {"exchange": WIRE_BITS[wire], "input": WIRE_BITS[INPUT_WIRES[wire]]}
+
+    def quantised(m) -> bool:
+        return bits.get(m.kind) is not None and (m.kind != "input" or np.dtype(m.dtype).kind == "f")
+    messages = [replace(m, bytes=math.ceil(m.bytes // np.dtype(m.dtype).itemsize * bits[m.kind] / 8))
+                if quantised(m) else m for m in schedule.messages]
     return replace(schedule, messages=messages)
 
 

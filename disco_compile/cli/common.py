@@ -1,5 +1,6 @@
 """What disco-compile and disco-run share: their error kinds, how they end on a signal, `-` for stdin/stdout,
-and logging. Imports no torch (`disco-compile --help` stays fast, `disco-run` runs without it).
+logging, and the click Group of each (lazy subcommands and a default one). Imports no torch (`disco-compile
+--help` stays fast, `disco-run` runs without it).
 
 Signals: SIGINT (Ctrl-C) and SIGTERM end a command with one line on stderr, 'PROG: interrupted (SIGINT)', and
 exit status 128 + the signal number (130, 143), as a shell reports a process killed by it; never click's
@@ -8,6 +9,7 @@ with `deferred_signals`: inside it a signal is only recorded, and the step polls
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import signal
 import sys
@@ -98,6 +100,35 @@ class CleanSignals:
 
 class Command(CleanSignals, click.Command):
     """A click Command ending cleanly on SIGINT and SIGTERM."""
+
+
+class Group(CleanSignals, click.Group):
+    """A command line of subcommands with a default one, ending cleanly on SIGINT and SIGTERM.
+
+    `lazy` maps a subcommand's name to 'module:attribute' in cli/, imported only when that subcommand is named (so
+    `--help` and completion import no more than their listing needs); any first argument that is neither a
+    subcommand nor the group's own option runs the `default` subcommand (`disco-run OUT ...` is
+    `disco-run run OUT ...`, `disco-compile MODEL ...` is `disco-compile compile MODEL ...`).
+    """
+
+    def __init__(self, *args, lazy: dict[str, str], default: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lazy, self.default = lazy, default
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*self.lazy, *self.commands])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy:
+            module, _, attribute = self.lazy[name].partition(":")
+            return getattr(importlib.import_module(f".{module}", __package__), attribute)
+        return super().get_command(ctx, name)
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        own = {*self.list_commands(ctx), *(o for p in self.get_params(ctx) for o in (*p.opts, *p.secondary_opts))}
+        if args and args[0] not in own:
+            args = [self.default, *args]
+        return super().parse_args(ctx, args)
 
 
 def setup_logging(level: str) -> None:

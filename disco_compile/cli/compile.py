@@ -20,13 +20,10 @@ images (the batch of --input-shape), uniform in [0, 1].
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import sys
 import tempfile
-import time
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,43 +31,18 @@ from typing import TYPE_CHECKING
 
 import click
 
-from ..artifact.atomic import write_atomic
 from ..artifact.wire import DEFAULT_WIRE, WIRES, is_integer
 from ..budget.budget import ALLOCATIONS, DEFAULT_COMPUTE_WEIGHT, METHODS, Budget
-from ..errors import DiscoError, ExampleInputError, FinetuneInterrupted, TraceFailure
-from . import COMPILE_EXTRA
+from ..errors import DiscoError, FinetuneInterrupted
 from .common import CONTEXT, STDIO, CliError, Command, Stopped, deferred_signals
+from .options import check_json_path, cli_error, parse_arch, parse_shape, require_torch, stage, write_json
 
 if TYPE_CHECKING:
     from ..budget.cost import CostReport
     from ..budget.finetuning import FinetuneResult
     from ..frontend.load import LoadedModel
 
-# what a library error's advice means on the command line
-_CLI_HINTS = {TraceFailure: "on the command line, mark a submodule with --leaf-module NAME",
-              ExampleInputError: "on the command line, give the input shape with --input-shape N,C,H,W"}
-
-
-def _cli_error(exc: DiscoError) -> CliError:
-    """A library error as the command line shows it, with the advice in command-line terms."""
-    hint = next((h for cls, h in _CLI_HINTS.items() if isinstance(exc, cls)), None)
-    return CliError(str(exc) + (f"\n  {hint}" if hint else ""))
-
-
 # ---------------------------------------------------------------- argument parsing
-
-def _parse_shape(ctx, param, value: str | None) -> tuple[int, ...] | None:
-    if value is None:
-        return None
-    try:
-        shape = tuple(int(x) for x in value.split(","))
-    except ValueError:
-        shape = ()
-    if not shape or any(d < 1 for d in shape):
-        raise click.BadParameter(f"expected comma-separated positive whole numbers, batch first, "
-                                 f"e.g. 1,3,224,224; got {value!r}")
-    return shape
-
 
 def _parse_weights(ctx, param, value: str | None) -> list[float] | None:
     if value is None:
@@ -98,21 +70,6 @@ def _check_nodes(ctx, param, value: int) -> int:
     return value
 
 
-def _parse_arch(ctx, param, value: str | None) -> str | None:
-    """'torchvision:NAME' or 'timm:NAME' as load_model takes it (a torchvision name bare, timm:NAME)."""
-    if value is None:
-        return None
-    source, _, name = value.partition(":")
-    if source not in ("torchvision", "timm") or not name:
-        raise click.BadParameter(f"expected torchvision:NAME or timm:NAME, e.g. torchvision:resnet50; got {value!r}")
-    _require_torch()
-    from ..frontend.load import arch_name
-    try:
-        return arch_name(value, f"--arch {value}: {name!r}")
-    except DiscoError as exc:
-        raise _cli_error(exc) from None
-
-
 def _parse_arch_args(ctx, param, values: tuple[str, ...]) -> dict[str, object]:
     """KEY=VALUE pairs; a value is a Python literal (3, 0.5, True, None, 'text') or else the text itself."""
     import ast
@@ -129,28 +86,6 @@ def _parse_arch_args(ctx, param, values: tuple[str, ...]) -> dict[str, object]:
     return args
 
 
-def _require_torch() -> None:
-    """ImportError of torch or torchvision as the install that brings them."""
-    try:
-        import torch  # noqa: F401
-        import torchvision  # noqa: F401
-    except ImportError as exc:
-        raise CliError(f"disco-compile needs torch and torchvision ({exc}); the plain install of disco-compile is "
-                       f"the device runtime (disco-run) without them: install the compiler with {COMPILE_EXTRA}"
-                       ) from None
-
-
-def _check_json_path(ctx, param, value: str | None) -> str | None:
-    if value is None or value == STDIO:
-        return value
-    if os.path.isdir(value):
-        raise click.BadParameter(f"{value} is a folder; give a file name, e.g. {os.path.join(value, 'cost.json')}")
-    parent = os.path.dirname(os.path.abspath(value))
-    if not os.path.isdir(parent):
-        raise click.BadParameter(f"the folder {parent} does not exist; create it first")
-    return value
-
-
 @contextmanager
 def _model_file(model: str) -> Iterator[str]:
     """MODEL as a path: itself, or for - a temporary copy of stdin (a torch.save file or a torch.export program,
@@ -163,24 +98,6 @@ def _model_file(model: str) -> Iterator[str]:
         with open(path, "wb") as f:
             f.write(sys.stdin.buffer.read())
         yield path
-
-
-# ---------------------------------------------------------------- progress
-
-@contextmanager
-def _stage(what: str) -> Iterator[None]:
-    """Progress on stderr: 'what ... done (1.2 s)', then the warnings raised meanwhile (kept off that line)."""
-    click.echo(f"{what} ...", err=True, nl=False)
-    start = time.perf_counter()
-    outcome = "failed"
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            yield
-        outcome = f"done ({time.perf_counter() - start:.1f} s)"
-    finally:
-        click.echo(f" {outcome}", err=True)
-        for w in caught:
-            click.echo(f"  warning: {w.category.__name__}: {w.message}", err=True)
 
 
 # ---------------------------------------------------------------- output
@@ -250,19 +167,6 @@ def _summary(loaded: LoadedModel, nodes: int, node_weights: list[float] | None, 
     lines += [f"  node {k}: MACs {m / report.original_macs:.3f}, parameters {p / report.original_params:.3f}"
               for k, (m, p) in enumerate(zip(report.macs_per_node, report.params_per_node, strict=True))]
     return "\n".join(lines + _outcome_lines(budget, tuned))
-
-
-def _write_json(path: str, report: CostReport, run: dict) -> None:
-    """Write the report (and what produced it) so that `path` is either as before or complete:
-    a temp file beside it, then a rename."""
-    text = json.dumps({"run": run, **report.as_dict()}, indent=2, allow_nan=False) + "\n"
-    if path == STDIO:
-        click.echo(text, nl=False)
-        return
-    try:
-        write_atomic(os.path.abspath(path), lambda f: f.write(text.encode()))
-    except OSError as exc:
-        raise CliError(f"cannot write the JSON report to {path}: {exc.strerror or exc}") from None
 
 
 # ---------------------------------------------------------------- fine-tuning
@@ -341,7 +245,7 @@ def _budget(rho: float | None, allocation: str, align: int, compute_weight: floa
 def _split(loaded: LoadedModel, nodes: int, node_weights: list[float] | None, leaf_modules: tuple[str, ...],
            input_on_all_nodes: bool, submodule: str | None):
     from ..model import transform
-    with _stage(f"tracing and splitting across {nodes} node{'s' if nodes > 1 else ''}"):
+    with stage(f"tracing and splitting across {nodes} node{'s' if nodes > 1 else ''}"):
         return transform(loaded.model, nodes, loaded.example(), node_weights=node_weights,
                          leaf_modules=leaf_modules, input_on_all_nodes=input_on_all_nodes, submodule=submodule)
 
@@ -371,11 +275,7 @@ def _recorded(model: str, loaded: LoadedModel, submodule: str | None, budget: Bu
     return recorded
 
 
-def _export(disco, out_dir: str, force: bool, overlap: bool, submodule: str | None, input_on_all_nodes: bool,
-            recorded: dict) -> None:
-    if input_on_all_nodes:
-        raise CliError("--input-on-all-nodes is not supported with --out yet: the export sends the input "
-                       "from node 0 to the other nodes")
+def _export(disco, out_dir: str, force: bool, overlap: bool, submodule: str | None, recorded: dict) -> None:
     from tqdm import tqdm
 
     from ..backend.exporter import export
@@ -406,11 +306,11 @@ def _export(disco, out_dir: str, force: bool, overlap: bool, submodule: str | No
               help="With --budget: every message carries a multiple of G channels (within the budget). "
                    "onnxruntime's fastest convolution kernels take inputs whose channel count is a multiple of 8 "
                    "(AVX2; 16 on AVX-512 CPUs); 1 keeps exactly the budget's share of each exchange.")
-@click.option("--input-shape", callback=_parse_shape, metavar="N,C,H,W",
+@click.option("--input-shape", callback=parse_shape, metavar="N,C,H,W",
               help="Shape of the random normal example input used for tracing, batch first "
                    "(default 1,3,224,224; a .pt2 program's: the shape of its example). A torchvision "
                    "name's BatchNorm statistics are calibrated on images of this size.")
-@click.option("--arch", callback=_parse_arch, metavar="torchvision:NAME|timm:NAME",
+@click.option("--arch", callback=parse_arch, metavar="torchvision:NAME|timm:NAME",
               help="Architecture of a state_dict MODEL file: a torchvision (or timm) model built with random "
                    "weights, then loaded with the file's weights (a 'module.' prefix from DataParallel is "
                    "removed). Without it, the one architecture whose keys and shapes are the file's.")
@@ -434,8 +334,9 @@ def _export(disco, out_dir: str, force: bool, overlap: bool, submodule: str | No
                    "with its FPN; detectors do not trace whole); the rest of the model runs whole on node 0. "
                    "The report and --out cover the submodule.")
 @click.option("--input-on-all-nodes", is_flag=True,
-              help="The input is already present on every node, so sending it costs nothing.")
-@click.option("--json", "json_path", callback=_check_json_path, metavar="FILE|-",
+              help="Every node has the input itself (each device its own camera, say): nothing is sent. Run "
+                   "each node of the export with its own --input (disco-run --help).")
+@click.option("--json", "json_path", callback=check_json_path, metavar="FILE|-",
               help="Also write the cost report to FILE as JSON (written whole or not at all); - writes it to "
                    "stdout, and the printed report goes to stderr.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), metavar="DIR",
@@ -530,7 +431,7 @@ def main(model: str, nodes: int, budget: float | None, input_shape: tuple[int, .
       disco-compile retinanet_resnet50_fpn --submodule backbone --nodes 2 --input-shape 1,3,512,512
       disco-compile plan resnet50 --link 100mbit --node-speed 4.6   (which split to make: plan --help)
     """
-    _require_torch()
+    require_torch()
     from ..frontend.load import load_model
     if num_classes is not None:
         arch_args = {**arch_args, "num_classes": num_classes}
@@ -544,7 +445,7 @@ def main(model: str, nodes: int, budget: float | None, input_shape: tuple[int, .
         budget = None if budget is None and wire == DEFAULT_WIRE else settings.rho
         with _model_file(model) as path:
             loaded = load_model(path, arch=arch, arch_args=arch_args, trust_pickle=trust_pickle,
-                                input_shape=input_shape, stage=_stage)
+                                input_shape=input_shape, stage=stage)
             if model == STDIO:
                 loaded.description = loaded.description.replace(path, "stdin")
         disco = _split(loaded, nodes, node_weights, leaf_modules, input_on_all_nodes, submodule)
@@ -554,23 +455,23 @@ def main(model: str, nodes: int, budget: float | None, input_shape: tuple[int, .
             if _other_process():
                 return  # under torchrun, process 0 alone reports and exports
         elif budget is not None:
-            with _stage(f"selecting exchanged channels for budget {settings.rho:g}, {wire} wire"):
+            with stage(f"selecting exchanged channels for budget {settings.rho:g}, {wire} wire"):
                 disco.set_budget(settings)
                 if is_integer(settings.wire):
                     disco.calibrate_wire([loaded.example()])
-        with _stage("computing the cost"):
+        with stage("computing the cost"):
             report = disco.cost()
         click.echo(_summary(loaded, nodes, node_weights, None if budget is None else settings, report, submodule,
                             tuned), err=json_path == STDIO)  # stdout carries the JSON with --json -
         if out_dir is not None:
-            _export(disco, out_dir, force, overlap, submodule, input_on_all_nodes,
+            _export(disco, out_dir, force, overlap, submodule,
                     _recorded(model, loaded, submodule, None if budget is None else settings, tuned, data_dir))
     except DiscoError as exc:
-        raise _cli_error(exc) from None
+        raise cli_error(exc) from None
     if json_path is not None:
-        _write_json(json_path, report, {"model": loaded.description, "input_shape": list(loaded.shape),
-                                        "nodes": nodes, "node_weights": node_weights, **settings.settings(),
-                                        "budget": budget, "submodule": submodule})
+        write_json(json_path, report, {"model": loaded.description, "input_shape": list(loaded.shape),
+                                       "nodes": nodes, "node_weights": node_weights, **settings.settings(),
+                                       "budget": budget, "submodule": submodule})
         if json_path != STDIO:
             click.echo(f"cost report written to {json_path}", err=True)
 

@@ -3,8 +3,9 @@
 The command line of budget/plan.py (`plan`, where the maths and what it leaves out are stated): it loads MODEL as
 disco-compile does, exports every candidate (nodes x budgets x overlap) to a temporary folder, times the stages
 and the whole model here, and prints each candidate at every wire precision asked for, fastest first, with the
-disco-compile command line that makes the fastest. The defaults are the API's (budget/plan.py). cli/__init__.py
-sends `disco-compile plan ...` here; a model file named plan is `./plan`.
+disco-compile command line that makes the fastest. The defaults are the API's (budget/plan.py); the options it shares
+with disco-compile are options.py's. It is `disco-compile plan` (cli/__init__.py); a model file named plan is
+`./plan`.
 
 Errors are one message on stderr and exit code 2 (a bad option, a model that does not load or split).
 """
@@ -18,7 +19,7 @@ import click
 
 from ..errors import DiscoError
 from .common import CONTEXT, STDIO, CliError, Command
-from .compile import _check_json_path, _cli_error, _parse_arch, _parse_shape, _require_torch, _stage, _write_json
+from .options import check_json_path, cli_error, parse_arch, parse_shape, require_torch, stage, write_json
 
 # the API's defaults (budget/plan.py NODES, BUDGETS, WIRES, OVERLAPS, LATENCY, REPS), written out here: that module
 # imports torch, which --help must not wait for; tests/test_plan.py keeps them equal
@@ -41,7 +42,7 @@ def _listed(kind, example: str):
 def _arch(ctx, param, value: str | None) -> str | None:
     """--arch as disco-compile parses it; the text as given is kept for the command line printed at the end."""
     ctx.meta["plan.arch"] = value
-    return _parse_arch(ctx, param, value)
+    return parse_arch(ctx, param, value)
 
 
 @click.command(name="plan", cls=Command, context_settings=CONTEXT)
@@ -65,14 +66,14 @@ def _arch(ctx, param, value: str | None) -> str | None:
               help="One-way delay per message besides its time on the wire, milliseconds.")
 @click.option("--reps", type=click.IntRange(min=1), default=REPS, show_default=True,
               help="Timed passes over every export's stages and the whole model; the median counts.")
-@click.option("--input-shape", callback=_parse_shape, metavar="N,C,H,W",
+@click.option("--input-shape", callback=parse_shape, metavar="N,C,H,W",
               help="Shape of the random normal example input, batch first, as for disco-compile "
                    "(default 1,3,224,224).")
 @click.option("--arch", callback=_arch, metavar="torchvision:NAME|timm:NAME",
               help="Architecture of a state_dict MODEL file, as for disco-compile.")
 @click.option("--trust-pickle", is_flag=True,
               help="Allow a MODEL file that holds a pickled whole nn.Module (it runs code stored in the file).")
-@click.option("--json", "json_path", callback=_check_json_path, metavar="FILE|-",
+@click.option("--json", "json_path", callback=check_json_path, metavar="FILE|-",
               help="Also write the predictions to FILE as JSON; - writes them to stdout, the table to stderr.")
 def plan(model: str, link: str, nodes: tuple[int, ...], budgets: tuple[float, ...], wires: tuple[str, ...],
          overlap: str, node_speed: float, latency_ms: float, reps: int, input_shape: tuple[int, ...] | None,
@@ -108,15 +109,15 @@ def plan(model: str, link: str, nodes: tuple[int, ...], budgets: tuple[float, ..
     except PlanError as exc:
         setting, _, what = str(exc).partition(": ")
         raise CliError(f"{_OPTIONS.get(setting, setting)}: {what}") from None
-    _require_torch()
+    require_torch()
     result, loaded = _plan(model, link, nodes, budgets, wires, overlap, node_speed, latency_ms, reps, input_shape,
                            arch, trust_pickle)
     command = _compile_line(model, input_shape, click.get_current_context().meta["plan.arch"], trust_pickle,
                             result.best)
     click.echo(_table(loaded, result, command), err=json_path == STDIO)  # stdout carries the JSON with --json -
     if json_path is not None:
-        _write_json(json_path, result, {"model": loaded.description, "input_shape": list(loaded.shape),
-                                        "command": command})
+        write_json(json_path, result, {"model": loaded.description, "input_shape": list(loaded.shape),
+                                       "command": command})
         if json_path != STDIO:
             click.echo(f"predictions written to {json_path}", err=True)
 
@@ -129,7 +130,7 @@ def _plan(model: str, link: str, nodes, budgets, wires, overlap: str, node_speed
     from ..budget.plan import plan as predict_all
     from ..frontend.load import load_model
     try:
-        loaded = load_model(model, arch=arch, trust_pickle=trust_pickle, input_shape=input_shape, stage=_stage)
+        loaded = load_model(model, arch=arch, trust_pickle=trust_pickle, input_shape=input_shape, stage=stage)
         if loaded.detector:
             raise CliError(f"{model} is a detection model: the planner times whole models that take one input "
                            f"tensor; plan a classification or dense-prediction model")
@@ -142,7 +143,7 @@ def _plan(model: str, link: str, nodes, budgets, wires, overlap: str, node_speed
                                  wires=wires, overlaps=OVERLAP_CHOICES[overlap], node_speed=node_speed,
                                  latency=latency_ms / 1e3, reps=reps, progress=progress)
     except DiscoError as exc:
-        raise _cli_error(exc) from None
+        raise cli_error(exc) from None
     return result, loaded
 
 

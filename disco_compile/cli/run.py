@@ -19,7 +19,6 @@ failing) is one message naming the node and exit code 1.
 """
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 from concurrent.futures import Future
@@ -31,7 +30,7 @@ import click
 
 from ..errors import BundleError, DataError, DiscoError, InputMismatch, NodeFailure
 from . import benchmark
-from .common import CONTEXT, STDIO, CleanSignals, CliError, Command, RunError, log_level_option, positive_finite
+from .common import CONTEXT, STDIO, CliError, Command, Group, RunError, log_level_option, positive_finite
 from .common import setup_logging
 
 if TYPE_CHECKING:
@@ -191,14 +190,16 @@ def use_provider(text: str) -> list[str]:
               help="One per model input, in the model's input order (numpy.save files); a folder of images for a "
                    "model with one image input (resized and centre-cropped to the exported size, ImageNet "
                    "normalisation; in name order); or - : a stream of .npy arrays on stdin, each one request, "
-                   "run as they come. On node 0 only.")
+                   "run as they come. On node 0; on every node for an export compiled with "
+                   "--input-on-all-nodes (each device's own input, its i-th request taken by node 0's i-th).")
 @click.option("--output", "output_file", type=click.Path(dir_okay=False, path_type=Path, allow_dash=True),
               metavar="FILE|-",
               help="Where to save the outputs: FILE.npy for a model with one output; FILE.npz (arrays named "
                    "as the model outputs) for any number; with --input -, also - : each request's outputs "
                    "to stdout as .npy arrays, as they come. Without it, the outputs' shapes are printed.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
-              help="Node 0: split the inputs into requests of this many samples, all in flight together.")
+              help="Node 0: split the inputs into requests of this many samples, all in flight together (a node "
+                   "with its own --input splits them alike).")
 @click.option("--timeout", type=float, callback=positive_finite, default=TIMEOUT, show_default=True,
               help="Seconds a node waits for one message, and seconds of silence after which a peer is lost; then "
                    "every node stops with an error.")
@@ -328,8 +329,11 @@ def _check_node(run: _RunOptions) -> None:
     if node == 0 and not run.input_files:
         raise CliError("--node 0 takes the model inputs: give --input FILE.npy (one per model input), a folder "
                        "of images, or - (a stream of .npy arrays on stdin)")
-    if node != 0 and (run.input_files or run.output_file or run.batch_size):
-        raise CliError(f"--input, --output and --batch-size are for node 0; node {node} gets its inputs from node 0")
+    if node != 0 and run.output_file:
+        raise CliError(f"--output is for node 0 (it gathers the outputs); node {node} has none")
+    if node != 0 and run.batch_size and not run.input_files:
+        raise CliError(f"--batch-size goes with --input: node {node} splits its own inputs (an export with the "
+                       f"input on all nodes) as node 0 does")
     if node == 0 and run.stay:
         raise CliError("--stay is for nodes 1..N-1 (node 0 runs its inputs and ends)")
 
@@ -458,39 +462,38 @@ def _batched(client, inputs: list[np.ndarray], batch_size: int | None) -> list[n
     total = inputs[0].shape[0]
     if batch_size is None or batch_size >= total:
         return client(inputs)
-    return _joined(client.map([[a[i:i + batch_size] for a in inputs] for i in range(0, total, batch_size)]))
+    return _joined(client.map(_requests(inputs, batch_size)))
+
+
+def _requests(inputs: list[np.ndarray], batch_size: int | None) -> list[list[np.ndarray]]:
+    """`inputs` as requests: one, or (--batch-size) of that many samples each, in order."""
+    total = inputs[0].shape[0]
+    step = total if batch_size is None else batch_size
+    return [[a[i:i + step] for a in inputs] for i in range(0, total, step)]
 
 
 def _serve(run: _RunOptions) -> None:
-    """--node K, K > 0: serve node 0's requests until it says goodbye (or, with --stay, until SIGTERM)."""
+    """--node K, K > 0: serve node 0's requests until it says goodbye (or, with --stay, until SIGTERM). With
+    --input (an export with the input on all nodes), request i takes the i-th request of this node's own inputs
+    (split by --batch-size as node 0 splits its own), cycling, so that repeated runs (--benchmark) line up."""
     from ..runtime.net.network import serve
+    own: list[list[np.ndarray]] = []
+    if run.input_files:
+        from ..artifact.bundle import load_bundle
+        if STREAM in run.input_files:
+            raise CliError(f"--input -: node {run.node} reads its own inputs from files, not a stream")
+        own = _requests(_load_inputs(run.input_files, load_bundle(run.out).schedule)[0], run.batch_size)
+
+    def feed(i: int) -> list[np.ndarray]:
+        return own[i % len(own)]
     served = serve(run.out, run.node, run.peers_file, keys=run.keys_dir, insecure=run.insecure, timeout=run.timeout,
-                   connect_timeout=run.connect_timeout, threads=run.threads, stay=run.stay, bind=run.bind)
+                   connect_timeout=run.connect_timeout, threads=run.threads, stay=run.stay, bind=run.bind,
+                   inputs=feed if own else None)
     click.echo(f"node {run.node}: served {served} request(s)")
 
 
-class _DiscoRun(CleanSignals, click.Group):
-    """disco-run: subcommands imported when named; any other first argument runs an export (`run`)."""
-
-    lazy = {"keygen": "keygen", "estimate": "estimate", "info": "info"}  # subcommand -> module in cli/
-
-    def list_commands(self, ctx) -> list[str]:
-        return sorted([*self.lazy, *self.commands])
-
-    def get_command(self, ctx, name: str):
-        if name in self.lazy:
-            return getattr(importlib.import_module(f".{self.lazy[name]}", __package__), name)
-        return super().get_command(ctx, name)
-
-    def parse_args(self, ctx, args: list[str]) -> list[str]:
-        first = args[0] if args else None
-        own = {*ctx.help_option_names, "--version", *self.lazy, *self.commands}
-        if first is not None and first not in own:
-            args = ["run", *args]  # disco-run OUT ...: the run command
-        return super().parse_args(ctx, args)
-
-
-@click.group(cls=_DiscoRun, context_settings=CONTEXT, subcommand_metavar="OUT [OPTIONS] | COMMAND [ARGS]...")
+@click.group(cls=Group, context_settings=CONTEXT, subcommand_metavar="OUT [OPTIONS] | COMMAND [ARGS]...",
+             lazy={"keygen": "keygen:keygen", "estimate": "estimate:estimate", "info": "info:info"}, default="run")
 @click.version_option(package_name="disco-compile", prog_name="disco-run")
 def main() -> None:
     """Run an exported DISCO model, or prepare and inspect one (the commands below).

@@ -121,6 +121,12 @@ class DiscoSubmodel(nn.Module):
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
 
+    def wired(self):
+        return self.disco.wired()
+
+    def set_wire(self, wire: str) -> None:
+        self.disco.set_wire(wire)
+
     def cost(self) -> CostReport:
         """The split submodule's cost report (the rest of the model runs on node 0 and is not counted)."""
         return self.disco.cost()

@@ -23,42 +23,54 @@ EXCHANGE.ops(SparseExchange, rule=None)
 DECODES = "disco_decodes"  # node.meta key: the node decodes a received payload
 
 
-def _scales(b, ex: SparseExchange, lay: Layout, units: torch.Tensor) -> tuple[fx.Node, fx.Node, int]:
-    """The scales and zero points of `units` as constants, and the axis they run along (per tensor: none)."""
-    s = ex.scale.detach()[units].float()
-    if lay.axis is None:
+def _constants(b, scale: torch.Tensor, axis: int | None) -> tuple[fx.Node, fx.Node, int]:
+    """`scale` (one value per unit along `axis`; None: one value) and its zero points as constants, and the axis."""
+    s = scale.detach().float()
+    if axis is None:
         s = s.reshape(())
-    return b.const("scale", s), b.const("zero_point", torch.zeros(s.shape, dtype=torch.int8)), lay.axis or 0
+    return b.const("scale", s), b.const("zero_point", torch.zeros(s.shape, dtype=torch.int8)), axis or 0
 
 
-def _encode(b, ex: SparseExchange, lay: Layout, values: fx.Node, units: torch.Tensor) -> fx.Node:
-    """The payload of `values` (the sent units, in order) at the exchange's wire."""
-    if ex.wire == "fp32":
+def encode(b, wire: str, scale: torch.Tensor | None, axis: int | None, values: fx.Node,
+           dtype: torch.dtype) -> fx.Node:
+    """The payload of `values` (float `dtype`, units along `axis`, with these unit scales) at `wire`."""
+    if wire == "fp32":
         return values
     shape = b.shapes[values.name]
-    sent, dtype = wires.payload(shape, lay.dtype, ex.wire)
-    if ex.wire == "fp16":
-        return b.method("to", (values, dtype), shape=sent, dtype=dtype)
-    scale, zero_point, axis = _scales(b, ex, lay, units)
-    return b.call(wires.quantise, (values, scale, zero_point, axis, ex.wire, shape), shape=sent, dtype=dtype)
+    sent, sent_dtype = wires.payload(shape, dtype, wire)
+    if wire == "fp16":
+        return b.method("to", (values, sent_dtype), shape=sent, dtype=sent_dtype)
+    scale, zero_point, axis = _constants(b, scale, axis)
+    return b.call(wires.quantise, (values, scale, zero_point, axis, wire, shape), shape=sent, dtype=sent_dtype)
 
 
-def _decode(b, ex: SparseExchange, lay: Layout, msg) -> fx.Node:
-    """The received values of `msg`, as float (its payload decoded)."""
-    shape = lay.rep_shape(len(msg.channels))
-    sent, dtype = wires.payload(shape, lay.dtype, ex.wire)
-    node = b.receive(msg, sent, dtype)
-    if ex.wire == "fp32":
-        return node
-    if ex.wire == "fp16":
-        node = b.method("to", (node, lay.dtype), shape=shape, dtype=lay.dtype)
+def decode(b, wire: str, scale: torch.Tensor | None, axis: int | None, payload: fx.Node,
+           shape: tuple[int, ...], dtype: torch.dtype) -> fx.Node:
+    """The values of per-sample `shape` and float `dtype` that `payload` (`encode`'s) carries; the decoding
+    nodes are marked DECODES (placed where first used)."""
+    if wire == "fp32":
+        return payload
+    if wire == "fp16":
+        node = b.method("to", (payload, dtype), shape=shape, dtype=dtype)
     else:
-        scale, zero_point, axis = _scales(b, ex, lay, torch.tensor(msg.channels, dtype=torch.long))
-        node = b.call(wires.dequantise, (node, scale, zero_point, axis, ex.wire, shape), shape=shape)
+        scale, zero_point, axis = _constants(b, scale, axis)
+        node = b.call(wires.dequantise, (payload, scale, zero_point, axis, wire, shape), shape=shape)
     for decoding in (node, *node.all_input_nodes):
         if decoding.op != "get_attr":
             decoding.meta[DECODES] = True
     return node
+
+
+def _unit_scales(ex: SparseExchange, units: torch.Tensor) -> torch.Tensor | None:
+    return None if ex.scale is None else ex.scale[units]
+
+
+def _receive(b, ex: SparseExchange, lay: Layout, msg) -> fx.Node:
+    """The received values of `msg`, as float (its payload decoded)."""
+    shape = lay.rep_shape(len(msg.channels))
+    sent, dtype = wires.payload(shape, lay.dtype, ex.wire)
+    units = torch.tensor(msg.channels, dtype=torch.long)
+    return decode(b, ex.wire, _unit_scales(ex, units), lay.axis, b.receive(msg, sent, dtype), shape, lay.dtype)
 
 
 @EXCHANGE.lowers
@@ -70,7 +82,8 @@ def lower(b, n: fx.Node, module, op) -> None:
     for msg in messages:
         if msg.src == b.j:
             units = torch.tensor(msg.channels, dtype=torch.long)
-            b.send(msg, _encode(b, module, lay, b.aligned(src, units), units))
-    received = [(msg, _decode(b, module, lay, msg)) for msg in messages if msg.dst == b.j]
+            b.send(msg, encode(b, module.wire, _unit_scales(module, units), lay.axis, b.aligned(src, units),
+                               lay.dtype))
+    received = [(msg, _receive(b, module, lay, msg)) for msg in messages if msg.dst == b.j]
     loc = b.env[src.name]
     b.env[n.name] = Local(loc.node, loc.units, received=received)

@@ -20,11 +20,18 @@ At a wire precision other than fp32 (ops/wire.py) what is sent arrives quantised
 x_j = x * local_j + x' * (m_j - local_j), and `scale` holds the per-unit scales of the integer wires (a
 Parameter: fine-tuning learns it with the rest).
 
+InputWire is the same for a model input, which node 0 holds and sends whole to the others: every node, node 0
+included, computes from x' = wire.fake(x), so that all hold one value as the replicated ops on it require
+(node 0 quantises and dequantises its own copy). The input travels at the message wire but at 8 bits at least
+(artifact/wire.INPUT_WIRES), with one scale per channel (dim 1) of an input of 3 dims or more, else one.
+
 A partitioned Conv/Linear then computes on node j only its own output rows
 from x_j: y[T_j] = W[T_j] x_j, and reassembles y in channel order, so with
 every gate on the result equals the original layer.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -35,7 +42,32 @@ from . import wire as wires
 from .wire import WireError
 
 
-class SparseExchange(nn.Module):
+class _Wired:
+    """A wire precision and, at an integer wire, one scale per unit (`scale`, NaN until calibrated); a
+    `calibration` set by DiscoModel.calibrate_wire observes the values meanwhile."""
+
+    def _set_wire(self, wire: str, units: int, device: torch.device) -> None:
+        """Send at `wire`; an integer wire starts with uncalibrated (NaN) scales, kept if it already was one."""
+        if wire not in wires.WIRES:
+            raise WireError(f"wire precision must be one of {', '.join(wires.WIRES)}, got {wire!r}")
+        if wires.is_integer(wire) and self.scale is None:
+            self.scale = nn.Parameter(torch.full((units,), float("nan"), device=device))
+        elif not wires.is_integer(wire):
+            self.scale = None
+        self.wire = wire
+
+    def calibrated(self) -> bool:
+        return self.scale is None or bool(torch.isfinite(self.scale).all())
+
+    def _arrived(self, x: torch.Tensor, where: str) -> torch.Tensor:
+        """x as the wire delivers it (fake quantisation with the unit scales)."""
+        if not self.calibrated():
+            raise wires.uncalibrated(self.wire, where)
+        scale = None if self.scale is None else self.scale.reshape(self.label_shape).to(x.dtype)
+        return wires.fake(x, self.wire, scale)
+
+
+class SparseExchange(_Wired, nn.Module):
     """The learnable exchange of one tensor: one gate vector per (source, destination) pair,
     stored as `gate[dst, unit]` (the source of a unit is its owner)."""
 
@@ -80,26 +112,13 @@ class SparseExchange(nn.Module):
         shape = (self.nodes,) + self.label_shape
         if self.wire == "fp32" or self.calibration is not None:
             return x.unsqueeze(0) * self.masks().reshape(shape).to(x.dtype)
-        if not self.calibrated():
-            raise wires.uncalibrated(self.wire, "the DISCO model's forward")
-        scale = None if self.scale is None else self.scale.reshape(self.label_shape).to(x.dtype)
-        arrived = wires.fake(x, self.wire, scale)
+        arrived = self._arrived(x, "the DISCO model's forward")
         return x.unsqueeze(0) * self.local.reshape(shape).to(x.dtype) + \
             arrived.unsqueeze(0) * self._sent().reshape(shape).to(x.dtype)
 
     def set_wire(self, wire: str) -> None:
-        """Send at `wire` (ops/wire.py); an integer wire starts with uncalibrated (NaN) scales, kept if the
-        exchange was already at an integer wire."""
-        if wire not in wires.WIRES:
-            raise WireError(f"wire precision must be one of {', '.join(wires.WIRES)}, got {wire!r}")
-        if wires.is_integer(wire) and self.scale is None:
-            self.scale = nn.Parameter(torch.full((self.owner.numel(),), float("nan"), device=self.gate.device))
-        elif not wires.is_integer(wire):
-            self.scale = None
-        self.wire = wire
-
-    def calibrated(self) -> bool:
-        return self.scale is None or bool(torch.isfinite(self.scale).all())
+        """Send at `wire` (ops/wire.py; an integer wire's scales then need calibrating)."""
+        self._set_wire(wire, self.owner.numel(), self.gate.device)
 
     def learn_selection(self, initial: torch.Tensor | None) -> None:
         """Start (with initial scores) or stop (None) learning which candidates to send."""
@@ -111,6 +130,33 @@ class SparseExchange(nn.Module):
 
     def extra_repr(self) -> str:
         return f"nodes={self.nodes}, units={self.owner.numel()}, unit_bytes={self.unit_bytes}, wire={self.wire}"
+
+
+class InputWire(_Wired, nn.Module):
+    """A model input of `shape` (batch first) as every node computes from it (module docstring)."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        super().__init__()
+        self.axis = 1 if len(shape) >= 3 else None  # the dim its scales run along (None: one scale)
+        self.label_shape = (shape[1], *(1,) * (len(shape) - 2)) if self.axis else (1,) * max(len(shape) - 1, 1)
+        self.wire = wires.DEFAULT_WIRE
+        self.scale: nn.Parameter | None = None
+        self.calibration: wires.Calibration | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.calibration is not None:
+            self.calibration.observe(x)
+        if self.wire == "fp32" or self.calibration is not None:
+            return x
+        return self._arrived(x, "the model input's wire")
+
+    def set_wire(self, wire: str) -> None:
+        """Travel at the input wire of message wire `wire` (artifact/wire.INPUT_WIRES)."""
+        device = torch.device("cpu") if self.scale is None else self.scale.device
+        self._set_wire(wires.INPUT_WIRES.get(wire, wire), math.prod(self.label_shape), device)
+
+    def extra_repr(self) -> str:
+        return f"units={math.prod(self.label_shape)}, wire={self.wire}"
 
 
 class ComputedWeight:

@@ -24,10 +24,11 @@ import math
 import torch
 
 from ..errors import DiscoError
-from ..artifact.wire import DEFAULT_WIRE, DTYPES, RANGES, WIRE_BITS, WIRES, is_integer, payload_shape, unit_bytes
+from ..artifact.wire import DEFAULT_WIRE, DTYPES, INPUT_WIRES, RANGES, WIRE_BITS, WIRES, is_integer, payload_shape
+from ..artifact.wire import unit_bytes
 
-__all__ = ["DEFAULT_WIRE", "WIRE_BITS", "WIRES", "Calibration", "WireError", "dequantise", "fake", "is_integer",
-           "payload", "quantise", "uncalibrated", "unit_bytes"]
+__all__ = ["DEFAULT_WIRE", "INPUT_WIRES", "WIRE_BITS", "WIRES", "Calibration", "WireError", "dequantise", "fake",
+           "is_integer", "payload", "quantise", "uncalibrated", "unit_bytes"]
 
 
 def payload(shape: tuple[int, ...], dtype: torch.dtype, wire: str) -> tuple[tuple[int, ...], torch.dtype]:

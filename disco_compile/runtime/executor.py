@@ -245,9 +245,14 @@ class NodeExecutor:
 
     def run(self, inputs=None) -> dict[str, np.ndarray] | None:
         """Run this node's stages once. Node 0 takes the model inputs (see `check_inputs`) and returns the
-        model outputs by name; other nodes take None and return None. On failure, peers are told to stop."""
+        model outputs by name; other nodes take None and return None, or, when the export has the inputs on
+        all nodes (schedule.inputs_on_all_nodes), their own inputs. On failure, peers are told to stop."""
         try:
-            if self.node == 0:
+            own = self.bundle.schedule.inputs_on_all_nodes
+            if self.node != 0 and own and inputs is None:
+                raise InputMismatch(f"node {self.node} takes its own model inputs: the export has them on every "
+                                    f"node (compiled with the input on all nodes); pass them")
+            if self.node == 0 or own:
                 model_inputs = check_inputs(self.bundle.schedule, inputs)
             elif inputs is not None:
                 raise InputMismatch(f"node {self.node} takes no model inputs (node 0 sends them); pass None")
@@ -389,7 +394,7 @@ def run_executors(executors: list[NodeExecutor], hub: InProcHub, model_inputs: d
 
     def work(k: int) -> None:
         try:
-            results[k] = executors[k].run(model_inputs if k == 0 else None)
+            results[k] = executors[k].run(model_inputs if k == 0 or schedule.inputs_on_all_nodes else None)
         except BaseException as exc:  # reported below, in the caller's thread
             with lock:
                 failures.append((k, exc))

@@ -59,15 +59,22 @@ def _keys(keys, node: int, nodes: int):
 
 def serve(out_dir, node: int, peers, *, keys=None, insecure: bool = False, timeout: float = DEFAULT_TIMEOUT,
           connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, threads: int = 1, stay: bool = False,
-          bind: str | None = None, ready=None) -> int:
+          bind: str | None = None, ready=None, inputs=None) -> int:
     """Run worker node `node` (1..N-1) of the export in `out_dir` until node 0 says goodbye; the number of
     requests served. `keys`: a keys directory (disco-run keygen) or NodeKeys; without, `insecure=True`.
     Without `stay`, any failure raises (PeerFailed, MessageError, HandshakeError ...) after telling the peers.
-    `ready()` is called once every peer has answered the handshake."""
+    `ready()` is called once every peer has answered the handshake. `inputs(i)`: this node's own model inputs
+    for the i-th request it serves (0, 1, ...), for an export with the inputs on all nodes (and only then)."""
     bundle = _bundle(out_dir)
     if node == 0:
         raise NetworkConfigError("node 0 drives the requests: run it with DiscoClient (or disco-run --node 0 "
                                  "--input ...), not serve()")
+    if (inputs is not None) != bundle.schedule.inputs_on_all_nodes:
+        raise NetworkConfigError(
+            f"node {node} takes its own model inputs (the export has them on every node): give them "
+            f"(disco-run OUT --node {node} --input FILE)" if inputs is None else
+            f"node {node} gets the model inputs from node 0 (the export was not compiled with the input on all "
+            f"nodes): give it none")
     transport = ZmqTransport(bundle, node, peers, keys=_keys(keys, node, bundle.schedule.nodes), insecure=insecure,
                              timeout=timeout, bind=bind, log_losses=stay)  # without stay, the error says it
     served = 0
@@ -94,7 +101,7 @@ def serve(out_dir, node: int, peers, *, keys=None, insecure: bool = False, timeo
                             transport.wait_ready(timeout)
                         else:
                             transport.require_ready("run a request")
-                        executor.run(None)
+                        executor.run(None if inputs is None else inputs(served))
                     except PeerFailed as exc:
                         transport.abort(str(exc))  # the others may not know yet: fail the request there too
                         raise
@@ -260,10 +267,11 @@ def run_processes(out_dir, input_files, *, insecure: bool = False, timeout: floa
             keys = work / "keys"
             keygen(keys, n)
         result = work / "outputs.npz"
+        given = [a for f in input_files for a in ("--input", Path(f).resolve())]
         for k in [*range(1, n), 0]:
-            extra = []
+            extra = given if bundle.schedule.inputs_on_all_nodes else []  # each node its own (here the same)
             if k == 0:
-                extra = [a for f in input_files for a in ("--input", Path(f).resolve())] + ["--output", result]
+                extra = given + ["--output", result]
             log_file = open(work / f"node{k}.log", "wb")
             procs[k] = subprocess.Popen(node_command(bundle.root, k, peers, keys=keys, insecure=insecure,
                                                      timeout=timeout, connect_timeout=connect_timeout,
