@@ -180,9 +180,27 @@ class NFNetLike(nn.Module):
         return self.conv2(F.gelu(self.conv1(x))).mean((2, 3))
 
 
-def test_weight_standardised_convs_split_and_train_their_parameters(tmp_path):
+class QkvBias(nn.Module):
+    """BEiT's and SwinV2's qkv: F.linear with the bias cat(q_bias, zeros, v_bias), the zeros a buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.head = nn.Linear(6, 12, bias=False), nn.Linear(12, 3)
+        self.q_bias, self.v_bias = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(4))
+        self.register_buffer("k_bias", torch.zeros(4), persistent=False)
+
+    def forward(self, x):
+        bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        return self.head(F.gelu(F.linear(x, self.qkv.weight, bias)))
+
+
+@pytest.mark.parametrize("build, shape", [(NFNetLike, (1, 3, 8, 8)), (QkvBias, (1, 4, 6))],
+                         ids=["computed weight", "computed bias"])
+def test_computed_weights_and_biases_split_and_train_their_parameters(tmp_path, build, shape):
+    """C2: a weight or bias computed from parameters alone is split, not replicated, exactly, and fine-tuning
+    reaches the parameters it is computed from (their gradients equal the model's)."""
     torch.manual_seed(0)
-    model, x = NFNetLike().eval(), torch.randn(1, 3, 8, 8)
+    model, x = build().eval(), torch.randn(shape)
     dm = _exact(model, x)
     assert dm.cost().replicated_ops == []
     model(x).square().sum().backward()

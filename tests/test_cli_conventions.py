@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import click
 import numpy as np
 import pytest
 import torch
@@ -257,6 +258,19 @@ def test_signal_ends_a_node_with_one_line(two, tmp_path, signum, status):
     lines = [line for line in err.splitlines() if line.strip()]
     assert lines[-1] == f"disco-run: interrupted ({signal.Signals(signum).name})", err
     assert "Aborted!" not in err and "Traceback" not in err
+
+
+def test_a_signal_inside_an_extension_import_ends_with_one_line():
+    """A signal while an extension module initialises (onnxruntime's, measured: the node's first seconds) reaches
+    the command as that module's ImportError raised from the Stopped: it is still the signal's one line and
+    status, not a traceback."""
+    from disco_compile.cli.common import Command, Stopped
+
+    @click.command(cls=Command)
+    def importing() -> None:
+        raise ImportError("initialization failed") from Stopped(signal.SIGTERM)
+    result = CliRunner().invoke(importing, [], prog_name="disco-run")
+    assert result.exit_code == 143 and result.output.strip() == "disco-run: interrupted (SIGTERM)", result.output
 
 
 def test_signal_ends_disco_compile_with_one_line(tmp_path):

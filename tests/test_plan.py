@@ -109,7 +109,7 @@ def test_cli_defaults_are_the_apis():
     assert plan_cli.WIRES == ",".join(planner.WIRES)
     assert plan_cli.LATENCY_MS == planner.LATENCY * 1e3 and plan_cli.REPS == planner.REPS
     assert plan_cli.OVERLAP_CHOICES["both"] == planner.OVERLAPS
-    assert set(plan_cli._OPTIONS) <= {"link", "nodes", "budgets", "wires", "node_speed"}
+    assert set(plan_cli._OPTIONS) <= {"link", "nodes", "budgets", "wires", "node_speed", "compute_weight"}
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +183,6 @@ def test_busy_machine_is_told(resnet18_plan):
 
 def test_compile_line_repeats_the_model_options_as_given(resnet18_plan):
     best = dataclasses.replace(resnet18_plan.best, nodes=3, budget=0.05, wire="int8", overlap=False)
-    line = plan_cli._compile_line("my weights.pt", (1, 3, 32, 32), "timm:resnet10t", True, best)
+    line = plan_cli._compile_line("my weights.pt", (1, 3, 32, 32), "timm:resnet10t", True, 0, best)
     assert line == ("disco-compile 'my weights.pt' --input-shape 1,3,32,32 --arch timm:resnet10t --trust-pickle "
-                    "--nodes 3 --budget 0.05 --no-overlap --wire int8 --out OUT")
+                    "--nodes 3 --budget 0.05 --no-overlap --wire int8 --compute-weight 0 --out OUT")

@@ -1,11 +1,12 @@
 """The planner: which split to compile for a target device and link, predicted from stage times measured here.
 
 A candidate is c = (N nodes, budget rho, wire precision w, overlap o). For every (N, rho, o) the model is
-split (`transform`), given the budget (`set_budget(Budget(rho, wire="fp32"))`, disco-compile's one-shot
-selection) and exported to a temporary folder; then every stage of every export is timed on this machine
-(`runtime.estimate.StageTimer`: one onnxruntime thread, on the inputs it gets in a real run), and the original
-model, exported whole to one ONNX graph, in the same passes: each pass runs every export and the whole model
-once, in rotating order, the first pass untimed; the median of `reps` passes counts.
+split (`transform`), given the budget (`set_budget(Budget(rho, compute_weight=w_c, wire="fp32"))`, disco-compile's
+one-shot selection, w_c its compute weight, the default unless given) and exported to a temporary folder; then
+every stage of every export is timed on this machine (`runtime.estimate.StageTimer`: one onnxruntime thread, on
+the inputs it gets in a real run), and the original model, exported whole to one ONNX graph, in the same
+passes: each pass runs every export and the whole model once, in rotating order, the first pass untimed; the
+median of `reps` passes counts.
 With F the target's slowness (how many times slower a device's core is than this machine's), r the link rate,
 l the one-way delay per message and w the wire precision:
 
@@ -31,6 +32,9 @@ one-core nodes, docs/latency.md) is not counted, as in `disco-run estimate`. The
 is while they are measured: on a busy machine (`Plan.busy`: a load average above its cores) they are slower
 than its cores, and F scales that. The selection is the one-shot one: fine-tuning keeps other channels at the
 same budget, which moves the stage times a little.
+
+`measure` makes and times the exports once; `predict_all` lays them out for any link, speed and wire, so that a
+benchmark compares one measurement with many runs (benchmarks/plan_check.py); `plan` is the two.
 """
 from __future__ import annotations
 
@@ -135,8 +139,20 @@ class Plan:
         return max(self.load) > (os.cpu_count() or 1)
 
 
+@dataclass(frozen=True)
+class Timed:
+    """Every export (nodes x budgets x overlaps) with its stages timed here (`Measured.seconds`: medians), and
+    the whole model's median, seconds."""
+
+    measured: list[Measured]
+    whole_here: float
+    reps: int
+    load: tuple[float, float]  # this machine's 1-minute load average before and after the timing passes
+
+
 def check_candidates(link: str, nodes: Sequence[int], budgets: Sequence[float], wires: Sequence[str],
-                     overlaps: Sequence[bool], node_speed: float) -> float | None:
+                     overlaps: Sequence[bool], node_speed: float, compute_weight: float | None = None
+                     ) -> float | None:
     """The link's rate in bytes per second (None: no limit), once every candidate setting is valid; else a
     PlanError whose message starts with the setting's keyword ("link: ...", "wires: ...")."""
     try:
@@ -157,6 +173,10 @@ def check_candidates(link: str, nodes: Sequence[int], budgets: Sequence[float], 
         [Budget(rho) for rho in budgets]
     except BudgetError as exc:
         raise PlanError(f"budgets: {exc}") from None
+    try:
+        Budget(1.0, compute_weight=compute_weight)
+    except BudgetError as exc:
+        raise PlanError(f"compute_weight: {exc}") from None
     if not 0 < node_speed < float("inf"):
         raise PlanError(f"node_speed: {node_speed}: how many times slower the device's core is than this "
                         f"machine's, a finite number above 0 (1: as fast; about 4.6: a Raspberry Pi 4 class core)")
@@ -190,20 +210,41 @@ def predict(measured: Measured, wire: str, *, rate: float | None, node_speed: fl
 
 def plan(model: torch.nn.Module, example: torch.Tensor, *, link: str, nodes: Sequence[int] = NODES,
          budgets: Sequence[float] = BUDGETS, wires: Sequence[str] = WIRES, overlaps: Sequence[bool] = OVERLAPS,
-         node_speed: float = 1.0, latency: float = LATENCY, reps: int = REPS,
+         node_speed: float = 1.0, latency: float = LATENCY, reps: int = REPS, compute_weight: float | None = None,
          progress: Progress | None = None) -> Plan:
     """Predict every candidate (nodes x budgets x wires x overlaps) of `model` on `example` (one input tensor)
     for devices `node_speed` times slower than this machine on a `link` ("100mbit", "1gbit", "none": as
     `disco-run estimate --link`), `latency` seconds per message; fastest first (module docstring).
-    Every export is held in memory while the stages are timed: the exports' weights, once per candidate."""
-    rate = check_candidates(link, nodes, budgets, wires, overlaps, node_speed)
+    `compute_weight`: the selection's (Budget's; None: its default)."""
+    rate = check_candidates(link, nodes, budgets, wires, overlaps, node_speed, compute_weight)
+    timed = measure(model, example, nodes=nodes, budgets=budgets, overlaps=overlaps, reps=reps,
+                    compute_weight=compute_weight, progress=progress)
+    predictions = predict_all(timed, wires, rate=rate, node_speed=node_speed, latency=latency)
+    return Plan(link, rate, node_speed, latency, reps, timed.whole_here, timed.whole_here * node_speed, predictions,
+                timed.load)
+
+
+def predict_all(timed: Timed, wires: Sequence[str], *, rate: float | None, node_speed: float,
+                latency: float) -> list[Prediction]:
+    """Every measured export at every wire, for this target (`predict`), fastest first."""
+    whole = timed.whole_here * node_speed
+    predictions = [predict(m, w, rate=rate, node_speed=node_speed, latency=latency, whole=whole)
+                   for m in timed.measured for w in wires]
+    return sorted(predictions, key=lambda p: p.latency)
+
+
+def measure(model: torch.nn.Module, example: torch.Tensor, *, nodes: Sequence[int] = NODES,
+            budgets: Sequence[float] = BUDGETS, overlaps: Sequence[bool] = OVERLAPS, reps: int = REPS,
+            compute_weight: float | None = None, progress: Progress | None = None) -> Timed:
+    """Export every (nodes, budget, overlap) at fp32 and time its stages and the whole model here (module
+    docstring). Every export is held in memory while the stages are timed: the exports' weights, once each."""
     if reps < 1:
         raise PlanError(f"reps: {reps}: the stages are timed at least once (the median of reps passes)")
     steps = _Steps(1 + len(nodes) * (1 + len(budgets) * len(overlaps)) + reps + 1, progress)
     steps.next("exporting the whole model")
     whole = _WholeModel(model, example)
     with tempfile.TemporaryDirectory(prefix="disco-plan-") as folder:
-        exports = _export_all(model, example, Path(folder), nodes, budgets, overlaps, steps)
+        exports = _export_all(model, example, Path(folder), nodes, budgets, overlaps, compute_weight, steps)
         targets = [timer.run_pass for _, timer in exports] + [whole.run]
         load = os.getloadavg()[0]
         for rep in range(reps + 1):  # every target once per pass, in rotating order, the first pass untimed
@@ -211,17 +252,14 @@ def plan(model: torch.nn.Module, example: torch.Tensor, *, link: str, nodes: Seq
             for run in targets[rep % len(targets):] + targets[:rep % len(targets)]:
                 run(record=rep > 0)
         load = (load, os.getloadavg()[0])
-    whole_here = statistics.median(whole.seconds)
-    predictions = [predict(replace(m, seconds=timer.medians()), w, rate=rate, node_speed=node_speed,
-                           latency=latency, whole=whole_here * node_speed)
-                   for m, timer in exports for w in wires]
-    predictions.sort(key=lambda p: p.latency)
     steps.next("done")
-    return Plan(link, rate, node_speed, latency, reps, whole_here, whole_here * node_speed, predictions, load)
+    return Timed([replace(m, seconds=timer.medians()) for m, timer in exports], statistics.median(whole.seconds),
+                 reps, load)
 
 
 def _export_all(model: torch.nn.Module, example: torch.Tensor, folder: Path, nodes: Sequence[int],
-                budgets: Sequence[float], overlaps: Sequence[bool], steps: _Steps) -> list[tuple[Measured, StageTimer]]:
+                budgets: Sequence[float], overlaps: Sequence[bool], compute_weight: float | None,
+                steps: _Steps) -> list[tuple[Measured, StageTimer]]:
     """Every (nodes, budget, overlap) exported into `folder`, each with its stages ready to time (seconds empty)."""
     from ..backend.exporter import export
     from ..model import transform
@@ -230,7 +268,8 @@ def _export_all(model: torch.nn.Module, example: torch.Tensor, folder: Path, nod
         steps.next(f"splitting across {n} nodes")
         disco = transform(model, n, example)
         for rho in budgets:
-            disco.set_budget(Budget(rho, wire="fp32"))  # other wires: these exports' bytes at the wire (at_wire)
+            # other wires: these exports' bytes at the wire (at_wire)
+            disco.set_budget(Budget(rho, compute_weight=compute_weight, wire="fp32"))
             for overlap in overlaps:
                 name = f"{n} nodes, budget {rho:g}, {'overlap' if overlap else 'no overlap'}"
                 steps.next(f"exporting {name}")

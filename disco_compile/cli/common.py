@@ -81,6 +81,18 @@ def deferred_signals() -> Iterator[Deferred]:
         yield deferred
 
 
+def _stop_in(exc: BaseException) -> Stopped | None:
+    """The signal that caused `exc`, if any: itself, or anywhere in its chain of causes (an extension module
+    whose initialisation a signal interrupted raises ImportError from the Stopped, as onnxruntime's does)."""
+    while exc is not None:
+        if isinstance(exc, KeyboardInterrupt):
+            return Stopped(signal.SIGINT)
+        if isinstance(exc, Stopped):
+            return exc
+        exc = exc.__cause__
+    return None
+
+
 class CleanSignals:
     """Mixin for a click Command or Group: SIGINT and SIGTERM end it with one line and status 130 or 143."""
 
@@ -88,10 +100,10 @@ class CleanSignals:
         with _handlers(_raise_stopped):
             try:
                 return super().invoke(ctx)
-            except KeyboardInterrupt:
-                stopped = Stopped(signal.SIGINT)
-            except Stopped as exc:
-                stopped = exc
+            except (Exception, KeyboardInterrupt, Stopped) as exc:
+                stopped = _stop_in(exc)
+                if stopped is None:
+                    raise
         name = signal.Signals(stopped.signum).name
         click.echo(f"{ctx.find_root().info_name}: interrupted ({name})"
                    + (f": {stopped.what}" if stopped.what else ""), err=True)

@@ -17,6 +17,7 @@ import sys
 
 import click
 
+from ..budget.budget import DEFAULT_COMPUTE_WEIGHT
 from ..errors import DiscoError
 from .common import CONTEXT, STDIO, CliError, Command
 from .options import check_json_path, cli_error, parse_arch, parse_shape, require_torch, stage, write_json
@@ -25,8 +26,9 @@ from .options import check_json_path, cli_error, parse_arch, parse_shape, requir
 # imports torch, which --help must not wait for; tests/test_plan.py keeps them equal
 NODES, BUDGETS, WIRES, LATENCY_MS, REPS = "2", "0.2,0.1,0.05", "fp32,int8", 0.1, 5
 OVERLAP_CHOICES = {"both": (True, False), "yes": (True,), "no": (False,)}
+# the planner's keywords (budget/plan.py check_candidates) as options
 _OPTIONS = {"link": "--link", "nodes": "--nodes", "budgets": "--budgets", "wires": "--wire",
-            "node_speed": "--node-speed"}  # the planner's keywords (budget/plan.py check_candidates) as options
+            "node_speed": "--node-speed", "compute_weight": "--compute-weight"}
 
 
 def _listed(kind, example: str):
@@ -62,6 +64,9 @@ def _arch(ctx, param, value: str | None) -> str | None:
 @click.option("--node-speed", type=float, default=1.0, show_default=True, metavar="F",
               help="How many times slower a device's core is than this machine's (1: as fast; about 4.6: a "
                    "Raspberry Pi 4 class core); every time measured here is multiplied by F.")
+@click.option("--compute-weight", type=click.FloatRange(min=0), default=None, metavar="W",
+              help=f"The selection's compute weight, as disco-compile --compute-weight (default "
+                   f"{DEFAULT_COMPUTE_WEIGHT:g}, disco-compile's).")
 @click.option("--latency-ms", type=click.FloatRange(min=0), default=LATENCY_MS, show_default=True,
               help="One-way delay per message besides its time on the wire, milliseconds.")
 @click.option("--reps", type=click.IntRange(min=1), default=REPS, show_default=True,
@@ -76,8 +81,8 @@ def _arch(ctx, param, value: str | None) -> str | None:
 @click.option("--json", "json_path", callback=check_json_path, metavar="FILE|-",
               help="Also write the predictions to FILE as JSON; - writes them to stdout, the table to stderr.")
 def plan(model: str, link: str, nodes: tuple[int, ...], budgets: tuple[float, ...], wires: tuple[str, ...],
-         overlap: str, node_speed: float, latency_ms: float, reps: int, input_shape: tuple[int, ...] | None,
-         arch: str | None, trust_pickle: bool, json_path: str | None) -> None:
+         overlap: str, node_speed: float, compute_weight: float | None, latency_ms: float, reps: int,
+         input_shape: tuple[int, ...] | None, arch: str | None, trust_pickle: bool, json_path: str | None) -> None:
     """Predict which split of MODEL runs fastest on devices joined by a link, before compiling it.
 
     For every candidate (node count, budget, overlap) MODEL is split and exported to a temporary folder
@@ -96,24 +101,24 @@ def plan(model: str, link: str, nodes: tuple[int, ...], budgets: tuple[float, ..
       disco-compile plan weights.pt --arch torchvision:resnet18 --link 100mbit --json plan.json
 
     Estimates, not measurements: a wire precision below fp32 is the fp32 export's exchange messages at 16, 8
-    or 4 bits a value (the model input and outputs travel as computed, as with disco-compile --wire; the
-    quantisation kernels are not timed); the runtime's own cost per request is not counted (20-50 ms for
-    ResNet-50 on 2 one-core nodes, docs/latency.md); --node-speed scales every stage alike. The times are
-    this machine's as it is while they are measured: plan on an idle machine (a warning says when it was
-    busy).
+    or 4 bits a value, and its float model input's at the input wire (8 bits for int4), as with
+    disco-compile --wire (the outputs travel as computed; the quantisation kernels are not timed); the runtime's
+    own cost per request is not counted (20-50 ms for ResNet-50 on 2 one-core nodes, docs/latency.md);
+    --node-speed scales every stage alike. The times are this machine's as it is while they are measured:
+    plan on an idle machine (a warning says when it was busy).
     """
     from ..budget.plan import check_candidates
     from ..errors import PlanError
     try:
-        check_candidates(link, nodes, budgets, wires, OVERLAP_CHOICES[overlap], node_speed)
+        check_candidates(link, nodes, budgets, wires, OVERLAP_CHOICES[overlap], node_speed, compute_weight)
     except PlanError as exc:
         setting, _, what = str(exc).partition(": ")
         raise CliError(f"{_OPTIONS.get(setting, setting)}: {what}") from None
     require_torch()
-    result, loaded = _plan(model, link, nodes, budgets, wires, overlap, node_speed, latency_ms, reps, input_shape,
-                           arch, trust_pickle)
+    result, loaded = _plan(model, link, nodes, budgets, wires, overlap, node_speed, compute_weight, latency_ms,
+                           reps, input_shape, arch, trust_pickle)
     command = _compile_line(model, input_shape, click.get_current_context().meta["plan.arch"], trust_pickle,
-                            result.best)
+                            compute_weight, result.best)
     click.echo(_table(loaded, result, command), err=json_path == STDIO)  # stdout carries the JSON with --json -
     if json_path is not None:
         write_json(json_path, result, {"model": loaded.description, "input_shape": list(loaded.shape),
@@ -122,8 +127,8 @@ def plan(model: str, link: str, nodes: tuple[int, ...], budgets: tuple[float, ..
             click.echo(f"predictions written to {json_path}", err=True)
 
 
-def _plan(model: str, link: str, nodes, budgets, wires, overlap: str, node_speed: float, latency_ms: float,
-          reps: int, input_shape, arch, trust_pickle: bool):
+def _plan(model: str, link: str, nodes, budgets, wires, overlap: str, node_speed: float,
+          compute_weight: float | None, latency_ms: float, reps: int, input_shape, arch, trust_pickle: bool):
     """Load MODEL and run the planner with a progress bar on stderr; (the Plan, the LoadedModel)."""
     from tqdm import tqdm
 
@@ -141,13 +146,15 @@ def _plan(model: str, link: str, nodes, budgets, wires, overlap: str, node_speed
                 bar.update(done - bar.n)
             result = predict_all(loaded.model, loaded.example(), link=link, nodes=nodes, budgets=budgets,
                                  wires=wires, overlaps=OVERLAP_CHOICES[overlap], node_speed=node_speed,
-                                 latency=latency_ms / 1e3, reps=reps, progress=progress)
+                                 latency=latency_ms / 1e3, reps=reps, compute_weight=compute_weight,
+                                 progress=progress)
     except DiscoError as exc:
         raise cli_error(exc) from None
     return result, loaded
 
 
-def _compile_line(model: str, input_shape, arch: str | None, trust_pickle: bool, best) -> str:
+def _compile_line(model: str, input_shape, arch: str | None, trust_pickle: bool, compute_weight: float | None,
+                  best) -> str:
     """The disco-compile command line that exports the candidate `best` (a Prediction); `arch`: --arch as given."""
     words = ["disco-compile", model]
     if input_shape is not None:
@@ -161,6 +168,8 @@ def _compile_line(model: str, input_shape, arch: str | None, trust_pickle: bool,
         words.append("--no-overlap")
     if best.wire != "fp32":
         words += ["--wire", best.wire]
+    if compute_weight is not None:
+        words += ["--compute-weight", f"{compute_weight:g}"]
     return shlex.join([*words, "--out", "OUT"])
 
 

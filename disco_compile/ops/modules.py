@@ -159,28 +159,33 @@ class InputWire(_Wired, nn.Module):
         return f"units={math.prod(self.label_shape)}, wire={self.wire}"
 
 
-class ComputedWeight:
-    """A layer whose `weight` is `weight_fn()`, computed from parameters at each use (passes/raise_functional.py:
-    weight standardisation, W^T of `x @ W`); `share_weight` gives a partitioned layer the same, so training trains
-    the parameters the weight is computed from."""
+COMPUTABLE = ("weight", "bias")  # the tensors of a layer that may be computed from parameters
 
-    def compute_weight(self, weight_fn: nn.Module) -> None:
-        self._parameters.pop("weight", None)
-        self.weight_fn = weight_fn
+
+class ComputedWeight:
+    """A layer whose `weight` (or `bias`) is `weight_fn()` (`bias_fn()`), computed from parameters at each use
+    (passes/raise_functional.py: weight standardisation, W^T of `x @ W`, BEiT's cat(q_bias, 0, v_bias));
+    `share_weight` gives a partitioned layer the same, so training trains the parameters they are computed from."""
+
+    def compute(self, name: str, fn: nn.Module) -> None:
+        self._parameters.pop(name, None)
+        self.add_module(f"{name}_fn", fn)
 
     def __getattr__(self, name: str):
         modules = self.__dict__.get("_modules")
-        if name == "weight" and modules is not None and "weight_fn" in modules:
-            return modules["weight_fn"]()
+        if name in COMPUTABLE and modules is not None and f"{name}_fn" in modules:
+            return modules[f"{name}_fn"]()
         return super().__getattr__(name)
 
 
 def share_weight(target: nn.Module, layer: nn.Module) -> None:
-    """target.weight is layer's: the same Parameter, or the same weight_fn (ComputedWeight)."""
-    if "weight_fn" in layer._modules:
-        target.compute_weight(layer.weight_fn)
-    else:
-        target.weight = layer.weight
+    """target.weight and target.bias are layer's: the same Parameters (or None), or the same `*_fn`
+    (ComputedWeight)."""
+    for name in COMPUTABLE:
+        if f"{name}_fn" in layer._modules:
+            target.compute(name, layer._modules[f"{name}_fn"])
+        else:
+            setattr(target, name, getattr(layer, name))
 
 
 class _Partitioned(ComputedWeight, nn.Module):
@@ -207,7 +212,6 @@ class PartitionedConv(_Partitioned):
     def __init__(self, conv: nn.modules.conv._ConvNd, out_owner: torch.Tensor, nodes: int):
         super().__init__()
         share_weight(self, conv)
-        self.bias = conv.bias
         self.stride, self.dilation, self.groups = conv.stride, conv.dilation, conv.groups
         self.padding, self.padding_mode = conv.padding, conv.padding_mode
         self._reversed_padding_repeated_twice = conv._reversed_padding_repeated_twice
@@ -239,7 +243,6 @@ class PartitionedLinear(_Partitioned):
     def __init__(self, linear: nn.Linear, out_owner: torch.Tensor, nodes: int):
         super().__init__()
         share_weight(self, linear)
-        self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self._set_rows(out_owner, nodes)
 

@@ -8,12 +8,13 @@ same linear layer, with weight W^T:
     F.linear(x, W, b)                                    -> nn.Linear(W.shape[1], W.shape[0])
     torch.addmm(b, x, W), x @ W                          -> nn.Linear(W.shape[0], W.shape[1]), weight W^T
 
-A weight that is a Parameter is shared: the new module holds that same Parameter object. A weight computed from
+A weight or bias that is a Parameter is shared: the new module holds that same Parameter object. One computed from
 parameters alone (no model input reaches it: timm's StdConv2d / ScaledStdConv2d weight standardisation in NFNet,
-W^T above) makes a module of the `Computed*` classes here: its `weight` is `weight_fn()`, the graph of that
-computation (sharing the Parameters it reads), evaluated at each use, so the result is exact and fine-tuning trains
-the parameters the weight is computed from (ops/modules.py's partitioned layers keep `weight_fn`). A weight that a
-model input reaches, or a bias that is not a parameter, stays as it is and is replicated, named in the report.
+W^T above, BEiT's and SwinV2's qkv bias cat(q_bias, zeros, v_bias)) makes a module of the `Computed*` classes
+here: its `weight` is `weight_fn()` (its `bias` `bias_fn()`), the graph of that computation (sharing the Parameters
+it reads), evaluated at each use, so the result is exact and fine-tuning trains the parameters it is computed from
+(ops/modules.py's partitioned layers keep the functions). A weight or bias that a model input reaches stays as it
+is and is replicated, named in the report.
 """
 from __future__ import annotations
 
@@ -33,19 +34,19 @@ _MATMULS = (torch.matmul, operator.matmul)
 
 
 class ComputedLinear(ComputedWeight, nn.Linear):
-    """nn.Linear whose weight is `weight_fn()`."""
+    """nn.Linear whose weight or bias is computed (`weight_fn()`, `bias_fn()`)."""
 
 
 class ComputedConv1d(ComputedWeight, nn.Conv1d):
-    """nn.Conv1d whose weight is `weight_fn()`."""
+    """nn.Conv1d whose weight or bias is computed."""
 
 
 class ComputedConv2d(ComputedWeight, nn.Conv2d):
-    """nn.Conv2d whose weight is `weight_fn()`."""
+    """nn.Conv2d whose weight or bias is computed."""
 
 
 class ComputedConv3d(ComputedWeight, nn.Conv3d):
-    """nn.Conv3d whose weight is `weight_fn()`."""
+    """nn.Conv3d whose weight or bias is computed."""
 
 
 _COMPUTED = {nn.Linear: ComputedLinear, nn.Conv1d: ComputedConv1d, nn.Conv2d: ComputedConv2d,
@@ -60,7 +61,7 @@ def _parameter(gm: fx.GraphModule, a) -> nn.Parameter | None:
     return None
 
 
-def _weight_graph(gm: fx.GraphModule, w: fx.Node) -> fx.GraphModule | None:
+def _parameter_graph(gm: fx.GraphModule, w: fx.Node) -> fx.GraphModule | None:
     """The computation of `w` as a GraphModule with no inputs, if it reads parameters and no model input."""
     needed: list[fx.Node] = []
     todo, seen = [w], set()
@@ -79,7 +80,7 @@ def _weight_graph(gm: fx.GraphModule, w: fx.Node) -> fx.GraphModule | None:
     for n in (n for n in gm.graph.nodes if n in seen):  # in the graph's order
         env[n] = graph.node_copy(n, env.__getitem__)
     graph.output(env[w])
-    return fx.GraphModule(gm, graph, "WeightFn")  # holds the same Parameter objects as gm
+    return fx.GraphModule(gm, graph, "ParameterFn")  # holds the same Parameter objects as gm
 
 
 def _normalised(gm: fx.GraphModule, n: fx.Node) -> tuple[fx.Node, object, object]:
@@ -107,11 +108,12 @@ def _is_layer_call(gm: fx.GraphModule, n: fx.Node) -> bool:
 
 
 def _layer(gm: fx.GraphModule, n: fx.Node, w, bias_arg) -> nn.Module | None:
-    """The module computing call `n`, holding its parameters; None if they are not parameters."""
-    weight = _parameter(gm, w)
-    weight_fn = _weight_graph(gm, w) if weight is None and isinstance(w, fx.Node) else None
-    bias = _parameter(gm, bias_arg)
-    if (weight is None and weight_fn is None) or (bias_arg is not None and bias is None):
+    """The module computing call `n`, holding its parameters (or the functions computing them from parameters);
+    None if they are neither."""
+    weight, bias = _parameter(gm, w), _parameter(gm, bias_arg)
+    weight_fn = _parameter_graph(gm, w) if weight is None and isinstance(w, fx.Node) else None
+    bias_fn = _parameter_graph(gm, bias_arg) if bias is None and isinstance(bias_arg, fx.Node) else None
+    if (weight is None and weight_fn is None) or (bias_arg is not None and bias is None and bias_fn is None):
         return None
     shape = weight.shape if weight is not None else weight_fn().shape
     if n.target in _CONVS:
@@ -121,14 +123,13 @@ def _layer(gm: fx.GraphModule, n: fx.Node, w, bias_arg) -> nn.Module | None:
         kwargs = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     else:
         cls, size, kwargs = nn.Linear, (shape[1], shape[0]), {}
-    if weight_fn is None:
-        m = cls(*size, bias=bias is not None, device="meta", **kwargs)
-        m.weight = weight
-    else:
-        m = _COMPUTED[cls](*size, bias=bias is not None, device="meta", **kwargs)
-        m.compute_weight(weight_fn)
-    if bias is not None:
-        m.bias = bias
+    computed = weight_fn is not None or bias_fn is not None
+    m = (_COMPUTED[cls] if computed else cls)(*size, bias=bias_arg is not None, device="meta", **kwargs)
+    for name, value, fn in (("weight", weight, weight_fn), ("bias", bias, bias_fn)):
+        if fn is not None:
+            m.compute(name, fn)
+        elif value is not None:
+            setattr(m, name, value)
     return m.eval()
 
 
