@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The plain install (the device runtime, no torch) in a fresh venv runs an export the compiler venv made:
-#   import torch fails; disco-run --help and info work; disco-compile names the install it needs;
+#   import torch fails; disco-run --help, --version and info work; disco-compile names the install it needs;
 #   --simulate, and two --node processes on loopback each holding only its own nodeK/ plus manifest.json and
 #   schedule.json, give exactly run_local's outputs.
 # Usage: .ci/device_check.sh [COMPILER_PYTHON]   (default .venv/bin/python; needs the package registry for pip)
@@ -34,6 +34,7 @@ python3 -m venv "$work/dev"
 dev="$work/dev/bin"
 if "$dev/python" -c "import torch" 2>/dev/null; then echo "FAIL: torch is importable in the plain install"; exit 1; fi
 "$dev/disco-run" --help > /dev/null
+"$dev/disco-run" --version | grep -q "disco-run, version"
 "$dev/disco-run" info "$work/out" > "$work/info.txt"
 grep -q "device check net" "$work/info.txt"
 set +e
