@@ -936,7 +936,11 @@ def _run_models(names: list[str], nodes: list[int], args: argparse.Namespace, co
 
 def main(argv: list[str] | None = None) -> int:
     p = _parser()
-    args = p.parse_args(argv)
+    args, unknown = p.parse_known_args(argv)  # the families of zoo_families.py take options of their own
+    if args.family and set(args.family) <= set(zoo_families.FAMILIES):  # timm, hf, crepe: zoo_families.py
+        return zoo_families.main([a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"])
+    if unknown:
+        p.error(f"unrecognized arguments: {' '.join(unknown)}")
     nodes = [int(n) for n in args.nodes.split(",") if n.strip()]
     args.results = args.results or (PROGRAM_RESULTS if args.program else RESULTS)
     args.report = args.report or (PROGRAM_REPORT if args.program else REPORT)
@@ -944,8 +948,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         run_worker(args.worker, nodes, args.worker_out, args.program)
         return 0
-    if args.family and set(args.family) <= set(zoo_families.FAMILIES):  # timm, hf, crepe: zoo_families.py
-        return zoo_families.main([a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"])
 
     names = _model_names(p, args)
     args.results.mkdir(parents=True, exist_ok=True)
