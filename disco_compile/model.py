@@ -69,7 +69,7 @@ class DiscoModel(nn.Module):
         return dict(self.graph_module.exchanges.items())
 
     def forward(self, *args, **kwargs):
-        if self.input_wires:  # the inputs as every node computes from them (ops/modules.InputWire)
+        if any(w.active for w in self.input_wires.values()):  # the inputs as every node computes from them
             names = self.input_names
             args = (*(self._arrived(name, x) for name, x in zip(names, args, strict=False)), *args[len(names):])
             kwargs = {name: self._arrived(name, x) for name, x in kwargs.items()}

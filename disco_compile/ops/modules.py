@@ -143,6 +143,11 @@ class InputWire(_Wired, nn.Module):
         self.scale: nn.Parameter | None = None
         self.calibration: wires.Calibration | None = None
 
+    @property
+    def active(self) -> bool:
+        """Whether forward does anything: quantises (a wire below fp32) or observes (calibrating)."""
+        return self.wire != "fp32" or self.calibration is not None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.calibration is not None:
             self.calibration.observe(x)
