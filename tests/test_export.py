@@ -221,13 +221,27 @@ def test_adaptive_pool_matrices_average_as_adaptive_avg_pool2d(h, w, oh, ow):
     assert_close(got, F.adaptive_avg_pool2d(x, (oh, ow)), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("nodes, rho", [(2, 1.0), (3, 0.3)])
-def test_uneven_adaptive_avg_pool_exports(tmp_path, nodes, rho):
-    """4x4 -> 7x7 (VGG's pooling on a 128 input) and 5x5 -> 3x3: sizes torch.onnx cannot pool between."""
+@settings(max_examples=10, deadline=None)
+@given(d=st.integers(1, 12), h=st.integers(1, 6), od=st.integers(1, 9), oh=st.integers(1, 5))
+def test_adaptive_pool_matrices_average_a_signal_and_a_volume(d, h, od, oh):
+    x = torch.randn(2, 3, d, h, 4, dtype=torch.float64)
+    got = pool_by_matrices(x, *(adaptive_pool_matrix(i, o, x.dtype) for i, o in ((d, od), (h, oh), (4, 3))))
+    assert_close(got, F.adaptive_avg_pool3d(x, (od, oh, 3)), rtol=1e-12, atol=1e-12)
+    got = pool_by_matrices(x[..., 0, 0], adaptive_pool_matrix(d, od, x.dtype))
+    assert_close(got, F.adaptive_avg_pool1d(x[..., 0, 0], od), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("nodes, rho, dims", [(2, 1.0, 2), (3, 0.3, 2), (2, 0.3, 1), (3, 0.5, 3)])
+def test_uneven_adaptive_avg_pool_exports(tmp_path, nodes, rho, dims):
+    """4x4 -> 7x7 (VGG's pooling on a 128 input) and 5x5 -> 3x3: sizes torch.onnx cannot pool between; the
+    same for a signal and a volume."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.AdaptiveAvgPool2d((7, 3)), nn.Conv2d(8, 6, 1),
-                          nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(24, 4)).eval()
-    x = torch.randn(2, 3, 4, 5)
+    conv, pool, size, first = {1: (nn.Conv1d, nn.AdaptiveAvgPool1d, (5,), 3),
+                               2: (nn.Conv2d, nn.AdaptiveAvgPool2d, (4, 5), (7, 3)),
+                               3: (nn.Conv3d, nn.AdaptiveAvgPool3d, (3, 4, 5), (2, 3, 3))}[dims]
+    model = nn.Sequential(conv(3, 8, 3, padding=1), pool(first), conv(8, 6, 1), pool(2), nn.Flatten(),
+                          nn.Linear(6 * 2 ** dims, 4)).eval()
+    x = torch.randn(2, 3, *size)
     assert_shards_match(transform(model, nodes, x), x, tmp_path / "out", rho)
 
 

@@ -191,6 +191,36 @@ def test_attention_with_a_causal_mask_is_raised():
         assert_close(transform(program, 2, x)(x), model(x), what="DISCO model with a masked attention")
 
 
+class WeightNormed(nn.Module):
+    """Wav2Vec2's positional convolution: a grouped Conv1d and a Linear under weight_norm, whose weights the
+    program computes (g * v / |v|) instead of reading them."""
+
+    def __init__(self):
+        super().__init__()
+        norm = nn.utils.parametrizations.weight_norm
+        self.conv, self.pos = nn.Conv1d(4, 16, 3, padding=1), norm(nn.Conv1d(16, 16, 5, padding=2, groups=4), dim=2)
+        self.head = norm(nn.Linear(16, 6))
+
+    def forward(self, x):
+        h = self.conv(x)
+        return self.head(F.gelu(h + self.pos(h)).transpose(1, 2))
+
+
+def test_a_weight_the_program_computes_is_split_as_a_layer(tmp_path):
+    """aten.conv1d and aten.linear whose weight weight_norm computes in the graph are layers
+    (ComputedConv1d, ComputedLinear), not ops kept whole: nothing is replicated, and the shards compute it."""
+    torch.manual_seed(0)
+    model = WeightNormed().eval()
+    x = torch.randn(1, 4, 12)
+    program = torch.export.export(model, (x,))
+    assert exported.to_module(program).kept_aten_ops == ["aten._weight_norm.default"]  # computing the weights
+    dm = transform(program, 2, x)
+    assert dm.cost().replicated_ops == []
+    with torch.no_grad():
+        assert_close(dm(x), model(x), what="DISCO model with computed weights")
+    assert_shards_match(dm, x, tmp_path / "shards", rho=0.5)
+
+
 def test_program_through_onnx_shards(tmp_path):
     _, x, program = _program(ResNetLike, (1, 3, 32, 32))
     assert_shards_match(transform(program, 2, x), x, tmp_path / "shards", rho=0.2)

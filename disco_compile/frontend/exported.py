@@ -8,6 +8,7 @@ and everything else as torch-level functions. `to_module` functionalises the pro
 
     aten.convNd(x, W, b, stride, padding, dilation, groups)           -> nn.ConvNd holding W, b
     aten.linear(x, W, b)                                                -> nn.Linear
+      (with W or b computed in the graph, as weight_norm's, F.convNd / F.linear: raise_functional raises them)
     aten.addmm(b, x, W), aten.mm(x, W), aten.matmul(x, W) (GPT-2's Conv1D: x @ W + b)
                                                                         -> nn.Linear with weight W^T
     aten._native_batch_norm_legit_no_training(x, w, b, mean, var, momentum, eps)[0]
@@ -54,6 +55,7 @@ _RESIZES = {aten.upsample_nearest2d.vec: "nearest", aten.upsample_bilinear2d.vec
 _COPIES = (aten.clone.default, aten.alias.default)
 _CONVS = {aten.conv1d.default: nn.Conv1d, aten.conv2d.default: nn.Conv2d, aten.conv3d.default: nn.Conv3d,
           aten.conv1d.padding: nn.Conv1d, aten.conv2d.padding: nn.Conv2d, aten.conv3d.padding: nn.Conv3d}
+_FUNCTIONAL_CONVS = {aten.conv1d: F.conv1d, aten.conv2d: F.conv2d, aten.conv3d: F.conv3d}
 _BATCH_NORMS = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
 
 
@@ -139,9 +141,18 @@ class _Raiser:
             return self.env[x]
         return fx.map_arg(a, one)
 
+    def computed(self, node: fx.Node, fn, args: tuple) -> fx.Node:
+        """The torch function `fn` on `args`: a layer whose weight (or bias) the graph computes, which
+        passes/raise_functional.py raises to a module when only parameters reach that weight."""
+        return self.graph.create_node("call_function", fn, self.arg(args), name=_readable_name(node))
+
     def conv(self, node: fx.Node) -> fx.Node:
         x, w, b, stride, padding, dilation, groups = (list(node.args) + [None, 1, 0, 1, 1][len(node.args) - 2:])[:7]
-        weight, bias = self.tensor(w), self.tensor(b)
+        try:
+            weight, bias = self.tensor(w), self.tensor(b)
+        except _Keep:
+            fn = _FUNCTIONAL_CONVS[node.target.overloadpacket]
+            return self.computed(node, fn, (x, w, b, stride, padding, dilation, groups))
         stride, padding, dilation = (v if isinstance(v, (int, str)) else tuple(v) for v in (stride, padding, dilation))
         m = _CONVS[node.target](weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), stride=stride,
                                 padding=padding, dilation=dilation, groups=groups, bias=bias is not None)
@@ -150,7 +161,10 @@ class _Raiser:
 
     def linear(self, node: fx.Node) -> fx.Node:
         x, w, b = (list(node.args) + [None])[:3]
-        weight, bias = self.tensor(w), self.tensor(b)
+        try:
+            weight, bias = self.tensor(w), self.tensor(b)
+        except _Keep:
+            return self.computed(node, F.linear, (x, w, b))
         m = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
         _assign(m, weight=weight, bias=bias)
         return self.module(node, m, w, b)

@@ -4,8 +4,9 @@ channelwise's (labels pass through); Unfold's output channel c*k + i (k = kh*kw 
 of input channel c's patches, so it takes channel c's label.
 
 Lowering: the op on node j's local tensor. Adaptive average pooling between sizes that do not divide (which
-torch.onnx cannot export) becomes two matrix products, Y = R X C^T, where row i of R (and of C) averages
-inputs floor(i*in/out) .. ceil((i+1)*in/out) - 1 as adaptive pooling does.
+torch.onnx cannot export) becomes one matrix product per pooled dim: X C^T for a signal, R X C^T for an image
+(and a transposed product for a volume's depth), where row i of R (and of C) averages inputs
+floor(i*in/out) .. ceil((i+1)*in/out) - 1 as adaptive pooling does.
 """
 from __future__ import annotations
 
@@ -32,7 +33,9 @@ POOLING.ops(
     F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.interpolate, F.upsample,
     rule=keeps_layout,
     aten={aten.max_pool2d.default: F.max_pool2d, aten.avg_pool2d.default: F.avg_pool2d,
-          aten.adaptive_avg_pool2d.default: F.adaptive_avg_pool2d})
+          aten.adaptive_avg_pool1d.default: F.adaptive_avg_pool1d,
+          aten.adaptive_avg_pool2d.default: F.adaptive_avg_pool2d,
+          aten.adaptive_avg_pool3d.default: F.adaptive_avg_pool3d})
 
 
 @POOLING.rule(nn.Unfold, F.unfold, patches=True)
@@ -63,15 +66,30 @@ def adaptive_pool_matrix(size_in: int, size_out: int, dtype: torch.dtype) -> tor
     return m
 
 
-def pool_by_matrices(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Adaptive average pooling of (..., H, W) as rows @ x @ cols^T."""
-    return rows @ x @ cols.transpose(0, 1)
+def pool_by_matrices(x: torch.Tensor, *mats: torch.Tensor) -> torch.Tensor:
+    """Adaptive average pooling of the last len(mats) dims of x, mats[k] (out, in) pooling the k-th of them:
+    rows @ x @ cols^T for (..., H, W)."""
+    for k, m in enumerate(mats):
+        d = k - len(mats)
+        if d == -1:
+            x = x @ m.transpose(0, 1)
+        elif d == -2:
+            x = m @ x
+        else:
+            x = (x.transpose(d, -1) @ m.transpose(0, 1)).transpose(d, -1)
+    return x
 
 
-def _uneven_adaptive_avg_pool2d(n: fx.Node, module, in_shape, out_shape) -> bool:
-    if not (isinstance(module, nn.AdaptiveAvgPool2d) or n.target is F.adaptive_avg_pool2d):
-        return False
-    return len(in_shape) == 4 and any(i % o for i, o in zip(in_shape[-2:], out_shape[-2:], strict=True))
+_ADAPTIVE_AVG = {nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3,
+                 F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3}
+
+
+def _uneven_adaptive_avg_pool(n: fx.Node, module, in_shape, out_shape) -> int:
+    """How many dims an adaptive average pooling with a size that does not divide its input pools; else 0."""
+    dims = _ADAPTIVE_AVG.get(type(module) if module is not None else n.target, 0)
+    if not dims or len(in_shape) != dims + 2:
+        return 0
+    return dims if any(i % o for i, o in zip(in_shape[-dims:], out_shape[-dims:], strict=True)) else 0
 
 
 @POOLING.lowers
@@ -85,8 +103,9 @@ def lower(b, n: fx.Node, module, op) -> None:
     lay = b.low.layout(n)
     shape = lay.rep_shape(None if loc.units is None else loc.units.numel())
     in_shape = b.shapes[loc.node.name]
-    if not _uneven_adaptive_avg_pool2d(n, module, in_shape, shape):
+    dims = _uneven_adaptive_avg_pool(n, module, in_shape, shape)
+    if not dims:
         return run_local(b, n, module)
-    rows, cols = (b.const(f"{n.name}_pool", adaptive_pool_matrix(i, o, lay.dtype))
-                  for i, o in zip(in_shape[-2:], shape[-2:], strict=True))
-    b.hold(n, b.call(pool_by_matrices, (loc.node, rows, cols), shape=shape, dtype=lay.dtype), loc.units)
+    mats = tuple(b.const(f"{n.name}_pool", adaptive_pool_matrix(i, o, lay.dtype))
+                 for i, o in zip(in_shape[-dims:], shape[-dims:], strict=True))
+    b.hold(n, b.call(pool_by_matrices, (loc.node, *mats), shape=shape, dtype=lay.dtype), loc.units)
