@@ -93,7 +93,8 @@ class DiscoModel(nn.Module):
         return cost.CostReport(
             nodes=plan.nodes, exchange_bytes=exchange, dense_exchange_bytes=dense, fixed_exchange_bytes=fixed,
             io_bytes=io, comm_bytes=exchange + io, dense_comm_bytes=dense + io,
-            macs_per_node=cost.macs_per_node(plan.layers, ex, plan.owner_of, plan.nodes, plan.replicated_macs),
+            macs_per_node=cost.macs_per_node(plan.layers, ex, plan.owner_of, plan.nodes, plan.replicated_macs,
+                                             plan.channelwise_macs),
             params_per_node=cost.params_per_node(gm, plan.nodes, plan.layers, ex, plan.owner_of),
             original_macs=plan.original_macs, original_params=plan.original_params,
             replicated_ops=list(plan.replicated))
@@ -199,9 +200,12 @@ def transform(model: nn.Module | torch.export.ExportedProgram, nodes: int, examp
     replicated_names = {r.node for r in flow.replicated}
     replicated_macs = sum(cost.op_macs(gm, n, flow.batch) for n in gm.graph.nodes if n.name in replicated_names)
     original_params = sum(p.numel() for p in model.parameters())
+    channelwise_macs = cost.channelwise_macs(gm, owner_of, nodes, flow.batch,
+                                             replicated_names | {layer.node for layer in flow.mixing})
     mixing = [replace(layer, out_positions=cost.out_positions(gm, layer, flow.batch)) for layer in flow.mixing]
     layers = insert_exchanges(gm, mixing, owner_of, nodes, example_inputs)
     return DiscoModel(gm, PartitionPlan(
         nodes=nodes, node_weights=weights, owner_of=owner_of, layers=layers, stats=flow.stats,
         replicated=flow.replicated, batch=flow.batch, input_on_all_nodes=input_on_all_nodes,
-        original_macs=original_macs, original_params=original_params, replicated_macs=replicated_macs), route)
+        original_macs=original_macs, original_params=original_params, replicated_macs=replicated_macs,
+        channelwise_macs=channelwise_macs), route)

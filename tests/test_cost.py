@@ -181,3 +181,36 @@ def test_resnet50_paper_figures():
     assert c.macs_ratio <= 0.62
     assert max(c.macs_per_node) <= 0.31 * c.original_macs
     assert max(c.params_per_node) <= 0.31 * c.original_params
+
+
+class MixerBlock(nn.Module):
+    """MLP-Mixer's block: a token-mixing Linear on (B, C, T), then a channel-mixing one on (B, T, C)."""
+
+    def __init__(self, tokens: int = 6, channels: int = 8):
+        super().__init__()
+        self.embed = nn.Linear(3, channels)
+        self.tokens, self.channels = nn.Linear(tokens, tokens), nn.Linear(channels, 4)
+
+    def forward(self, x):
+        h = self.embed(x)
+        h = h + self.tokens(h.transpose(1, 2)).transpose(1, 2)
+        return self.channels(torch.relu(h))
+
+
+@pytest.mark.parametrize("nodes", [2, 3])
+def test_token_mixing_runs_on_each_nodes_channels_and_counts_its_share(nodes):
+    """A Linear along tokens is no exchange and no replicated op: node j applies it to its channels, and its
+    MACs (tokens^2 per channel) are shared by channel, so the nodes' MACs sum to the whole."""
+    from disco_compile.backend.layers import layer_records
+    torch.manual_seed(0)
+    model, x = MixerBlock().eval(), torch.randn(1, 6, 3)
+    dm = transform(model, nodes, x)
+    with torch.no_grad():
+        torch.testing.assert_close(dm(x), model(x), rtol=1e-4, atol=1e-5)
+    c = dm.cost()
+    assert c.replicated_ops == [] and len(dm.exchanges) == 1  # embed -> channels only
+    assert c.original_macs == 6 * 3 * 8 + 8 * 6 * 6 + 6 * 8 * 4
+    assert sum(c.macs_per_node) == c.original_macs
+    owned = [int((dm.plan.owner_of[dm.plan.layers[0].out_labels.reshape(-1)] == j).sum()) for j in range(nodes)]
+    assert dm.plan.channelwise_macs == {"tokens": [k * 6 * 6 for k in owned]}
+    assert [sum(row["macs"][j] for row in layer_records(dm, [])) for j in range(nodes)] == c.macs_per_node

@@ -352,7 +352,7 @@ SAMPLES: dict[object, list] = {
     nn.Conv1d: [nn.Sequential(Fn(flat), nn.Conv1d(C, 5, 3))],
     nn.Conv2d: [nn.Conv2d(C, 5, 3, padding=1), nn.Conv2d(C, C, 3, groups=3), nn.Conv2d(C, C, 3, groups=C)],
     nn.Conv3d: [nn.Sequential(Fn(volume), nn.Conv3d(C, 4, 1))],
-    nn.Linear: [ChannelsLast(nn.Linear(C, 5))],
+    nn.Linear: [ChannelsLast(nn.Linear(C, 5)), nn.Sequential(Fn(flat), nn.Linear(4, 5))],  # and along tokens
     # attention
     heads_attention: [Attention()],
     head_scores: [ScoresApply()],

@@ -77,10 +77,10 @@ def layer_records(dm, messages: list[Message]) -> list[dict]:
     paths = module_paths(gm)
     rows = []
     for n in gm.graph.nodes:
-        if n.name not in mixing and n.name not in sent:
+        if n.name not in mixing and n.name not in sent and n.name not in plan.channelwise_macs:
             continue
         macs = (layer_macs(mixing[n.name], exchanges, plan.owner_of, n_nodes) if n.name in mixing
-                else [0] * n_nodes)
+                else plan.channelwise_macs.get(n.name, [0] * n_nodes))
         rows.append({"name": paths.get(n.name, n.name), "op": _op_name(gm, n, mixing.get(n.name)),
                      "channels": _channels(n, n_nodes), "macs": macs, "sent": sent.pop(n.name, _zeros(n_nodes))})
     if plan.replicated_macs:

@@ -15,7 +15,9 @@
   dim 0 (Swin, MobileViT), or to tokens (seq-first attention, GPT-2's
   x.view(-1, C) @ W), counts its whole output per sample (`out_positions`:
   output elements per channel over the whole tensor / batch), so with nothing
-  replicated the nodes' MACs sum to the whole.
+  replicated the nodes' MACs sum to the whole. A mixing op that runs on a
+  node's own channels as they are (a Linear along tokens) counts its share of
+  the channels on each node (`channelwise_macs`).
 - parameters per node: the weight entries a node uses (mixing.py), a node's
   share of every per-channel parameter (one entry per channel of the tensor the
   op reads: BatchNorm, LayerNorm, layer scales), and every other parameter whole.
@@ -285,9 +287,25 @@ def layer_macs(layer: MixingLayer, exchanges: dict[str, SparseExchange], owner_o
             for j in range(nodes)]
 
 
+def channelwise_macs(gm: fx.GraphModule, owner_of: torch.Tensor, nodes: int, batch: int,
+                     skip: set[str]) -> dict[str, list[int]]:
+    """Per graph node not in `skip` (the mixing layers and replicated ops) that has MACs (`op_macs`) and runs on
+    its input's split channels as they are (a token-mixing Linear): node j's MACs, the whole times the share of
+    the input's label positions node j holds (its own and replicated ones)."""
+    out = {}
+    for n in gm.graph.nodes:
+        macs = 0 if n.name in skip or not n.all_input_nodes else op_macs(gm, n, batch)
+        placement = n.all_input_nodes[0].meta.get("disco") if macs else None
+        if placement is None or placement.labels is None:
+            continue
+        own = owners(placement.labels, owner_of).reshape(-1)
+        out[n.name] = [macs * int(((own == j) | (own == REPLICATED)).sum()) // own.numel() for j in range(nodes)]
+    return out
+
+
 def macs_per_node(layers: list[MixingLayer], exchanges: dict[str, SparseExchange], owner_of: torch.Tensor,
-                  nodes: int, replicated_macs: int) -> list[int]:
-    per_node = [replicated_macs] * nodes
+                  nodes: int, replicated_macs: int, channelwise: dict[str, list[int]]) -> list[int]:
+    per_node = [replicated_macs + sum(m[j] for m in channelwise.values()) for j in range(nodes)]
     for layer in layers:
         for j, macs in enumerate(layer_macs(layer, exchanges, owner_of, nodes)):
             per_node[j] += macs

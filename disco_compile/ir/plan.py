@@ -90,3 +90,4 @@ class PartitionPlan:
     original_macs: int
     original_params: int
     replicated_macs: int
+    channelwise_macs: dict[str, list[int]] = field(default_factory=dict)  # per node, of layers run on its channels

@@ -14,7 +14,9 @@ weight count the same without the output positions.
 
 Rule: Conv and Linear create a new channel space (one id per output channel, recorded as a MixingLayer);
 grouped convolutions with at least as many groups as nodes tie each input group to its output group, so no
-group straddles nodes.
+group straddles nodes. A Linear whose input channels vary only along dims other than its last (MLP-Mixer's and
+ResMLP's token mixing, (B, C, T) @ W^T) computes each channel's row from that row alone: channelwise, the labels
+pass through, and node j applies the whole W to its own channels (costed as its share of the channels).
 Lowering, on node j (a BatchNorm right after the conv folded into W and b by backend/lower.py):
     y[T_j] = W[T_j, local] x_local + b[T_j]          first, while messages fly
            + sum_i (W[T_j, G_ij] * gate_ij) x_ij      as each message arrives
@@ -35,6 +37,7 @@ import torch.nn.functional as F
 
 from ..backend.program import Local, LoweringError
 from ..ir import REPLICATED, MixingLayer, channel_dims, fits, units_per_sample
+from .channelwise import run_local
 from .modules import PartitionedConv, PartitionedLinear
 from .registry import Fallback, Family, RuleContext
 
@@ -156,6 +159,10 @@ def conv(ctx: RuleContext) -> torch.Tensor:
 @MIXING.rule(nn.Linear, creates_channels=True)
 def linear(ctx: RuleContext) -> torch.Tensor:
     m = ctx.module
+    value, labels = ctx.tensor_inputs()[0]
+    dims = () if labels is None else channel_dims(labels)
+    if dims and value.dim() - 1 not in dims and fits(labels, value.shape):
+        return labels  # it mixes along a dim the split channels do not vary along (token mixing): channelwise
     in_labels = _mixing_input(ctx, -1, m.in_features)
     return _record_mixing(ctx, "linear", -1, m.in_features, m.out_features, 1, 1, in_labels)
 
@@ -163,6 +170,8 @@ def linear(ctx: RuleContext) -> torch.Tensor:
 @MIXING.lowers
 def lower(b, n: fx.Node, module, op) -> None:
     """Node j's output rows T_j: a block sum, or a grouped conv on whole groups or with zeros for what is not sent."""
+    if n.name not in b.low.layers:  # a Linear along other dims (the rule): node j's channels, W whole
+        return run_local(b, n, module, per_channel=False)
     layer = b.low.layers[n.name]
     out_owner = b.low.owner_of[layer.out_labels.reshape(-1)]
     rows = (out_owner == b.j).nonzero().flatten()
