@@ -397,9 +397,9 @@ CLASS_REASONS: dict[str, str] = {
         "attention, GCNet's global context (x @ softmax(conv(x)): a one-channel map over positions); each could "
         "have a rule, none is built yet",
     "replicated scaled_dot_product_attention: no channel rule for this op":
-        "SDPA on channels-first operands (CoAtNet's Attention2d: q, k, v viewed (B, H, d, HW) from a 1x1 conv and "
-        "transposed) or with units folded into more dims (Hiera's mask units, vit_dpwee): raise_attention reads "
-        "channels-last or seq-first sources only",
+        "SDPA with units folded into more dims (Hiera's mask units, vit_dpwee): raise_attention reads "
+        "channels-last, seq-first or channels-first (CoAtNet's, fixed after the sweep) sources only; both "
+        "models' exports also fail ('channels vary along non-adjacent dims'), the replicated SDPA's layout",
     "replicated linear: no channel rule for this op":
         "F.linear with a computed bias (BEiT's and SwinV2's cat(q_bias, zeros, v_bias)): raise_functional raises "
         "parameter biases only",
@@ -408,7 +408,7 @@ CLASS_REASONS: dict[str, str] = {
         "have to be sent whole to every node (a replicated input of an elementwise op), which no rule asks for yet",
     "replicated Linear: input channels vary along dims (N,), expected only dim N":
         "MLP-Mixer's token mixing: a Linear over the tokens of x.transpose(1, 2), channelwise for the split "
-        "channels; the mixing rule splits a Linear's own input dim only",
+        "channels; fixed after the sweep (ops/mixing.py: a Linear along other dims is channelwise)",
     "replicated Tensor.unfold: no channel rule for this op":
         "fixed after the sweep: unfold is data movement (ops/movement.py, its conformance case)",
     "replicated addcmul: no channel rule for this op":

@@ -2,7 +2,8 @@
 (F.scaled_dot_product_attention with fused qkv and unbind, the matmul form with a scale, separate q/k/v
 Linears, an additive and a bool mask, is_causal, GPT-2's projection of tokens folded into dim 0 with a bool
 causal mask, a per-head relative position bias, window attention with windows in
-the batch dim, interleaved per-head q/k/v of another value width), then timm's ViT and DeiT and Hugging Face's
+the batch dim, interleaved per-head q/k/v of another value width, CoAtNet's channels-first attention from a 1x1
+conv back to one), then timm's ViT and DeiT and Hugging Face's
 BERT, GPT-2 and ViT from small configs. Each: exact at N=2 and 3 with nothing replicated and every head on one node,
 and its ONNX shards equal to the DISCO model at rho 1 and 0.5."""
 import math
@@ -118,6 +119,31 @@ class Interleaved(nn.Module):
         return self.proj(F.gelu((attn @ v).transpose(1, 2).reshape(b, n, -1)))
 
 
+class ChannelsFirst(nn.Module):
+    """CoAtNet's Attention2d on (B, C, H, W): q, k, v from a 1x1 conv viewed (B, heads, d, HW), attention over
+    the positions (fused, or the matmul form with a per-head bias), back to (B, C, H, W) for a 1x1 conv."""
+
+    def __init__(self, fused: bool, channels: int = 12, heads: int = 3, side: int = 3):
+        super().__init__()
+        self.fused, self.heads, self.width = fused, heads, channels // heads
+        self.embed = nn.Conv2d(3, channels, 3, padding=1)
+        self.qkv, self.proj = nn.Conv2d(channels, 3 * channels, 1), nn.Conv2d(channels, 4, 1)
+        self.bias = nn.Parameter(torch.randn(heads, side * side, side * side))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        b, c, height, width = h.shape
+        q, k, v = self.qkv(h).reshape(b, 3, self.heads, self.width, -1).unbind(1)
+        if self.fused:
+            o = F.scaled_dot_product_attention(q.transpose(-1, -2).contiguous(), k.transpose(-1, -2).contiguous(),
+                                               v.transpose(-1, -2).contiguous(), attn_mask=self.bias)
+            o = o.transpose(-1, -2).reshape(b, -1, height, width)
+        else:
+            attn = ((q * self.width ** -0.5).transpose(-2, -1) @ k + self.bias).softmax(dim=-1)
+            o = (v @ attn.transpose(-2, -1)).view(b, -1, height, width)
+        return self.proj(F.gelu(h + o))
+
+
 class Embedded(nn.Module):
     """An input Linear, the attention with a residual, a LayerNorm and a classifier over the mean token."""
 
@@ -140,6 +166,8 @@ def hand_built(form: str) -> tuple[nn.Module, torch.Tensor]:
         model, x = nn.Sequential(nn.Linear(3, 8), Windowed()), torch.randn(2, 4, 4, 3)
     elif form == "interleaved":
         model, x = Embedded(Interleaved(), 10), torch.randn(2, 5, 5)
+    elif form.startswith("channels_first"):
+        model, x = ChannelsFirst(fused=form.endswith("fused")), torch.randn(2, 3, 3, 3)
     else:
         model, x = Embedded(Attention(form), 12), torch.randn(2, 6, 5)
     return model.eval(), x
@@ -172,7 +200,7 @@ RUNS = [(2, 1.0), (3, 0.5)]
 
 
 @pytest.mark.parametrize("nodes, rho", RUNS)
-@pytest.mark.parametrize("form", [*FORMS, "window", "interleaved"])
+@pytest.mark.parametrize("form", [*FORMS, "window", "interleaved", "channels_first_fused", "channels_first"])
 def test_hand_built_form(form, nodes, rho, tmp_path):
     check(*hand_built(form), tmp_path, nodes, rho)
 

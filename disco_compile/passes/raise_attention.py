@@ -5,12 +5,15 @@ Forms matched (torch.fx graphs and torch.export programs alike):
 
     F.scaled_dot_product_attention(q, k, v, attn_mask, scale)        (timm with fused_attn, HF "sdpa", programs)
     s = q @ kt;  ... (scale, bias, mask, softmax: the model's own ops) ...;  o = a @ v    (the written-out form)
+    o^T = vt @ a.transpose(-2, -1)                                   (CoAtNet's channels-first matmul form)
 
 where q, k, v are (batch, H, tokens, d) and kt is k transposed, (batch, H, d, tokens). A heads layout puts
 channels along two dims apart (reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4) even puts them along three and
 the batch at dim 1), which the lowering cannot hold; the pass takes them out of the graph:
 
-    operand   q, kt or v is reached from one node S, channels-last (batch, tokens, C) or (tokens, batch, C),
+    operand   q, kt or v is reached from one node S, channels-last (batch, tokens, C) or (tokens, batch, C)
+              or channels-first (batch, C, *spatial) as a 1x1 conv's output (CoAtNet's Attention2d; S then
+              reads as S.flatten(2).transpose(1, 2)),
               through data movement alone (reshape, permute, transpose, unbind, split, nn.Identity) and
               multiplications by a number (a scale on q). Running that chain on element ids of S shows which
               channels of S, in which order, form q's heads side by side (H*d channels): if the result is such
@@ -24,8 +27,9 @@ the batch at dim 1), which the lowering cannot hold; the pass takes them out of 
               of the module.
     end       the output o (batch, H, tokens, d) is followed, through data movement with one user each, to the
               first node T that the same id run shows to be a channel gather of the canonical output
-              (transpose(1, 2).reshape(B, N, C) in every form seen); T's uses take the core's output
-              (gathered, and reshaped where T folds batch and tokens together).
+              (transpose(1, 2).reshape(B, N, C) in every form seen), or channels-first, (batch, C, *spatial)
+              back for a conv; T's uses take the core's output (gathered, and reshaped where T folds batch
+              and tokens together; transposed to channels first and reshaped for a channels-first T).
 
 Every step is decided on element ids, so a rewrite computes exactly what the graph computed; whatever does
 not fit (a q with its own normalisation, a chain through an op that is not data movement, grouped-query
@@ -54,6 +58,7 @@ _ATTENTION_CALLS = (SDPA, F.scaled_dot_product_attention)
 _MATMULS = (operator.matmul, torch.matmul, "matmul", torch.ops.aten.matmul.default)
 _SCALARS = (operator.mul, operator.truediv, torch.mul, torch.div, "mul", "div")
 _IDENTITIES = ("contiguous", "clone")
+_TRANSPOSES = ("transpose", torch.transpose, torch.ops.aten.transpose.int)
 
 
 class _Values(fx.Interpreter):
@@ -141,6 +146,14 @@ class _Operand:
     batch_first: bool
     scalars: tuple[fx.Node, ...]  # in graph order
     positions: tuple[int, int] | None  # (batch, tokens) or (tokens, batch) to reshape S[..., index] to, if S differs
+    channels_first: bool = False  # S is (batch, C, *spatial): the operand gathers S.flatten(2).transpose(1, 2)
+
+
+def _channels_last_ids(shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+    """Element ids of a (batch, C, *spatial) tensor numbered as its channels-last view (batch, positions, C)
+    numbers them (id = (b * positions + p) * C + c): (the ids in the tensor's shape, the channels-last view)."""
+    view = torch.arange(shape.numel()).reshape(shape[0], -1, shape[1])
+    return view.transpose(1, 2).reshape(shape), view
 
 
 def _operand(gm: fx.GraphModule, x: fx.Node, values: dict, transposed: bool) -> _Operand | None:
@@ -154,19 +167,26 @@ def _operand(gm: fx.GraphModule, x: fx.Node, values: dict, transposed: bool) -> 
     if not isinstance(value, torch.Tensor) or value.dim() != 4 or not isinstance(source, torch.Tensor) \
             or source.dim() < 2 or source.is_complex():
         return None
-    env = _run_ids(gm, steps[::-1], n, torch.arange(source.numel()).reshape(source.shape), values)
-    if env is None:
-        return None
-    ids = env[x].permute(0, 3, 1, 2) if transposed else env[x].transpose(1, 2)  # (batch, tokens, H, d)
-    ids = ids.flatten(2)
-    layouts = [(True, ids)] + ([(False, ids.transpose(0, 1))] if source.dim() == 3 else [])
     lead = (value.shape[0], value.shape[3 if transposed else 2])
-    for batch_first, wanted in layouts:  # q_c = S[..., index], S batch first or seq first
-        index = _gather_index(wanted, env[n], source.shape[-1])
-        if index is not None:
-            positions = lead if batch_first else lead[::-1]
-            return _Operand(n, index, batch_first, tuple(s.node for s in steps[::-1] if s.kind == "scalar"),
-                            None if tuple(source.shape[:-1]) == positions else positions)
+    scalars = tuple(s.node for s in steps[::-1] if s.kind == "scalar")
+    sources = [(False, torch.arange(source.numel()).reshape(source.shape), None)]
+    if source.dim() >= 3:  # or channels-first (batch, C, *spatial), as a 1x1 conv's output (CoAtNet)
+        sources.append((True, *_channels_last_ids(source.shape)))
+    for channels_first, start, base in sources:
+        env = _run_ids(gm, steps[::-1], n, start, values)
+        if env is None:
+            continue
+        ids = env[x].permute(0, 3, 1, 2) if transposed else env[x].transpose(1, 2)  # (batch, tokens, H, d)
+        ids = ids.flatten(2)
+        base = env[n] if base is None else base
+        layouts = [(True, ids)] + ([(False, ids.transpose(0, 1))] if source.dim() == 3 and not channels_first
+                                   else [])
+        for batch_first, wanted in layouts:  # q_c = S[..., index], S batch first or seq first
+            index = _gather_index(wanted, base, base.shape[-1])
+            if index is not None:
+                positions = lead if batch_first else lead[::-1]
+                return _Operand(n, index, batch_first, scalars,
+                                None if tuple(base.shape[:-1]) == positions else positions, channels_first)
     return None
 
 
@@ -176,14 +196,19 @@ class _End:
     index: list[int]
     reshape: bool  # T folds positions other than the canonical output's
     shape: tuple[int, ...]  # T's shape
+    channels_first: bool = False  # T is (batch, C, *spatial): the canonical output transposed and reshaped
 
 
-def _end(gm: fx.GraphModule, o: fx.Node, values: dict, batch_first: bool) -> _End | None:
-    """The first node after o (batch, H, tokens, d), through data movement with one user each, that is a
-    channel gather of the canonical output (module docstring)."""
+def _end(gm: fx.GraphModule, o: fx.Node, values: dict, batch_first: bool, transposed: bool = False) -> _End | None:
+    """The first node after o (batch, H, tokens, d), or transposed (batch, H, d, tokens), through data movement
+    with one user each, that is a channel gather of the canonical output (module docstring)."""
     batch, heads, tokens, width = values[o].shape
+    if transposed:
+        tokens, width = width, tokens
     canonical = torch.arange(values[o].numel()).reshape(*((batch, tokens) if batch_first else (tokens, batch)), -1)
     ids = (canonical if batch_first else canonical.transpose(0, 1)).unflatten(-1, (heads, width)).transpose(1, 2)
+    if transposed:
+        ids = ids.transpose(2, 3)
     steps, n = [], o
     while len(n.users) == 1:
         (user,) = n.users
@@ -197,6 +222,9 @@ def _end(gm: fx.GraphModule, o: fx.Node, values: dict, batch_first: bool) -> _En
         got = env[user]
         if got.dim() >= 2 and got.numel() and (index := _gather_index(got, canonical, heads * width)) is not None:
             return _End(user, index, got.shape[:-1] != canonical.shape[:-1], tuple(values[user].shape))
+        if batch_first and got.dim() >= 3 and got.numel() and (index := _gather_index(
+                got.flatten(2).transpose(1, 2), canonical, heads * width)) is not None:
+            return _End(user, index, True, tuple(values[user].shape), channels_first=True)
         n = user
     return None
 
@@ -208,6 +236,7 @@ class _Core:
     operands: tuple[_Operand, ...]
     heads: int
     end: _End | None
+    probs: fx.Node | None = None  # for "apply" written vt @ a^T: a (else the matmul's first argument)
 
 
 def _plain_call(n: fx.Node) -> dict | None:
@@ -246,18 +275,32 @@ def _core(gm: fx.GraphModule, n: fx.Node, values: dict) -> _Core | None:
         return _Core(n, "scores", operands, a.shape[1], None)
     v = _operand(gm, n.args[1], values, False)
     end = None if v is None else _end(gm, n, values, v.batch_first)
-    return None if end is None else _Core(n, "apply", (v,), b.shape[1], end)
+    if end is not None:
+        return _Core(n, "apply", (v,), b.shape[1], end)
+    probs = _transposed_last(n.args[1], values)  # vt @ a^T = (a @ v)^T, CoAtNet's matmul form
+    vt = None if probs is None else _operand(gm, n.args[0], values, True)
+    end = None if vt is None else _end(gm, n, values, vt.batch_first, transposed=True)
+    return None if end is None else _Core(n, "apply", (vt,), a.shape[1], end, probs)
+
+
+def _transposed_last(n: object, values: dict) -> fx.Node | None:
+    """x if n is x (4-D) with its last two dims swapped, else None."""
+    if not isinstance(n, fx.Node) or n.target not in _TRANSPOSES or len(n.args) != 3 or n.kwargs:
+        return None
+    x, *dims = n.args
+    rank = values[x].dim() if isinstance(values.get(x), torch.Tensor) else 0
+    return x if rank == 4 and sorted(d % rank for d in dims) == [2, 3] else None
 
 
 def _canonical(g: fx.Graph, x: _Operand, channels: int) -> fx.Node:
     """x's source gathered to the operand's heads side by side, times its numbers."""
-    index = x.index
+    index, node = x.index, x.source
+    if x.channels_first:
+        node = g.call_method("transpose", (g.call_method("flatten", (node, 2)), 1, 2))
     if index != list(range(channels)):
         whole = index == list(range(index[0], index[0] + len(index)))
         index = slice(index[0], index[-1] + 1) if whole else index
-        node = g.call_function(operator.getitem, (x.source, (Ellipsis, index)))
-    else:
-        node = x.source
+        node = g.call_function(operator.getitem, (node, (Ellipsis, index)))
     if x.positions is not None:
         node = g.call_method("reshape", (node, (*x.positions, -1)))
     for s in x.scalars:
@@ -299,11 +342,12 @@ def _rewrite(gm: fx.GraphModule, core: _Core, values: dict) -> None:
     g = gm.graph
     n = core.node
     with g.inserting_before(n):
-        qkv = [_canonical(g, x, values[x.source].shape[-1]) for x in core.operands]
+        qkv = [_canonical(g, x, values[x.source].shape[1 if x.channels_first else -1]) for x in core.operands]
         if core.kind == "scores":
             out = g.call_function(head_scores, (*qkv, core.heads, core.operands[0].batch_first))
         elif core.kind == "apply":
-            out = g.call_function(heads_apply, (n.args[0], qkv[0], core.heads, core.operands[0].batch_first))
+            probs = n.args[0] if core.probs is None else core.probs
+            out = g.call_function(heads_apply, (probs, qkv[0], core.heads, core.operands[0].batch_first))
         else:
             out = _attention(gm, core, qkv, values)
     if core.end is None:
@@ -313,6 +357,8 @@ def _rewrite(gm: fx.GraphModule, core: _Core, values: dict) -> None:
     with g.inserting_before(next(iter(end.node.users)) if end.node.users else end.node.next):
         if end.index != list(range(len(end.index))) or len(end.index) != values[n].shape[1] * values[n].shape[3]:
             out = g.call_function(operator.getitem, (out, (Ellipsis, end.index)))
+        if end.channels_first:
+            out = g.call_method("transpose", (out, 1, 2))
         if end.reshape:
             out = g.call_method("reshape", (out, (-1, *end.shape[1:])))
     end.node.replace_all_uses_with(out)
