@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from ..backend.program import Local, LoweringError
 from ..ir import REPLICATED, MixingLayer, channel_dims, fits, units_per_sample
-from .channelwise import run_local
+from .channelwise import keeps_layout, run_local
 from .modules import PartitionedConv, PartitionedLinear
 from .registry import Fallback, Family, RuleContext
 
@@ -161,8 +161,8 @@ def linear(ctx: RuleContext) -> torch.Tensor:
     m = ctx.module
     value, labels = ctx.tensor_inputs()[0]
     dims = () if labels is None else channel_dims(labels)
-    if dims and value.dim() - 1 not in dims and fits(labels, value.shape):
-        return labels  # it mixes along a dim the split channels do not vary along (token mixing): channelwise
+    if dims and value.dim() - 1 not in dims:
+        return keeps_layout(ctx)  # it mixes along a dim the split channels do not vary along (token mixing)
     in_labels = _mixing_input(ctx, -1, m.in_features)
     return _record_mixing(ctx, "linear", -1, m.in_features, m.out_features, 1, 1, in_labels)
 
