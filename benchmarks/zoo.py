@@ -861,6 +861,14 @@ def write_report(results: Path, report: Path, nodes: list[int], command: str, pr
     models = [(m, f) for m, f in all_models() if not (program and f == "detection")]
     data = _load_results(results, models)
     summary, overall_counts = _summary(models, data, nodes)
+    empty = [] if any(data.values()) else [str(results.relative_to(ROOT))]
+    if not program:
+        empty += [str(zoo_families.results_dir(f).relative_to(ROOT)) for f in zoo_families.FAMILIES
+                  if not any(zoo_families.results_dir(f).glob("*.json"))]
+    if empty and report.exists():  # a fresh checkout's empty cache must not blank a report that had results
+        print(f"not rewriting {report}: no cached results in {', '.join(empty)}; run "
+              "`python benchmarks/zoo.py --family F` for those families first (results are kept as they come)")
+        return overall_counts
     lines = [*_header(results, command, program, models, data), *summary, "", *_model_table(models, data, nodes)]
     if not program:  # docs/coverage.md: every family's totals first, then torchvision, then the others
         lines = [*_totals(models, data, nodes), *(("#" + line) if line.startswith("#") else line for line in lines),
@@ -938,7 +946,7 @@ def main(argv: list[str] | None = None) -> int:
     p = _parser()
     args, unknown = p.parse_known_args(argv)  # the families of zoo_families.py take options of their own
     if args.family and set(args.family) <= set(zoo_families.FAMILIES):  # timm, hf, crepe: zoo_families.py
-        return zoo_families.main([a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report-only"])
+        return zoo_families.main(argv if argv is not None else sys.argv[1:])
     if unknown:
         p.error(f"unrecognized arguments: {' '.join(unknown)}")
     nodes = [int(n) for n in args.nodes.split(",") if n.strip()]
