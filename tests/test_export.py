@@ -342,3 +342,70 @@ def test_pixel_shuffle_super_resolution_shards(tmp_path, nodes, rho):
     for prog in lowered.programs:
         used = {n.args[0] for n in prog.graph.nodes if n.op == "call_function" and n.target.__name__ == "recv"}
         assert all(m.id in used for m in lowered.messages if m.dst == prog.node), "a message nobody uses"
+
+
+class TwoTokenSources(nn.Module):
+    """PiT's pooling: the class token from its own Linear, the patch tokens from a strided conv, concatenated
+    along tokens before a LayerNorm and a Linear over channels."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, c, 2, stride=2), nn.Linear(3, c)
+        self.norm, self.head = nn.LayerNorm(c), nn.Linear(c, 5)
+
+    def forward(self, x):
+        cls = self.fc(x.mean((2, 3))).unsqueeze(1)
+        return self.head(self.norm(torch.cat((cls, self.conv(x).flatten(2).transpose(1, 2)), 1)))
+
+
+class ChannelGate(nn.Module):
+    """ECA: a gate of one value per channel, made whole on every node, shaped like the split map by expand_as."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.conv, self.gate = nn.Conv2d(3, c, 3, padding=1), nn.Conv1d(1, 1, 3, padding=1)
+        self.out = nn.Conv2d(c, 4, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        g = self.gate(y.mean((2, 3)).unsqueeze(1)).sigmoid().view(y.size(0), -1, 1, 1)
+        return self.out(y * g.expand_as(y))
+
+
+class WindowHeads(nn.Module):
+    """Hiera's mask-unit attention: heads and head width with the windows between them, (3, B, H, W, T, d);
+    an RMSNorm on q (opset 17 has none) and the sizes read off the split embedding (`c` is local on a node)."""
+
+    def __init__(self, c: int = 8, heads: int = 2, windows: int = 4):
+        super().__init__()
+        self.heads, self.windows = heads, windows
+        self.embed, self.qkv, self.proj = nn.Linear(c, c), nn.Linear(c, 3 * c), nn.Linear(c, c)
+        self.q_norm = nn.RMSNorm(c // heads)
+
+    def forward(self, x):
+        x = self.embed(x)
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, -1, self.windows, 3, self.heads, c // self.heads).permute(3, 0, 4, 2, 1, 5)
+        q, k, v = qkv.unbind(0)
+        o = F.scaled_dot_product_attention(self.q_norm(q), k, v)
+        return self.proj(o.transpose(1, 3).reshape(b, -1, c))
+
+
+@pytest.mark.parametrize("net, shape, replicated", [
+    (TwoTokenSources, (2, 3, 4, 4), set()),
+    (ChannelGate, (2, 3, 5, 5), {"Conv1d"}),
+    (WindowHeads, (2, 16, 8), {"Tensor.permute", "RMSNorm", "scaled_dot_product_attention"})],
+    ids=["cat-of-two-split-sources", "gate-expand_as", "channels-along-non-adjacent-dims"])
+def test_what_transform_accepts_exports(tmp_path, net, shape, replicated):
+    """Each model is exact as given at N=2 and 3, replicates only what it names, and exports to shards equal to
+    the DISCO model; a tensor whose channels would vary along non-adjacent dims is made whole, with the reason."""
+    torch.manual_seed(0)
+    model, x = net().eval(), torch.randn(shape)
+    for nodes in (2, 3):
+        dm = transform(model, nodes, x)
+        with torch.no_grad():
+            assert_close(dm(x), model(x), what=f"DISCO model at N={nodes}")
+        ops = dm.cost().replicated_ops
+        assert {r.target for r in ops} == replicated
+        assert all("non-adjacent dims (0, 2, 5)" in r.reason for r in ops if r.target == "Tensor.permute")
+        assert_shards_match(dm, x, tmp_path / f"n{nodes}", rho=0.3)

@@ -8,6 +8,8 @@ Stage graph inputs and outputs are named after what they carry: message ids
 ("exchange12", "gather3", ...), model inputs and outputs, and carried values
 by the DISCO graph's tensor names; weights are named after their layer; nodes and inner values after the
 original model's module paths, and every graph carries metadata_props and a doc_string (naming.py).
+Ops opset 17 lacks are given their ONNX forms here: RMS normalisation (opset 23's RMSNormalization),
+y = x / sqrt(mean(x^2 over the normalised dims) + eps) * weight.
 manifest.json records the settings that made the export (`export_settings`) and per-layer records
 (layers.py), which `disco-run info` shows.
 
@@ -38,6 +40,20 @@ from .stages import StageModule, cut_all, staged
 from ..frontend.submodule import DiscoSubmodel
 
 OPSET = 17
+
+
+def _rms_norm(g, x, normalized_shape, weight, eps):
+    """aten::rms_norm in opset 17 ops; eps None is the dtype's machine epsilon, as torch defines it."""
+    from torch.onnx import symbolic_helper as sh
+    axes = list(range(-len(sh._get_const(normalized_shape, "is", "normalized_shape")), 0))
+    dtype = torch.float64 if sh._try_get_scalar_type(x) == "Double" else torch.float32
+    eps = torch.finfo(dtype).eps if sh._is_none(eps) else sh._get_const(eps, "f", "eps")
+    mean_square = g.op("ReduceMean", g.op("Mul", x, x), axes_i=axes, keepdims_i=1)
+    y = g.op("Div", x, g.op("Sqrt", g.op("Add", mean_square, g.op("Constant", value_t=torch.tensor(eps, dtype=dtype)))))
+    return y if sh._is_none(weight) else g.op("Mul", y, weight)
+
+
+torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm, OPSET)
 
 
 class ExportError(DiscoError):

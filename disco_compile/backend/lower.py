@@ -367,9 +367,17 @@ class NodeBuilder:
                 value = call_like(n, module, *fx.node.map_arg((n.args, n.kwargs), constant))
             self.env[n.name] = Local(self.const(n.name, value))
             return
-        args, kwargs = fx.node.map_arg((n.args, n.kwargs), self.value)
+        args, kwargs = fx.node.map_arg((n.args, n.kwargs), self.whole_value)
         lay = self.low.layout(n)
         self.env[n.name] = Local(self.emit(n, module, args, kwargs, lay.shape, lay.dtype))
+
+    def whole_value(self, a: fx.Node):
+        """An argument of an op computed whole: a size read off a split tensor (its channel count, local on a
+        node) is its whole-model value; sizes a node shares with the whole model (the batch) stay computed."""
+        loc = self.env[a.name]
+        if loc.node is not None and loc.full is not None and loc.value != loc.full:
+            return loc.full
+        return self.value(a)
 
 
     def structural(self, n: fx.Node, module) -> None:
@@ -378,7 +386,10 @@ class NodeBuilder:
             return call_like(n, module, *fx.node.map_arg((n.args, n.kwargs), lambda a: self.example(a, whole)))
         full = evaluated(True)
         if any(isinstance(v, torch.Tensor) for v in pytree.tree_leaves(full)):
-            self.env[n.name] = Local()  # split/chunk (of sizes that may not fit the local tensor): at each getitem
+            if all(self.env[a.name].units is None for a in n.all_input_nodes):  # pieces of a whole tensor
+                self.env[n.name] = Local(self.emit(n, module, *fx.node.map_arg((n.args, n.kwargs), self.value)))
+            else:
+                self.env[n.name] = Local()  # split/chunk (of sizes that may not fit the local tensor): at each getitem
             return
         args, kwargs = fx.node.map_arg((n.args, n.kwargs), self.value)
         self.env[n.name] = Local(self.emit(n, module, args, kwargs), value=evaluated(False), full=full)

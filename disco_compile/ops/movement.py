@@ -56,7 +56,8 @@ MOVEMENT.ops(torch.flatten, torch.reshape, torch.permute, torch.transpose, torch
                    aten.permute.default: torch.permute, aten.transpose.int: torch.transpose,
                    aten.split.Tensor: torch.split, aten.split_with_sizes.default: torch.split,
                    aten.unsqueeze.default: torch.unsqueeze, aten.squeeze.dim: torch.squeeze,
-                   aten.roll.default: torch.roll, aten.unbind.int: torch.unbind})
+                   aten.roll.default: torch.roll, aten.unbind.int: torch.unbind,
+                   aten.stack.default: torch.stack})
 
 
 # torch.onnx exports no channel_shuffle: on a node it is always the gather (candidate 2)
@@ -77,19 +78,30 @@ def pixel_shuffle(ctx: RuleContext) -> torch.Tensor:
 
 @MOVEMENT.rule(torch.cat, torch.concat, aten={aten.cat.default: torch.cat})
 def cat(ctx: RuleContext) -> Any:
-    """A concatenation; replicated inputs beside split ones whose labels agree and do not vary along the
-    concatenated dim take those labels: every node holds a replicated tensor whole, so each keeps the part
-    that lines up with its own channels (a learned class token concatenated before the patch tokens gets
-    the channel ownership of the token embeddings) and the result is split like its split inputs."""
+    """A concatenation along a dim its split inputs' labels do not vary along. Replicated inputs beside split
+    ones take their labels: every node holds a replicated tensor whole, so each keeps the part that lines up
+    with its own channels (a learned class token concatenated before the patch tokens gets the channel
+    ownership of the token embeddings). Split inputs with disjoint labels of one shape (PiT's class token, from
+    its own Linear, before the pooled patch tokens) are aligned: position k of each is tied to one owner, so the
+    result is labelled like the first and every node concatenates the parts it holds."""
     tensors = ctx.arg(0, "tensors")
     labels = ctx.label_args[0] if ctx.args else ctx.label_kwargs["tensors"]
     split = [lab for lab in labels if lab is not None]
-    if not split or len(split) == len(labels):
+    if not split:
         return relayout(ctx)
     dim = ctx.arg(1, "dim", 0) % ctx.out.dim()
     first = split[0]
-    if first.dim() != ctx.out.dim() or first.size(dim) != 1 or any(not torch.equal(lab, first) for lab in split) \
-            or not all(fits(first, t.shape) for t in tensors):
+    if first.dim() != ctx.out.dim() or first.size(dim) != 1 or not all(fits(first, t.shape) for t in tensors) \
+            or any(lab.shape != first.shape for lab in split):
+        return relayout(ctx)
+    distinct = list({tuple(lab.flatten().tolist()): lab for lab in split}.values())
+    if len(distinct) > 1:
+        ids = torch.cat([lab.flatten() for lab in distinct])
+        if ids.unique().numel() != ids.numel() or (ids == REPLICATED).any():  # overlapping: tying would merge
+            return relayout(ctx)
+        for lab in distinct[1:]:
+            ctx.universe.tie(first, lab)
+    elif len(split) == len(labels):
         return relayout(ctx)
     return first
 
@@ -108,6 +120,8 @@ def lower(b, n: fx.Node, module, op) -> None:
     """The candidates of the module docstring, each checked on element ids."""
     lay = b.low.layout(n)
     held = lay.held(b.j)
+    if held is None:
+        return _shaped_like_split(b, n, lay)
     if held.numel() == 0:
         b.env[n.name] = Local(None, held)
         return
@@ -123,6 +137,22 @@ def lower(b, n: fx.Node, module, op) -> None:
         return
     raise LoweringError(f"'{n.name}' ({describe_target(move.producer, module)}): no local form of this data "
                         f"movement on node {b.j}")
+
+
+_SHAPED_LIKE = {"expand_as": "expand", "view_as": "reshape", "reshape_as": "reshape"}
+
+
+def _shaped_like_split(b, n: fx.Node, lay) -> None:
+    """A replicated tensor given the shape of a split one (ECA's gate, `y.expand_as(x)`): the split tensor gives
+    only its whole shape, so every node shapes its whole copy to it, the batch dim left to follow its own."""
+    x = n.args[0]
+    if not (n.op == "call_method" and n.target in _SHAPED_LIKE and b.env[x.name].units is None):
+        raise LoweringError(f"'{n.name}' ({describe_target(n, None)}): a replicated value computed from a value "
+                            f"split across nodes")
+    have = b.low.layout(x).shape
+    sizes = [-1 if d == 0 or (n.target == "expand_as" and d < len(have) and have[d] == s) else s
+             for d, s in enumerate(lay.shape)]
+    b.env[n.name] = Local(b.method(_SHAPED_LIKE[n.target], (b.value(x), sizes), shape=lay.shape, dtype=lay.dtype))
 
 
 class _Movement:

@@ -7,6 +7,11 @@ in a ChannelUniverse; channel-mixing ops, statistics exchanges and replicated
 ops are listed in the returned `ChannelFlow`. Values that do not depend on the
 model's inputs (Swin V2's relative position bias, made by an MLP from a
 constant table) are computed whole on every node: no op on them is split.
+
+A tensor whose channels would vary along non-adjacent dims (heads and head width apart, Hiera's windows
+between them) has no per-node layout: the ops that would make one are replicated instead (their inputs
+gathered, the op run whole), and the analysis is run again until no such tensor is left, so that whatever
+the analysis accepts lowers.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ from torch.utils import _pytree as pytree
 
 from ..ops import registry
 from ..errors import ExampleInputError
-from ..ir import ChannelUniverse, MixingLayer, Placement, ReplicatedOp, StatExchange
+from ..ir import ChannelUniverse, MixingLayer, Placement, ReplicatedOp, StatExchange, channel_dims
 
 
 @dataclass
@@ -40,9 +45,11 @@ def _shape_desc(value) -> str:
 
 
 class _ChannelFlowInterpreter(ShapeProp):
-    def __init__(self, gm: fx.GraphModule, nodes: int):
+    def __init__(self, gm: fx.GraphModule, nodes: int, whole: dict[str, str] | None = None):
         super().__init__(gm)
         self.nodes = nodes
+        self.whole = whole or {}  # node name -> why it is replicated although it has a rule
+        self.made_whole: set[fx.Node] = set()  # computed whole because of `whole`: ops with no rule still named
         self.labels: dict[fx.Node, object] = {}
         self.universe = ChannelUniverse()
         self.mixing: list[MixingLayer] = []
@@ -61,10 +68,16 @@ class _ChannelFlowInterpreter(ShapeProp):
                 f"  what to do: pass example inputs of the shape the model expects "
                 f"(for ImageNet classifiers 1x3x224x224)") from exc
         labels = self._label(n, result)
+        if labels is None and self._after_made_whole(n):
+            self.made_whole.add(n)
         self.labels[n] = labels
         n.meta["disco"] = Placement(labels if isinstance(labels, torch.Tensor) or labels is None else None,
                                     source=str(n.target) if n.op == "call_module" else n.name)
         return result
+
+    def _after_made_whole(self, n: fx.Node) -> bool:
+        """Whether n reads a value made whole by `whole` (directly or through ops computed whole from it)."""
+        return any(a.name in self.whole or a in self.made_whole for a in n.all_input_nodes)
 
     def _label(self, n: fx.Node, result):
         if n.op == "placeholder" or any(a in self.from_inputs for a in n.all_input_nodes):
@@ -80,9 +93,11 @@ class _ChannelFlowInterpreter(ShapeProp):
                                 self.nodes, self.mixing, self.stats)
         op = registry.lookup(n, module)
         if all(lab is None for _, lab in ctx.tensor_inputs()) and not (op and op.data.get("creates_channels")):
+            if (op is None or op.rule is None) and self._after_made_whole(n):  # still named
+                self.replicated.append(registry.replicated(ctx, "no channel rule for this op"))
             return None  # computed whole on every node from replicated data
-        if op is None or op.rule is None:
-            self.replicated.append(registry.replicated(ctx, "no channel rule for this op"))
+        if op is None or op.rule is None or n.name in self.whole:
+            self.replicated.append(registry.replicated(ctx, self.whole.get(n.name, "no channel rule for this op")))
             return None
         try:
             return op.rule(ctx)
@@ -100,7 +115,30 @@ def analyse(gm: fx.GraphModule, example_inputs: tuple, nodes: int) -> ChannelFlo
     first = next((x for x in example_inputs if isinstance(x, torch.Tensor)), None)
     if first is None or first.dim() == 0:
         raise ExampleInputError("example_inputs must contain a batched tensor (e.g. torch.randn(1, 3, 224, 224))")
-    interp = _ChannelFlowInterpreter(gm, nodes)
-    with torch.no_grad():
-        interp.run(*example_inputs)
-    return ChannelFlow(interp.universe, interp.mixing, interp.stats, interp.replicated, batch=first.shape[0])
+    whole: dict[str, str] = {}
+    while True:
+        interp = _ChannelFlowInterpreter(gm, nodes, whole)
+        with torch.no_grad():
+            interp.run(*example_inputs)
+        apart = _first_unlaid(interp.labels)
+        if not apart:
+            return ChannelFlow(interp.universe, interp.mixing, interp.stats, interp.replicated, batch=first.shape[0])
+        whole.update(apart)
+
+
+def _non_adjacent(labels) -> tuple[int, ...] | None:
+    """The channel dims of a labelling (or of the first piece of a split's) if they are not adjacent."""
+    for lab in pytree.tree_leaves(labels):
+        dims = channel_dims(lab) if isinstance(lab, torch.Tensor) else ()
+        if dims and dims != tuple(range(dims[0], dims[-1] + 1)):
+            return dims
+    return None
+
+
+def _first_unlaid(labels: dict[fx.Node, object]) -> dict[str, str]:
+    """The nodes whose output channels vary along non-adjacent dims while their inputs' do not, with the
+    reason they are replicated (the pieces of a split are its own: the split is replicated, not they)."""
+    return {n.name: f"its output's channels would vary along non-adjacent dims {dims}, which no per-node layout "
+                    "holds: computed whole on every node"
+            for n, lab in labels.items() if (dims := _non_adjacent(lab))
+            and not any(_non_adjacent(labels.get(a)) for a in n.all_input_nodes)}
