@@ -334,6 +334,8 @@ SAMPLES: dict[object, list] = {
     "max": [lambda h: h.max(1, keepdim=True)[0] + h.max(1, keepdim=True)[1]],
     nn.LayerNorm: [ChannelsLast(nn.LayerNorm(C)), nn.LayerNorm(4)],
     F.layer_norm: [lambda h: F.layer_norm(cl(h), (C,))],
+    nn.RMSNorm: [ChannelsLast(nn.RMSNorm(C)), nn.RMSNorm(4, eps=1e-5)],
+    F.rms_norm: [lambda h: F.rms_norm(cl(h), (C,), eps=1e-5)],
     nn.Softmax: [nn.Softmax(1), nn.Softmax(-1)],
     F.softmax: [lambda h: F.softmax(h, 1)],
     torch.softmax: [lambda h: torch.softmax(h, 1)],

@@ -1,5 +1,5 @@
-"""Statistics over channels: reductions (sum, mean, amax, amin) and normalisations (LayerNorm, GroupNorm with
-any number of groups, softmax, log-softmax, L2 normalisation).
+"""Statistics over channels: reductions (sum, mean, amax, amin) and normalisations (LayerNorm, RMSNorm, GroupNorm
+with any number of groups, softmax, log-softmax, L2 normalisation).
 
 Rule: over dims that hold no split channels, the op is local (labels pass through, or lose the reduced dims).
 Over split channels, each node computes partial statistics of its own channels and the nodes exchange them
@@ -11,7 +11,8 @@ Lowering, merging the nodes' parts k = 1..N exactly:
 - mean and variance (LayerNorm; GroupNorm per group g), by Chan et al.'s pairwise formula over counts c_k:
       mean = sum_k c_k m_k / sum_k c_k,    M2 = sum_k (M2_k + c_k (m_k - mean)^2),    var = M2 / sum_k c_k
 - softmax: per-row maxima t_k and sums s_k = sum exp(x - t_k); t = max_k t_k, s = sum_k s_k exp(t_k - t)
-- sum, mean, L2 sum of squares: sums add; amax and amin: the maximum (minimum) of the parts.
+- sum, mean, L2 and RMS sums of squares: sums add; amax and amin: the maximum (minimum) of the parts.
+  RMSNorm is then x / sqrt(sum of squares / count + eps) * weight.
 """
 from __future__ import annotations
 
@@ -102,6 +103,13 @@ def layer_norm(ctx: RuleContext) -> torch.Tensor:
     return _normalise(ctx, value, labels, dims, stats=2)
 
 
+@STATISTICS.rule(nn.RMSNorm, F.rms_norm, kind="rms_norm", aten={aten.rms_norm.default: F.rms_norm})
+def rms_norm(ctx: RuleContext) -> torch.Tensor:
+    value, labels = ctx.first_labelled()
+    shape = ctx.module.normalized_shape if ctx.module is not None else ctx.arg(1, "normalized_shape")
+    return _normalise(ctx, value, labels, tuple(range(value.dim() - len(shape), value.dim())), stats=1)
+
+
 def softmax(ctx: RuleContext) -> torch.Tensor:
     value, labels = ctx.first_labelled()
     dim = ctx.module.dim if ctx.module is not None else ctx.arg(1, "dim")
@@ -144,7 +152,7 @@ def group_norm(ctx: RuleContext) -> torch.Tensor:
 def _local_dims(n: fx.Node, kind: str, module, lay: Layout) -> tuple[int, ...]:
     """The reduced dims, in the local representation (channel dims collapsed into lay.axis)."""
     ndim = len(lay.shape)
-    if kind == "layer_norm":
+    if kind in ("layer_norm", "rms_norm"):
         k = len(module.normalized_shape if module is not None else node_arg(n.args, n.kwargs, 1, "normalized_shape"))
         full = range(ndim - k, ndim)
     elif kind in ("softmax", "log_softmax") and module is not None:
@@ -179,7 +187,7 @@ def partial_stats(x: torch.Tensor, kind: str, dims: tuple[int, ...]) -> torch.Te
     if kind in ("softmax", "log_softmax"):
         top = x.amax(dims, keepdim=True)
         return torch.stack([top, torch.exp(x - top).sum(dims, keepdim=True)], -1)
-    if kind == "normalize":
+    if kind in ("normalize", "rms_norm"):
         return x.square().sum(dims, keepdim=True).unsqueeze(-1)
     if kind in ("amax", "amin"):
         return getattr(x, kind)(dims, keepdim=True).unsqueeze(-1)
@@ -221,6 +229,12 @@ def normalised(x, stats, eps: float, weight, bias):
 def normalize_finish(x, stats, eps: float):
     """F.normalize (p=2) from the merged sum of squares."""
     return x / stats[..., 0].sqrt().clamp_min(eps)
+
+
+def rms_finish(x, stats, total: int, eps: float | None, weight):
+    """RMSNorm from the merged sum of squares over `total` elements per row (eps None: the dtype's epsilon)."""
+    y = x / torch.sqrt(stats[..., 0] / total + (torch.finfo(x.dtype).eps if eps is None else eps))
+    return y if weight is None else y * weight
 
 
 def softmax_finish(x, stats, kind: str):
@@ -277,14 +291,19 @@ def _split_statistics(b, n: fx.Node, module, kind: str) -> None:
                       dtype=out.dtype)
         b.env[n.name] = Local(node)
         return
-    if kind == "layer_norm":
-        eps = module.eps if module is not None else node_arg(n.args, n.kwargs, 4, "eps", 1e-5)
-        args = [loc.node, merged, float(eps)]
-        for k, name in ((2, "weight"), (3, "bias")):
+    if kind in ("layer_norm", "rms_norm"):
+        affine = ((2, "weight"), (3, "bias")) if kind == "layer_norm" else ((2, "weight"),)
+        consts = []
+        for k, name in affine:
             t = getattr(module, name) if module is not None else b.concrete_tensor(node_arg(n.args, n.kwargs, k, name))
-            args.append(None if t is None else
-                        b.const(f"{n.name}_{name}", _local_affine(t.detach(), lay, loc.units, len(dims))))
-        node = b.call(normalised, tuple(args))
+            consts.append(None if t is None else
+                          b.const(f"{n.name}_{name}", _local_affine(t.detach(), lay, loc.units, len(dims))))
+        if kind == "layer_norm":
+            eps = module.eps if module is not None else node_arg(n.args, n.kwargs, 4, "eps", 1e-5)
+            node = b.call(normalised, (loc.node, merged, float(eps), *consts))
+        else:
+            eps = module.eps if module is not None else node_arg(n.args, n.kwargs, 3, "eps")
+            node = b.call(rms_finish, (loc.node, merged, sum(count.values()), eps, *consts))
     elif kind == "normalize":
         node = b.call(normalize_finish, (loc.node, merged, float(node_arg(n.args, n.kwargs, 3, "eps", 1e-12))))
     else:
