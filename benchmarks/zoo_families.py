@@ -220,12 +220,14 @@ def run_model(family: str, name: str, nodes=(2, 3), out: Path | None = None, exp
                 dm_n = transform(model, n, x)
             with torch.no_grad():
                 ok, err = _close(want, _call(dm_n, x))
-            ops = Counter((str(r.target), r.reason) for r in dm_n.cost().replicated_ops)
+            cost = dm_n.cost()
+            ops = Counter((str(r.target), r.reason) for r in cost.replicated_ops)
             result["route"] = dm_n.route
             result["runs"][str(n)] = {"status": ("exact" if not ops else "exact, with replicated ops") if ok
                                       else "MISMATCH", "max_abs": err,
                                       "replicated": [{"target": t, "reason": r, "count": c}
-                                                     for (t, r), c in ops.items()]}
+                                                     for (t, r), c in ops.items()],
+                                      "macs": {"nodes": sum(cost.macs_per_node), "whole": cost.original_macs}}
             if n == nodes[0] and ok:
                 dm = dm_n
         except Exception as exc:  # transform, the forward pass or the cost model failed: a row with the reason
@@ -466,6 +468,25 @@ def _class_lines(data: dict[str, dict | None]) -> list[str]:
               for c, m in classes.items()), ""]
 
 
+def _macs_line(data: dict[str, dict | None]) -> str:
+    """How the per-node MACs of the models with nothing replicated sum against the whole model's (issue 18: each
+    MAC counted on the node that runs it, the sums within 2%)."""
+    ratios = {}
+    for name, d in data.items():
+        runs = (d or {}).get("runs", {})
+        if runs and all(r.get("status") == "exact" and r.get("macs", {}).get("whole") for r in runs.values()):
+            ratios[name] = max((r["macs"]["nodes"] / r["macs"]["whole"] for r in runs.values()),
+                               key=lambda q: abs(q - 1))
+    if not ratios:
+        return ""
+    worst = max(ratios, key=lambda m: abs(ratios[m] - 1))
+    within = sum(abs(q - 1) <= 0.02 for q in ratios.values())
+    off = ", ".join(f"{m} {q:.3f}" for m, q in sorted(ratios.items()) if abs(q - 1) > 0.02)
+    return (f"Per-node MACs summed over the nodes against the whole model's, models with nothing replicated at "
+            f"N=2 and 3: {within} of {len(ratios)} within 2% (worst {worst}, {ratios[worst]:.3f})"
+            + (f"; outside: {off}." if off else "."))
+
+
 def section(family: str) -> list[str]:
     data = load(family)
     counts = Counter(status(d) for d in data.values())
@@ -476,7 +497,7 @@ def section(family: str) -> list[str]:
              f"Command: `python benchmarks/zoo.py --family {family}` (benchmarks/zoo_families.py; results cached in "
              f"benchmarks/results/zoo_{family}/). {_NOTES[family]}", "",
              f"{len(data)} models; " + ", ".join(f"{s}: {counts[s]}" for s in STATUSES if counts[s]) + "." + partial,
-             "", *_class_lines(data),
+             "", *([line, ""] if (line := _macs_line(data)) else []), *_class_lines(data),
              "| model | input | N=2 | N=3 | route | export at rho 0.2 | replicated ops (reason) | time |",
              "|---|---|---|---|---|---|---|---|"]
     for name, d in data.items():

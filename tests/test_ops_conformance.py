@@ -555,6 +555,48 @@ class ECA(nn.Module):
         return h * y.sigmoid()
 
 
+class ECAExpandAs(ECA):
+    """timm's EcaModule: the gate made whole on every node, shaped like the split map by expand_as."""
+
+    def forward(self, h):
+        y = self.conv(h.mean((2, 3)).view(h.size(0), 1, -1)).sigmoid().view(h.size(0), -1, 1, 1)
+        return h * y.expand_as(h)
+
+
+class TwoTokenSources(nn.Module):
+    """PiT's pooling: the class token from its own Linear, the patch tokens from a strided conv, concatenated
+    along tokens before a LayerNorm and a Linear over channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc, self.norm, self.head = nn.Conv2d(3, 8, 2, stride=2), nn.Linear(3, 8), nn.LayerNorm(8), \
+            nn.Linear(8, 5)
+
+    def forward(self, x):
+        cls = self.fc(x.mean((2, 3))).unsqueeze(1)
+        return self.head(self.norm(torch.cat((cls, self.conv(x).flatten(2).transpose(1, 2)), 1)))
+
+
+class WindowHeads(nn.Module):
+    """Hiera's mask-unit attention: heads and head width with the windows between them, (3, B, H, W, T, d), so
+    its permute is made whole (the reason named) and the SDPA after it runs whole; an RMSNorm on q (opset 17 has
+    none) and sizes read off the split embedding (`c` is local on a node, the whole ops need the model's)."""
+
+    def __init__(self, c: int = 8, heads: int = 2, windows: int = 4):
+        super().__init__()
+        self.heads, self.windows = heads, windows
+        self.embed, self.qkv, self.proj = nn.Conv2d(3, c, 1), nn.Linear(c, 3 * c), nn.Linear(c, c)
+        self.q_norm = nn.RMSNorm(c // heads)
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, -1, self.windows, 3, self.heads, c // self.heads).permute(3, 0, 4, 2, 1, 5)
+        q, k, v = qkv.unbind(0)
+        o = F.scaled_dot_product_attention(self.q_norm(q), k, v)
+        return self.proj(o.transpose(1, 3).reshape(b, -1, c))
+
+
 class WindowPad(nn.Module):
     """Swin's window padding of a channels-last map: (0, 0) on the channels."""
 
@@ -568,6 +610,9 @@ class WindowPad(nn.Module):
 
 # the classes of issue 18 that are not attention (tests/test_attention_forms.py has those): replicated ops
 ISSUE_18 = {"star_relu": (lambda: _between(StarReLU()), []), "eca": (lambda: _between(ECA()), ["Conv1d"]),
+            "eca_expand_as": (lambda: _between(ECAExpandAs()), ["Conv1d"]),
+            "two_token_sources": (TwoTokenSources, []),
+            "window_heads": (WindowHeads, ["Tensor.permute", "scaled_dot_product_attention"]),
             "window_pad": (lambda: _between(WindowPad()), []),
             "unfold": (lambda: nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.Unfold(2, stride=2),
                                              nn.Conv1d(48, 5, 1)), [])}
