@@ -597,6 +597,24 @@ class WindowHeads(nn.Module):
         return self.proj(o.transpose(1, 3).reshape(b, -1, c))
 
 
+class HaloBlocks(nn.Module):
+    """HaloNet's blocked attention: q's heads beside the head width, (B, H, d, ...), permuted as 7-D (units
+    spanning two dims, held in whole heads); kv's halo windows by F.pad and unfold (torch.onnx exports unfold
+    only with the padded size known), its heads folded into dim 0 as HaloNet does, (B*H, ...), which is made
+    whole with the reason; the two matmuls have no rule yet (replicated)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.kv = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 16, 1)
+
+    def forward(self, x):
+        b = x.size(0)
+        q = self.q(x).reshape(b, 2, 4, 2, 4, 2, 4).permute(0, 1, 2, 4, 6, 3, 5).reshape(b * 2, 4, -1, 4)
+        kv = F.pad(self.kv(x), [1, 1, 1, 1]).unfold(2, 6, 4).unfold(3, 6, 4).reshape(b * 2, 8, 4, -1)
+        k, v = torch.split(kv.permute(0, 2, 3, 1), [4, 4], dim=-1)
+        return ((q.transpose(1, 3) @ k.transpose(-1, -2)).softmax(-1) @ v).reshape(b, -1)
+
+
 class WindowPad(nn.Module):
     """Swin's window padding of a channels-last map: (0, 0) on the channels."""
 
@@ -614,6 +632,10 @@ ISSUE_18 = {"star_relu": (lambda: _between(StarReLU()), []), "eca": (lambda: _be
             "two_token_sources": (TwoTokenSources, []),
             "window_heads": (WindowHeads, ["Tensor.permute", "scaled_dot_product_attention"]),
             "window_pad": (lambda: _between(WindowPad()), []),
+            "halo_blocks": (HaloBlocks, ["Tensor.reshape", "Tensor.reshape", "matmul", "matmul"]),
+            # SwiftFormer's query weights: one channel (a tensor of one unit) scaled and shifted by whole values
+            "one_channel": (lambda: nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.Conv2d(12, 1, 1),
+                                                  Fn(lambda a: a * 0.5 + torch.ones(1, 1, 1, 8))), []),
             "unfold": (lambda: nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.Unfold(2, stride=2),
                                              nn.Conv1d(48, 5, 1)), [])}
 

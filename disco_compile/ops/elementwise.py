@@ -62,8 +62,8 @@ def lower(b, n: fx.Node, module, op) -> None:
     split = [a for a in n.all_input_nodes if b.env[a.name].units is not None]
     for a in split:
         la = b.low.layout(a)
-        if la.rep_shape(la.units)[la.axis:la.axis + 1] != lay.rep_shape(lay.units)[lay.axis:lay.axis + 1] or \
-                len(la.shape) != len(lay.shape):
+        if (la.axis is None) != (lay.axis is None) or len(la.shape) != len(lay.shape) or lay.axis is not None and \
+                la.rep_shape(la.units)[la.axis:la.axis + 1] != lay.rep_shape(lay.units)[lay.axis:lay.axis + 1]:
             raise LoweringError(f"'{n.name}': inputs split along different layouts; not lowered yet")
     ref = b.env[split[0].name]
     if ref.node is None:
@@ -77,6 +77,8 @@ def lower(b, n: fx.Node, module, op) -> None:
             return b.aligned(a, units)
         if loc.node is None:
             return loc.value
+        if lay.axis is None:  # a tensor of one unit (SwiftFormer's one-channel query weights): whole operands as is
+            return loc.node
         shape = b.shapes[loc.node.name]
         axis = lay.axis - (len(lay.shape) - len(shape))  # broadcasting aligns dims from the right
         if len(lay.dims) == 1 and 0 <= axis and shape[axis] == lay.shape[lay.axis] and shape[axis] > 1:

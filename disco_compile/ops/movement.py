@@ -133,6 +133,10 @@ def lower(b, n: fx.Node, module, op) -> None:
         for narrow in ([], narrowable) if narrowable else ([],):
             if move.local_op(narrow):
                 return
+        if move.natural and move.local_op([], natural=True):  # candidate 1c: units spanning dims, unflattened
+            return
+        if move.collapsed_permute():  # candidate 1d: a permute that moves units spanning dims as one block
+            return
     if len(move.inputs) == 1 and b.low.layout(move.inputs[0]).axis is not None and (move.gather() or move.reshaped()):
         return
     raise LoweringError(f"'{n.name}' ({describe_target(move.producer, module)}): no local form of this data "
@@ -155,6 +159,14 @@ def _shaped_like_split(b, n: fx.Node, lay) -> None:
     b.env[n.name] = Local(b.method(_SHAPED_LIKE[n.target], (b.value(x), sizes), shape=lay.shape, dtype=lay.dtype))
 
 
+def unfold_by_gather(x: torch.Tensor, dim: int, size: int, step: int, length: int) -> torch.Tensor:
+    """x.unfold(dim, size, step) as one gather of constant indices along `dim`, of static `length` (torch.onnx's
+    Unfold needs the size of that dim, which it loses after a Pad with a symbolic batch: HaloNet's halo blocks)."""
+    windows = (length - size) // step + 1
+    index = (torch.arange(windows)[:, None] * step + torch.arange(size)).flatten()
+    return x.index_select(dim, index).unflatten(dim, (windows, size)).movedim(dim + 1, -1)
+
+
 class _Movement:
     """One data-movement op on node j: element ids of its inputs, and what node j must hold of its output."""
 
@@ -175,6 +187,7 @@ class _Movement:
         self.expected = lay.as_rep(self._run(lambda a: self.ids[a.name] if a.name in self.ids else b.env[a.name].full))
         self.local_ids = {a.name: _local_ids(b, a, self.ids[a.name]) for a in self.inputs}
         self.empty = {a.name for a in self.inputs if b.env[a.name].node is None}
+        self.natural = {a.name: shape for a in self.inputs if (shape := _natural_shape(b, a)) is not None}
 
     def _run(self, arg_of):
         p = self.producer
@@ -199,29 +212,66 @@ class _Movement:
 
     def _emit(self, args, kwargs, shape) -> fx.Node:
         b = self.b
+        if self.n.op == "call_method" and self.n.target == "unfold" and isinstance(args[0], fx.Node):
+            x, dim, size, step = (*args, *(kwargs[k] for k in ("dimension", "size", "step") if k in kwargs))
+            dim %= len(b.shapes[x.name])
+            if dim:  # not along dim 0, whose size follows the batch
+                return b.call(unfold_by_gather, (x, dim, size, step, b.shapes[x.name][dim]), shape=shape,
+                              dtype=self.lay.dtype)
         if self.producer is self.n:
             return b.emit(self.n, self.module, args, kwargs, shape=shape)
         whole = b.emit(self.producer, self.producer_module, args, kwargs)
         return b.call(operator.getitem, (whole, self.n.args[1]), shape=shape, dtype=self.lay.dtype)
 
-    def local_op(self, narrow: list[fx.Node]) -> bool:
-        """Candidate 1: the op itself on node j's local tensors, if that yields exactly the held units."""
+    def local_op(self, narrow: list[fx.Node], natural: bool = False) -> bool:
+        """Candidate 1: the op itself on node j's local tensors, if that yields exactly the held units; with
+        `natural`, inputs whose units span several dims in whole blocks of the inner ones are given to it in
+        those dims (HaloNet's heads folded into dim 0 with the head width beside them, permuted as 6-D)."""
         b, lay, held = self.b, self.lay, self.held
         ids_of = {**self.local_ids, **{a.name: self.ids[a.name].index_select(lay.axis, held) for a in narrow}}
+        if natural:
+            ids_of.update({name: ids_of[name].reshape(shape) for name, shape in self.natural.items()})
         try:
             got = self._call(*self._args(lambda a: ids_of.get(a.name, b.env[a.name].value)))
             # units spanning several dims (a pixel shuffle's channels x positions) are held flattened
             natural = isinstance(got, torch.Tensor) and got.dim() == len(lay.shape) != self.expected.dim()
-            units = _match_units(self.expected, got.reshape(self.expected.shape[:lay.axis] + (-1,)) if natural
-                                 else got, lay.axis)
+            flat = self.expected.shape[:lay.axis] + (-1,) + self.expected.shape[lay.axis + 1:] if natural else None
+            units = _match_units(self.expected, got.reshape(flat) if natural else got, lay.axis)
         except (RuntimeError, ValueError, IndexError, TypeError):  # the op rejects the local shapes
             return False
         if units is None or not torch.equal(torch.sort(units).values, held):
             return False
         nodes_of = {a.name: b.select(b.value(a), lay.axis, held) for a in narrow}
+        if natural:
+            nodes_of.update({a.name: b.reshape(b.value(a), self.natural[a.name]) for a in self.inputs
+                             if a.name in self.natural})
         node = self._emit(*self._args(lambda a: nodes_of.get(a.name, b.value(a))),
                           shape=tuple(got.shape) if natural else None)
         b.hold(self.n, b.reshape(node, lay.rep_shape(units.numel())) if natural else node, units)
+        return True
+
+    def collapsed_permute(self) -> bool:
+        """Candidate 1d: a permute (or transpose) that keeps the input's channel dims together and in order, as a
+        permute of the local tensor, where those dims are one unit axis (a node holding part of a head)."""
+        b, n = self.b, self.n
+        if len(self.inputs) != 1 or b.env[self.inputs[0].name].node is None:
+            return False
+        src = b.low.layout(self.inputs[0])
+        perm = _permutation(n, len(src.shape))
+        if perm is None or len(src.dims) < 2:
+            return False
+        first, span = src.dims[0], len(src.dims) - 1
+        starts = [i for i in range(len(perm) - span) if perm[i:i + span + 1] == list(src.dims)]
+        if not starts:
+            return False
+        rep = [d if d <= first else max(first, d - span) for d in range(len(perm))]  # input dim -> local dim
+        local = [rep[d] for i, d in enumerate(perm) if not starts[0] < i <= starts[0] + span]
+        got = self.local_ids[self.inputs[0].name].permute(local)
+        units = _match_units(self.expected, got, self.lay.axis) if self.lay.axis is not None else None
+        if units is None or not torch.equal(torch.sort(units).values, self.held):
+            return False
+        b.hold(n, b.method("permute", (b.value(self.inputs[0]), local), shape=tuple(got.shape), dtype=self.lay.dtype),
+               units)
         return True
 
     def gather(self) -> bool:
@@ -246,6 +296,36 @@ class _Movement:
             return False
         b.hold(self.n, b.reshape(b.env[src.name].node, shape), held)
         return True
+
+
+_PERMUTES = (torch.permute, "permute", aten.permute.default)
+_TRANSPOSES = (torch.transpose, "transpose", aten.transpose.int, torch.swapaxes, "swapaxes")
+
+
+def _permutation(n: fx.Node, ndim: int) -> list[int] | None:
+    """The dims of a permute or transpose node as a full permutation (output dim i is input dim perm[i])."""
+    if n.target in _PERMUTES:
+        dims = n.args[1:] if n.op == "call_method" and not isinstance(n.args[1], (list, tuple)) else n.args[1]
+        return [int(d) % ndim for d in dims]
+    if n.target in _TRANSPOSES and len(n.args) == 3:
+        perm = list(range(ndim))
+        d0, d1 = int(n.args[1]) % ndim, int(n.args[2]) % ndim
+        perm[d0], perm[d1] = perm[d1], perm[d0]
+        return perm
+    return None
+
+
+def _natural_shape(b, a: fx.Node) -> tuple[int, ...] | None:
+    """The local shape of input `a` with its unit axis unflattened into the layout's channel dims, where node j
+    holds whole blocks of the inner dims (units u*inner .. u*inner + inner - 1 for some u); else None."""
+    lay, units = b.low.layout(a), b.env[a.name].units
+    if units is None or len(lay.dims) < 2 or b.env[a.name].node is None:
+        return None
+    inner = int(torch.tensor([lay.shape[d] for d in lay.dims[1:]]).prod())
+    blocks = units.reshape(-1, inner) if units.numel() % inner == 0 else None
+    if blocks is None or not torch.equal(blocks, blocks[:, :1] + torch.arange(inner)) or (blocks[:, 0] % inner).any():
+        return None
+    return lay.shape[:lay.dims[0]] + (blocks.shape[0],) + lay.shape[lay.dims[0] + 1:]
 
 
 def _local_ids(b, a: fx.Node, full: torch.Tensor) -> torch.Tensor:

@@ -9,9 +9,9 @@ model's inputs (Swin V2's relative position bias, made by an MLP from a
 constant table) are computed whole on every node: no op on them is split.
 
 A tensor whose channels would vary along non-adjacent dims (heads and head width apart, Hiera's windows
-between them) has no per-node layout: the ops that would make one are replicated instead (their inputs
-gathered, the op run whole), and the analysis is run again until no such tensor is left, so that whatever
-the analysis accepts lowers.
+between them) or along dim 0, where the batch is (HaloNet's heads folded into B*H rows), has no per-node
+layout: the ops that would make one are replicated instead (their inputs gathered, the op run whole), and the
+analysis is run again until no such tensor is left, so that whatever the analysis accepts lowers.
 """
 from __future__ import annotations
 
@@ -126,19 +126,20 @@ def analyse(gm: fx.GraphModule, example_inputs: tuple, nodes: int) -> ChannelFlo
         whole.update(apart)
 
 
-def _non_adjacent(labels) -> tuple[int, ...] | None:
-    """The channel dims of a labelling (or of the first piece of a split's) if they are not adjacent."""
+def _unlaid(labels) -> str | None:
+    """Why no per-node layout holds a labelling (or the first such piece of a split's), or None."""
     for lab in pytree.tree_leaves(labels):
         dims = channel_dims(lab) if isinstance(lab, torch.Tensor) else ()
         if dims and dims != tuple(range(dims[0], dims[-1] + 1)):
-            return dims
+            return f"its output's channels would vary along non-adjacent dims {dims}"
+        if dims and dims[0] == 0:
+            return "its output's channels would vary along dim 0, folded with the batch (heads in B*H rows)"
     return None
 
 
 def _first_unlaid(labels: dict[fx.Node, object]) -> dict[str, str]:
-    """The nodes whose output channels vary along non-adjacent dims while their inputs' do not, with the
-    reason they are replicated (the pieces of a split are its own: the split is replicated, not they)."""
-    return {n.name: f"its output's channels would vary along non-adjacent dims {dims}, which no per-node layout "
-                    "holds: computed whole on every node"
-            for n, lab in labels.items() if (dims := _non_adjacent(lab))
-            and not any(_non_adjacent(labels.get(a)) for a in n.all_input_nodes)}
+    """The nodes whose output no per-node layout holds while their inputs' are held, with the reason they are
+    replicated (the pieces of a split are its own: the split is replicated, not they)."""
+    return {n.name: f"{why}, which no per-node layout holds: computed whole on every node"
+            for n, lab in labels.items() if (why := _unlaid(lab))
+            and not any(_unlaid(labels.get(a)) for a in n.all_input_nodes)}
