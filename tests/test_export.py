@@ -342,3 +342,23 @@ def test_pixel_shuffle_super_resolution_shards(tmp_path, nodes, rho):
     for prog in lowered.programs:
         used = {n.args[0] for n in prog.graph.nodes if n.op == "call_function" and n.target.__name__ == "recv"}
         assert all(m.id in used for m in lowered.messages if m.dst == prog.node), "a message nobody uses"
+
+
+def test_onnx_forms_for_ops_opset_17_lacks():
+    """exporter.py gives aten::rms_norm and torch.export's functional aten::copy their opset-17 ONNX forms."""
+    import io
+
+    import onnxruntime
+
+    class Uses(nn.Module):
+        def forward(self, x, y):
+            a = F.rms_norm(x, (4,), torch.linspace(0.5, 2, 4), eps=1e-5) + F.rms_norm(x.double(), (3, 4)).float()
+            return a + torch.ops.aten.copy.default(x, y.double())
+
+    x, y = torch.randn(2, 3, 4), torch.randn(1, 4)
+    buffer = io.BytesIO()
+    torch.onnx.export(Uses(), (x, y), buffer, dynamo=False, opset_version=17)
+    session = onnxruntime.InferenceSession(buffer.getvalue())
+    got = session.run(None, {i.name: v.numpy() for i, v in zip(session.get_inputs(), (x, y), strict=True)})[0]
+    assert_close(torch.from_numpy(got), Uses()(x, y), what="onnx rms_norm and copy")
+

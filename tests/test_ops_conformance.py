@@ -615,6 +615,20 @@ class HaloBlocks(nn.Module):
         return ((q.transpose(1, 3) @ k.transpose(-1, -2)).softmax(-1) @ v).reshape(b, -1)
 
 
+class TwoGathers(nn.Module):
+    """Two replicated ops reading one split tensor, an exchange between them (MViTv2's pooled q and k): the
+    tensor is gathered once and both read the whole copy (two sends of one message were an inconsistent
+    schedule)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 12, 3, padding=1), nn.Conv2d(12, 12, 1)
+
+    def forward(self, x):
+        h = self.a(x)
+        return h.cumsum(1) + self.b(torch.relu(h)).cumsum(1) * h.cumsum(1)
+
+
 class WindowPad(nn.Module):
     """Swin's window padding of a channels-last map: (0, 0) on the channels."""
 
@@ -632,6 +646,10 @@ ISSUE_18 = {"star_relu": (lambda: _between(StarReLU()), []), "eca": (lambda: _be
             "two_token_sources": (TwoTokenSources, []),
             "window_heads": (WindowHeads, ["Tensor.permute", "scaled_dot_product_attention"]),
             "window_pad": (lambda: _between(WindowPad()), []),
+            "two_gathers": (TwoGathers, ["Tensor.cumsum"] * 3),
+            # a grouped conv reading a whole tensor (MViTv2's pooling conv after its heads are made whole)
+            "grouped_on_whole": (lambda: nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), Fn(lambda h: h.cumsum(1)),
+                                                       nn.Conv2d(12, 12, 3, padding=1, groups=12)), ["Tensor.cumsum"]),
             "halo_blocks": (HaloBlocks, ["Tensor.reshape", "Tensor.reshape", "matmul", "matmul"]),
             # SwiftFormer's query weights: one channel (a tensor of one unit) scaled and shifted by whole values
             "one_channel": (lambda: nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.Conv2d(12, 1, 1),

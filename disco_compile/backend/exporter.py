@@ -8,8 +8,9 @@ Stage graph inputs and outputs are named after what they carry: message ids
 ("exchange12", "gather3", ...), model inputs and outputs, and carried values
 by the DISCO graph's tensor names; weights are named after their layer; nodes and inner values after the
 original model's module paths, and every graph carries metadata_props and a doc_string (naming.py).
-Ops opset 17 lacks are given their ONNX forms here: RMS normalisation (opset 23's RMSNormalization),
-y = x / sqrt(mean(x^2 over the normalised dims) + eps) * weight.
+Ops torch.onnx has no opset-17 form for are given theirs here: RMS normalisation (opset 23's RMSNormalization),
+y = x / sqrt(mean(x^2 over the normalised dims) + eps) * weight; torch.export's functional copy(self, src),
+src broadcast to self's shape and cast to its dtype.
 manifest.json records the settings that made the export (`export_settings`) and per-layer records
 (layers.py), which `disco-run info` shows.
 
@@ -53,7 +54,13 @@ def _rms_norm(g, x, normalized_shape, weight, eps):
     return y if sh._is_none(weight) else g.op("Mul", y, weight)
 
 
+def _copy(g, self, src, non_blocking):
+    """aten::copy (functional): src expanded to self's shape, in self's dtype."""
+    return g.op("Expand", g.op("CastLike", src, self), g.op("Shape", self))
+
+
 torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm, OPSET)
+torch.onnx.register_custom_op_symbolic("aten::copy", _copy, OPSET)
 
 
 class ExportError(DiscoError):

@@ -130,6 +130,7 @@ class NodeBuilder:
         self.g = fx.Graph()
         self.root = nn.Module()
         self.env: dict[str, Local] = {}
+        self.gathers: dict[str, fx.Node] = {}  # split tensors gathered whole here for replicated ops
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dtypes: dict[str, torch.dtype] = {}
         self._consts = 0

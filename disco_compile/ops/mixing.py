@@ -256,7 +256,11 @@ def _grouped_local(b, n, module, layer, source, w_rows, b_rows, rows) -> fx.Node
     groups = torch.unique(rows // per_out)
     if not torch.equal(torch.sort(rows).values, (groups[:, None] * per_out + torch.arange(per_out)).flatten()):
         raise LoweringError(f"'{n.name}': node {b.j} holds part of a group's output channels")
-    x = b.aligned(source, (groups[:, None] * per_in + torch.arange(per_in)).flatten())
+    channels = (groups[:, None] * per_in + torch.arange(per_in)).flatten()
+    if b.env[source.name].units is None and b.low.layout(source).axis is None:  # a whole input (MViTv2's pooling
+        x = b.select(b.value(source), 1, channels)  # conv after heads made whole): its groups' channels, dim 1
+    else:
+        x = b.aligned(source, channels)
     shape = b.low.layout(n).rep_shape(rows.numel())
     wn, bn = b.const(f"{n.name}_w", w_rows), None if b_rows is None else b.const(f"{n.name}_b", b_rows)
     return _conv(b, module, x, wn, bn, groups.numel(), shape)

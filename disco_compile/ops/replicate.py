@@ -15,10 +15,12 @@ REPLICATE = Family("replicate")
 
 @REPLICATE.lowers
 def lower(b, n: fx.Node, module, op) -> None:
-    for a in n.all_input_nodes:
-        if b.env[a.name].units is not None:
-            b.send_owned(a, "gather", list(range(b.low.nodes)))
-    args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: b.gathered(a, "gather")
+    todo = [a for a in n.all_input_nodes if b.env[a.name].units is not None and a.name not in b.gathers]
+    for a in todo:
+        b.send_owned(a, "gather", list(range(b.low.nodes)))
+    for a in todo:  # gathered once: later replicated ops reading the same tensor take the whole copy
+        b.gathers[a.name] = b.gathered(a, "gather")
+    args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: b.gathers[a.name]
                                    if b.env[a.name].units is not None else b.value(a))
     if is_tensor_meta(n.meta.get("tensor_meta")):
         lay = b.low.layout(n)
