@@ -345,7 +345,8 @@ def test_pixel_shuffle_super_resolution_shards(tmp_path, nodes, rho):
 
 
 def test_onnx_forms_for_ops_opset_17_lacks():
-    """exporter.py gives aten::rms_norm and torch.export's functional aten::copy their opset-17 ONNX forms."""
+    """exporter.py gives aten::rms_norm, torch.export's functional aten::copy and F.fold (aten::col2im) their
+    opset-17 ONNX forms."""
     import io
 
     import onnxruntime
@@ -353,7 +354,9 @@ def test_onnx_forms_for_ops_opset_17_lacks():
     class Uses(nn.Module):
         def forward(self, x, y):
             a = F.rms_norm(x, (4,), torch.linspace(0.5, 2, 4), eps=1e-5) + F.rms_norm(x.double(), (3, 4)).float()
-            return a + torch.ops.aten.copy.default(x, y.double())
+            folded = F.fold(x.reshape(2, 4, 3), (4, 1), (2, 1), padding=(1, 0), stride=(2, 1))  # (2, 2, 4, 1)
+            folded = folded.reshape(2, 8)[:, :4].unsqueeze(1) * folded.reshape(2, 8)[:, 4:].unsqueeze(1)
+            return a + torch.ops.aten.copy.default(x, y.double()) + folded
 
     x, y = torch.randn(2, 3, 4), torch.randn(1, 4)
     buffer = io.BytesIO()

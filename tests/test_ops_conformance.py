@@ -647,6 +647,9 @@ ISSUE_18 = {"star_relu": (lambda: _between(StarReLU()), []), "eca": (lambda: _be
             "window_heads": (WindowHeads, ["Tensor.permute", "scaled_dot_product_attention"]),
             "window_pad": (lambda: _between(WindowPad()), []),
             "two_gathers": (TwoGathers, ["Tensor.cumsum"] * 3),
+            # VOLO's fold back to the map, its output size read off the split map (a constant in the export)
+            "fold": (lambda: nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), Fn(lambda h: F.fold(
+                F.unfold(h, 2, stride=2), output_size=h.shape[-2:], kernel_size=2, stride=2))), ["fold"]),
             # a grouped conv reading a whole tensor (MViTv2's pooling conv after its heads are made whole)
             "grouped_on_whole": (lambda: nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), Fn(lambda h: h.cumsum(1)),
                                                        nn.Conv2d(12, 12, 3, padding=1, groups=12)), ["Tensor.cumsum"]),

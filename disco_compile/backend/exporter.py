@@ -10,7 +10,8 @@ by the DISCO graph's tensor names; weights are named after their layer; nodes an
 original model's module paths, and every graph carries metadata_props and a doc_string (naming.py).
 Ops torch.onnx has no opset-17 form for are given theirs here: RMS normalisation (opset 23's RMSNormalization),
 y = x / sqrt(mean(x^2 over the normalised dims) + eps) * weight; torch.export's functional copy(self, src),
-src broadcast to self's shape and cast to its dtype.
+src broadcast to self's shape and cast to its dtype; F.fold (col2im, opset 18), a transposed convolution of
+groups C with one-hot kernels: input channel c*K + k of (B, C*K, L) lands at kernel offset k of group c.
 manifest.json records the settings that made the export (`export_settings`) and per-layer records
 (layers.py), which `disco-run info` shows.
 
@@ -59,7 +60,27 @@ def _copy(g, self, src, non_blocking):
     return g.op("Expand", g.op("CastLike", src, self), g.op("Shape", self))
 
 
+def _col2im(g, x, output_size, kernel_size, dilation, padding, stride):
+    """aten::col2im (F.fold of a batched (B, C*K, L)) as ConvTranspose with one-hot kernels, groups C."""
+    from torch.onnx import symbolic_helper as sh
+    (h, w), (kh, kw), (dh, dw), (ph, pw), (sh_, sw) = (sh._get_const(a, "is", name) for a, name in (
+        (output_size, "output_size"), (kernel_size, "kernel_size"), (dilation, "dilation"), (padding, "padding"),
+        (stride, "stride")))
+    rows, kernel = sh._get_tensor_dim_size(x, 1), kh * kw
+    lh, lw = (h + 2 * ph - dh * (kh - 1) - 1) // sh_ + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    dtype = torch.float64 if sh._try_get_scalar_type(x) == "Double" else torch.float32
+    onehot = torch.zeros(rows, 1, kh, kw, dtype=dtype)
+    for k in range(kernel):
+        onehot[k::kernel, 0, k // kw, k % kw] = 1
+    grid = g.op("Reshape", x, g.op("Constant", value_t=torch.tensor([-1, rows, lh, lw])))
+    return g.op("ConvTranspose", grid, g.op("Constant", value_t=onehot), kernel_shape_i=[kh, kw],
+                strides_i=[sh_, sw], pads_i=[ph, pw, ph, pw], dilations_i=[dh, dw], group_i=rows // kernel,
+                output_padding_i=[h - ((lh - 1) * sh_ - 2 * ph + dh * (kh - 1) + 1),
+                                  w - ((lw - 1) * sw - 2 * pw + dw * (kw - 1) + 1)])
+
+
 torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm, OPSET)
+torch.onnx.register_custom_op_symbolic("aten::col2im", _col2im, OPSET)
 torch.onnx.register_custom_op_symbolic("aten::copy", _copy, OPSET)
 
 

@@ -5,12 +5,18 @@ whole (replicated) on every node.
 """
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
+import torch.nn.functional as F
 
 from ..backend.program import Local, is_tensor_meta
-from .registry import Family
+from .registry import node_arg, Family
 
 REPLICATE = Family("replicate")
+
+# ops whose size argument is spatial, never the batch: given as the model's sizes, constants in the ONNX graph
+# (torch.onnx's fold needs its output size constant; VOLO computes it from x.shape)
+_SPATIAL_SIZE = {F.fold: (1, "output_size"), torch.ops.aten.col2im.default: (1, "output_size")}
 
 
 @REPLICATE.lowers
@@ -22,6 +28,11 @@ def lower(b, n: fx.Node, module, op) -> None:
         b.gathers[a.name] = b.gathered(a, "gather")
     args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: b.gathers[a.name]
                                    if b.env[a.name].units is not None else b.value(a))
+    if n.target in _SPATIAL_SIZE:
+        index, name = _SPATIAL_SIZE[n.target]
+        size = fx.node.map_arg(node_arg(n.args, n.kwargs, index, name), lambda a: b.env[a.name].full)
+        args, kwargs = (args[:index] + (size,) + args[index + 1:], kwargs) if len(args) > index else \
+            (args, {**kwargs, name: size})
     if is_tensor_meta(n.meta.get("tensor_meta")):
         lay = b.low.layout(n)
         b.env[n.name] = Local(b.emit(n, module, args, kwargs, lay.shape, lay.dtype))
