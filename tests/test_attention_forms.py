@@ -205,6 +205,18 @@ def test_hand_built_form(form, nodes, rho, tmp_path):
     check(*hand_built(form), tmp_path, nodes, rho)
 
 
+@pytest.mark.parametrize("form", ["flat", "window"])
+def test_a_split_traced_at_batch_1_runs_a_batch_of_2(form, tmp_path):
+    """Rows folded with the batch (GPT-2's (batch * tokens, C) projection, windows in dim 0) are reshaped with -1
+    there, not the example's count: the DISCO model and its shards, made from a batch of one, compute a batch
+    of two."""
+    model, x = hand_built(form)
+    dm = transform(model, 2, x[:1])
+    with torch.no_grad():
+        assert_close(dm(x), model(x), what=f"{form}: DISCO model at batch 2")
+    assert_shards_match(dm, x, tmp_path / "out", 0.5)
+
+
 def test_a_form_that_does_not_fit_declines():
     """A q with a LayerNorm over its head channels is not data movement: the matmuls stay as written
     (replicated, named), the pass does not abort, and the model's output is kept."""

@@ -301,8 +301,9 @@ def _canonical(g: fx.Graph, x: _Operand, channels: int) -> fx.Node:
         whole = index == list(range(index[0], index[0] + len(index)))
         index = slice(index[0], index[-1] + 1) if whole else index
         node = g.call_function(operator.getitem, (node, (Ellipsis, index)))
-    if x.positions is not None:
-        node = g.call_method("reshape", (node, (*x.positions, -1)))
+    if x.positions is not None:  # rows folded with the batch: -1 there, so any batch runs (not the example's)
+        rows = (-1, x.positions[1]) if x.batch_first else (x.positions[0], -1)
+        node = g.call_method("reshape", (node, (*rows, len(x.index))))
     for s in x.scalars:
         a, b = s.args
         args = (node, b) if isinstance(a, fx.Node) else (a, node)
