@@ -855,7 +855,8 @@ def _totals(models: list[tuple[str, str]], data: dict[str, dict | None], nodes: 
         "## Totals", "",
         "As given: `transform(model, N, example)` exact (fp32, rtol 1e-4, atol 1e-5), torchvision at N = "
         f"{', '.join(map(str, nodes))}, the other families at N = 2 and 3 (worst over N); export: the DISCO model "
-        "at rho 0.2 exported and run by run_local, equal to it (torchvision: docs/export_coverage.md). Route: "
+        "at rho 0.2 exported and run by run_local, equal to it on the example and on a batch of two (in brackets: "
+        "equal at batch 1 only; torchvision: docs/export_coverage.md). Route: "
         "models captured with torch.export because torch.fx failed (said in one warning). Mismatch: in brackets, "
         "those whose DISCO error is below the model's own fp32 error against float64 (ill-conditioned random "
         "weights; each row gives the float64 comparison).", "",

@@ -357,10 +357,10 @@ _NOTES = {
     "timm": f"timm.create_model(name, num_classes=10[, img_size={SIZE}]), random weights, a {SIZE}x{SIZE} input "
             f"(the model's own size where {SIZE} fails); the sample is every k-th of the sorted timm.list_models() "
             f"({SAMPLE} names) after the popular ones named in POPULAR; models of more than {MAX_PARAMS / 1e6:.0f} M "
-            f"parameters are not run here. The sweep of 2026-12-02 ran `--no-export --timeout 150` in chunks of 10 "
-            f"models, smallest first, one process at a time on 2 cores shared with other jobs (load 11-18), so a "
-            f"TIMEOUT there is this machine's load as often as the model; the export column is filled where a model "
-            f"was rerun with its export.",
+            f"parameters are not run here. The sweep of 2026-12-02 ran every model with its export "
+            f"(`--force`, timeout {DEFAULT_TIMEOUT} s, one process at a time at nice 10 on 2 cores shared with "
+            f"development work); the models whose export failed were rerun after the fixes that followed "
+            f"(`--models ... --force`).",
     "hf": "transformers models from small configs (2 layers, width 16-32; MobileViT and SegFormer at their default "
           "widths), random weights (seed 0), keyword inputs (`input_ids` and `attention_mask`, `pixel_values`, "
           "`input_values`, `input_features`) as a user calls them.",
@@ -383,7 +383,8 @@ def totals_rows() -> list[str]:
         run = len(data) - counts["NOT RUN"]
         rows.append(f"| {_TITLES[family]} | {len(data)} | {run} | {counts['exact']} | "
                     f"{counts['exact, with replicated ops']} | {counts['MISMATCH']} | {counts['FAILED']} | "
-                    f"{counts['TIMEOUT'] + counts['CRASHED']} | {exports['equal']} of {run} | {routed} |")
+                    f"{counts['TIMEOUT'] + counts['CRASHED']} | {exports['equal']} of {run} "
+                    f"({exports['FAILED at batch 2'] + exports['DIFFERS at batch 2']}) | {routed} |")
     return rows
 
 
@@ -408,46 +409,58 @@ def _cell(data: dict | None, n: str) -> str:
     return run["status"] + ("" if run["status"] != "MISMATCH" else f" (max abs {run['max_abs']:.3g})")
 
 
-# why each class of failure or replication has no fix yet (keys: failure_classes' names)
+# why each class of failure or replication has no fix yet (keys: the start of failure_classes' names)
 CLASS_REASONS: dict[str, str] = {
     "replicated matmul: no channel rule for this op":
         "attention and pooling forms raise_attention does not match (it needs (batch, H, tokens, d) operands from "
-        "a channels-last source): EdgeNeXt's cross-covariance attention (a (d, d) map per head), HaloNet's blocked "
-        "attention and MViTv2's pooling attention (heads folded into dim 0 or pooled q, k), EfficientViT's and "
-        "SHViT's single-head 3-D attention (q^T k sums over channels: a partial placement), VOLO's outlook "
-        "attention, GCNet's global context (x @ softmax(conv(x)): a one-channel map over positions); each could "
-        "have a rule, none is built yet",
+        "a channels-last source): EdgeNeXt's cross-covariance attention (a (d, d) map per head, q and k "
+        "normalised over tokens), HaloNet's blocked attention and MViTv2's pooling attention (heads folded into "
+        "dim 0 or pooled q, k), EfficientViT's and SHViT's single-head 3-D attention, VOLO's outlook attention, "
+        "GCNet's global context (x @ softmax(conv(x)): a one-channel map over positions); each could have a "
+        "rule, none is built yet. Their exports are equal at batch 1 (the data movement around them is made "
+        "whole where no layout holds it)",
     "replicated scaled_dot_product_attention: no channel rule for this op":
-        "SDPA with units folded into more dims (Hiera's mask units, vit_dpwee): raise_attention reads "
-        "channels-last, seq-first or channels-first (CoAtNet's, fixed after the sweep) sources only; both "
-        "models' exports also fail ('channels vary along non-adjacent dims'), the replicated SDPA's layout",
-    "replicated linear: no channel rule for this op":
-        "F.linear with a computed bias (BEiT's and SwinV2's cat(q_bias, zeros, v_bias)): raise_functional raises "
-        "parameter biases only",
+        "SDPA on heads raise_attention does not take: Hiera's mask units (5-D q, k, v), Qwen3-ViT's rotary "
+        "embedding on q and k (neg, type_as), vit_dpwee's differential attention (two SDPAs on half-heads)",
+    "replicated Tensor.permute: its output's channels would vary along non-adjacent dims":
+        "a heads layout no attention pass raised (the SDPA or matmul after it is replicated): no per-node layout "
+        "holds channels along dims apart, so the op that makes it runs whole on every node and the model "
+        "exports (channel_flow.py); an attention rule for the form would split it",
+    "replicated permute: its output's channels would vary along non-adjacent dims":
+        "as Tensor.permute above, in torch.export programs",
+    "replicated Tensor.reshape: its output's channels would vary":
+        "as Tensor.permute above (Hiera's mask units; HaloNet's heads folded with the batch, (B*H, ...), which "
+        "no layout holds either: batch-2 shards were wrong before it was made whole)",
+    "replicated reshape: its output's channels would vary":
+        "as Tensor.reshape above, in torch.export programs (MobileViT's unfolded patches fold heads into dim 0)",
+    "replicated Tensor.transpose: its output's channels would vary":
+        "as Tensor.permute above (vit_dpwee's differential attention)",
+    "replicated getitem: its output's channels would vary": "as Tensor.permute above (a piece of a split heads tensor)",
+    "replicated stack: its output's channels would vary": "as Tensor.permute above (CrossViT's stacked class tokens)",
     "replicated mul: a channel of one node broadcast over channels split across nodes":
         "SwiftFormer's additive attention: a one-channel tensor (query @ w_g) multiplies every channel; it would "
-        "have to be sent whole to every node (a replicated input of an elementwise op), which no rule asks for yet",
-    "replicated Linear: input channels vary along dims (N,), expected only dim N":
-        "MLP-Mixer's token mixing: a Linear over the tokens of x.transpose(1, 2), channelwise for the split "
-        "channels; fixed after the sweep (ops/mixing.py: a Linear along other dims is channelwise)",
-    "replicated Tensor.unfold: no channel rule for this op":
-        "fixed after the sweep: unfold is data movement (ops/movement.py, its conformance case)",
-    "replicated addcmul: no channel rule for this op":
-        "fixed after the sweep: addcmul is elementwise (ops/elementwise.py, its conformance cases)",
-    "replicated ConstantPad2d: no channel rule for this op":
-        "fixed after the sweep: nn.ConstantPad2d and nn.ZeroPad2d are F.pad (ops/channelwise.py)",
-    "TIMEOUT: ran past N s (in N=2)":
-        "the tf_* models and efficientnet_b2_pruned went through torch.export because torch.fx failed on timm's "
-        "pad_same; torch.export and run_decompositions took 188 s of one 241 s transform of tf_mixnet_l here "
-        "(cProfile). Fixed after the sweep: pad_same traces with torch.fx (capture.py). The others: this "
-        "machine's load",
-    "TIMEOUT: ran past N s (in N=3)":
-        "this machine's load (crossvit_15_dagger_408 runs at its fixed 408x408); N=2 finished for both",
+        "have to be sent whole to every node (or computed as partial sums all-reduced), which no rule asks for "
+        "yet",
+    "replicated Conv1d: input channels vary along dims":
+        "ECA's Conv1d across the pooled channels: one value per channel, gathered on every node (C values, "
+        "negligible bytes); a banded channel-mixing rule could replace it",
+    "replicated heads_apply: value not split along its last dim alone":
+        "GCNet's global context: a one-channel attention map over positions applied to x channels-first",
+    "export FAILED at batch 2":
+        "the shards (or the DISCO model) run the example's batch but not another: torch.export programs are "
+        "captured with a static batch (Hugging Face models; timm models on the torch.export route) and some "
+        "reshapes keep the example's row count; at batch 1 these exports are equal",
     "MISMATCH":
         "legacy_seresnet152 at N=3: max abs 10.1 on outputs up to 327, where the model's own fp32 output differs "
         "from its float64 evaluation by 4.66; in float64 the DISCO model equals the model to 2.6e-09 (random "
         "weights, ill-conditioned: noise, not a wrong split)",
 }
+
+
+def class_reason(name: str) -> str:
+    """The reason of the longest CLASS_REASONS key that `name` starts with ('' if none)."""
+    keys = [k for k in CLASS_REASONS if name.startswith(k)]
+    return CLASS_REASONS[max(keys, key=len)] if keys else ""
 
 
 def _class_name(message: str) -> str:
@@ -483,7 +496,7 @@ def _class_lines(data: dict[str, dict | None]) -> list[str]:
         return []
     return ["Failure classes (by error message, names and numbers taken out) and replicated ops, with the models "
             "each one stops:", "", "| class | models | why |", "|---|---|---|",
-            *(f"| {c.replace('|', '/')} | {len(m)}: {', '.join(sorted(m))} | {CLASS_REASONS.get(c, '')} |"
+            *(f"| {c.replace('|', '/')} | {len(m)}: {', '.join(sorted(m))} | {class_reason(c)} |"
               for c, m in classes.items()), ""]
 
 
