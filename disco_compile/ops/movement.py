@@ -234,9 +234,9 @@ class _Movement:
         try:
             got = self._call(*self._args(lambda a: ids_of.get(a.name, b.env[a.name].value)))
             # units spanning several dims (a pixel shuffle's channels x positions) are held flattened
-            natural = isinstance(got, torch.Tensor) and got.dim() == len(lay.shape) != self.expected.dim()
-            flat = self.expected.shape[:lay.axis] + (-1,) + self.expected.shape[lay.axis + 1:] if natural else None
-            units = _match_units(self.expected, got.reshape(flat) if natural else got, lay.axis)
+            spread = isinstance(got, torch.Tensor) and got.dim() == len(lay.shape) != self.expected.dim()
+            flat = self.expected.shape[:lay.axis] + (-1,) + self.expected.shape[lay.axis + 1:] if spread else None
+            units = _match_units(self.expected, got.reshape(flat) if spread else got, lay.axis)
         except (RuntimeError, ValueError, IndexError, TypeError):  # the op rejects the local shapes
             return False
         if units is None or not torch.equal(torch.sort(units).values, held):
@@ -246,8 +246,8 @@ class _Movement:
             nodes_of.update({a.name: b.reshape(b.value(a), self.natural[a.name]) for a in self.inputs
                              if a.name in self.natural})
         node = self._emit(*self._args(lambda a: nodes_of.get(a.name, b.value(a))),
-                          shape=tuple(got.shape) if natural else None)
-        b.hold(self.n, b.reshape(node, lay.rep_shape(units.numel())) if natural else node, units)
+                          shape=tuple(got.shape) if spread else None)
+        b.hold(self.n, b.reshape(node, lay.rep_shape(units.numel())) if spread else node, units)
         return True
 
     def collapsed_permute(self) -> bool:
