@@ -44,11 +44,17 @@ from ..frontend.submodule import DiscoSubmodel
 OPSET = 17
 
 
+def _float_dtype(x) -> torch.dtype:
+    """The torch dtype of a symbolic's float input (constants built for it must match)."""
+    from torch.onnx import symbolic_helper as sh
+    return torch.float64 if sh._try_get_scalar_type(x) == "Double" else torch.float32
+
+
 def _rms_norm(g, x, normalized_shape, weight, eps):
     """aten::rms_norm in opset 17 ops; eps None is the dtype's machine epsilon, as torch defines it."""
     from torch.onnx import symbolic_helper as sh
     axes = list(range(-len(sh._get_const(normalized_shape, "is", "normalized_shape")), 0))
-    dtype = torch.float64 if sh._try_get_scalar_type(x) == "Double" else torch.float32
+    dtype = _float_dtype(x)
     eps = torch.finfo(dtype).eps if sh._is_none(eps) else sh._get_const(eps, "f", "eps")
     mean_square = g.op("ReduceMean", g.op("Mul", x, x), axes_i=axes, keepdims_i=1)
     y = g.op("Div", x, g.op("Sqrt", g.op("Add", mean_square, g.op("Constant", value_t=torch.tensor(eps, dtype=dtype)))))
@@ -68,7 +74,7 @@ def _col2im(g, x, output_size, kernel_size, dilation, padding, stride):
         (stride, "stride")))
     rows, kernel = sh._get_tensor_dim_size(x, 1), kh * kw
     lh, lw = (h + 2 * ph - dh * (kh - 1) - 1) // sh_ + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    dtype = torch.float64 if sh._try_get_scalar_type(x) == "Double" else torch.float32
+    dtype = _float_dtype(x)
     onehot = torch.zeros(rows, 1, kh, kw, dtype=dtype)
     for k in range(kernel):
         onehot[k::kernel, 0, k // kw, k % kw] = 1
