@@ -5,6 +5,7 @@ through transform at N=2 (and the export where it is cheap):
   dict of keyword inputs, bound to forward's order (the export takes them in that order).
 - A2: a model torch.fx cannot trace (control flow on sizes) is captured with torch.export, said in a warning and
   in `route`; timm's "same" padding (Conv2dSame, StdConv2dSame, MaxPool2dSame: pad_same) traces with torch.fx.
+  Captured with torch.export at a batch of 1, the DISCO model and its shards take a batch of 2 (dim 0 dynamic).
 - B2: torch.addmm(b, x, W) / x @ W (GPT-2's Conv1D) is a linear layer, split, through torch.fx and torch.export.
 - C2: a conv whose weight is standardised from its parameters (timm's ScaledStdConv2d) is split, exactly, and its
   gradients reach the parameters the weight is computed from.
@@ -112,6 +113,62 @@ def test_untraceable_model_falls_back_to_torch_export():
     assert dm.route.startswith("torch.export (torch.fx failed: TraceError")
     assert dm.cost().replicated_ops == []
     assert transform(Optional(), 2, torch.randn(1, 6)).route == "torch.fx"
+
+
+class BatchSizes(nn.Module):
+    """torch.fx cannot trace it (control flow on a size); its graph reads the batch: tokens viewed with it, a class
+    token expanded to it, an in-place write over whole slices (slice_scatter once decomposed with a dynamic batch,
+    as MViTv2's rel-pos add), and positions laid along it (arange, diff, the cumsum of a bool: HF's masks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.cls, self.fc = nn.Conv2d(3, 8, 3, stride=2), nn.Parameter(torch.randn(1, 1, 8)), nn.Linear(8, 4)
+
+    def forward(self, x):
+        if x.shape[-1] % 2:
+            x = F.pad(x, [0, 1, 0, 1])
+        t = self.conv(x).view(x.shape[0], 8, -1).transpose(1, 2)
+        t = torch.cat([self.cls.expand(x.shape[0], -1, -1), t], 1)
+        a = t @ t.transpose(1, 2)
+        a[:, :, 0:] = a[:, :, 0:] * 0.5
+        ids = torch.arange(t.shape[1]).expand(x.shape[0], -1)
+        seg = (torch.diff(ids, prepend=ids[:, :1] - 1, dim=-1) != 1).cumsum(-1)
+        a = a.masked_fill(seg[:, None, :] != seg[:, :, None], float("-inf"))
+        return self.fc(a.softmax(-1) @ t).mean(1)
+
+
+def test_torch_export_route_takes_any_batch(tmp_path):
+    torch.manual_seed(0)
+    model, x = BatchSizes().eval(), torch.randn(1, 3, 9, 9)
+    two = torch.cat([x, torch.randn(1, 3, 9, 9)])
+    with pytest.warns(UserWarning, match="torch.export"):
+        dm = transform(model, 2, x)
+    with torch.no_grad():
+        assert_close(dm(two), model(two), what="the DISCO model at batch 2")
+    dm.set_budget(0.5)
+    export(dm, tmp_path)
+    with torch.no_grad():
+        for xb in (x, two):
+            assert_close(torch.from_numpy(run_local(tmp_path, xb.numpy())[0]), dm(xb),
+                         what=f"shards at batch {len(xb)}")
+
+
+def test_sizes_are_computed_in_the_stage_that_uses_them(tmp_path):
+    """timm's MobileViT block (torch.export route): a size read off a received tensor and used only in a later
+    stage is computed there, not also where it was read (a dead computation that made a stage input ONNX
+    drops)."""
+    mobilevit = pytest.importorskip("timm.models.mobilevit")
+    torch.manual_seed(0)
+    model = mobilevit.MobileVitBlock(8, 8, transformer_dim=16, transformer_depth=1, patch_size=2,
+                                     num_heads=2).eval()
+    x = torch.randn(1, 8, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dm = transform(model, 2, x)
+    assert_shards_match(dm, x, tmp_path, rho=0.2)
+    with torch.no_grad():
+        two = torch.cat([x, x.flip(-1)])
+        assert_close(torch.from_numpy(run_local(tmp_path, two.numpy())[0]), dm(two), what="shards at batch 2")
 
 
 def test_timm_same_padding_traces_with_torch_fx(tmp_path):
@@ -299,3 +356,24 @@ def test_hugging_face_bert_with_keyword_inputs(tmp_path):
         want = dm(**x)["last_hidden_state"]
     got = run_local(tmp_path, [x[n].numpy() for n in dm.input_names])[0]
     assert_close(torch.from_numpy(got), want, what="BERT's shards at rho 0.2")
+
+
+def test_hugging_face_gpt2_as_given_takes_any_batch(tmp_path):
+    """GPT-2 as given (the torch.export route): its causal and padding masks are computed from the batch (arange,
+    diff, cumsum of a bool), and its shards, made at a batch of 1, run a batch of 2."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.GPT2Model(transformers.GPT2Config(vocab_size=50, n_embd=24, n_layer=1, n_head=3,
+                                                           n_positions=16, use_cache=False)).eval()
+    ids = torch.randint(0, 50, (1, 7))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dm = transform(model, 2, ids)
+    two = torch.cat([ids, ids.roll(1, -1)])
+    with torch.no_grad():
+        assert_close(dm(two)["last_hidden_state"], model(two).last_hidden_state, what="GPT-2's DISCO model")
+    dm.set_budget(0.2)
+    export(dm, tmp_path)
+    with torch.no_grad():
+        assert_close(torch.from_numpy(run_local(tmp_path, two.numpy())[0]), dm(two)["last_hidden_state"],
+                     what="GPT-2's shards at batch 2")

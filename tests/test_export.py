@@ -345,8 +345,8 @@ def test_pixel_shuffle_super_resolution_shards(tmp_path, nodes, rho):
 
 
 def test_onnx_forms_for_ops_opset_17_lacks():
-    """exporter.py gives aten::rms_norm, torch.export's functional aten::copy and F.fold (aten::col2im) their
-    opset-17 ONNX forms."""
+    """exporter.py gives aten::rms_norm, torch.export's functional aten::copy, F.fold (aten::col2im), torch.diff
+    and the cumsum of a bool (torch sums it in int64) their opset-17 ONNX forms."""
     import io
 
     import onnxruntime
@@ -356,12 +356,15 @@ def test_onnx_forms_for_ops_opset_17_lacks():
             a = F.rms_norm(x, (4,), torch.linspace(0.5, 2, 4), eps=1e-5) + F.rms_norm(x.double(), (3, 4)).float()
             folded = F.fold(x.reshape(2, 4, 3), (4, 1), (2, 1), padding=(1, 0), stride=(2, 1))  # (2, 2, 4, 1)
             folded = folded.reshape(2, 8)[:, :4].unsqueeze(1) * folded.reshape(2, 8)[:, 4:].unsqueeze(1)
-            return a + torch.ops.aten.copy.default(x, y.double()) + folded
+            steps = torch.diff(x, n=2, dim=1, prepend=x[:, :1] + 1, append=x[:, :1]) + torch.diff(x > 0, dim=-1).sum(-1,
+                                                                                                     keepdim=True)
+            counted = (x > 0).cumsum(-1) + x.long().cumsum(1, dtype=torch.int32)
+            return a + torch.ops.aten.copy.default(x, y.double()) + folded + steps[:, :3] + counted
 
     x, y = torch.randn(2, 3, 4), torch.randn(1, 4)
     buffer = io.BytesIO()
     torch.onnx.export(Uses(), (x, y), buffer, dynamo=False, opset_version=17)
     session = onnxruntime.InferenceSession(buffer.getvalue())
     got = session.run(None, {i.name: v.numpy() for i, v in zip(session.get_inputs(), (x, y), strict=True)})[0]
-    assert_close(torch.from_numpy(got), Uses()(x, y), what="onnx rms_norm and copy")
+    assert_close(torch.from_numpy(got), Uses()(x, y), what="onnx forms")
 

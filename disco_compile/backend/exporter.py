@@ -11,7 +11,9 @@ original model's module paths, and every graph carries metadata_props and a doc_
 Ops torch.onnx has no opset-17 form for are given theirs here: RMS normalisation (opset 23's RMSNormalization),
 y = x / sqrt(mean(x^2 over the normalised dims) + eps) * weight; torch.export's functional copy(self, src),
 src broadcast to self's shape and cast to its dtype; F.fold (col2im, opset 18), a transposed convolution of
-groups C with one-hot kernels: input channel c*K + k of (B, C*K, L) lands at kernel offset k of group c.
+groups C with one-hot kernels: input channel c*K + k of (B, C*K, L) lands at kernel offset k of group c;
+torch.diff, y[1:] - y[:-1] along its dim after prepend and append are concatenated; cumsum of bool and
+integers, which torch sums in int64.
 manifest.json records the settings that made the export (`export_settings`) and per-layer records
 (layers.py), which `disco-run info` shows.
 
@@ -44,17 +46,17 @@ from ..frontend.submodule import DiscoSubmodel
 OPSET = 17
 
 
-def _float_dtype(x) -> torch.dtype:
-    """The torch dtype of a symbolic's float input (constants built for it must match)."""
-    from torch.onnx import symbolic_helper as sh
-    return torch.float64 if sh._try_get_scalar_type(x) == "Double" else torch.float32
+def _dtype(x) -> torch.dtype:
+    """The torch dtype of a symbolic's input (float32 where the graph does not know it)."""
+    from torch.onnx._internal.torchscript_exporter._type_utils import JitScalarType
+    return JitScalarType.from_value(x, JitScalarType.FLOAT).dtype()
 
 
 def _rms_norm(g, x, normalized_shape, weight, eps):
     """aten::rms_norm in opset 17 ops; eps None is the dtype's machine epsilon, as torch defines it."""
     from torch.onnx import symbolic_helper as sh
     axes = list(range(-len(sh._get_const(normalized_shape, "is", "normalized_shape")), 0))
-    dtype = _float_dtype(x)
+    dtype = _dtype(x)
     eps = torch.finfo(dtype).eps if sh._is_none(eps) else sh._get_const(eps, "f", "eps")
     mean_square = g.op("ReduceMean", g.op("Mul", x, x), axes_i=axes, keepdims_i=1)
     y = g.op("Div", x, g.op("Sqrt", g.op("Add", mean_square, g.op("Constant", value_t=torch.tensor(eps, dtype=dtype)))))
@@ -74,7 +76,7 @@ def _col2im(g, x, output_size, kernel_size, dilation, padding, stride):
         (stride, "stride")))
     rows, kernel = sh._get_tensor_dim_size(x, 1), kh * kw
     lh, lw = (h + 2 * ph - dh * (kh - 1) - 1) // sh_ + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    dtype = _float_dtype(x)
+    dtype = _dtype(x)
     onehot = torch.zeros(rows, 1, kh, kw, dtype=dtype)
     for k in range(kernel):
         onehot[k::kernel, 0, k // kw, k % kw] = 1
@@ -85,7 +87,37 @@ def _col2im(g, x, output_size, kernel_size, dilation, padding, stride):
                                   w - ((lw - 1) * sw - 2 * pw + dw * (kw - 1) + 1)])
 
 
+def _diff(g, x, n, dim, prepend, append):
+    """aten::diff: prepend, x and append concatenated along dim, then y[1:] - y[:-1] there (xor for bool), n
+    times."""
+    from torch.onnx import symbolic_helper as sh
+    n, dim = sh._get_const(n, "i", "n"), sh._get_const(dim, "i", "dim")
+    parts = [p for p in (prepend, x, append) if not sh._is_none(p)]
+    y = parts[0] if len(parts) == 1 else g.op("Concat", *parts, axis_i=dim)
+    const = lambda v: g.op("Constant", value_t=torch.tensor([v]))  # noqa: E731
+    step = "Xor" if _dtype(x) == torch.bool else "Sub"
+    for _ in range(n):
+        later = g.op("Slice", y, const(1), const(torch.iinfo(torch.int64).max), const(dim))
+        earlier = g.op("Slice", y, const(0), const(-1), const(dim))
+        y = g.op(step, later, earlier)
+    return y
+
+
+def _cumsum(g, x, dim, dtype):
+    """aten::cumsum in torch's result type: the given dtype, else int64 for bool and integer inputs (ONNX's
+    CumSum takes no bool; torch.onnx's form casts only to a given dtype)."""
+    from torch.onnx import symbolic_helper as sh
+    from torch.onnx._internal.torchscript_exporter._type_utils import JitScalarType
+    given = _dtype(x)
+    to = JitScalarType(sh._get_const(dtype, "i", "dtype")) if not sh._is_none(dtype) else \
+        JitScalarType.from_dtype(given if given.is_floating_point else torch.int64)
+    axis = g.op("Constant", value_t=torch.tensor(sh._get_const(dim, "i", "dim")))
+    return g.op("CumSum", g.op("Cast", x, to_i=to.onnx_type()), axis)
+
+
 torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm, OPSET)
+torch.onnx.register_custom_op_symbolic("aten::cumsum", _cumsum, OPSET)
+torch.onnx.register_custom_op_symbolic("aten::diff", _diff, OPSET)
 torch.onnx.register_custom_op_symbolic("aten::col2im", _col2im, OPSET)
 torch.onnx.register_custom_op_symbolic("aten::copy", _copy, OPSET)
 

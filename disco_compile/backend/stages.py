@@ -125,7 +125,7 @@ class _StageCut:
                 outputs.append((StageOutput(node.args[0], "model_output", node.args[0]), self.get(node.args[1])))
             elif _is(node, recv) or node.op == "placeholder":
                 self.get(node)
-            else:
+            elif not _structural(self.prog, node):  # sizes: copied where a stage uses them (get)
                 self.env[node] = self.g.node_copy(node, self.get)
         for node, value in self.env.items():
             if self.stage_of.get(node) == self.s and self.last_use.get(node, -1) > self.s \

@@ -16,7 +16,11 @@ Two routes (`capture`), the first that works:
    every other shape in the graph is the example's.
 2. torch.export, when torch.fx cannot trace the model (Python control flow on sizes, Hugging Face's
    `'Proxy' object does not support item assignment`): `torch.export.export` on the bound inputs, raised back to
-   modules by exported.to_module. The route taken and why is said in one warning and kept in `Captured.route`.
+   modules by exported.to_module. Dim 0 of every input is exported dynamic (`Dim.DYNAMIC`; an example batch of
+   1 is given twice, since torch.export specialises sizes 0 and 1), so the graph's reshapes read the batch from
+   the input and the shards take any batch; where torch.export finds dim 0 fixed (a model built for one batch,
+   a sequence-first input) it is exported with the example's shapes, and that batch only. The route taken and
+   why is said in one warning and kept in `Captured.route`.
 
 When both fail, the error names the module being traced, the user source line, suggests `leaf_modules`, and
 gives torch.export's reason.
@@ -231,6 +235,18 @@ def trace(model: torch.nn.Module, leaf_modules: LeafSpec = (), defaults: dict[st
     return gm
 
 
+def _export(model: torch.nn.Module, inputs: ExampleInputs) -> torch.export.ExportedProgram:
+    """torch.export of the bound inputs with dim 0 dynamic (module docstring), else with the example's shapes."""
+    given = inputs.as_kwargs()
+    batched = {k for k, v in given.items() if v.dim() > 0}
+    wider = {k: torch.cat([v, v]) if k in batched and v.shape[0] == 1 else v for k, v in given.items()}
+    dims = {k: {0: torch.export.Dim.DYNAMIC} if k in batched else None for k in given}
+    try:
+        return torch.export.export(copy.deepcopy(model).eval(), (), wider, dynamic_shapes=dims)
+    except Exception:  # torch.export specialised dim 0 (a fixed batch, or no batch there): the example's shapes
+        return torch.export.export(copy.deepcopy(model).eval(), (), given)
+
+
 def capture(model: torch.nn.Module, inputs: ExampleInputs, leaf_modules: LeafSpec = ()) -> Captured:
     """The model's graph by the first route that works (module docstring); a fall-back to torch.export is said
     in one warning naming why torch.fx failed."""
@@ -245,7 +261,7 @@ def capture(model: torch.nn.Module, inputs: ExampleInputs, leaf_modules: LeafSpe
         why = str(fx_failure).splitlines()[0].removeprefix("torch.fx could not trace the model: ")
         from .exported import to_module  # exported.py reads programs; imported here, where one is made
         try:
-            program = torch.export.export(copy.deepcopy(model).eval(), (), inputs.as_kwargs())
+            program = _export(model, inputs)
         except Exception as exc:  # torch.export raises many exception types; all mean "not exportable"
             raise TraceFailure(f"{fx_failure}\n  torch.export could not capture it either: {type(exc).__name__}: "
                                f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc

@@ -17,9 +17,13 @@ and everything else as torch-level functions. `to_module` functionalises the pro
     aten.relu(x), aten.add(a, b), aten.max_pool2d(x, ...), aten.cat(...) ... -> the torch function with
                                                                            the same arguments (_FUNCTIONS)
     aten.expand(x, sizes)                                               -> x.expand(sizes)
+    aten.sym_size.int(x, d) (a dynamic dim's size, the batch)           -> x.size(d) (torch.onnx's tracer
+                                                                           records it; an op's int it bakes in)
     aten.upsample_{nearest,bilinear,bicubic}2d(x, size, [align,] scale) -> F.interpolate
     aten.select(x, d, i), aten.slice(x, d, start, end, step)           -> x[..., i], x[..., start:end:step]
     aten.clone(x), aten.alias(x)                                        -> x (a graph without mutation)
+    aten.slice_scatter(x, src, d) over the whole of dim d (x[:] = src)  -> src
+    aten.arange(...) (sizes read off a dynamic batch)                   -> torch.arange(...) (traceable to ONNX)
     aten._to_copy(x, dtype=d) (a mask cast, HF's attention masks)       -> x.to(d)
     aten.scaled_dot_product_attention(q, k, v) cut from one packed in_proj and read by an out_proj
                                                                         -> heads_attention (passes/raise_attention.py)
@@ -34,6 +38,7 @@ from __future__ import annotations
 import logging
 import operator
 import os
+import sys
 import zipfile
 
 import torch
@@ -49,10 +54,11 @@ from ..passes.raise_attention import SDPA, raise_attention
 aten = torch.ops.aten
 
 _FUNCTIONS = dict(registry.aten_raising())  # each op family registers the ATen calls it raises (ops/)
-_METHODS = {aten.expand.default: "expand"}
+_METHODS = {aten.expand.default: "expand", aten.sym_size.int: "size"}
 _RESIZES = {aten.upsample_nearest2d.vec: "nearest", aten.upsample_bilinear2d.vec: "bilinear",
             aten.upsample_bicubic2d.vec: "bicubic"}
 _COPIES = (aten.clone.default, aten.alias.default)
+_ARANGES = (aten.arange.default, aten.arange.start, aten.arange.start_step)
 _CONVS = {aten.conv1d.default: nn.Conv1d, aten.conv2d.default: nn.Conv2d, aten.conv3d.default: nn.Conv3d,
           aten.conv1d.padding: nn.Conv1d, aten.conv2d.padding: nn.Conv2d, aten.conv3d.padding: nn.Conv3d}
 _FUNCTIONAL_CONVS = {aten.conv1d: F.conv1d, aten.conv2d: F.conv2d, aten.conv3d: F.conv3d}
@@ -243,6 +249,11 @@ class _Raiser:
             return self.resize(node)
         if t in _COPIES:
             return self.arg(node.args[0])
+        if t is aten.slice_scatter.default and _whole_range(*node.args[2:], **node.kwargs):
+            return self.arg(node.args[1])
+        if t in _ARANGES:
+            return self.graph.create_node("call_function", torch.arange, self.arg(node.args), self.arg(node.kwargs),
+                                          name=_readable_name(node))
         if t is aten._to_copy.default and set(node.kwargs) <= {"dtype", "layout", "device", "pin_memory"} \
                 and node.kwargs.get("dtype") is not None and not node.kwargs.get("pin_memory"):
             return self.graph.create_node("call_method", "to", (self.arg(node.args[0]), node.kwargs["dtype"]),
@@ -263,7 +274,7 @@ class _Raiser:
                 return self.raise_node(node)
             except _Keep:
                 if isinstance(node.target, torch._ops.OpOverload) and isinstance(node.meta.get("val"), torch.Tensor):
-                    self.kept.append(str(node.target))  # (a size, as aten.sym_size of a dynamic dim, is no op)
+                    self.kept.append(str(node.target))
         return self.graph.node_copy(node, self.arg)
 
     def run(self, out_spec) -> fx.GraphModule:
@@ -285,6 +296,12 @@ class _Raiser:
 
 class _Keep(Exception):
     """The node is not raised: copy it as an ATen call."""
+
+
+def _whole_range(dim: int = 0, start: int | None = None, end: int | None = None, step: int = 1) -> bool:
+    """A slice that is its whole dim: slice_scatter over it writes every element (x[:] = src, as MViTv2's
+    attn[:, :, 0:, 0:] += ..., decomposed with a dynamic batch)."""
+    return start in (None, 0) and (end is None or end == sys.maxsize) and step == 1
 
 
 def _readable_name(node: fx.Node) -> str:
