@@ -1,11 +1,11 @@
 """Attention in every form it is written (passes/raise_attention.py): tiny hand-built modules for each form
-(F.scaled_dot_product_attention with fused qkv and unbind, the matmul form with a scale, separate q/k/v
-Linears, an additive and a bool mask, is_causal, GPT-2's projection of tokens folded into dim 0 with a bool
-causal mask, a per-head relative position bias, window attention with windows in
-the batch dim, interleaved per-head q/k/v of another value width, CoAtNet's channels-first attention from a 1x1
-conv back to one), then timm's ViT and DeiT and Hugging Face's
-BERT, GPT-2 and ViT from small configs. Each: exact at N=2 and 3 with nothing replicated and every head on one node,
-and its ONNX shards equal to the DISCO model at rho 1 and 0.5."""
+(F.scaled_dot_product_attention with fused qkv and unbind, q and k normalised per head (qk-norm by LayerNorm
+and RMSNorm, Swin V2's cosine attention), the matmul form with a scale, separate q/k/v Linears, an additive and
+a bool mask, is_causal, GPT-2's projection of tokens folded into dim 0 with a bool causal mask, a per-head
+relative position bias, window attention with windows in the batch dim, interleaved per-head q/k/v of another
+value width, CoAtNet's channels-first attention from a 1x1 conv back to one), then timm's ViT and DeiT and
+Hugging Face's BERT, GPT-2 and ViT from small configs. Each: exact at N=2 and 3 with nothing replicated and
+every head on one node, and its ONNX shards equal to the DISCO model at rho 1 and 0.5."""
 import math
 
 import pytest
@@ -35,6 +35,8 @@ class Attention(nn.Module):
         self.register_buffer("mask", torch.randn(1, 1, tokens, tokens))
         self.register_buffer("keep", (torch.rand(1, 1, tokens, tokens) > 0.3) | torch.eye(tokens, dtype=torch.bool))
         self.table = nn.Parameter(torch.randn(2 * tokens - 1, heads))
+        self.q_norm, self.k_norm = nn.LayerNorm(self.width), nn.RMSNorm(self.width)
+        self.logit_scale = nn.Parameter(torch.randn(heads, 1, 1))
         position = torch.arange(tokens)
         self.register_buffer("index", position[:, None] - position[None, :] + tokens - 1)
 
@@ -62,6 +64,12 @@ class Attention(nn.Module):
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         elif self.form == "sdpa_bias":
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias(), scale=0.3)
+        elif self.form == "qk_norm":  # timm's qk_norm=True
+            o = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
+        elif self.form == "cosine":  # Swin V2: cosine similarity of q and k, a learned scale per head
+            scores = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+            scale = torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
+            o = (scores * scale + self.bias()).softmax(dim=-1) @ v
         else:
             scores = (q * self.width ** -0.5) @ k.transpose(-2, -1) if self.form == "matmul" else \
                 torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.width)
@@ -157,7 +165,8 @@ class Embedded(nn.Module):
         return self.head(self.norm(h + self.attn(h)).mean(1))
 
 
-FORMS = ["sdpa", "bool_mask", "causal", "flat", "sdpa_bias", "matmul", "separate", "mask", "bias"]
+FORMS = ["sdpa", "bool_mask", "causal", "flat", "sdpa_bias", "qk_norm", "cosine", "matmul", "separate", "mask",
+         "bias"]
 
 
 def hand_built(form: str) -> tuple[nn.Module, torch.Tensor]:
@@ -218,13 +227,13 @@ def test_a_split_traced_at_batch_1_runs_a_batch_of_2(form, tmp_path):
 
 
 def test_a_form_that_does_not_fit_declines():
-    """A q with a LayerNorm over its head channels is not data movement: the matmuls stay as written
-    (replicated, named), the pass does not abort, and the model's output is kept."""
+    """A q mixed across its heads (each head plus the mean of all) is neither data movement nor per head: the
+    matmuls stay as written (replicated, named), the pass does not abort, and the model's output is kept."""
 
     class Normed(Attention):
         def split(self, x):
             q, k, v = super().split(x)
-            return F.layer_norm(q, (self.width,)), k, v
+            return q + q.mean(1, keepdim=True), k, v
 
     torch.manual_seed(0)
     model, x = Embedded(Normed("matmul"), 12).eval(), torch.randn(2, 6, 5)

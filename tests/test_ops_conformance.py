@@ -31,13 +31,17 @@ from disco_compile import Budget, export, run_local, transform
 from disco_compile.backend.lower import lower_model
 from disco_compile.backend.stages import cut_all, run_python
 from disco_compile.ops import registry
-from disco_compile.ops.attention import head_scores, heads_apply, heads_attention
+from disco_compile.ops.attention import (head_scores, heads_apply, heads_attention, heads_layer_norm,
+                                         heads_normalize, heads_rms_norm)
 from disco_compile.ops.window_attention import window_heads_attention, window_partition, window_reverse
 
 # calls of these, as passes/expand_attention.py and expand_window_attention.py write them
 torch.fx.wrap("heads_attention")
 torch.fx.wrap("head_scores")  # and these as passes/raise_attention.py writes attention in the matmul form
 torch.fx.wrap("heads_apply")
+torch.fx.wrap("heads_normalize")  # and per-head norms of q and k (cosine attention, qk-norm)
+torch.fx.wrap("heads_layer_norm")
+torch.fx.wrap("heads_rms_norm")
 torch.fx.wrap("window_partition")
 torch.fx.wrap("window_reverse")
 
@@ -122,6 +126,27 @@ class ScoresApply(nn.Module):
         t = tokens(h)
         scores = self.bias if self.whole else head_scores(self.q(t), self.k(t), 2, True) * 0.5 + self.bias
         return heads_apply(scores.softmax(-1), self.v(t), 2, True)
+
+
+class HeadNorm(nn.Module):
+    """A per-head norm of q's two heads of 3 channels, as passes/raise_attention.py writes cosine attention's
+    and qk-norm's, then the scores of q and k (which tie the heads)."""
+
+    def __init__(self, norm: str):
+        super().__init__()
+        self.q, self.k, self.norm = nn.Linear(C, C), nn.Linear(C, C), norm
+        self.weight, self.bias = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(3))
+
+    def forward(self, h):
+        t = tokens(h)
+        q = self.q(t)
+        if self.norm == "l2":
+            q = heads_normalize(q, 3)
+        elif self.norm == "layer":
+            q = heads_layer_norm(q, 3, self.weight, self.bias, 1e-5)
+        else:
+            q = heads_rms_norm(q, 3, self.weight, 1e-6)
+        return head_scores(q, self.k(t), 2, True)
 
 
 class SelfAttention(nn.Module):
@@ -359,6 +384,9 @@ SAMPLES: dict[object, list] = {
     heads_attention: [Attention()],
     head_scores: [ScoresApply()],
     heads_apply: [ScoresApply(), ScoresApply(weights_from_parameters=True)],
+    heads_normalize: [HeadNorm("l2")],
+    heads_layer_norm: [HeadNorm("layer")],
+    heads_rms_norm: [HeadNorm("rms")],
     nn.MultiheadAttention: [SelfAttention()],
     # torchvision's ShiftedWindowAttention, which passes/expand_window_attention.py rewrites into this core
     window_heads_attention: [ChannelsLast(ShiftedWindowAttention(C, [2, 2], [1, 1], 2))],

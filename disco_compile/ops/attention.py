@@ -17,13 +17,18 @@ cores, run by each node on the heads it owns. q, k and v are channels-last tenso
                                                       index of dim 1; scale, bias, mask and softmax stay the
                                                       model's own ops on it
     heads_apply(a, v, H, batch_first)                 a_h v_h for weights a of that layout (o, channels-last)
+    heads_normalize(x, d, p, eps)                     each head's d channels normalised over themselves, as
+    heads_layer_norm(x, d, weight, bias, eps)         F.normalize, F.layer_norm and F.rms_norm over the last
+    heads_rms_norm(x, d, weight, eps)                 dim of (batch, H, tokens, d) (cosine attention, qk-norm);
+                                                      weight and bias (d,) are every head's
 
 passes/expand_attention.py rewrites nn.MultiheadAttention into these ops, passes/raise_attention.py every
 attention written with F.scaled_dot_product_attention or as q @ k^T ... @ v.
 
 Rules: the channels (q_h, k_h, v_h) of every head are tied to one node; heads_attention's and heads_apply's
-output channels are v's; head_scores labels head h of its output with a channel of q_h (tied to the head),
-so the ops after it (scale, bias, mask, softmax along the tokens) pass that along dim 1.
+output channels are v's, the per-head norms' their input's (each head's channels tied); head_scores labels
+head h of its output with a channel of q_h (tied to the head), so the ops after it (scale, bias, mask, softmax
+along the tokens) pass that along dim 1.
 Lowering: node j runs the core on the whole heads it owns, with q, k and v aligned to one unit order, and the
 scores and per-head tensors (a bias along dim -3) cut to those heads.
 nn.MultiheadAttention calls that expand_attention left opaque are replicated, with the reason.
@@ -73,6 +78,24 @@ def heads_apply(weights: torch.Tensor, v: torch.Tensor, num_heads: int, batch_fi
     """a_h v_h for attention weights (batch, H, tokens_q, tokens_k): (batch, tokens_q, H*d_v), or seq-first."""
     return _merge_heads(weights @ _split_heads(v, num_heads, batch_first), batch_first)
 
+
+def heads_normalize(x: torch.Tensor, width: int, p: float = 2.0, eps: float = 1e-12) -> torch.Tensor:
+    """F.normalize over each head's `width` channels (heads side by side in the last dim)."""
+    return F.normalize(x.unflatten(-1, (-1, width)), p=p, dim=-1, eps=eps).flatten(-2)
+
+
+def heads_layer_norm(x: torch.Tensor, width: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                     eps: float) -> torch.Tensor:
+    """F.layer_norm over each head's `width` channels, with one (width,) weight and bias for every head."""
+    return F.layer_norm(x.unflatten(-1, (-1, width)), (width,), weight, bias, eps).flatten(-2)
+
+
+def heads_rms_norm(x: torch.Tensor, width: int, weight: torch.Tensor | None, eps: float | None) -> torch.Tensor:
+    """F.rms_norm over each head's `width` channels, with one (width,) weight for every head."""
+    return F.rms_norm(x.unflatten(-1, (-1, width)), (width,), weight, eps).flatten(-2)
+
+
+HEAD_NORMS = (heads_normalize, heads_layer_norm, heads_rms_norm)
 
 _FORWARD_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
                  "is_causal")
@@ -139,6 +162,16 @@ def scores_by_head(ctx: RuleContext) -> torch.Tensor:
     return torch.stack(first).reshape(1, heads, 1, 1)
 
 
+@ATTENTION.rule(*HEAD_NORMS)
+def norm_by_head(ctx: RuleContext) -> torch.Tensor:
+    """Each head's channels are normalised over themselves: they are tied to one node, labels pass through."""
+    ((_, labels),) = _along_last(ctx, 1)
+    width = ctx.arg(1, "width")
+    for head in labels.reshape(-1).split(width):
+        ctx.universe.tie_all(head)
+    return labels
+
+
 @ATTENTION.rule(heads_apply)
 def apply_by_head(ctx: RuleContext) -> torch.Tensor:
     """Head h's output mixes v_h with head h's weights: index h of the weights (dim 1) is tied to v_h's
@@ -194,6 +227,12 @@ def lower(b, n: fx.Node, module, op) -> None:
         args = [b.aligned(a, _head_channels(held, b.low.layout(a).units // heads)) for a in (q, k)]
         b.hold(n, b.call(head_scores, (*args, held.numel(), batch_first), shape=lay.rep_shape(held.numel()),
                          dtype=lay.dtype), held)
+        return
+    if n.target in HEAD_NORMS:
+        x, width, *rest = n.args
+        _whole_heads(n, b.j, held, width)
+        args = (b.aligned(x, held), width, *(b.value(a) if isinstance(a, fx.Node) else a for a in rest))
+        b.hold(n, b.call(n.target, args, shape=lay.rep_shape(held.numel()), dtype=lay.dtype), held)
         return
     if n.target is heads_apply:
         weights, v, heads, batch_first = n.args

@@ -14,12 +14,15 @@ the batch at dim 1), which the lowering cannot hold; the pass takes them out of 
     operand   q, kt or v is reached from one node S, channels-last (batch, tokens, C) or (tokens, batch, C)
               or channels-first (batch, C, *spatial) as a 1x1 conv's output (CoAtNet's Attention2d; S then
               reads as S.flatten(2).transpose(1, 2)),
-              through data movement alone (reshape, permute, transpose, unbind, split, nn.Identity) and
-              multiplications by a number (a scale on q). Running that chain on element ids of S shows which
-              channels of S, in which order, form q's heads side by side (H*d channels): if the result is such
-              a channel gather of S (positions unchanged, or S seq-first), q becomes S[..., index] (times the
-              numbers), channels-last; reshaped to (batch, tokens, H*d) where S holds the same positions in
-              other dims (GPT-2's Conv1D projects x.view(-1, C): S is (batch * tokens, C)).
+              through data movement alone (reshape, permute, transpose, unbind, split, nn.Identity),
+              multiplications by a number (a scale on q) and normalisations over the last dim whose rows are
+              the operand's heads (F.normalize, F.layer_norm, nn.LayerNorm, nn.RMSNorm: Swin V2's cosine
+              attention, qk-norm). Running that chain on element ids of S shows which channels of S, in which
+              order, form q's heads side by side (H*d channels): if the result is such a channel gather of S
+              (positions unchanged, or S seq-first), q becomes S[..., index] (times the numbers, each norm
+              its per-head op of ops/attention.py, in the chain's order), channels-last; reshaped to (batch,
+              tokens, H*d) where S holds the same positions in other dims (GPT-2's Conv1D projects
+              x.view(-1, C): S is (batch * tokens, C)).
     core      q @ kt becomes head_scores(q, k, H) (same value, heads along dim 1); a @ v becomes
               heads_apply(a, v, H); the attention call becomes heads_attention(q, k, v, H, scale), or with a
               mask head_scores -> * scale -> + mask (masked_fill for a bool mask) -> softmax -> heads_apply;
@@ -32,8 +35,8 @@ the batch at dim 1), which the lowering cannot hold; the pass takes them out of 
               and tokens together; transposed to channels first and reshaped for a channels-first T).
 
 Every step is decided on element ids, so a rewrite computes exactly what the graph computed; whatever does
-not fit (a q with its own normalisation, a chain through an op that is not data movement, grouped-query
-attention, dropout) declines and that call stays as written: replicated on every node,
+not fit (a chain through an op that is neither data movement nor per head, such as rotary embeddings,
+grouped-query attention, dropout) declines and that call stays as written: replicated on every node,
 named in the cost report. Nothing here raises for a graph it does not understand. timm's mask helpers, traced
 as leaves, are folded away first where no mask is given. Called on every traced graph (model.py) and on raised
 torch.export programs (frontend/exported.py).
@@ -50,7 +53,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import registry
-from ..ops.attention import head_scores, heads_apply, heads_attention
+from ..ops.attention import (head_scores, heads_apply, heads_attention, heads_layer_norm, heads_normalize,
+                             heads_rms_norm)
 from ..ops.movement import MOVEMENT
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
@@ -82,7 +86,8 @@ def _tensors(value) -> bool:
 class _Step:
     node: fx.Node
     data: fx.Node  # the one tensor input
-    kind: str  # "move": data movement (run on ids), "same": an identity, "scalar": times a number
+    kind: str  # "move": data movement (run on ids), "same": an identity, "scalar": times a number, "norm": a
+    # normalisation over the last dim (_head_norm)
 
 
 def _step(gm: fx.GraphModule, n: fx.Node, values: dict) -> _Step | None:
@@ -97,6 +102,8 @@ def _step(gm: fx.GraphModule, n: fx.Node, values: dict) -> _Step | None:
         return _Step(n, data[0], "same")
     if _times_number(n, data[0]):
         return _Step(n, data[0], "scalar")
+    if _head_norm(n, module, values[data[0]]) is not None:
+        return _Step(n, data[0], "norm")
     op = registry.lookup(n, module)
     return _Step(n, data[0], "move") if op is not None and op.family is MOVEMENT else None
 
@@ -109,6 +116,25 @@ def _times_number(n: fx.Node, data: fx.Node) -> bool:
     if a is data and isinstance(b, (int, float)):
         return True
     return n.target in (operator.mul, torch.mul) and b is data and isinstance(a, (int, float))
+
+
+def _head_norm(n: fx.Node, module: nn.Module | None, x: torch.Tensor) -> tuple | None:
+    """(per-head op, its arguments after the head width: a parameter's name for get_attr) if n normalises its
+    input x over the last dim alone: F.normalize(x, p, dim=-1, eps), F.layer_norm(x, (d,), weight, bias, eps)
+    (all given), or an nn.LayerNorm / nn.RMSNorm of x's last dim."""
+    if isinstance(module, nn.LayerNorm) and tuple(module.normalized_shape) == x.shape[-1:]:
+        return heads_layer_norm, (f"{n.target}.weight" if module.weight is not None else None,
+                                  f"{n.target}.bias" if module.bias is not None else None, module.eps)
+    if isinstance(module, nn.RMSNorm) and tuple(module.normalized_shape) == x.shape[-1:]:
+        return heads_rms_norm, (f"{n.target}.weight" if module.weight is not None else None, module.eps)
+    if n.target is F.layer_norm and not n.kwargs and len(n.args) == 5 and tuple(n.args[1]) == x.shape[-1:]:
+        return heads_layer_norm, tuple(n.args[2:])
+    if n.target is not F.normalize or len(n.args) > 1:
+        return None
+    given = {"p": 2.0, "dim": 1, "eps": 1e-12} | dict(n.kwargs)
+    if set(given) - {"p", "dim", "eps", "out"} or given.get("out") is not None or given["dim"] % x.dim() != x.dim() - 1:
+        return None
+    return heads_normalize, (given["p"], given["eps"])
 
 
 def _run_ids(gm: fx.GraphModule, steps: list[_Step], start: fx.Node, ids: torch.Tensor, values: dict):
@@ -144,7 +170,7 @@ class _Operand:
     source: fx.Node
     index: list[int]
     batch_first: bool
-    scalars: tuple[fx.Node, ...]  # in graph order
+    post: tuple[_Step, ...]  # its numbers and per-head norms, in graph order
     positions: tuple[int, int] | None  # (batch, tokens) or (tokens, batch) to reshape S[..., index] to, if S differs
     channels_first: bool = False  # S is (batch, C, *spatial): the operand gathers S.flatten(2).transpose(1, 2)
 
@@ -168,7 +194,7 @@ def _operand(gm: fx.GraphModule, x: fx.Node, values: dict, transposed: bool) -> 
             or source.dim() < 2 or source.is_complex():
         return None
     lead = (value.shape[0], value.shape[3 if transposed else 2])
-    scalars = tuple(s.node for s in steps[::-1] if s.kind == "scalar")
+    post = tuple(s for s in steps[::-1] if s.kind in ("scalar", "norm"))
     sources = [(False, torch.arange(source.numel()).reshape(source.shape), None)]
     if source.dim() >= 3:  # or channels-first (batch, C, *spatial), as a 1x1 conv's output (CoAtNet)
         sources.append((True, *_channels_last_ids(source.shape)))
@@ -183,11 +209,25 @@ def _operand(gm: fx.GraphModule, x: fx.Node, values: dict, transposed: bool) -> 
                                    else [])
         for batch_first, wanted in layouts:  # q_c = S[..., index], S batch first or seq first
             index = _gather_index(wanted, base, base.shape[-1])
-            if index is not None:
+            if index is not None and _norms_by_head(post, env, index, base.shape[-1]):
                 positions = lead if batch_first else lead[::-1]
-                return _Operand(n, index, batch_first, scalars,
+                return _Operand(n, index, batch_first, post,
                                 None if tuple(base.shape[:-1]) == positions else positions, channels_first)
     return None
+
+
+def _norms_by_head(post: tuple[_Step, ...], env: dict, index: list[int], channels: int) -> bool:
+    """Each norm's rows (its input's last dim) are one head of the operand's, its channels in that order: a
+    head is `width` consecutive channels of `index`."""
+    for s in (s for s in post if s.kind == "norm"):
+        width = env[s.data].shape[-1]
+        if len(index) % width:
+            return False
+        heads = torch.tensor(index).reshape(-1, width)
+        rows = env[s.data].reshape(-1, width) % channels
+        if not bool((rows[:, None, :] == heads[None]).all(-1).any(-1).all()):
+            return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -292,8 +332,9 @@ def _transposed_last(n: object, values: dict) -> fx.Node | None:
     return x if rank == 4 and sorted(d % rank for d in dims) == [2, 3] else None
 
 
-def _canonical(g: fx.Graph, x: _Operand, channels: int) -> fx.Node:
-    """x's source gathered to the operand's heads side by side, times its numbers."""
+def _canonical(gm: fx.GraphModule, x: _Operand, channels: int, values: dict) -> fx.Node:
+    """x's source gathered to the operand's heads side by side, times its numbers, each head normalised."""
+    g = gm.graph
     index, node = x.index, x.source
     if x.channels_first:
         node = g.call_method("transpose", (g.call_method("flatten", (node, 2)), 1, 2))
@@ -304,10 +345,17 @@ def _canonical(g: fx.Graph, x: _Operand, channels: int) -> fx.Node:
     if x.positions is not None:  # rows folded with the batch: -1 there, so any batch runs (not the example's)
         rows = (-1, x.positions[1]) if x.batch_first else (x.positions[0], -1)
         node = g.call_method("reshape", (node, (*rows, len(x.index))))
-    for s in x.scalars:
-        a, b = s.args
+    for s in x.post:
+        if s.kind == "norm":
+            module = gm.get_submodule(s.node.target) if s.node.op == "call_module" else None
+            fn, rest = _head_norm(s.node, module, values[s.data])
+            rest = tuple(g.get_attr(a) if isinstance(a, str) else a for a in rest)  # a node: defined before the core
+            node = g.call_function(fn, (node, values[s.data].shape[-1], *rest))
+            continue
+        a, b = s.node.args
         args = (node, b) if isinstance(a, fx.Node) else (a, node)
-        node = g.call_method(s.target, args) if s.op == "call_method" else g.call_function(s.target, args)
+        node = g.call_method(s.node.target, args) if s.node.op == "call_method" else g.call_function(s.node.target,
+                                                                                                      args)
     return node
 
 
@@ -343,7 +391,8 @@ def _rewrite(gm: fx.GraphModule, core: _Core, values: dict) -> None:
     g = gm.graph
     n = core.node
     with g.inserting_before(n):
-        qkv = [_canonical(g, x, values[x.source].shape[1 if x.channels_first else -1]) for x in core.operands]
+        qkv = [_canonical(gm, x, values[x.source].shape[1 if x.channels_first else -1], values)
+               for x in core.operands]
         if core.kind == "scores":
             out = g.call_function(head_scores, (*qkv, core.heads, core.operands[0].batch_first))
         elif core.kind == "apply":
