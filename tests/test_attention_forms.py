@@ -1,10 +1,10 @@
 """Attention in every form it is written (passes/raise_attention.py): tiny hand-built modules for each form
-(F.scaled_dot_product_attention with fused qkv and unbind, q and k normalised per head (qk-norm by LayerNorm
-and RMSNorm, Swin V2's cosine attention), the matmul form with a scale, separate q/k/v Linears, an additive and
-a bool mask, is_causal, GPT-2's projection of tokens folded into dim 0 with a bool causal mask, a per-head
-relative position bias, window attention with windows in the batch dim, interleaved per-head q/k/v of another
-value width, CoAtNet's channels-first attention from a 1x1 conv back to one), then timm's ViT and DeiT and
-Hugging Face's BERT, GPT-2 and ViT from small configs. Each: exact at N=2 and 3 with nothing replicated and
+(F.scaled_dot_product_attention with fused qkv and unbind, q and k normalised per head (qk-norm by LayerNorm and
+RMSNorm, Swin V2's cosine attention), XCA's attention over channels, the matmul form with a scale, separate q/k/v
+Linears, an additive and a bool mask, is_causal, GPT-2's projection of tokens folded into dim 0 with a bool causal
+mask, a per-head relative position bias, window attention with windows in the batch dim, interleaved per-head q/k/v
+of another value width, CoAtNet's channels-first attention from a 1x1 conv back to one), then timm's ViT and DeiT
+and Hugging Face's BERT, GPT-2 and ViT from small configs. Each: exact at N=2 and 3 with nothing replicated and
 every head on one node, and its ONNX shards equal to the DISCO model at rho 1 and 0.5."""
 import math
 
@@ -15,10 +15,10 @@ import torch.nn.functional as F
 
 from conftest import assert_close, assert_shards_match, assert_split_exact
 from disco_compile import transform
-from disco_compile.ops.attention import head_scores, heads_apply, heads_attention
+from disco_compile.ops.attention import head_covariance, head_scores, heads_apply, heads_attention, heads_mix
 from disco_compile.passes.raise_attention import raise_attention
 
-CORES = (heads_attention, head_scores, heads_apply)
+CORES = (heads_attention, head_scores, heads_apply, head_covariance, heads_mix)
 
 
 class Attention(nn.Module):
@@ -53,7 +53,16 @@ class Attention(nn.Module):
             return (f(x).view(b, n, self.heads, self.width).transpose(1, 2) for f in (self.q, self.k, self.v))
         return self.qkv(x).reshape(b, n, 3, self.heads, self.width).permute(2, 0, 3, 1, 4).unbind(0)
 
+    def cross_covariance(self, x: torch.Tensor) -> torch.Tensor:
+        """XCA (EdgeNeXt, XCiT): q, k, v (B, H, d, N), q and k normalised over the tokens, a (d, d) map."""
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, self.width).permute(2, 0, 3, 4, 1).unbind(0)
+        scores = (F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)) * self.logit_scale
+        return self.proj((scores.softmax(dim=-1) @ v).permute(0, 3, 1, 2).reshape(b, n, c))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.form == "xca":
+            return self.cross_covariance(x)
         b, n, c = x.shape
         q, k, v = self.split(x)
         if self.form == "sdpa":
@@ -165,8 +174,8 @@ class Embedded(nn.Module):
         return self.head(self.norm(h + self.attn(h)).mean(1))
 
 
-FORMS = ["sdpa", "bool_mask", "causal", "flat", "sdpa_bias", "qk_norm", "cosine", "matmul", "separate", "mask",
-         "bias"]
+FORMS = ["sdpa", "bool_mask", "causal", "flat", "sdpa_bias", "qk_norm", "cosine", "xca", "matmul", "separate",
+         "mask", "bias"]
 
 
 def hand_built(form: str) -> tuple[nn.Module, torch.Tensor]:

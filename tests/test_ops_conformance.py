@@ -31,14 +31,16 @@ from disco_compile import Budget, export, run_local, transform
 from disco_compile.backend.lower import lower_model
 from disco_compile.backend.stages import cut_all, run_python
 from disco_compile.ops import registry
-from disco_compile.ops.attention import (head_scores, heads_apply, heads_attention, heads_layer_norm,
-                                         heads_normalize, heads_rms_norm)
+from disco_compile.ops.attention import (head_covariance, head_scores, heads_apply, heads_attention,
+                                         heads_layer_norm, heads_mix, heads_normalize, heads_rms_norm)
 from disco_compile.ops.window_attention import window_heads_attention, window_partition, window_reverse
 
 # calls of these, as passes/expand_attention.py and expand_window_attention.py write them
 torch.fx.wrap("heads_attention")
 torch.fx.wrap("head_scores")  # and these as passes/raise_attention.py writes attention in the matmul form
 torch.fx.wrap("heads_apply")
+torch.fx.wrap("head_covariance")  # XCA's attention over channels
+torch.fx.wrap("heads_mix")
 torch.fx.wrap("heads_normalize")  # and per-head norms of q and k (cosine attention, qk-norm)
 torch.fx.wrap("heads_layer_norm")
 torch.fx.wrap("heads_rms_norm")
@@ -126,6 +128,21 @@ class ScoresApply(nn.Module):
         t = tokens(h)
         scores = self.bias if self.whole else head_scores(self.q(t), self.k(t), 2, True) * 0.5 + self.bias
         return heads_apply(scores.softmax(-1), self.v(t), 2, True)
+
+
+class Covariance(nn.Module):
+    """XCA's attention over channels as passes/raise_attention.py writes it: head_covariance, a per-head scale,
+    softmax, heads_mix."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(C, C), nn.Linear(C, C), nn.Linear(C, C)
+        self.temperature = nn.Parameter(torch.randn(1, 2, 1, 1))
+
+    def forward(self, h):
+        t = tokens(h)
+        weights = (head_covariance(self.q(t), self.k(t), 2, True) * self.temperature).softmax(-1)
+        return heads_mix(weights, self.v(t), 2, True)
 
 
 class HeadNorm(nn.Module):
@@ -384,6 +401,8 @@ SAMPLES: dict[object, list] = {
     heads_attention: [Attention()],
     head_scores: [ScoresApply()],
     heads_apply: [ScoresApply(), ScoresApply(weights_from_parameters=True)],
+    head_covariance: [Covariance()],
+    heads_mix: [Covariance()],
     heads_normalize: [HeadNorm("l2")],
     heads_layer_norm: [HeadNorm("layer")],
     heads_rms_norm: [HeadNorm("rms")],

@@ -17,6 +17,8 @@ cores, run by each node on the heads it owns. q, k and v are channels-last tenso
                                                       index of dim 1; scale, bias, mask and softmax stay the
                                                       model's own ops on it
     heads_apply(a, v, H, batch_first)                 a_h v_h for weights a of that layout (o, channels-last)
+    head_covariance(q, k, H, batch_first)             q_h^T k_h over the tokens, (batch, H, d, d), and
+    heads_mix(a, v, H, batch_first)                   v_h a_h^T: XCA's attention over channels (EdgeNeXt, XCiT)
     heads_normalize(x, d, p, eps)                     each head's d channels normalised over themselves, as
     heads_layer_norm(x, d, weight, bias, eps)         F.normalize, F.layer_norm and F.rms_norm over the last
     heads_rms_norm(x, d, weight, eps)                 dim of (batch, H, tokens, d) (cosine attention, qk-norm);
@@ -77,6 +79,17 @@ def head_scores(q: torch.Tensor, k: torch.Tensor, num_heads: int, batch_first: b
 def heads_apply(weights: torch.Tensor, v: torch.Tensor, num_heads: int, batch_first: bool) -> torch.Tensor:
     """a_h v_h for attention weights (batch, H, tokens_q, tokens_k): (batch, tokens_q, H*d_v), or seq-first."""
     return _merge_heads(weights @ _split_heads(v, num_heads, batch_first), batch_first)
+
+
+def head_covariance(q: torch.Tensor, k: torch.Tensor, num_heads: int, batch_first: bool) -> torch.Tensor:
+    """q_h^T k_h for each head, summed over the tokens: (batch, H, d, d) (XCA's cross-covariance attention)."""
+    return _split_heads(q, num_heads, batch_first).transpose(-2, -1) @ _split_heads(k, num_heads, batch_first)
+
+
+def heads_mix(weights: torch.Tensor, v: torch.Tensor, num_heads: int, batch_first: bool) -> torch.Tensor:
+    """v_h a_h^T for weights (batch, H, d, d): each head's channels mixed by its weights (XCA), (batch, tokens,
+    H*d), or seq-first."""
+    return _merge_heads(_split_heads(v, num_heads, batch_first) @ weights.transpose(-2, -1), batch_first)
 
 
 def heads_normalize(x: torch.Tensor, width: int, p: float = 2.0, eps: float = 1e-12) -> torch.Tensor:
@@ -149,7 +162,7 @@ def tied_heads(ctx: RuleContext) -> torch.Tensor:
 ATTENTION.ops(heads_attention, rule=tied_heads)
 
 
-@ATTENTION.rule(head_scores)
+@ATTENTION.rule(head_scores, head_covariance)
 def scores_by_head(ctx: RuleContext) -> torch.Tensor:
     """Head h's scores mix q_h and k_h: their channels are tied, and the scores' index h along dim 1 is
     labelled with q_h's first channel (so whatever is tied to that channel follows the head)."""
@@ -172,7 +185,7 @@ def norm_by_head(ctx: RuleContext) -> torch.Tensor:
     return labels
 
 
-@ATTENTION.rule(heads_apply)
+@ATTENTION.rule(heads_apply, heads_mix)
 def apply_by_head(ctx: RuleContext) -> torch.Tensor:
     """Head h's output mixes v_h with head h's weights: index h of the weights (dim 1) is tied to v_h's
     channels. Weights computed whole on every node (labels None) are cut to each node's heads."""
@@ -222,10 +235,10 @@ def lower(b, n: fx.Node, module, op) -> None:
             return b.aligned(a, mine)
         node = b.value(a)
         return b.select(node, len(b.shapes[node.name]) - 3, mine) if isinstance(node, fx.Node) else node
-    if n.target is head_scores:  # held: head indices
+    if n.target in (head_scores, head_covariance):  # held: head indices
         q, k, heads, batch_first = n.args
         args = [b.aligned(a, _head_channels(held, b.low.layout(a).units // heads)) for a in (q, k)]
-        b.hold(n, b.call(head_scores, (*args, held.numel(), batch_first), shape=lay.rep_shape(held.numel()),
+        b.hold(n, b.call(n.target, (*args, held.numel(), batch_first), shape=lay.rep_shape(held.numel()),
                          dtype=lay.dtype), held)
         return
     if n.target in HEAD_NORMS:
@@ -234,11 +247,11 @@ def lower(b, n: fx.Node, module, op) -> None:
         args = (b.aligned(x, held), width, *(b.value(a) if isinstance(a, fx.Node) else a for a in rest))
         b.hold(n, b.call(n.target, args, shape=lay.rep_shape(held.numel()), dtype=lay.dtype), held)
         return
-    if n.target is heads_apply:
+    if n.target in (heads_apply, heads_mix):
         weights, v, heads, batch_first = n.args
         mine = _whole_heads(n, b.j, held, lay.units // heads)
         args = (per_head(weights, mine), b.aligned(v, held), mine.numel(), batch_first)
-        b.hold(n, b.call(heads_apply, args, shape=lay.rep_shape(held.numel()), dtype=lay.dtype), held)
+        b.hold(n, b.call(n.target, args, shape=lay.rep_shape(held.numel()), dtype=lay.dtype), held)
         return
     q, k, v, heads, *rest = n.args
     mine = _whole_heads(n, b.j, held, lay.units // heads)

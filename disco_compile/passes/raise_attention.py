@@ -53,8 +53,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import registry
-from ..ops.attention import (head_scores, heads_apply, heads_attention, heads_layer_norm, heads_normalize,
-                             heads_rms_norm)
+from ..ops.attention import (head_covariance, head_scores, heads_apply, heads_attention, heads_layer_norm,
+                             heads_mix, heads_normalize, heads_rms_norm)
 from ..ops.movement import MOVEMENT
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
@@ -170,7 +170,7 @@ class _Operand:
     source: fx.Node
     index: list[int]
     batch_first: bool
-    post: tuple[_Step, ...]  # its numbers and per-head norms, in graph order
+    post: tuple[tuple[_Step, str], ...]  # its numbers and norms, in graph order, each with its form (_norm_form)
     positions: tuple[int, int] | None  # (batch, tokens) or (tokens, batch) to reshape S[..., index] to, if S differs
     channels_first: bool = False  # S is (batch, C, *spatial): the operand gathers S.flatten(2).transpose(1, 2)
 
@@ -209,25 +209,35 @@ def _operand(gm: fx.GraphModule, x: fx.Node, values: dict, transposed: bool) -> 
                                    else [])
         for batch_first, wanted in layouts:  # q_c = S[..., index], S batch first or seq first
             index = _gather_index(wanted, base, base.shape[-1])
-            if index is not None and _norms_by_head(post, env, index, base.shape[-1]):
+            forms = None if index is None else [_norm_form(s, env, index, base, batch_first) for s in post]
+            if forms is not None and None not in forms:
                 positions = lead if batch_first else lead[::-1]
-                return _Operand(n, index, batch_first, post,
+                return _Operand(n, index, batch_first, tuple(zip(post, forms, strict=True)),
                                 None if tuple(base.shape[:-1]) == positions else positions, channels_first)
     return None
 
 
-def _norms_by_head(post: tuple[_Step, ...], env: dict, index: list[int], channels: int) -> bool:
-    """Each norm's rows (its input's last dim) are one head of the operand's, its channels in that order: a
-    head is `width` consecutive channels of `index`."""
-    for s in (s for s in post if s.kind == "norm"):
-        width = env[s.data].shape[-1]
-        if len(index) % width:
-            return False
+def _norm_form(s: _Step, env: dict, index: list[int], base: torch.Tensor, batch_first: bool) -> str | None:
+    """How a step of an operand chain acts on the gathered operand, from the element ids of its input: "scalar";
+    "heads" for a norm whose rows (its input's last dim) are each one head of the operand, a head being `width`
+    consecutive channels of `index`, in that order; "tokens" for an F.normalize whose rows are one channel
+    of one batch element over every token in order (XCA's q and k), base (batch, tokens, C); else None."""
+    if s.kind == "scalar":
+        return "scalar"
+    channels, ids = base.shape[-1], env[s.data]
+    width = ids.shape[-1]
+    rows = ids.reshape(-1, width)
+    if len(index) % width == 0:
         heads = torch.tensor(index).reshape(-1, width)
-        rows = env[s.data].reshape(-1, width) % channels
-        if not bool((rows[:, None, :] == heads[None]).all(-1).any(-1).all()):
-            return False
-    return True
+        if bool(((rows % channels)[:, None, :] == heads[None]).all(-1).any(-1).all()):
+            return "heads"
+    if s.node.target is F.normalize and batch_first and base.dim() == 3 and width == base.shape[1]:
+        positions, tokens = rows // channels, torch.arange(width)
+        if torch.equal(rows % channels, (rows[:, :1] % channels).expand_as(rows)) \
+                and torch.equal(positions % width, tokens.expand_as(rows)) \
+                and torch.equal(positions // width, (positions[:, :1] // width).expand_as(rows)):
+            return "tokens"
+    return None
 
 
 @dataclass(frozen=True)
@@ -272,7 +282,7 @@ def _end(gm: fx.GraphModule, o: fx.Node, values: dict, batch_first: bool, transp
 @dataclass(frozen=True)
 class _Core:
     node: fx.Node  # the attention call, or the matmul
-    kind: str  # "sdpa", "scores", "apply"
+    kind: str  # "sdpa", "scores", "covariance", "apply", "mix"
     operands: tuple[_Operand, ...]
     heads: int
     end: _End | None
@@ -313,6 +323,9 @@ def _core(gm: fx.GraphModule, n: fx.Node, values: dict) -> _Core | None:
     operands = (_operand(gm, n.args[0], values, False), _operand(gm, n.args[1], values, True))
     if _agree(operands) and a.shape[1] == b.shape[1]:
         return _Core(n, "scores", operands, a.shape[1], None)
+    operands = (_operand(gm, n.args[0], values, True), _operand(gm, n.args[1], values, False))
+    if _agree(operands) and a.shape[1] == b.shape[1]:  # qt @ k over the tokens (XCA)
+        return _Core(n, "covariance", operands, a.shape[1], None)
     v = _operand(gm, n.args[1], values, False)
     end = None if v is None else _end(gm, n, values, v.batch_first)
     if end is not None:
@@ -320,7 +333,11 @@ def _core(gm: fx.GraphModule, n: fx.Node, values: dict) -> _Core | None:
     probs = _transposed_last(n.args[1], values)  # vt @ a^T = (a @ v)^T, CoAtNet's matmul form
     vt = None if probs is None else _operand(gm, n.args[0], values, True)
     end = None if vt is None else _end(gm, n, values, vt.batch_first, transposed=True)
-    return None if end is None else _Core(n, "apply", (vt,), a.shape[1], end, probs)
+    if end is not None:
+        return _Core(n, "apply", (vt,), a.shape[1], end, probs)
+    vt = _operand(gm, n.args[1], values, True)  # a @ vt = (v a^T)^T, XCA's
+    end = None if vt is None else _end(gm, n, values, vt.batch_first, transposed=True)
+    return None if end is None else _Core(n, "mix", (vt,), b.shape[1], end)
 
 
 def _transposed_last(n: object, values: dict) -> fx.Node | None:
@@ -345,9 +362,12 @@ def _canonical(gm: fx.GraphModule, x: _Operand, channels: int, values: dict) -> 
     if x.positions is not None:  # rows folded with the batch: -1 there, so any batch runs (not the example's)
         rows = (-1, x.positions[1]) if x.batch_first else (x.positions[0], -1)
         node = g.call_method("reshape", (node, (*rows, len(x.index))))
-    for s in x.post:
-        if s.kind == "norm":
-            module = gm.get_submodule(s.node.target) if s.node.op == "call_module" else None
+    for s, form in x.post:
+        module = gm.get_submodule(s.node.target) if s.node.op == "call_module" else None
+        if form == "tokens":  # batch first: the tokens are dim 1
+            node = g.call_function(F.normalize, (node,), {**s.node.kwargs, "dim": 1})
+            continue
+        if form == "heads":
             fn, rest = _head_norm(s.node, module, values[s.data])
             rest = tuple(g.get_attr(a) if isinstance(a, str) else a for a in rest)  # a node: defined before the core
             node = g.call_function(fn, (node, values[s.data].shape[-1], *rest))
@@ -393,11 +413,14 @@ def _rewrite(gm: fx.GraphModule, core: _Core, values: dict) -> None:
     with g.inserting_before(n):
         qkv = [_canonical(gm, x, values[x.source].shape[1 if x.channels_first else -1], values)
                for x in core.operands]
-        if core.kind == "scores":
-            out = g.call_function(head_scores, (*qkv, core.heads, core.operands[0].batch_first))
+        if core.kind in ("scores", "covariance"):
+            fn = head_scores if core.kind == "scores" else head_covariance
+            out = g.call_function(fn, (*qkv, core.heads, core.operands[0].batch_first))
         elif core.kind == "apply":
             probs = n.args[0] if core.probs is None else core.probs
             out = g.call_function(heads_apply, (probs, qkv[0], core.heads, core.operands[0].batch_first))
+        elif core.kind == "mix":
+            out = g.call_function(heads_mix, (n.args[0], qkv[0], core.heads, core.operands[0].batch_first))
         else:
             out = _attention(gm, core, qkv, values)
     if core.end is None:
