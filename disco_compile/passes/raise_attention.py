@@ -317,15 +317,17 @@ def _core(gm: fx.GraphModule, n: fx.Node, values: dict) -> _Core | None:
             return None
         end = _end(gm, n, values, operands[0].batch_first)
         return None if end is None else _Core(n, "sdpa", operands, q.shape[1], end)
-    if n.target not in _MATMULS:
-        return None
+    return _matmul_core(gm, n, values) if n.target in _MATMULS else None
+
+
+def _matmul_core(gm: fx.GraphModule, n: fx.Node, values: dict) -> _Core | None:
+    """A product of the written-out form: scores q @ kt (or XCA's qt @ k), or weights applied to v (a @ v,
+    CoAtNet's vt @ a^T, XCA's a @ vt), each followed to its end."""
     a, b = (values[x] for x in n.args[:2])
-    operands = (_operand(gm, n.args[0], values, False), _operand(gm, n.args[1], values, True))
-    if _agree(operands) and a.shape[1] == b.shape[1]:
-        return _Core(n, "scores", operands, a.shape[1], None)
-    operands = (_operand(gm, n.args[0], values, True), _operand(gm, n.args[1], values, False))
-    if _agree(operands) and a.shape[1] == b.shape[1]:  # qt @ k over the tokens (XCA)
-        return _Core(n, "covariance", operands, a.shape[1], None)
+    for kind, transposed in (("scores", (False, True)), ("covariance", (True, False))):  # covariance: XCA's
+        operands = tuple(_operand(gm, x, values, t) for x, t in zip(n.args[:2], transposed, strict=True))
+        if _agree(operands) and a.shape[1] == b.shape[1]:
+            return _Core(n, kind, operands, a.shape[1], None)
     v = _operand(gm, n.args[1], values, False)
     end = None if v is None else _end(gm, n, values, v.batch_first)
     if end is not None:
