@@ -22,6 +22,7 @@ from .frontend.capture import LeafSpec, bind_inputs, capture
 from .errors import PartitionError
 from .frontend.exported import to_module
 from .ir import PartitionPlan
+from .ops.attention import HeadsRegion
 from .ops.modules import InputWire, SparseExchange
 from .ops.wire import Calibration
 from .passes.channel_flow import analyse
@@ -182,7 +183,7 @@ def transform(model: nn.Module | torch.export.ExportedProgram, nodes: int, examp
     weights = check_weights(nodes, node_weights)
     bound = bind_inputs(model, example_inputs)
     example_inputs = bound.args
-    captured = capture(model, bound, (*leaf_modules, *WINDOW_ATTENTION_MODULES))
+    captured = capture(model, bound, (*leaf_modules, *WINDOW_ATTENTION_MODULES, HeadsRegion))
     gm, route = captured.graph_module, captured.route if route == "torch.fx" else route
     raise_functional(gm)
     expand_attention(gm)

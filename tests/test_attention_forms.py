@@ -1,11 +1,12 @@
 """Attention in every form it is written (passes/raise_attention.py): tiny hand-built modules for each form
 (F.scaled_dot_product_attention with fused qkv and unbind, q and k normalised per head (qk-norm by LayerNorm and
-RMSNorm, Swin V2's cosine attention), XCA's attention over channels, the matmul form with a scale, separate q/k/v
-Linears, an additive and a bool mask, is_causal, GPT-2's projection of tokens folded into dim 0 with a bool causal
-mask, a per-head relative position bias, window attention with windows in the batch dim, interleaved per-head q/k/v
-of another value width, CoAtNet's channels-first attention from a 1x1 conv back to one), then timm's ViT and DeiT
-and Hugging Face's BERT, GPT-2 and ViT from small configs. Each: exact at N=2 and 3 with nothing replicated and
-every head on one node, and its ONNX shards equal to the DISCO model at rho 1 and 0.5."""
+RMSNorm, Swin V2's cosine attention), XCA's attention over channels, rotary embeddings (EVA's, past a class token),
+the matmul form with a scale, separate q/k/v Linears, an additive and a bool mask, is_causal, GPT-2's projection of
+tokens folded into dim 0 with a bool causal mask, a per-head relative position bias, window attention with windows
+in the batch dim, interleaved per-head q/k/v of another value width, CoAtNet's channels-first attention from a 1x1
+conv back to one), then timm's ViT and DeiT and Hugging Face's BERT, GPT-2 and ViT from small configs. Each: exact
+at N=2 and 3 with nothing replicated and every head on one node, and its ONNX shards equal to the DISCO model at rho
+1 and 0.5."""
 import math
 
 import pytest
@@ -37,6 +38,9 @@ class Attention(nn.Module):
         self.table = nn.Parameter(torch.randn(2 * tokens - 1, heads))
         self.q_norm, self.k_norm = nn.LayerNorm(self.width), nn.RMSNorm(self.width)
         self.logit_scale = nn.Parameter(torch.randn(heads, 1, 1))
+        angles = torch.randn(tokens - 1, self.width // 2)
+        self.register_buffer("cos", angles.cos().repeat(1, 2))  # the rotary tables of the tokens after the first
+        self.register_buffer("sin", angles.sin().repeat(1, 2))
         position = torch.arange(tokens)
         self.register_buffer("index", position[:, None] - position[None, :] + tokens - 1)
 
@@ -60,6 +64,16 @@ class Attention(nn.Module):
         scores = (F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)) * self.logit_scale
         return self.proj((scores.softmax(dim=-1) @ v).permute(0, 3, 1, 2).reshape(b, n, c))
 
+    def rotary(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """EVA's rotary embedding (timm.layers.pos_embed_sincos): the first token (a class token) kept, the
+        others rotated, halves (rotate_half) or interleaved pairs (rot), then cast like v."""
+        if self.form == "rotary":
+            half = t[:, :, 1:].chunk(2, dim=-1)
+            turned = torch.cat([-half[1], half[0]], dim=-1)
+        else:
+            turned = torch.stack([-t[:, :, 1:, 1::2], t[:, :, 1:, ::2]], -1).reshape(t[:, :, 1:].shape)
+        return torch.cat([t[:, :, :1], t[:, :, 1:] * self.cos + turned * self.sin], dim=2).type_as(like)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.form == "xca":
             return self.cross_covariance(x)
@@ -73,6 +87,8 @@ class Attention(nn.Module):
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         elif self.form == "sdpa_bias":
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias(), scale=0.3)
+        elif self.form in ("rotary", "rotary_pairs"):
+            o = F.scaled_dot_product_attention(self.rotary(q, v), self.rotary(k, v), v)
         elif self.form == "qk_norm":  # timm's qk_norm=True
             o = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
         elif self.form == "cosine":  # Swin V2: cosine similarity of q and k, a learned scale per head
@@ -174,8 +190,8 @@ class Embedded(nn.Module):
         return self.head(self.norm(h + self.attn(h)).mean(1))
 
 
-FORMS = ["sdpa", "bool_mask", "causal", "flat", "sdpa_bias", "qk_norm", "cosine", "xca", "matmul", "separate",
-         "mask", "bias"]
+FORMS = ["sdpa", "bool_mask", "causal", "flat", "sdpa_bias", "qk_norm", "cosine", "xca", "rotary", "rotary_pairs",
+         "matmul", "separate", "mask", "bias"]
 
 
 def hand_built(form: str) -> tuple[nn.Module, torch.Tensor]:

@@ -31,7 +31,7 @@ from disco_compile import Budget, export, run_local, transform
 from disco_compile.backend.lower import lower_model
 from disco_compile.backend.stages import cut_all, run_python
 from disco_compile.ops import registry
-from disco_compile.ops.attention import (head_covariance, head_scores, heads_apply, heads_attention,
+from disco_compile.ops.attention import (HeadsRegion, head_covariance, head_scores, heads_apply, heads_attention,
                                          heads_layer_norm, heads_mix, heads_normalize, heads_rms_norm)
 from disco_compile.ops.window_attention import window_heads_attention, window_partition, window_reverse
 
@@ -143,6 +143,28 @@ class Covariance(nn.Module):
         t = tokens(h)
         weights = (head_covariance(self.q(t), self.k(t), 2, True) * self.temperature).softmax(-1)
         return heads_mix(weights, self.v(t), 2, True)
+
+
+class Rotate(nn.Module):
+    """A rotary embedding of one head, (batch, H, tokens, 3) -> the same shape, with a table of the tokens."""
+
+    def forward(self, heads, table):
+        return heads * table.cos() + heads.roll(1, -1).neg() * table.sin()
+
+
+class Region(nn.Module):
+    """q's two heads of 3 channels through a per-head region, as passes/raise_attention.py writes rotary
+    embeddings, then the scores of q and k (which tie the heads)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k = nn.Linear(C, C), nn.Linear(C, C)
+        self.region = HeadsRegion(torch.fx.symbolic_trace(Rotate()), 3)
+        self.register_buffer("table", torch.randn(16, 3))
+
+    def forward(self, h):
+        t = tokens(h)
+        return head_scores(self.region(self.q(t), self.table), self.k(t), 2, True)
 
 
 class HeadNorm(nn.Module):
@@ -404,6 +426,7 @@ SAMPLES: dict[object, list] = {
     head_covariance: [Covariance()],
     heads_mix: [Covariance()],
     heads_normalize: [HeadNorm("l2")],
+    HeadsRegion: [Region()],
     heads_layer_norm: [HeadNorm("layer")],
     heads_rms_norm: [HeadNorm("rms")],
     nn.MultiheadAttention: [SelfAttention()],

@@ -285,6 +285,8 @@ class _Raiser:
                 if node.users:
                     raise ExportedProgramError(f"unexpected submodule call {node.target} in the program")
                 continue
+            if node.target is aten._assert_tensor_metadata.default and not node.users:
+                continue  # the dtype check of a traced .to(): it would keep whatever it checks alive
             if node.op == "output":
                 flat = self.arg(list(pytree.tree_leaves(node.args[0])))
                 self.graph.output(pytree.tree_unflatten(flat, out_spec))

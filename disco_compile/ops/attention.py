@@ -23,6 +23,7 @@ cores, run by each node on the heads it owns. q, k and v are channels-last tenso
     heads_layer_norm(x, d, weight, bias, eps)         F.normalize, F.layer_norm and F.rms_norm over the last
     heads_rms_norm(x, d, weight, eps)                 dim of (batch, H, tokens, d) (cosine attention, qk-norm);
                                                       weight and bias (d,) are every head's
+    HeadsRegion(region, d)(x, *tables)                any ops checked to act head by head (rotary embeddings)
 
 passes/expand_attention.py rewrites nn.MultiheadAttention into these ops, passes/raise_attention.py every
 attention written with F.scaled_dot_product_attention or as q @ k^T ... @ v.
@@ -110,6 +111,23 @@ def heads_rms_norm(x: torch.Tensor, width: int, weight: torch.Tensor | None, eps
 
 HEAD_NORMS = (heads_normalize, heads_layer_norm, heads_rms_norm)
 
+
+class HeadsRegion(nn.Module):
+    """Ops a model runs on q or k head by head (rotary embeddings, the prefix tokens they skip): `region`, a graph
+    module from (batch, H, tokens, d) to that shape whose ops act on each head alone (passes/raise_attention.py
+    checks that on the example), run on heads side by side in the last dim, (batch, tokens, H*d); its other
+    inputs are tables broadcast over the heads (the sines and cosines), computed whole on every node."""
+
+    def __init__(self, region: fx.GraphModule, width: int):
+        super().__init__()
+        self.region, self.width = region, width
+
+    def forward(self, x: torch.Tensor, *tables: torch.Tensor) -> torch.Tensor:
+        # sizes read off x, not unflatten: torch.onnx folds the region's shape reads after an unflatten to the
+        # example's batch
+        heads = x.reshape(x.shape[0], x.shape[1], -1, self.width).transpose(1, 2)
+        return self.region(heads, *tables).transpose(1, 2).flatten(-2)
+
 _FORWARD_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
                  "is_causal")
 
@@ -175,11 +193,17 @@ def scores_by_head(ctx: RuleContext) -> torch.Tensor:
     return torch.stack(first).reshape(1, heads, 1, 1)
 
 
-@ATTENTION.rule(*HEAD_NORMS)
+@ATTENTION.rule(*HEAD_NORMS, HeadsRegion)
 def norm_by_head(ctx: RuleContext) -> torch.Tensor:
-    """Each head's channels are normalised over themselves: they are tied to one node, labels pass through."""
+    """Each head's channels are normalised (or computed) over themselves: they are tied to one node, labels
+    pass through; a region's tables must be whole."""
     ((_, labels),) = _along_last(ctx, 1)
-    width = ctx.arg(1, "width")
+    if isinstance(ctx.module, HeadsRegion):
+        if any(lab is not None for _, lab in ctx.tensor_inputs()[1:]):
+            raise Fallback("a table of a per-head region is split across nodes")
+        width = ctx.module.width
+    else:
+        width = ctx.arg(1, "width")
     for head in labels.reshape(-1).split(width):
         ctx.universe.tie_all(head)
     return labels
@@ -240,6 +264,12 @@ def lower(b, n: fx.Node, module, op) -> None:
         args = [b.aligned(a, _head_channels(held, b.low.layout(a).units // heads)) for a in (q, k)]
         b.hold(n, b.call(n.target, (*args, held.numel(), batch_first), shape=lay.rep_shape(held.numel()),
                          dtype=lay.dtype), held)
+        return
+    if isinstance(module, HeadsRegion):
+        x, *tables = n.args
+        _whole_heads(n, b.j, held, module.width)
+        args = (b.aligned(x, held), *(b.value(a) for a in tables))
+        b.hold(n, b.emit(n, module, args, {}, shape=lay.rep_shape(held.numel()), dtype=lay.dtype), held)
         return
     if n.target in HEAD_NORMS:
         x, width, *rest = n.args

@@ -22,7 +22,7 @@ from torch.utils import _pytree as pytree
 
 from ..backend.program import Local, LoweringError, is_tensor_meta
 from ..ir import REPLICATED, compress, fits, left_padded
-from .registry import Family, RuleContext, call_like, describe_target
+from .registry import Family, RuleContext, argument_leaf, call_like, describe_target
 
 MOVEMENT = Family("movement")
 aten = torch.ops.aten
@@ -37,7 +37,7 @@ def _expand(value: Any, labels: Any) -> Any:
 
 def relayout(ctx: RuleContext) -> Any:
     """Run the op itself on full-size label tensors: exact for any data movement."""
-    _, spec = pytree.tree_flatten((ctx.args, ctx.kwargs), is_leaf=lambda x: x is None)
+    _, spec = pytree.tree_flatten((ctx.args, ctx.kwargs), is_leaf=argument_leaf)
     args, kwargs = pytree.tree_unflatten([_expand(v, lab) for v, lab in ctx.leaves()], spec)
     result = call_like(ctx.node, ctx.module, args, kwargs)
     return pytree.tree_map(lambda t: compress(t) if isinstance(t, torch.Tensor) else None, result)

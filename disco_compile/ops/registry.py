@@ -79,11 +79,16 @@ def node_arg(args: tuple, kwargs: dict, index: int, name: str, default: Any = No
     return args[index] if len(args) > index else kwargs.get(name, default)
 
 
+def argument_leaf(x: Any) -> bool:
+    """A leaf of an fx argument structure: None, and a torch.Size (a shape read off a node, `x.shape`, whose
+    labels are one None)."""
+    return x is None or isinstance(x, torch.Size)
+
+
 def paired_leaves(values: Any, labels: Any) -> list[tuple[Any, Any]]:
-    """Flatten an fx argument structure and its labels alike (None is a leaf on both sides)."""
-    def is_none(x):
-        return x is None
-    return list(zip(pytree.tree_leaves(values, is_leaf=is_none), pytree.tree_leaves(labels, is_leaf=is_none),
+    """Flatten an fx argument structure and its labels alike (argument_leaf on both sides)."""
+    return list(zip(pytree.tree_leaves(values, is_leaf=argument_leaf),
+                    pytree.tree_leaves(labels, is_leaf=argument_leaf),
                     strict=False))  # a replicated container has one None for all its values
 
 
