@@ -357,10 +357,9 @@ _NOTES = {
     "timm": f"timm.create_model(name, num_classes=10[, img_size={SIZE}]), random weights, a {SIZE}x{SIZE} input "
             f"(the model's own size where {SIZE} fails); the sample is every k-th of the sorted timm.list_models() "
             f"({SAMPLE} names) after the popular ones named in POPULAR; models of more than {MAX_PARAMS / 1e6:.0f} M "
-            f"parameters are not run here. The sweep of 2026-12-02 ran every model with its export "
-            f"(`--force`, timeout {DEFAULT_TIMEOUT} s, one process at a time at nice 10 on 2 cores shared with "
-            f"development work); the models whose export failed were rerun after the fixes that followed "
-            f"(`--models ... --force`).",
+            f"parameters are not run here. Every model run was rerun on 2026-12-03 with its export (`--models "
+            f"... --force`, timeout {DEFAULT_TIMEOUT} s, one process at a time at nice 5-10 on 2 cores shared "
+            f"with development work), after the attention and batch fixes of that day.",
     "hf": "transformers models from small configs (2 layers, width 16-32; MobileViT and SegFormer at their default "
           "widths), random weights (seed 0), keyword inputs (`input_ids` and `attention_mask`, `pixel_values`, "
           "`input_values`, `input_features`) as a user calls them.",
@@ -412,16 +411,16 @@ def _cell(data: dict | None, n: str) -> str:
 # why each class of failure or replication has no fix yet (keys: the start of failure_classes' names)
 CLASS_REASONS: dict[str, str] = {
     "replicated matmul: no channel rule for this op":
-        "attention and pooling forms raise_attention does not match (it needs (batch, H, tokens, d) operands from "
-        "a channels-last source): EdgeNeXt's cross-covariance attention (a (d, d) map per head, q and k "
-        "normalised over tokens), HaloNet's blocked attention and MViTv2's pooling attention (heads folded into "
-        "dim 0 or pooled q, k), EfficientViT's and SHViT's single-head 3-D attention, VOLO's outlook attention, "
-        "GCNet's global context (x @ softmax(conv(x)): a one-channel map over positions); each could have a "
-        "rule, none is built yet. Their exports are equal at batch 1 (the data movement around them is made "
-        "whole where no layout holds it)",
+        "attention and pooling forms raise_attention does not match (it needs (batch, H, tokens, d) operands, or "
+        "XCA's (batch, H, d, tokens), from a channels-last source): HaloNet's blocked attention and MViTv2's "
+        "pooling attention (heads folded into dim 0 or pooled q, k), EfficientViT's cascaded group attention "
+        "(each head's input adds the previous head's output) and SHViT's single-head 3-D attention, VOLO's "
+        "outlook attention; each could have a rule, none is built yet. They export (the data movement around "
+        "them is made whole where no layout holds it)",
     "replicated scaled_dot_product_attention: no channel rule for this op":
-        "SDPA on heads raise_attention does not take: Hiera's mask units (5-D q, k, v), Qwen3-ViT's rotary "
-        "embedding on q and k (neg, type_as), vit_dpwee's differential attention (two SDPAs on half-heads)",
+        "SDPA on heads raise_attention does not take: Hiera's mask units (5-D q, k, v, the windows between the "
+        "heads and the head width), vit_dpwee's differential attention (two SDPAs on half-heads, their outputs "
+        "subtracted with a learned weight)",
     "replicated Tensor.permute: its output's channels would vary along non-adjacent dims":
         "a heads layout no attention pass raised (the SDPA or matmul after it is replicated): no per-node layout "
         "holds channels along dims apart, so the op that makes it runs whole on every node and the model "
@@ -444,16 +443,18 @@ CLASS_REASONS: dict[str, str] = {
     "replicated Conv1d: input channels vary along dims":
         "ECA's Conv1d across the pooled channels: one value per channel, gathered on every node (C values, "
         "negligible bytes); a banded channel-mixing rule could replace it",
-    "replicated heads_apply: value not split along its last dim alone":
-        "GCNet's global context: a one-channel attention map over positions applied to x channels-first",
+    "replicated head_covariance: query, key or value not split along its last dim alone":
+        "GCNet's global context, x @ softmax(conv(x)): each channel pooled over the positions by a one-channel "
+        "map, which reads as a one-head covariance whose map is not split by channels; the map (H*W values) "
+        "would have to be sent whole to every node, which no rule asks for yet",
     "export FAILED at batch 2":
-        "the shards (or the DISCO model) run the example's batch but not another: torch.export programs are "
-        "captured with a static batch (Hugging Face models; timm models on the torch.export route) and some "
-        "reshapes keep the example's row count; at batch 1 these exports are equal",
+        "the shards (or the DISCO model) run the example's batch but not another: a capture with the example's "
+        "shapes (torch.export found dim 0 fixed) keeps its row count somewhere",
     "MISMATCH":
-        "legacy_seresnet152 at N=3: max abs 10.1 on outputs up to 327, where the model's own fp32 output differs "
-        "from its float64 evaluation by 4.66; in float64 the DISCO model equals the model to 2.6e-09 (random "
-        "weights, ill-conditioned: noise, not a wrong split)",
+        "legacy_seresnet152 at N=3 (2026-12-03): max abs 1.19 on outputs up to 329, where the model's own fp32 "
+        "output differs from its float64 evaluation by 2.52; in float64 the DISCO model equals the model to "
+        "2.6e-09 (random weights, ill-conditioned: noise, not a wrong split; measured by transforming "
+        "model.double())",
 }
 
 
