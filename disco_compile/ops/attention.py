@@ -193,18 +193,19 @@ def scores_by_head(ctx: RuleContext) -> torch.Tensor:
     return torch.stack(first).reshape(1, heads, 1, 1)
 
 
+def _head_width(n: fx.Node, module: nn.Module | None) -> int:
+    """The head width of a per-head norm (its argument) or region (its module's)."""
+    return module.width if isinstance(module, HeadsRegion) else n.args[1]
+
+
 @ATTENTION.rule(*HEAD_NORMS, HeadsRegion)
 def norm_by_head(ctx: RuleContext) -> torch.Tensor:
     """Each head's channels are normalised (or computed) over themselves: they are tied to one node, labels
     pass through; a region's tables must be whole."""
     ((_, labels),) = _along_last(ctx, 1)
-    if isinstance(ctx.module, HeadsRegion):
-        if any(lab is not None for _, lab in ctx.tensor_inputs()[1:]):
-            raise Fallback("a table of a per-head region is split across nodes")
-        width = ctx.module.width
-    else:
-        width = ctx.arg(1, "width")
-    for head in labels.reshape(-1).split(width):
+    if isinstance(ctx.module, HeadsRegion) and any(lab is not None for _, lab in ctx.tensor_inputs()[1:]):
+        raise Fallback("a table of a per-head region is split across nodes")
+    for head in labels.reshape(-1).split(_head_width(ctx.node, ctx.module)):
         ctx.universe.tie_all(head)
     return labels
 
@@ -265,17 +266,11 @@ def lower(b, n: fx.Node, module, op) -> None:
         b.hold(n, b.call(n.target, (*args, held.numel(), batch_first), shape=lay.rep_shape(held.numel()),
                          dtype=lay.dtype), held)
         return
-    if isinstance(module, HeadsRegion):
-        x, *tables = n.args
-        _whole_heads(n, b.j, held, module.width)
-        args = (b.aligned(x, held), *(b.value(a) for a in tables))
+    if n.target in HEAD_NORMS or isinstance(module, HeadsRegion):  # the same op on each node's whole heads
+        x, *rest = n.args
+        _whole_heads(n, b.j, held, _head_width(n, module))
+        args = (b.aligned(x, held), *(b.value(a) if isinstance(a, fx.Node) else a for a in rest))
         b.hold(n, b.emit(n, module, args, {}, shape=lay.rep_shape(held.numel()), dtype=lay.dtype), held)
-        return
-    if n.target in HEAD_NORMS:
-        x, width, *rest = n.args
-        _whole_heads(n, b.j, held, width)
-        args = (b.aligned(x, held), width, *(b.value(a) if isinstance(a, fx.Node) else a for a in rest))
-        b.hold(n, b.call(n.target, args, shape=lay.rep_shape(held.numel()), dtype=lay.dtype), held)
         return
     if n.target in (heads_apply, heads_mix):
         weights, v, heads, batch_first = n.args

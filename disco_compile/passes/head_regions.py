@@ -3,11 +3,21 @@ by head, found back from an operand x (batch, H, tokens, d) to one heads tensor 
 the example to act on each head alone: region(P[:, S]) = x[:, S] for S = heads[1:] and the heads reversed."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.fx as fx
 
 _TYPE_AS = ("type_as", torch.ops.aten.type_as.default)
 _REGION_NODES = 40  # the most ops a per-head region may hold
+
+
+@dataclass(frozen=True)
+class Region:
+    """Ops from a heads tensor P (batch, H, tokens, d) to a tensor of its shape, acting head by head."""
+    input: fx.Node  # P
+    module: fx.GraphModule  # (P, *tables) -> the region's output
+    tables: tuple[fx.Node, ...]  # its other inputs, broadcast over the heads
 
 
 def _heads_like(value, heads: torch.Size) -> bool:
@@ -27,10 +37,9 @@ def _table(value) -> bool:
     return isinstance(value, torch.Tensor) and (value.dim() < 3 or value.shape[-3] == 1)
 
 
-def find_region(gm: fx.GraphModule, x: fx.Node, values: dict) -> tuple | None:
+def find_region(gm: fx.GraphModule, x: fx.Node, values: dict) -> Region | None:
     """x (batch, H, tokens, d) computed from one heads tensor P of its shape by ops that act on each head alone
-    (rotary embeddings: x * cos + rotate(x) * sin, the prefix tokens they skip, a cast): (P, the region's graph
-    module, its tables).
+    (rotary embeddings: x * cos + rotate(x) * sin, the prefix tokens they skip, a cast), or None.
     The ops are grown back from x over inputs of the heads' (batch, H) and the sizes read off them; every other
     input must be a table broadcast over the heads (`type_as`'s reference gives only its dtype). Checked on the
     example: the region recomputes x, and on the heads without the first and on the heads reversed it gives
@@ -44,9 +53,9 @@ def find_region(gm: fx.GraphModule, x: fx.Node, values: dict) -> tuple | None:
         f = max(frontier, key=order.__getitem__)
         if len(frontier) == 1 and f is not x and isinstance(values[f], torch.Tensor) \
                 and values[f].shape == want.shape:
-            step = _checked_region(gm, f, x, region, tables, values)
-            if step is not None:
-                return step
+            found = _checked_region(gm, f, x, region, tables, values, order)
+            if found is not None:
+                return found
         if f.op not in ("call_function", "call_method", "call_module"):
             return None
         frontier.remove(f)
@@ -64,9 +73,9 @@ def find_region(gm: fx.GraphModule, x: fx.Node, values: dict) -> tuple | None:
     return None
 
 
-def _reaches(start: fx.Node, targets: list[fx.Node]) -> bool:
-    """Some target is computed from `start` (every node a target reads, back to `start`'s place in the graph)."""
-    order = {n: i for i, n in enumerate(start.graph.nodes)}
+def _reaches(start: fx.Node, targets: list[fx.Node], order: dict[fx.Node, int]) -> bool:
+    """Some target is computed from `start` (every node a target reads, back to `start`'s place in the graph
+    `order`)."""
     seen, stack = set(), list(targets)
     while stack:
         n = stack.pop()
@@ -78,14 +87,14 @@ def _reaches(start: fx.Node, targets: list[fx.Node]) -> bool:
     return False
 
 
-def _checked_region(gm, p: fx.Node, x: fx.Node, region: list[fx.Node], tables: list[fx.Node],
-                    values: dict) -> tuple | None:
-    if _reaches(p, tables):  # a table computed from P carries every head into each (q + q.mean(1))
+def _checked_region(gm, p: fx.Node, x: fx.Node, region: list[fx.Node], tables: list[fx.Node], values: dict,
+                    order: dict[fx.Node, int]) -> Region | None:
+    if _reaches(p, tables, order):  # a table computed from P carries every head into each (q + q.mean(1))
         return None
     graph = fx.Graph()
     env = {p: graph.placeholder("heads")}
     env.update({t: graph.placeholder(f"table_{k}") for k, t in enumerate(tables)})
-    for n in sorted(region, key=list(gm.graph.nodes).index):
+    for n in sorted(region, key=order.__getitem__):
         if n.target in _TYPE_AS:  # only the reference's dtype
             env[n] = graph.call_method("to", (env[n.args[0]], values[n.args[1]].dtype))
             continue
@@ -105,4 +114,4 @@ def _checked_region(gm, p: fx.Node, x: fx.Node, region: list[fx.Node], tables: l
                     return None
     except (RuntimeError, TypeError, ValueError, IndexError):
         return None
-    return p, module, tuple(tables)
+    return Region(p, module, tuple(tables))

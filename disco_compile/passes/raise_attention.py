@@ -56,7 +56,7 @@ from ..ops import registry
 from ..ops.attention import (HeadsRegion, head_covariance, head_scores, heads_apply, heads_attention, heads_layer_norm,
                              heads_mix, heads_normalize, heads_rms_norm)
 from ..ops.movement import MOVEMENT
-from .head_regions import find_region
+from .head_regions import Region, find_region
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 _ATTENTION_CALLS = (SDPA, F.scaled_dot_product_attention)
@@ -84,19 +84,13 @@ def _tensors(value) -> bool:
 
 
 @dataclass(frozen=True)
-class _Region:
-    """Ops from a heads tensor P (batch, H, tokens, d) to a tensor of its shape, acting head by head."""
-    module: fx.GraphModule  # (P, *tables) -> the region's output
-    tables: tuple[fx.Node, ...]  # its other inputs, broadcast over the heads
-
-
-@dataclass(frozen=True)
 class _Step:
     node: fx.Node
     data: fx.Node  # the one tensor input
     kind: str  # "move": data movement (run on ids), "same": an identity, "scalar": times a number, "norm": a
-    # normalisation over the last dim (_head_norm), "region": ops head by head (_region; ids pass unchanged)
-    region: _Region | None = None
+    # normalisation over the last dim, "region": ops head by head (head_regions.py; ids pass unchanged)
+    norm: tuple | None = None  # for "norm": _head_norm's (per-head op, its arguments)
+    region: Region | None = None
 
 
 def _step(gm: fx.GraphModule, n: fx.Node, values: dict) -> _Step | None:
@@ -111,8 +105,8 @@ def _step(gm: fx.GraphModule, n: fx.Node, values: dict) -> _Step | None:
         return _Step(n, data[0], "same")
     if _times_number(n, data[0]):
         return _Step(n, data[0], "scalar")
-    if _head_norm(n, module, values[data[0]]) is not None:
-        return _Step(n, data[0], "norm")
+    if (norm := _head_norm(n, module, values[data[0]])) is not None:
+        return _Step(n, data[0], "norm", norm)
     op = registry.lookup(n, module)
     return _Step(n, data[0], "move") if op is not None and op.family is MOVEMENT else None
 
@@ -192,8 +186,8 @@ def _channels_last_ids(shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _region_step(gm: fx.GraphModule, x: fx.Node, values: dict) -> _Step | None:
-    found = find_region(gm, x, values)
-    return None if found is None else _Step(x, found[0], "region", _Region(*found[1:]))
+    region = find_region(gm, x, values)
+    return None if region is None else _Step(x, region.input, "region", region=region)
 
 
 def _chain(gm: fx.GraphModule, x: fx.Node, values: dict, regions: bool) -> tuple[list[_Step], fx.Node]:
@@ -393,7 +387,6 @@ def _canonical(gm: fx.GraphModule, x: _Operand, channels: int, values: dict) -> 
         rows = (-1, x.positions[1]) if x.batch_first else (x.positions[0], -1)
         node = g.call_method("reshape", (node, (*rows, len(x.index))))
     for s, form in x.post:
-        module = gm.get_submodule(s.node.target) if s.node.op == "call_module" else None
         if form == "tokens":  # batch first: the tokens are dim 1
             node = g.call_function(F.normalize, (node,), {**s.node.kwargs, "dim": 1})
             continue
@@ -403,7 +396,7 @@ def _canonical(gm: fx.GraphModule, x: _Operand, channels: int, values: dict) -> 
             node = g.call_module(name, (node, *s.region.tables))
             continue
         if form == "heads":
-            fn, rest = _head_norm(s.node, module, values[s.data])
+            fn, rest = s.norm
             rest = tuple(g.get_attr(a) if isinstance(a, str) else a for a in rest)  # a node: defined before the core
             node = g.call_function(fn, (node, values[s.data].shape[-1], *rest))
             continue
